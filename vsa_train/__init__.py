@@ -1,0 +1,1 @@
+"""vsa_train: video DiT pretraining with dense attention or Video Sparse Attention."""

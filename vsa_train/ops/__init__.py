@@ -1,0 +1,33 @@
+"""Video Sparse Attention ops: the public op, the block-sparse fine stage, tiling helpers and references.
+
+    video_sparse_attention(q, k, v, video_shape, topk, ...)     tokens in raster order
+    video_sparse_attention_tiled(q, k, v, layout, topk, ...)    tokens already in padded tile order
+    block_sparse_attention(q, k, v, q2k_index, q2k_count, kv_tile_sizes, ...)   the fine stage alone
+    TileLayout(video_shape, tile)                               raster <-> padded tile order, tile sizes
+    block_sparse_attention_torch, naive_*                       PyTorch reference and float64 ground truth
+
+This package imports nothing else of vsa_train: it is usable on its own as a kernel library.
+"""
+from .block_sparse import block_sparse_attention
+from .coarse import coarse_attention, local_tile_mask, q2k_from_mask, tile_mean, topk_tiles
+from .naive import naive_attention, naive_block_sparse_attention, naive_video_sparse_attention
+from .reference import block_sparse_attention_torch
+from .tiling import TileLayout
+from .vsa import combine, video_sparse_attention, video_sparse_attention_tiled
+
+__all__ = [
+    "video_sparse_attention",
+    "video_sparse_attention_tiled",
+    "block_sparse_attention",
+    "TileLayout",
+    "tile_mean",
+    "coarse_attention",
+    "topk_tiles",
+    "q2k_from_mask",
+    "local_tile_mask",
+    "combine",
+    "block_sparse_attention_torch",
+    "naive_attention",
+    "naive_block_sparse_attention",
+    "naive_video_sparse_attention",
+]

@@ -1,0 +1,81 @@
+"""VSA coarse stage in PyTorch: tile mean pooling, tile scores, coarse attention, and tile selection.
+
+All functions work on tensors in padded tile order (see tiling.py) and are batched over batch, heads
+and tiles: a handful of kernels per call, no Python loop over tiles. The coarse tensors are computed
+in float32 for half-precision inputs (float64 stays float64); they are tiles x tiles, so this is cheap.
+Selections are returned as the (q2k_index, q2k_count) pair that `block_sparse_attention` takes.
+"""
+import torch
+
+from .tiling import TileLayout
+
+__all__ = ["tile_mean", "coarse_attention", "topk_tiles", "q2k_from_mask", "local_tile_mask"]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype softmax statistics are computed in: float32 for half inputs, float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def tile_mean(x: torch.Tensor, kv_tile_sizes: torch.Tensor) -> torch.Tensor:
+    """Mean of x over the real tokens of each tile: [B, S_pad, H, D] -> [B, n_tiles, H, D].
+
+    Pad rows are excluded by position (the first kv_tile_sizes[i] rows of tile i are real), so they may
+    hold anything finite. The result is in compute_dtype(x.dtype).
+    """
+    B, S_pad, H, D = x.shape
+    n = kv_tile_sizes.numel()
+    block = S_pad // n
+    real = torch.arange(block, device=x.device) < kv_tile_sizes[:, None]  # [n, block]
+    # A 0/1 matmul sums exactly the real rows (accumulating in fp32 for half inputs); divide afterwards
+    # so that 1/size is not rounded to a half dtype.
+    sums = torch.matmul(real.to(x.dtype)[:, None, :], x.reshape(B, n, block, H * D))  # [B, n, 1, H*D]
+    sizes = kv_tile_sizes.to(compute_dtype(x.dtype)).view(1, n, 1, 1)  # [1, n, 1, 1]
+    return sums.view(B, n, H, D).to(sizes.dtype) / sizes  # [B, n, H, D]
+
+
+def coarse_attention(
+    q_c: torch.Tensor, k_c: torch.Tensor, v_c: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention between pooled tiles: returns (O_c [B, n, H, D], scores A = scale * q_c k_c^T [B, H, n, n])."""
+    scores = torch.einsum("bihd,bjhd->bhij", q_c, k_c) * scale  # [B, H, n, n]
+    o_c = torch.einsum("bhij,bjhd->bihd", scores.softmax(dim=-1), v_c)  # [B, n, H, D]
+    return o_c, scores
+
+
+def topk_tiles(scores: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `topk` highest-scoring key tiles of each query tile (all tiles if topk >= n_kv_tiles).
+
+    scores: [..., n_q, n_kv]. Returns q2k_index int32 [..., n_q, K] (K = min(topk, n_kv); order not
+    significant) and q2k_count int32 [..., n_q] (all K). Not differentiable.
+    """
+    k = min(int(topk), scores.shape[-1])
+    index = scores.detach().topk(k, dim=-1, sorted=False).indices.to(torch.int32)  # [..., n_q, K]
+    count = torch.full(scores.shape[:-1], k, dtype=torch.int32, device=scores.device)  # [..., n_q]
+    return index, count
+
+
+def q2k_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selection from a boolean tile mask [..., n_q, n_kv] (True = attend) -> (q2k_index, q2k_count).
+
+    K is the largest number of selected key tiles of any query tile (this reads it on the host, so
+    build fixed masks once, not per step). Every query tile must select at least one key tile.
+    Broadcast a mask without batch/head dims with `.expand(B, H, -1, -1)` before or after.
+    """
+    if mask.dtype != torch.bool or mask.dim() < 2:
+        raise ValueError(f"mask must be a bool tensor [..., n_q, n_kv], got {mask.dtype} {tuple(mask.shape)}")
+    count = mask.sum(dim=-1, dtype=torch.int32)  # [..., n_q]
+    if bool((count == 0).any()):
+        raise ValueError("mask selects no key tile for some query tile; each needs at least one")
+    k = int(count.max())
+    # A stable descending sort puts the selected tiles first, in ascending tile order.
+    order = torch.sort(mask.to(torch.uint8), dim=-1, descending=True, stable=True).indices  # [..., n_q, n_kv]
+    return order[..., :k].to(torch.int32).contiguous(), count
+
+
+def local_tile_mask(layout: TileLayout, radius=(1, 1, 1), device=None) -> torch.Tensor:
+    """Bool [n_tiles, n_tiles]: key tiles within `radius` tiles of each query tile along t, h, w."""
+    grid = [torch.arange(g, device=device) for g in layout.grid]
+    coords = torch.stack(torch.meshgrid(*grid, indexing="ij"), dim=-1).reshape(-1, 3)  # [n, 3]
+    dist = (coords[:, None, :] - coords[None, :, :]).abs()  # [n, n, 3]
+    return (dist <= torch.tensor(radius, device=device)).all(dim=-1)  # [n, n]

@@ -1,0 +1,154 @@
+"""Video Sparse Attention (DESIGN.md sections 1-2): coarse stage + top-k tile selection + block-sparse fine stage.
+
+`video_sparse_attention` takes tokens in raster order; `video_sparse_attention_tiled` takes them already
+in padded tile order (for models that reorder once per forward, not once per layer). Both check their
+inputs and raise ValueError/TypeError that name the argument and what was expected.
+"""
+from numbers import Integral
+
+import torch
+
+from .block_sparse import block_sparse_attention
+from .coarse import coarse_attention, tile_mean, topk_tiles
+from .reference import block_sparse_attention_torch
+from .tiling import TileLayout
+
+__all__ = ["video_sparse_attention", "video_sparse_attention_tiled", "combine"]
+
+BACKENDS = ("auto", "triton", "torch")
+DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+TRITON_HEAD_DIMS = (64, 128)
+TRITON_BLOCK = 64
+
+
+def video_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    video_shape,
+    topk: int,
+    gate_coarse: torch.Tensor | None = None,
+    gate_fine: torch.Tensor | None = None,
+    tile=(4, 4, 4),
+    backend: str = "auto",
+) -> torch.Tensor:
+    """VSA on tokens in raster order of video_shape = (T, H, W).
+
+    q, k, v, gate_coarse, gate_fine, out: [B, S, H, D] with S = T * H * W. Each query token attends to the
+    real tokens of the `topk` key tiles whose pooled keys score highest against its tile's pooled query
+    (all tiles if topk >= n_tiles), plus the coarse tile-level attention output:
+    out = O_coarse * gate_coarse + O_fine * gate_fine (a missing gate is 1). Scale 1/sqrt(D).
+    tile: tile shape (prod 64 for the Triton backend; any for "torch"). backend: "auto" (Triton for
+    CUDA tensors, PyTorch otherwise), "triton" or "torch". Differentiable w.r.t. q, k, v and the gates.
+    """
+    layout = TileLayout(video_shape, tile)
+    backend = _check_inputs(q, k, v, gate_coarse, gate_fine, topk, backend, layout, tiled=False)
+    q, k, v, gate_coarse, gate_fine = (
+        None if x is None else layout.to_tiles(x) for x in (q, k, v, gate_coarse, gate_fine)
+    )
+    out = _vsa_tiled(q, k, v, layout, topk, gate_coarse, gate_fine, backend)  # [B, S_pad, H, D]
+    return layout.from_tiles(out)  # [B, S, H, D]
+
+
+def video_sparse_attention_tiled(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: TileLayout,
+    topk: int,
+    gate_coarse: torch.Tensor | None = None,
+    gate_fine: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """VSA on tokens already in padded tile order of `layout` ([B, S_pad, H, D] in, same layout out).
+
+    Same semantics as `video_sparse_attention`. Pad rows of the inputs may hold anything finite: they are
+    never attended to or pooled; the output's pad rows are unspecified (drop them or ignore them).
+    """
+    if not isinstance(layout, TileLayout):
+        raise TypeError(f"layout must be a TileLayout, got {type(layout).__name__}")
+    backend = _check_inputs(q, k, v, gate_coarse, gate_fine, topk, backend, layout, tiled=True)
+    return _vsa_tiled(q, k, v, layout, topk, gate_coarse, gate_fine, backend)
+
+
+def combine(
+    o_coarse: torch.Tensor,
+    o_fine: torch.Tensor,
+    gate_coarse: torch.Tensor | None = None,
+    gate_fine: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """O = O_c * G_c + O_f * G_f in padded tile order: o_coarse [B, n, H, D] per tile, the rest [B, S_pad, H, D]."""
+    B, S_pad, H, D = o_fine.shape
+    n = o_coarse.shape[1]
+    o_c = o_coarse[:, :, None]  # [B, n, 1, H, D]: one row per tile, broadcast over its rows
+    if gate_coarse is not None:
+        o_c = o_c * gate_coarse.view(B, n, -1, H, D)  # [B, n, block, H, D]
+    o_f = o_fine if gate_fine is None else o_fine * gate_fine  # [B, S_pad, H, D]
+    return (o_f.view(B, n, -1, H, D) + o_c).view(B, S_pad, H, D)  # [B, S_pad, H, D]
+
+
+def _vsa_tiled(q, k, v, layout, topk, gate_coarse, gate_fine, backend):
+    """The op on checked inputs in padded tile order."""
+    sizes = layout.kv_tile_sizes(q.device)  # [n] int32
+    scale = q.shape[-1] ** -0.5
+    q_c, k_c, v_c = tile_mean(q, sizes), tile_mean(k, sizes), tile_mean(v, sizes)  # [B, n, H, D] each
+    o_coarse, scores = coarse_attention(q_c, k_c, v_c, scale)  # [B, n, H, D], [B, H, n, n]
+    q2k_index, q2k_count = topk_tiles(scores, topk)  # [B, H, n, K], [B, H, n]
+    if backend == "torch":  # called directly: the reference takes any head dim and any tile size
+        o_fine, _ = block_sparse_attention_torch(q, k, v, q2k_index, q2k_count, sizes, scale)
+    else:
+        o_fine, _ = block_sparse_attention(q, k, v, q2k_index, q2k_count, sizes, scale, backend="triton")
+    return combine(o_coarse.to(q.dtype), o_fine, gate_coarse, gate_fine)  # [B, S_pad, H, D]
+
+
+def _check_inputs(q, k, v, gate_coarse, gate_fine, topk, backend, layout, tiled):
+    """Raise a clear error for bad arguments; return the concrete backend ("triton" or "torch")."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, S, H, D] (4 dims), got shape {tuple(q.shape)}")
+    if q.dtype not in DTYPES:
+        raise TypeError(f"q must be bfloat16, float16, float32 or float64, got {q.dtype}")
+    S, expected = q.shape[1], layout.padded_len if tiled else layout.seq_len
+    if S != expected:
+        what = "S_pad = n_tiles * prod(tile)" if tiled else "S = T * H * W"
+        raise ValueError(
+            f"q has {S} tokens but video_shape={layout.video_shape} with tile={layout.tile} needs "
+            f"{what} = {expected}"
+        )
+
+    others = {"k": k, "v": v, "gate_coarse": gate_coarse, "gate_fine": gate_fine}
+    for name, x in others.items():
+        if x is None:
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
+        if x.shape != q.shape:
+            raise ValueError(f"{name} must have q's shape {tuple(q.shape)} [B, S, H, D], got {tuple(x.shape)}")
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
+
+    if not isinstance(topk, Integral) or isinstance(topk, bool):
+        raise TypeError(f"topk must be an int, got {type(topk).__name__}")
+    if topk < 1:
+        raise ValueError(f"topk must be >= 1 (number of key tiles per query tile), got {topk}")
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if q.is_cuda else "torch"
+    if backend == "triton":
+        D = q.shape[-1]
+        if D not in TRITON_HEAD_DIMS:
+            raise ValueError(f"backend='triton' supports head dims {TRITON_HEAD_DIMS}, got D={D}; use backend='torch'")
+        if q.dtype not in TRITON_DTYPES:
+            raise TypeError(f"backend='triton' supports bf16/fp16/fp32, got {q.dtype}; use backend='torch'")
+        if layout.block != TRITON_BLOCK:
+            raise ValueError(
+                f"backend='triton' needs prod(tile) == {TRITON_BLOCK}, got tile={layout.tile}; use backend='torch'"
+            )
+    return backend

@@ -13,6 +13,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DENSE = {"name": "dense"}
 TINY = {"name": "test", "hidden_size": 64, "depth": 2, "num_heads": 2}
 TEXT_DIM = 16
+CAPTION_DIM = 64  # width of the built-in caption encoder (configs/data/synthetic.yaml text_dim); ~0.1% of params
 
 
 def make(model_cfg=TINY, attn_cfg=DENSE, seed=0, **overrides):
@@ -44,7 +45,7 @@ def test_output_shape_and_fresh_model_predicts_zero():
 def test_param_targets_on_meta(name, target):
     cfg = OmegaConf.load(CONFIGS / "model" / f"{name}.yaml")
     with torch.device("meta"):
-        model = build_model(cfg, OmegaConf.load(CONFIGS / "attn" / "dense.yaml"), in_channels=3, text_dim=256)
+        model = build_model(cfg, OmegaConf.load(CONFIGS / "attn" / "dense.yaml"), in_channels=3, text_dim=CAPTION_DIM)
     assert all(p.is_meta for p in model.parameters())
     n = sum(p.numel() for p in model.parameters())
     assert abs(n / target - 1) <= 0.10, f"{name}: {n:,} params, target {target:,.0f}"
@@ -112,12 +113,16 @@ def test_token_order_seam(monkeypatch):
     torch.testing.assert_close(reordered(x, t, text, mask), dense(x, t, text, mask))
 
 
-def test_compile_fullgraph_forward():
+def test_compile_fullgraph():
+    """No graph breaks: forward, and forward + backward through checkpointed blocks."""
     model = make().eval()
     x, t, text, mask = inputs()
-    compiled = torch.compile(model, backend="eager", fullgraph=True)
     with torch.no_grad():
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
         torch.testing.assert_close(compiled(x, t, text, mask), model(x, t, text, mask))
+    model = make(grad_checkpointing=True).train()
+    torch.compile(model, backend="aot_eager", fullgraph=True)(x, t, text, mask).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_bad_configs_and_inputs_fail_clearly():

@@ -42,12 +42,16 @@ def test_flow_loss_with_injected_t_and_noise():
     x0, noise = torch.randn(2, 3, 1, 2, 2, generator=g), torch.randn(2, 3, 1, 2, 2, generator=g)
     t = torch.tensor([0.25, 0.75])
     assert flow_loss(Oracle(x0), x0, None, None, t=t, noise=noise) < 1e-10
-    zero = lambda x, t, text, mask: torch.zeros_like(x)  # noqa: E731
+
+    def zero(x, t, text, mask):
+        return torch.zeros_like(x)
+
     torch.testing.assert_close(flow_loss(zero, x0, None, None, t=t, noise=noise), (noise - x0).square().mean())
     # drawn t and noise follow the generator
     a = flow_loss(zero, x0, None, None, generator=torch.Generator().manual_seed(3))
     b = flow_loss(zero, x0, None, None, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
+    assert not torch.equal(a, flow_loss(zero, x0, None, None, generator=torch.Generator().manual_seed(4)))
 
 
 def test_euler_sampler_follows_straight_paths():

@@ -140,7 +140,7 @@ class VideoDiT(nn.Module):
 
     def forward(self, x, t, text, text_mask=None) -> torch.Tensor:
         """x [B, C, T, H, W], t [B] in [0, 1], text [B, L, text_dim], text_mask [B, L] bool or None."""
-        B, C, T, H, W = x.shape
+        _, C, T, H, W = x.shape
         pt, ph, pw = self.cfg.patch_size
         if C != self.in_channels or T % pt or H % ph or W % pw:
             raise ValueError(

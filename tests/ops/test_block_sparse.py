@@ -1,0 +1,155 @@
+"""Triton block-sparse kernels (under TRITON_INTERPRET=1 on CPU) against the float64 naive mask reference."""
+import math
+
+import pytest
+import torch
+
+from vsa_train.ops.block_sparse import block_sparse_attention
+from vsa_train.ops.block_sparse import op as bs_op
+from vsa_train.ops.block_sparse.index import build_k2q_index
+from vsa_train.ops.naive import naive_block_sparse_attention
+
+TILE = 64
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Every kernel output starts as NaN, so an element a kernel fails to write fails the test."""
+    monkeypatch.setattr(bs_op, "POISON_OUTPUTS", True)
+
+
+def make_problem(B, H, n_tiles, K, D, dtype, qk_mul=1.0, ragged=True, odd_sizes=True, strided=False, seed=0):
+    """Random q, k, v in padded tile order and a random (distinct) q2k selection."""
+    g = torch.Generator().manual_seed(seed)
+    S = n_tiles * TILE
+
+    def rand(mul):
+        if strided:  # [B, H, S, D] storage seen as [B, S, H, D]: non-contiguous, as after a head split
+            return (torch.randn(B, H, S, D, generator=g) * mul).to(dtype).transpose(1, 2)
+        return (torch.randn(B, S, H, D, generator=g) * mul).to(dtype)
+
+    q, k, v = rand(qk_mul), rand(qk_mul), rand(1.0)
+    q2k_index = torch.rand(B, H, n_tiles, n_tiles, generator=g).argsort(-1)[..., :K].to(torch.int32)
+    if ragged:
+        q2k_count = torch.randint(1, K + 1, (B, H, n_tiles), generator=g, dtype=torch.int32)
+        q2k_index[torch.arange(K) >= q2k_count[..., None]] = -7  # garbage past the count is never read
+    else:
+        q2k_count = torch.full((B, H, n_tiles), K, dtype=torch.int32)
+    if odd_sizes:
+        kv_tile_sizes = torch.randint(1, TILE + 1, (n_tiles,), generator=g, dtype=torch.int32)
+        kv_tile_sizes[0] = TILE
+    else:
+        kv_tile_sizes = torch.full((n_tiles,), TILE, dtype=torch.int32)
+    return q, k, v, q2k_index, q2k_count, kv_tile_sizes
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+CASES = [  # B, H, n_tiles, K, D, dtype, qk_mul, ragged, odd_sizes, strided
+    (1, 2, 4, 2, 64, torch.float32, 1.0, True, True, False),
+    (2, 1, 5, 5, 64, torch.float32, 4.0, False, True, True),   # K = all tiles, 16x logits
+    (1, 1, 3, 2, 128, torch.float32, 1.0, True, True, True),
+    (1, 2, 6, 3, 64, torch.float16, 4.0, True, True, False),
+    (2, 2, 2, 1, 64, torch.float16, 1.0, False, False, True),  # one key tile per query tile
+]
+
+
+@pytest.mark.parametrize("B,H,n_tiles,K,D,dtype,qk_mul,ragged,odd_sizes,strided", CASES)
+def test_triton_matches_float64(B, H, n_tiles, K, D, dtype, qk_mul, ragged, odd_sizes, strided):
+    q, k, v, index, count, sizes = make_problem(B, H, n_tiles, K, D, dtype, qk_mul, ragged, odd_sizes, strided)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    scale = 1 / math.sqrt(D)
+    out, lse = block_sparse_attention(q, k, v, index, count, sizes, backend="triton")
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert out.shape == q.shape and lse.shape == (B, H, n_tiles * TILE)
+    g_out = torch.randn_like(out, dtype=torch.float64)
+    g_lse = torch.randn_like(lse, dtype=torch.float64)
+    ((out.double() * g_out).sum() + (lse.double() * g_lse).sum()).backward()
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref_out, ref_lse = naive_block_sparse_attention(q64, k64, v64, index, count, sizes, scale)
+    ((ref_out * g_out).sum() + (ref_lse * g_lse).sum()).backward()
+
+    tol = 1e-5 if dtype == torch.float32 else 5e-3
+    for got, ref in ((out, ref_out), (lse, ref_lse), (q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert torch.isfinite(got).all()  # also: every tile written (outputs start as NaN)
+        assert rel_err(got, ref) < tol
+    # Pad key rows receive no gradient at all.
+    pad_key = (torch.arange(TILE)[None, :] >= sizes[:, None]).reshape(-1)
+    assert (k.grad[:, pad_key] == 0).all() and (v.grad[:, pad_key] == 0).all()
+
+
+def test_backward_is_deterministic():
+    q, k, v, index, count, sizes = make_problem(1, 2, 6, 4, 64, torch.float32, ragged=True, odd_sizes=True)
+    grads = []
+    for _ in range(2):
+        qkv = [t.detach().requires_grad_() for t in (q, k, v)]
+        out, _ = block_sparse_attention(*qkv, index, count, sizes, backend="triton")
+        out.backward(torch.ones_like(out))
+        grads.append([t.grad for t in qkv])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_matches_torch_reference():
+    q, k, v, index, count, sizes = make_problem(2, 2, 4, 3, 64, torch.float32, qk_mul=4.0, strided=True)
+    results = []
+    for backend in ("triton", "torch"):
+        qkv = [t.detach().requires_grad_() for t in (q, k, v)]
+        out, lse = block_sparse_attention(*qkv, index, count, sizes, backend=backend)
+        out.backward(torch.cos(torch.arange(out.numel(), dtype=out.dtype)).view_as(out))
+        results.append([out, lse] + [t.grad for t in qkv])
+    for got, ref in zip(*results):
+        assert rel_err(got, ref.double()) < 1e-5
+
+
+def test_k2q_index_inverts_q2k():
+    _, _, _, index, count, _ = make_problem(2, 3, 7, 4, 64, torch.float32, ragged=True)
+    offsets, q_tiles = build_k2q_index(index, count, 7)
+    for b in range(2):
+        for h in range(3):
+            expected = {j: sorted(i for i in range(7) if j in index[b, h, i, :count[b, h, i]].tolist()) for j in range(7)}
+            got = {j: q_tiles[b, h, offsets[b, h, j]:offsets[b, h, j + 1]].tolist() for j in range(7)}
+            assert got == expected
+
+
+def test_custom_op_compiles_without_graph_break():
+    q, k, v, index, count, sizes = make_problem(1, 1, 3, 2, 64, torch.float32)
+    qkv = [t.detach().requires_grad_() for t in (q, k, v)]
+
+    def loss_fn(q, k, v):
+        out, lse = block_sparse_attention(q, k, v, index, count, sizes, backend="triton")
+        return out.square().sum() + lse.sum()
+
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    compiled(*qkv).backward()
+    expected = [t.detach().requires_grad_() for t in (q, k, v)]
+    loss_fn(*expected).backward()
+    for got, ref in zip(qkv, expected):
+        assert torch.equal(got.grad, ref.grad)
+
+
+def test_opcheck():
+    q, k, v, index, count, sizes = make_problem(1, 1, 2, 2, 64, torch.float32)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), index, count, sizes, 0.125, True)
+    torch.library.opcheck(bs_op.block_sparse_fwd, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("mutate,error", [
+    (lambda a: a.update(q=a["q"][..., :32], k=a["k"][..., :32], v=a["v"][..., :32]), "head dim"),
+    (lambda a: a.update(q=a["q"][:, :100], k=a["k"][:, :100], v=a["v"][:, :100]), "multiple of 64"),
+    (lambda a: a.update(q2k_index=a["q2k_index"].long()), "int32"),
+    (lambda a: a.update(q2k_count=a["q2k_count"] * 0), r"\[1, K"),
+    (lambda a: a.update(q2k_index=a["q2k_index"] + 100), "tile ids"),
+    (lambda a: a.update(kv_tile_sizes=a["kv_tile_sizes"][:2]), "n_tiles"),
+    (lambda a: a.update(v=a["v"].half()), "dtype"),
+    (lambda a: a.update(backend="cuda"), "backend"),
+])
+def test_bad_input_raises(mutate, error):
+    q, k, v, index, count, sizes = make_problem(1, 1, 3, 2, 64, torch.float32, ragged=False)
+    args = dict(q=q, k=k, v=v, q2k_index=index, q2k_count=count, kv_tile_sizes=sizes)
+    mutate(args)
+    with pytest.raises((ValueError, TypeError), match=error):
+        block_sparse_attention(**args)

@@ -1,0 +1,149 @@
+"""Triton backward kernels of block-sparse attention: delta preprocess, dQ per query tile, dK/dV per key tile.
+
+No atomics: dQ sums over a query tile's key tiles (q2k index), dK/dV over the query tiles that selected a
+key tile (the k2q index of index.py), each in one program, so results are deterministic.
+"""
+import triton
+import triton.language as tl
+
+from .configs import bwd_configs
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def block_sparse_bwd_preprocess_kernel(
+    O, DO, DLSE, DELTA,  # [B, S, H, D] x2 (any strides), DLSE/DELTA [B, H, S] fp32 contiguous
+    stride_ob, stride_os, stride_oh, stride_od,
+    stride_dob, stride_dos, stride_doh, stride_dod,
+    n_heads, seq_len,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_DLSE: tl.constexpr,
+):
+    """delta = rowsum(dO * O) - dLSE: the softmax-backward row term (dLSE enters because dlse/ds = p)."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = bh % n_heads
+    offs_m = tile * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    row_ptr = bh.to(tl.int64) * seq_len + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + row_ptr)
+    tl.store(DELTA + row_ptr, delta)
+
+
+@triton.autotune(configs=bwd_configs(), key=["HEAD_DIM", "DOT_PRECISION"])
+@triton.jit
+def block_sparse_bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA,          # [B, S, H, D] x5 (any strides); LSE, DELTA [B, H, S] fp32
+    Q2K_INDEX, Q2K_COUNT, KV_TILE_SIZES,  # int32 [B*H, n_tiles, max_k], [B*H, n_tiles], [n_tiles]
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_dob, stride_dos, stride_doh, stride_dod,
+    stride_dqb, stride_dqs, stride_dqh, stride_dqd,
+    n_heads, n_tiles, max_k, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program = one query tile: dQ = scale * sum over its key tiles of dS @ K."""
+    q_tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = bh % n_heads
+    qk_scale_log2 = sm_scale * LOG2E
+
+    offs_m = q_tile * BLOCK + tl.arange(0, BLOCK)
+    offs_n = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod)
+    row_ptr = bh.to(tl.int64) * n_tiles * BLOCK + offs_m
+    lse_log2 = tl.load(LSE + row_ptr) * LOG2E
+    delta = tl.load(DELTA + row_ptr)
+    # K and V are loaded transposed ([D, BLOCK]) for the logits and dP; K row-major again for dS @ K.
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    row = bh * n_tiles + q_tile
+    count = tl.load(Q2K_COUNT + row)
+    index_ptr = Q2K_INDEX + row.to(tl.int64) * max_k
+    dq = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+    for c in range(count):
+        kv_tile = tl.load(index_ptr + c)
+        size = tl.load(KV_TILE_SIZES + kv_tile)
+        offs_kv = kv_tile * BLOCK + offs_n
+        k = tl.load(k_base + offs_kv[:, None] * stride_ks + offs_d[None, :] * stride_kd)  # [BLOCK, D]
+        vt = tl.load(v_base + offs_kv[None, :] * stride_vs + offs_d[:, None] * stride_vd)  # [D, BLOCK]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        s = tl.where(offs_n[None, :] < size, s, float("-inf"))
+        p = tl.math.exp2(s - lse_log2[:, None])
+        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+
+    # The softmax scale is applied in fp32 here, never folded into low-precision K.
+    dq *= sm_scale
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty))
+
+
+@triton.autotune(configs=bwd_configs(), key=["HEAD_DIM", "DOT_PRECISION"])
+@triton.jit
+def block_sparse_bwd_dkv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA,          # [B, S, H, D] x6 (any strides); LSE, DELTA [B, H, S] fp32
+    K2Q_OFFSETS, K2Q_Q_TILES, KV_TILE_SIZES,  # int32 [B*H, n_tiles + 1], [B*H, width], [n_tiles]
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_dob, stride_dos, stride_doh, stride_dod,
+    stride_dkb, stride_dks, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvs, stride_dvh, stride_dvd,
+    n_heads, n_tiles, k2q_width, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program = one key tile: dV = sum P^T @ dO, dK = scale * sum dS^T @ Q over the query tiles that chose it."""
+    kv_tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = bh % n_heads
+    qk_scale_log2 = sm_scale * LOG2E
+
+    offs_kv = kv_tile * BLOCK + tl.arange(0, BLOCK)
+    offs_m = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_kv[:, None] * stride_ks + offs_d[None, :] * stride_kd)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_kv[:, None] * stride_vs + offs_d[None, :] * stride_vd)
+    # Pad key rows get probability 0 from every query, hence dK = dV = 0 there.
+    real_key = tl.arange(0, BLOCK) < tl.load(KV_TILE_SIZES + kv_tile)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    row_base = bh.to(tl.int64) * n_tiles * BLOCK
+
+    start = tl.load(K2Q_OFFSETS + bh * (n_tiles + 1) + kv_tile)
+    end = tl.load(K2Q_OFFSETS + bh * (n_tiles + 1) + kv_tile + 1)
+    q_tiles_ptr = K2Q_Q_TILES + bh.to(tl.int64) * k2q_width
+    dk = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+    for c in range(start, end):
+        q_tile = tl.load(q_tiles_ptr + c)
+        offs_q = q_tile * BLOCK + offs_m
+        qt = tl.load(q_base + offs_q[None, :] * stride_qs + offs_d[:, None] * stride_qd)  # [D, BLOCK]
+        do = tl.load(do_base + offs_q[:, None] * stride_dos + offs_d[None, :] * stride_dod)  # [BLOCK, D]
+        lse_log2 = tl.load(LSE + row_base + offs_q) * LOG2E
+        delta = tl.load(DELTA + row_base + offs_q)
+        st = tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale_log2  # [keys, queries]
+        st = tl.where(real_key[:, None], st, float("-inf"))
+        pt = tl.math.exp2(st - lse_log2[None, :])
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PRECISION)
+
+    dk *= sm_scale
+    dk_ptrs = DK + b * stride_dkb + h * stride_dkh + offs_kv[:, None] * stride_dks + offs_d[None, :] * stride_dkd
+    dv_ptrs = DV + b * stride_dvb + h * stride_dvh + offs_kv[:, None] * stride_dvs + offs_d[None, :] * stride_dvd
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty))
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty))

@@ -1,0 +1,146 @@
+"""Launchers of the Triton kernels and their torch custom ops (fake shapes + autograd), so torch.compile traces through."""
+import contextlib
+from typing import Optional
+
+import torch
+
+from .bwd import block_sparse_bwd_dkv_kernel, block_sparse_bwd_dq_kernel, block_sparse_bwd_preprocess_kernel
+from .fwd import block_sparse_fwd_kernel
+from .index import build_k2q_index
+
+TILE = 64  # rows of a (padded) video tile = rows of one kernel block
+
+# Tests set this to allocate every kernel output filled with NaN, so that an unwritten element shows up.
+POISON_OUTPUTS = False
+
+
+def _new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs stay fp32 in the matrix units ("ieee", not tf32); 16-bit inputs ignore this setting.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _device_guard(t: torch.Tensor):
+    # Triton launches on the current CUDA device, which need not be the tensors' one.
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def block_sparse_fwd_triton(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale: float):
+    """Launch the forward kernel. Returns out [B, S, H, D] (contiguous, q's dtype) and lse [B, H, S] fp32."""
+    B, S, H, D = q.shape
+    n_tiles = S // TILE
+    out = _new_output((B, S, H, D), q.dtype, q.device)
+    lse = _new_output((B, H, S), torch.float32, q.device)
+    q2k_index, q2k_count = q2k_index.contiguous(), q2k_count.contiguous()
+    with _device_guard(q):
+        block_sparse_fwd_kernel[(n_tiles, B * H)](
+            q, k, v, out, lse, q2k_index, q2k_count, kv_tile_sizes.contiguous(),
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            H, n_tiles, q2k_index.shape[-1], scale,
+            HEAD_DIM=D, BLOCK=TILE, DOT_PRECISION=_dot_precision(q.dtype),
+        )
+    return out, lse
+
+
+def block_sparse_bwd_triton(do, dlse, q, k, v, out, lse, q2k_index, q2k_count, k2q_offsets, k2q_q_tiles,
+                            kv_tile_sizes, scale: float):
+    """Launch delta preprocess, dQ and dK/dV kernels. Returns dq, dk, dv ([B, S, H, D], contiguous)."""
+    B, S, H, D = q.shape
+    n_tiles = S // TILE
+    grid = (n_tiles, B * H)
+    precision = _dot_precision(q.dtype)
+    sizes = kv_tile_sizes.contiguous()
+    delta = _new_output((B, H, S), torch.float32, q.device)
+    dq = _new_output((B, S, H, D), q.dtype, q.device)
+    dk = _new_output((B, S, H, D), k.dtype, q.device)
+    dv = _new_output((B, S, H, D), v.dtype, q.device)
+    with _device_guard(q):
+        block_sparse_bwd_preprocess_kernel[grid](
+            out, do, dlse.contiguous() if dlse is not None else delta, delta,
+            *out.stride(), *do.stride(), H, S,
+            HEAD_DIM=D, BLOCK=TILE, HAS_DLSE=dlse is not None,
+        )
+        block_sparse_bwd_dq_kernel[grid](
+            q, k, v, do, dq, lse, delta, q2k_index.contiguous(), q2k_count.contiguous(), sizes,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            H, n_tiles, q2k_index.shape[-1], scale,
+            HEAD_DIM=D, BLOCK=TILE, DOT_PRECISION=precision,
+        )
+        block_sparse_bwd_dkv_kernel[grid](
+            q, k, v, do, dk, dv, lse, delta, k2q_offsets.contiguous(), k2q_q_tiles.contiguous(), sizes,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+            H, n_tiles, k2q_q_tiles.shape[-1], scale,
+            HEAD_DIM=D, BLOCK=TILE, DOT_PRECISION=precision,
+        )
+    return dq, dk, dv
+
+
+@torch.library.custom_op("vsa_train::block_sparse_fwd", mutates_args=())
+def block_sparse_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    q2k_index: torch.Tensor, q2k_count: torch.Tensor, kv_tile_sizes: torch.Tensor,
+    scale: float, build_k2q: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward op: (out, lse, k2q_offsets, k2q_q_tiles); the k2q index is built only when a backward will follow."""
+    out, lse = block_sparse_fwd_triton(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale)
+    if build_k2q:
+        k2q_offsets, k2q_q_tiles = build_k2q_index(q2k_index, q2k_count, kv_tile_sizes.shape[0])
+    else:
+        k2q_offsets = k2q_q_tiles = q2k_index.new_empty(0)
+    return out, lse, k2q_offsets, k2q_q_tiles
+
+
+@block_sparse_fwd.register_fake
+def _block_sparse_fwd_fake(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale, build_k2q):
+    B, S, H, D = q.shape
+    _, _, n_q_tiles, max_k = q2k_index.shape
+    out = q.new_empty(B, S, H, D)
+    lse = q.new_empty(B, H, S, dtype=torch.float32)
+    if build_k2q:
+        k2q_offsets = q2k_index.new_empty(B, H, kv_tile_sizes.shape[0] + 1)
+        k2q_q_tiles = q2k_index.new_empty(B, H, n_q_tiles * max_k)
+    else:
+        k2q_offsets, k2q_q_tiles = q2k_index.new_empty(0), q2k_index.new_empty(0)
+    return out, lse, k2q_offsets, k2q_q_tiles
+
+
+@torch.library.custom_op("vsa_train::block_sparse_bwd", mutates_args=())
+def block_sparse_bwd(
+    do: torch.Tensor, dlse: Optional[torch.Tensor],
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    q2k_index: torch.Tensor, q2k_count: torch.Tensor, k2q_offsets: torch.Tensor, k2q_q_tiles: torch.Tensor,
+    kv_tile_sizes: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward op: (dq, dk, dv) from dO (and dLSE, which may be None)."""
+    return block_sparse_bwd_triton(do, dlse, q, k, v, out, lse, q2k_index, q2k_count, k2q_offsets, k2q_q_tiles,
+                                   kv_tile_sizes, scale)
+
+
+@block_sparse_bwd.register_fake
+def _block_sparse_bwd_fake(do, dlse, q, k, v, out, lse, q2k_index, q2k_count, k2q_offsets, k2q_q_tiles,
+                           kv_tile_sizes, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale, _ = inputs
+    out, lse, k2q_offsets, k2q_q_tiles = output
+    ctx.save_for_backward(q, k, v, out, lse, q2k_index, q2k_count, k2q_offsets, k2q_q_tiles, kv_tile_sizes)
+    ctx.scale = scale
+
+
+def _backward(ctx, dout, dlse, _dk2q_offsets, _dk2q_q_tiles):
+    q, k, v, out, lse, q2k_index, q2k_count, k2q_offsets, k2q_q_tiles, kv_tile_sizes = ctx.saved_tensors
+    if k2q_offsets.numel() == 0:
+        raise RuntimeError("block_sparse_fwd ran with build_k2q=False, so it cannot be differentiated")
+    dq, dk, dv = block_sparse_bwd(dout, dlse, q, k, v, out, lse, q2k_index, q2k_count, k2q_offsets, k2q_q_tiles,
+                                  kv_tile_sizes, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None
+
+
+block_sparse_fwd.register_autograd(_backward, setup_context=_setup_context)

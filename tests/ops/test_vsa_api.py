@@ -1,0 +1,149 @@
+"""The public VSA op: raster and tile-order paths, gates, dtypes, other tiles, the Triton backend, clear errors."""
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+from ops_utils import output_and_grads, random_inputs, rel_err
+
+from vsa_train.ops import (
+    TileLayout,
+    naive_video_sparse_attention,
+    video_sparse_attention,
+    video_sparse_attention_tiled,
+)
+
+B, H, D = 2, 2, 64
+NAMES = ("q", "k", "v", "gate_coarse", "gate_fine")
+
+
+def test_tiled_path_equals_raster_path():
+    layout = TileLayout((5, 6, 7))
+    x = random_inputs(B, layout.seq_len, H, D, NAMES)
+    out = video_sparse_attention(**x, video_shape=layout.video_shape, topk=3)
+    tiled = {n: layout.to_tiles(t) for n, t in x.items()}
+    # A model keeping tokens in tile order may carry anything finite in the pad rows.
+    pad = ~layout.positions()[1]
+    for t in tiled.values():
+        t[:, pad] = torch.randn_like(t[:, pad]) * 100
+    out_tiled = video_sparse_attention_tiled(**tiled, layout=layout, topk=3)
+    assert out_tiled.shape == (B, layout.padded_len, H, D)
+    assert rel_err(layout.from_tiles(out_tiled), out) < 1e-14
+
+
+def test_missing_gates_are_ones():
+    video_shape = (4, 8, 8)
+    x = random_inputs(B, math.prod(video_shape), H, D)
+    ones = torch.ones_like(x["q"])
+    out = video_sparse_attention(**x, video_shape=video_shape, topk=2)
+    assert torch.allclose(out, video_sparse_attention(**x, video_shape=video_shape, topk=2,
+                                                      gate_coarse=ones, gate_fine=ones), rtol=0, atol=1e-14)
+    only_fine = video_sparse_attention(**x, video_shape=video_shape, topk=2, gate_coarse=0 * ones)
+    assert rel_err(only_fine, out) > 0.05  # the coarse branch contributes
+
+
+@pytest.mark.parametrize("video_shape,tile", [((4, 8, 8), (2, 4, 4)), ((5, 6, 7), (1, 2, 3))])
+def test_other_tiles_with_torch_backend(video_shape, tile):
+    x = random_inputs(B, math.prod(video_shape), H, 16, NAMES)
+
+    def run(impl):
+        return lambda **t: impl(video_shape=video_shape, topk=3, tile=tile, **t)
+
+    out, grads = output_and_grads(run(video_sparse_attention), x, torch.float64)
+    ref, ref_grads = output_and_grads(run(naive_video_sparse_attention), x, torch.float64)
+    assert rel_err(out, ref) < 1e-12
+    for name in NAMES:
+        assert rel_err(grads[name], ref_grads[name]) < 1e-12, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_torch_backend(dtype):
+    video_shape = (4, 8, 8)
+    x = random_inputs(B, math.prod(video_shape), H, D, NAMES)
+
+    def run(impl):
+        return lambda **t: impl(video_shape=video_shape, topk=2, **t)
+
+    out, grads = output_and_grads(run(video_sparse_attention), x, dtype)
+    ref, ref_grads = output_and_grads(run(naive_video_sparse_attention), {n: t.to(dtype) for n, t in x.items()},
+                                      torch.float64)
+    assert out.dtype == dtype
+    assert rel_err(out, ref) < 1e-2
+    for name in NAMES:
+        assert rel_err(grads[name], ref_grads[name]) < 1e-2, name
+
+
+def _triton_backend_available() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(not _triton_backend_available(),
+                    reason="needs triton, and CUDA or TRITON_INTERPRET=1 set before triton is imported")
+@pytest.mark.parametrize("qk_scale", [1.0, 4.0])
+def test_triton_backend_matches_naive(qk_scale):
+    video_shape = (5, 6, 7)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = {n: t.to(device) for n, t in random_inputs(1, math.prod(video_shape), H, D, NAMES, qk_scale).items()}
+
+    def run(impl, **kw):
+        return lambda **t: impl(video_shape=video_shape, topk=3, **kw, **t)
+
+    # fp32: the interpreter's bf16 dot is not trustworthy on the CPU.
+    out, grads = output_and_grads(run(video_sparse_attention, backend="triton"), x, torch.float32)
+    ref, ref_grads = output_and_grads(run(naive_video_sparse_attention), {n: t.float() for n, t in x.items()},
+                                      torch.float64)
+    assert rel_err(out, ref) < 1e-5
+    for name in NAMES:
+        assert rel_err(grads[name], ref_grads[name]) < 1e-5, name
+
+
+S = 256  # tokens of the default (4, 8, 8) video in _call
+
+
+def _call(video_shape=(4, 8, 8), topk=2, backend="auto", tile=(4, 4, 4), D=D, **overrides):
+    """video_sparse_attention on valid float64 inputs of S tokens, with some arguments replaced."""
+    x = random_inputs(1, S, H, D)
+    x.update(overrides)
+    return video_sparse_attention(x["q"], x["k"], x["v"], video_shape, topk, tile=tile, backend=backend,
+                                  gate_coarse=x.get("gate_coarse"), gate_fine=x.get("gate_fine"))
+
+
+ERRORS = [
+    (dict(q=torch.zeros(1, S, H * D)), ValueError, r"q must be \[B, S, H, D\] \(4 dims\)"),
+    (dict(q=torch.zeros(1, S, H, D, dtype=torch.int64)), TypeError, "q must be bfloat16, float16, float32 or float64"),
+    (dict(q="q"), TypeError, "q must be a torch.Tensor"),
+    (dict(video_shape=(4, 8, 7)), ValueError, r"q has 256 tokens but video_shape=\(4, 8, 7\).*S = T \* H \* W = 224"),
+    (dict(video_shape=(4, 8)), ValueError, "video_shape must be 3 positive ints"),
+    (dict(k=torch.zeros(1, S, H, 32, dtype=torch.float64)), ValueError, "k must have q's shape"),
+    (dict(v=torch.zeros(1, S, H, D, dtype=torch.float32)), TypeError, "v must have q's dtype torch.float64"),
+    (dict(k=torch.zeros(1, S, H, D, dtype=torch.float64, device="meta")), ValueError, "k must be on q's device cpu"),
+    (dict(gate_coarse=torch.zeros(1, S, 1, D, dtype=torch.float64)), ValueError, "gate_coarse must have q's shape"),
+    (dict(gate_fine=torch.zeros(1, S, H, D)), TypeError, "gate_fine must have q's dtype"),
+    (dict(gate_fine=1.0), TypeError, "gate_fine must be a torch.Tensor or None"),
+    (dict(topk=0), ValueError, r"topk must be >= 1"),
+    (dict(topk=2.0), TypeError, "topk must be an int"),
+    (dict(backend="cuda"), ValueError, r"backend must be one of \('auto', 'triton', 'torch'\), got 'cuda'"),
+    (dict(backend="triton", D=32), ValueError, r"backend='triton' supports head dims \(64, 128\), got D=32"),
+    (dict(backend="triton"), TypeError, "backend='triton' supports bf16/fp16/fp32, got torch.float64"),
+    (dict(backend="triton", tile=(2, 4, 4),
+          q=torch.zeros(1, S, H, D), k=torch.zeros(1, S, H, D), v=torch.zeros(1, S, H, D)),
+     ValueError, r"backend='triton' needs prod\(tile\) == 64, got tile=\(2, 4, 4\)"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,match", ERRORS)
+def test_clear_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        _call(**kwargs)
+
+
+def test_tiled_clear_errors():
+    layout = TileLayout((5, 6, 7))
+    x = random_inputs(1, layout.seq_len, H, D)  # raster length, not padded
+    with pytest.raises(ValueError, match=r"q has 210 tokens .* needs S_pad = n_tiles \* prod\(tile\) = 512"):
+        video_sparse_attention_tiled(**x, layout=layout, topk=2)
+    with pytest.raises(TypeError, match="layout must be a TileLayout"):
+        video_sparse_attention_tiled(**x, layout=(5, 6, 7), topk=2)

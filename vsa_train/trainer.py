@@ -1,0 +1,299 @@
+"""The training loop: accelerate (CPU, GPU, DDP, FSDP), flow-matching loss, eval, checkpoints, FLOPs-axis logging.
+
+Reads top to bottom: build everything, resume if a checkpoint exists, then step until `train.max_steps` or
+`train.flops_budget`, logging every `log_every`, evaluating every `eval_every` and checkpointing every
+`ckpt_every` steps (and all three at the end).
+"""
+import contextlib
+import hashlib
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import DictConfig, OmegaConf
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from .analysis.plot import plot_loss_vs_flops
+from .checkpoint import latest_checkpoint, save_checkpoint
+from .data import build_data, data_spec
+from .diffusion import flow_loss
+from .flops import training_flops_per_sample
+from .metrics import MetricsLog, define_flops_axis
+from .models import build_model
+
+
+@dataclass
+class TrainState:
+    """Progress counters, saved in every checkpoint (the data position is step * grad_accum batches)."""
+
+    step: int = 0
+    samples: int = 0
+    flops: float = 0.0        # cumulative executed training FLOPs, all ranks
+    flops_dense: float = 0.0  # the same samples with dense attention
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def train(cfg: DictConfig) -> dict:
+    """Runs (or resumes) the run in cfg.run_dir; returns the last logged values."""
+    if cfg.train.dry_run:
+        return dry_run(cfg)
+    tcfg = cfg.train
+    _check(cfg)
+    run_dir = Path(cfg.run_dir)
+    mixed_precision = tcfg.mixed_precision
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() else "no"
+    accelerator = Accelerator(mixed_precision=mixed_precision,
+                              log_with="wandb" if cfg.logger.name == "wandb" else None)
+    main = accelerator.is_main_process
+    device = accelerator.device
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    # The same seed on every rank gives identical initial weights; the noise seed below differs per rank.
+    set_seed(tcfg.seed)
+    spec = data_spec(cfg.data)
+    model = build_model(cfg.model, cfg.attn, in_channels=spec.in_channels, text_dim=spec.text_dim)
+    per_sample = training_flops_per_sample(cfg.model, cfg.attn, in_channels=spec.in_channels,
+                                           text_dim=spec.text_dim, video_shape=spec.video_shape,
+                                           text_len=spec.text_len)
+    patch = cfg.model.patch_size
+    tokens_per_sample = math.prod(n // p for n, p in zip(spec.video_shape, patch))
+    n_params = sum(p.numel() for p in model.parameters())
+    ema = None
+    if tcfg.ema is not None:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tcfg.ema), use_buffers=True).to(device)
+    optimizer = _optimizer(model, cfg.optim, fused=device.type == "cuda")
+    if tcfg.compile:
+        model.compile()  # in place: parameter names, and so checkpoints, stay those of the plain model
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+    # Training noise and timesteps come from the global RNG, seeded per rank here and restored by load_state
+    # on resume, so a resumed run draws exactly what an uninterrupted one would have.
+    set_seed(tcfg.seed, device_specific=True)
+    resume_from = latest_checkpoint(run_dir)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        accelerator.print(f"resumed from {resume_from} (step {state.step})")
+
+    world = accelerator.num_processes
+    global_batch = tcfg.batch_size * tcfg.grad_accum * world
+    data = build_data(cfg.data, batch_size=tcfg.batch_size, eval_samples=tcfg.eval_samples,
+                      rank=accelerator.process_index, world_size=world, start_batch=state.step * tcfg.grad_accum)
+    eval_set = _eval_set(data.eval, tcfg.eval_timesteps, seed=cfg.data.seed)
+
+    accelerator.init_trackers(cfg.logger.get("project", "vsa_train"),
+                              config=OmegaConf.to_container(cfg, resolve=True),
+                              init_kwargs={"wandb": _wandb_kwargs(cfg, run_dir)})
+    define_flops_axis(accelerator)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator, resume_step=state.step if resume_from else -1)
+    accelerator.print(f"run_dir: {run_dir}\nparams: {n_params}\nflops_per_sample: {per_sample.executed:.4e} "
+                      f"(dense {per_sample.dense:.4e})\nglobal batch: {global_batch} ({world} processes, "
+                      f"{mixed_precision} precision)")
+
+    def evaluate_and_log(row: dict) -> None:
+        row["eval/loss"] = evaluate(model, eval_set, accelerator, tcfg.eval_batch_size)
+        if ema is not None:
+            row["eval/loss_ema"] = evaluate(ema.module, eval_set, accelerator, tcfg.eval_batch_size)
+        if main:
+            pbar.write(f"step {state.step}: eval/loss {row['eval/loss']:.5f}")
+
+    pbar = tqdm(total=tcfg.max_steps, initial=state.step, disable=not main, desc="train", dynamic_ncols=True)
+    if state.step == 0:  # the untrained model's eval loss anchors the curve
+        row = dict(step=0, flops=0.0, flops_dense=0.0)
+        evaluate_and_log(row)
+        metrics.log(row)
+
+    train_iter = iter(data.train)
+    model.train()
+    last = dict(step=state.step)
+    window_start, window_samples, loss_sum, loss_count = time.perf_counter(), 0, torch.zeros((), device=device), 0
+    while state.step < tcfg.max_steps and not _budget_spent(state, tcfg):
+        lr = _lr_at(state.step, cfg.optim)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # Gradient accumulation: gradients are all-reduced only on the last micro-step.
+        step_loss = torch.zeros((), device=device)
+        for micro in range(tcfg.grad_accum):
+            batch = next(train_iter)
+            video = batch["video"].to(device, non_blocking=True)
+            text = batch["text"].to(device, non_blocking=True)
+            text_mask = batch["text_mask"].to(device, non_blocking=True)
+            sync = micro == tcfg.grad_accum - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                loss = flow_loss(model, video, text, text_mask)
+                accelerator.backward(loss / tcfg.grad_accum)
+            step_loss += loss.detach() / tcfg.grad_accum
+        # Without clipping, max_norm=inf still returns the global norm, which the NaN check needs.
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+
+        # The grad norm is all-reduced, hence equal on every rank; the loss flag is summed so that all ranks
+        # stop together. Stopping before optimizer.step keeps the weights and the last checkpoint intact.
+        bad = (~torch.isfinite(step_loss)).float() + (~torch.isfinite(grad_norm)).float()
+        if accelerator.reduce(bad, reduction="sum").item() > 0:
+            pbar.close()
+            accelerator.end_training()
+            raise FloatingPointError(
+                f"non-finite training loss ({step_loss.item()}) or gradient norm ({grad_norm.item()}) at step "
+                f"{state.step + 1}; the run is stopped before this update. Last good checkpoint: "
+                f"{latest_checkpoint(run_dir)}. Lower optim.lr or check the data, then re-run to resume.")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update_parameters(accelerator.unwrap_model(model))
+
+        state.step += 1
+        state.samples += global_batch
+        state.flops += per_sample.executed * global_batch
+        state.flops_dense += per_sample.dense * global_batch
+        window_samples += global_batch
+        loss_sum += step_loss
+        loss_count += 1
+        pbar.update(1)
+
+        done = state.step >= tcfg.max_steps or _budget_spent(state, tcfg)
+        row = {}
+        if state.step % tcfg.log_every == 0 or done:
+            elapsed = time.perf_counter() - window_start
+            train_loss = accelerator.reduce(loss_sum / loss_count, reduction="mean").item()
+            samples_per_s = window_samples / elapsed
+            row.update({"train/loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                        "samples/s": samples_per_s, "tokens/s": samples_per_s * tokens_per_sample,
+                        "TFLOP/s": samples_per_s * per_sample.executed / 1e12})
+            if device.type == "cuda":  # model FLOPs utilisation per device against its dense bf16 peak
+                row["MFU"] = row["TFLOP/s"] / (world * tcfg.peak_tflops)
+            pbar.set_postfix(loss=f"{train_loss:.4f}", refresh=False)
+            loss_sum, loss_count = torch.zeros((), device=device), 0
+        if state.step % tcfg.eval_every == 0 or done:
+            evaluate_and_log(row)
+        if row:
+            row = dict(step=state.step, flops=state.flops, flops_dense=state.flops_dense, samples=state.samples,
+                       **row)
+            metrics.log(row)
+            last.update(row)
+        if state.step % tcfg.ckpt_every == 0 or done:
+            save_checkpoint(accelerator, run_dir, state.step, tcfg.keep_checkpoints)
+        if row or state.step % tcfg.ckpt_every == 0:  # eval and saving are not training throughput
+            window_start, window_samples = time.perf_counter(), 0
+    pbar.close()
+
+    save_checkpoint(accelerator, run_dir, state.step, tcfg.keep_checkpoints)  # no-op if this step is saved
+    if _budget_spent(state, tcfg):
+        accelerator.print(f"flops budget {tcfg.flops_budget:.3e} reached at step {state.step}")
+    accelerator.end_training()
+    if main:
+        plot_loss_vs_flops(run_dir / "metrics.jsonl", run_dir / "loss_vs_flops.png", title=run_dir.name)
+    # One line per rank: equal fingerprints mean the replicas ended with the same weights.
+    fingerprint = sum(p.detach().double().sum().item() for p in accelerator.unwrap_model(model).parameters())
+    print(f"rank {accelerator.process_index}/{world}: finished at step {state.step}, "
+          f"weights fingerprint {fingerprint:.10e}", flush=True)
+    return last
+
+
+@torch.no_grad()
+def evaluate(model, eval_set: dict, accelerator: Accelerator, batch_size: int) -> float:
+    """Eval loss (DESIGN.md §6): mean flow loss over the fixed videos x fixed timesteps x fixed noise.
+
+    Each rank takes every world-th video; the sums are all-reduced, so the value does not depend on the
+    number of processes.
+    """
+    was_training = model.training
+    model.eval()
+    device = accelerator.device
+    n = eval_set["video"].shape[0]
+    mine = torch.arange(accelerator.process_index, n, accelerator.num_processes)
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    with accelerator.autocast():
+        for chunk in mine.split(batch_size):
+            video = eval_set["video"][chunk].to(device)
+            text = eval_set["text"][chunk].to(device)
+            text_mask = eval_set["text_mask"][chunk].to(device)
+            for j, t in enumerate(eval_set["timesteps"].tolist()):
+                noise = eval_set["noise"][j, chunk].to(device)
+                loss = flow_loss(model, video, text, text_mask, t=torch.full((len(chunk),), t, device=device),
+                                 noise=noise)
+                total += loss.double() * len(chunk)
+    model.train(was_training)
+    total = accelerator.reduce(total, reduction="sum")
+    return total.item() / (n * len(eval_set["timesteps"]))
+
+
+def _eval_set(batch: dict, num_timesteps: int, seed: int) -> dict:
+    """The fixed eval protocol: held-out videos, evenly spaced t = (j + 0.5) / n, one fixed noise per (t, video)."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn((num_timesteps, *batch["video"].shape), generator=g)  # [n_t, N, C, T, H, W]
+    timesteps = (torch.arange(num_timesteps, dtype=torch.float32) + 0.5) / num_timesteps
+    return dict(batch, noise=noise, timesteps=timesteps)
+
+
+def _optimizer(model: torch.nn.Module, optim_cfg, fused: bool) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (norm gains, biases and other vectors are not decayed)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=optim_cfg.weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), fused=fused)
+
+
+def _lr_at(step: int, optim_cfg) -> float:
+    """Linear warm-up over `warmup_steps` optimizer steps, then constant (the paper's schedule)."""
+    if step < optim_cfg.warmup_steps:
+        return optim_cfg.lr * (step + 1) / optim_cfg.warmup_steps
+    return optim_cfg.lr
+
+
+def _budget_spent(state: TrainState, tcfg) -> bool:
+    return tcfg.flops_budget is not None and state.flops >= tcfg.flops_budget
+
+
+def _wandb_kwargs(cfg: DictConfig, run_dir: Path) -> dict:
+    """A run id derived from run_dir, so that a resumed (or requeued) run continues the same wandb run."""
+    run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+    return dict(name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir), mode=cfg.logger.get("mode"),
+                entity=cfg.logger.get("entity"), tags=list(cfg.logger.get("tags") or []))
+
+
+def _check(cfg: DictConfig) -> None:
+    """Fails early, with the offending key, on values that would otherwise break deep inside the loop."""
+    t = cfg.train
+    for key in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every", "ckpt_every",
+                "keep_checkpoints", "eval_samples", "eval_timesteps", "eval_batch_size"):
+        if not isinstance(t[key], int) or t[key] < (0 if key == "max_steps" else 1):
+            raise ValueError(f"train.{key} must be a positive integer, got {t[key]!r}")
+    if t.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+        raise ValueError(f"train.mixed_precision must be auto, no, bf16 or fp16, got {t.mixed_precision!r}")
+    if t.ema is not None and not 0.0 < t.ema < 1.0:
+        raise ValueError(f"train.ema must be a decay in (0, 1) or null, got {t.ema!r}")
+    if any(n % p for n, p in zip(data_spec(cfg.data).video_shape, cfg.model.patch_size)):
+        raise ValueError(f"data (frames, height, width) = {tuple(data_spec(cfg.data).video_shape)} must be "
+                         f"divisible by model.patch_size = {list(cfg.model.patch_size)}")
+
+
+def dry_run(cfg: DictConfig) -> dict:
+    """Builds the model on the meta device (no weights allocated), prints config, parameters and FLOPs."""
+    spec = data_spec(cfg.data)
+    with torch.device("meta"):
+        model = build_model(cfg.model, cfg.attn, in_channels=spec.in_channels, text_dim=spec.text_dim)
+    n_params = sum(p.numel() for p in model.parameters())
+    flops = training_flops_per_sample(cfg.model, cfg.attn, in_channels=spec.in_channels, text_dim=spec.text_dim,
+                                      video_shape=spec.video_shape, text_len=spec.text_len)
+    print(OmegaConf.to_yaml(cfg, resolve=True))
+    print(f"params: {n_params}")
+    print(f"flops_per_sample: {flops.executed:.6e}")
+    print(f"flops_per_sample_dense: {flops.dense:.6e}")
+    return dict(params=n_params, flops_per_sample=flops.executed, flops_per_sample_dense=flops.dense)

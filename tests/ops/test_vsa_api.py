@@ -147,3 +147,16 @@ def test_tiled_clear_errors():
         video_sparse_attention_tiled(**x, layout=layout, topk=2)
     with pytest.raises(TypeError, match="layout must be a TileLayout"):
         video_sparse_attention_tiled(**x, layout=(5, 6, 7), topk=2)
+
+
+def test_compiles_without_graph_breaks():
+    layout = TileLayout((5, 6, 7))
+    x = {n: t.float() for n, t in random_inputs(1, layout.seq_len, H, D, NAMES).items()}
+    eager, eager_grads = output_and_grads(lambda **t: video_sparse_attention(**t, video_shape=(5, 6, 7), topk=3),
+                                          x, torch.float32)
+    torch._dynamo.reset()
+    compiled = torch.compile(video_sparse_attention, backend="aot_eager", fullgraph=True)
+    out, grads = output_and_grads(lambda **t: compiled(**t, video_shape=(5, 6, 7), topk=3), x, torch.float32)
+    assert rel_err(out, eager) < 1e-6
+    for name in NAMES:
+        assert rel_err(grads[name], eager_grads[name]) < 1e-6, name

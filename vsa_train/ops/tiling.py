@@ -8,7 +8,6 @@ each tile is padded at its end with zero rows up to `prod(tile)` rows. Tile i oc
 """
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from math import prod
 from numbers import Integral
 
@@ -96,9 +95,21 @@ class TileLayout:
             )
 
 
-@lru_cache(maxsize=64)
+_TABLES: dict = {}
+
+
+# torch.compile takes the tables as constants instead of tracing (and graph-breaking in) their construction.
+@torch.compiler.assume_constant_result
 def _tables(video_shape, tile, device):
-    """Index tables of a layout, built once per (video_shape, tile, device)."""
+    """Index tables of a layout, built once per (video_shape, tile, device) and cached."""
+    key = (video_shape, tile, device)
+    if key not in _TABLES:
+        _TABLES[key] = _build_tables(video_shape, tile, device)
+    return _TABLES[key]
+
+
+def _build_tables(video_shape, tile, device):
+    """(padded row of each raster token, tile sizes, positions of padded rows, their validity)."""
     shape = torch.tensor(video_shape)
     tile = torch.tensor(tile)
     grid = -(-shape // tile)

@@ -9,25 +9,35 @@
 This package imports nothing else of vsa_train: it is usable on its own as a kernel library.
 """
 from .block_sparse import block_sparse_attention
-from .coarse import coarse_attention, local_tile_mask, q2k_from_mask, tile_mean, topk_tiles
-from .naive import naive_attention, naive_block_sparse_attention, naive_video_sparse_attention
+from .coarse import (
+    coarse_attention,
+    local_tile_mask,
+    q2k_from_mask,
+    tile_mean,
+    topk_tiles,
+)
+from .naive import (
+    naive_attention,
+    naive_block_sparse_attention,
+    naive_video_sparse_attention,
+)
 from .reference import block_sparse_attention_torch
 from .tiling import TileLayout
 from .vsa import combine, video_sparse_attention, video_sparse_attention_tiled
 
 __all__ = [
-    "video_sparse_attention",
-    "video_sparse_attention_tiled",
-    "block_sparse_attention",
     "TileLayout",
-    "tile_mean",
-    "coarse_attention",
-    "topk_tiles",
-    "q2k_from_mask",
-    "local_tile_mask",
-    "combine",
+    "block_sparse_attention",
     "block_sparse_attention_torch",
+    "coarse_attention",
+    "combine",
+    "local_tile_mask",
     "naive_attention",
     "naive_block_sparse_attention",
     "naive_video_sparse_attention",
+    "q2k_from_mask",
+    "tile_mean",
+    "topk_tiles",
+    "video_sparse_attention",
+    "video_sparse_attention_tiled",
 ]

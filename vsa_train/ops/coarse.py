@@ -9,7 +9,7 @@ import torch
 
 from .tiling import TileLayout
 
-__all__ = ["tile_mean", "coarse_attention", "topk_tiles", "q2k_from_mask", "local_tile_mask"]
+__all__ = ["coarse_attention", "local_tile_mask", "q2k_from_mask", "tile_mean", "topk_tiles"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -13,7 +13,7 @@ from .coarse import coarse_attention, tile_mean, topk_tiles
 from .reference import block_sparse_attention_torch
 from .tiling import TileLayout
 
-__all__ = ["video_sparse_attention", "video_sparse_attention_tiled", "combine"]
+__all__ = ["combine", "video_sparse_attention", "video_sparse_attention_tiled"]
 
 BACKENDS = ("auto", "triton", "torch")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)

@@ -54,7 +54,8 @@ def train(cfg: DictConfig) -> dict:
     mixed_precision = tcfg.mixed_precision
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() else "no"
-    accelerator = Accelerator(mixed_precision=mixed_precision,
+    # cpu=True without CUDA: only then does accelerate turn torchrun's environment into MULTI_CPU (gloo) DDP.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision,
                               log_with="wandb" if cfg.logger.name == "wandb" else None)
     main = accelerator.is_main_process
     device = accelerator.device

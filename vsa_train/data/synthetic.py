@@ -161,6 +161,9 @@ def build(cfg, *, batch_size: int, eval_samples: int, rank: int = 0, world_size:
     """Train loader (infinite, this rank's shard) and the full fixed eval set (a single batch dict)."""
     encoder = CaptionEncoder(VOCAB, dim=cfg.text_dim, max_len=cfg.text_len, seed=cfg.seed)
     stream = SyntheticVideos(cfg, encoder, batch_size, rank, world_size, start_batch)
+    # Its own generator: DataLoader draws worker base seeds from it instead of the global RNG, which the
+    # trainer keeps for training noise (and restores on resume).
     loader = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
-                        persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers else None)
+                        persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers else None,
+                        generator=torch.Generator().manual_seed(cfg.seed))
     return loader, make_batch(cfg, encoder, "eval", range(eval_samples))

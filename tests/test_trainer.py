@@ -1,0 +1,159 @@
+"""The training loop on the CPU: outputs, exact resume, atomic checkpoints, NaN stop, FLOPs budget, dry run, DDP."""
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+import vsa_train.trainer as trainer
+from vsa_train.checkpoint import latest_checkpoint, list_checkpoints
+from vsa_train.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+# 4 frames x 8 x 8 pixels -> 64 tokens: a step takes milliseconds
+TINY = ["data.frames=4", "data.height=8", "data.width=8", "train.batch_size=2", "train.eval_samples=4",
+        "train.eval_timesteps=2", "train.log_every=1", "logger=none"]
+
+
+def _cfg(run_dir, *overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        return compose(config_name="train", overrides=[*TINY, f"run_dir={run_dir}", *overrides])
+
+
+def _run(run_dir, *overrides):
+    return trainer.train(_cfg(run_dir, *overrides))
+
+
+def _losses(run_dir, key="train/loss"):
+    return {r["step"]: r[key] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if key in r}
+
+
+def _weights(run_dir):
+    return load_file(str(latest_checkpoint(run_dir) / "model.safetensors"))
+
+
+def test_short_run_writes_metrics_checkpoint_and_plot(tmp_path):
+    last = _run(tmp_path, "train.max_steps=4", "train.eval_every=2", "train.ckpt_every=2", "train.ema=0.9",
+                "logger=wandb")
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [r["step"] for r in rows if "eval/loss" in r] == [0, 2, 4]
+    assert all("eval/loss_ema" in r for r in rows if "eval/loss" in r)
+    per_step = rows[1]["flops"]
+    assert per_step > 0 and rows[1]["flops_dense"] == per_step
+    for r in rows[1:]:  # cumulative FLOPs grow by the same amount every step
+        assert r["flops"] == pytest.approx(r["step"] * per_step)
+        assert {"train/loss", "lr", "samples/s", "tokens/s", "TFLOP/s"} <= r.keys()
+        assert "MFU" not in r  # only on GPUs
+    assert rows[1]["lr"] == pytest.approx(6e-4 / 100)  # warm-up from the first step
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000004"]
+    assert (latest_checkpoint(tmp_path) / "model.safetensors").is_file()
+    assert (tmp_path / "loss_vs_flops.png").stat().st_size > 10_000
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    assert last["step"] == 4 and last["eval/loss"] == rows[-1]["eval/loss"]
+
+
+def test_resume_continues_exactly(tmp_path):
+    split, straight = tmp_path / "split", tmp_path / "straight"
+    _run(split, "train.max_steps=3", "train.eval_every=3", "train.ckpt_every=100")
+    _run(split, "train.max_steps=6", "train.eval_every=3", "train.ckpt_every=100")  # resumes at step 3
+    _run(straight, "train.max_steps=6", "train.eval_every=3", "train.ckpt_every=100")
+    assert list(_losses(split)) == [1, 2, 3, 4, 5, 6]
+    assert _losses(split) == _losses(straight)  # exact: same data, same noise, same weights
+    assert _losses(split, "eval/loss") == _losses(straight, "eval/loss")
+    a, b = _weights(split), _weights(straight)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    _run(tmp_path, "train.max_steps=2", "train.eval_every=100")
+    good = latest_checkpoint(tmp_path)
+
+    def crash(self, output_dir=None, **kwargs):
+        Path(output_dir).mkdir()
+        Path(output_dir, "model.safetensors").write_bytes(b"half a file")  # then the process dies
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(Accelerator, "save_state", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "train.max_steps=3", "train.eval_every=100")
+    assert latest_checkpoint(tmp_path) == good
+    assert (tmp_path / "checkpoints" / ".tmp-step_00000003").is_dir()
+    monkeypatch.undo()
+    _run(tmp_path, "train.max_steps=4", "train.eval_every=100", "train.ckpt_every=2")  # resumes from step 2
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000004"]
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    assert list(_losses(tmp_path)) == [1, 2, 3, 4]  # the crashed run's step-3 row was replaced
+
+
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        calls.extend([1] if torch.is_grad_enabled() else [])  # training calls only, not eval
+        loss = trainer_flow_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    trainer_flow_loss = trainer.flow_loss
+    monkeypatch.setattr(trainer, "flow_loss", poisoned)
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss .* at step 3.*step_00000002"):
+        _run(tmp_path, "train.max_steps=5", "train.eval_every=100", "train.ckpt_every=1")
+    assert latest_checkpoint(tmp_path).name == "step_00000002"
+    assert all(torch.isfinite(w).all() for w in _weights(tmp_path).values())
+
+
+def test_flops_budget_stops_the_run(tmp_path):
+    first = read_metrics(_run(tmp_path / "probe", "train.max_steps=1") and tmp_path / "probe" / "metrics.jsonl")
+    per_step = first[-1]["flops"]
+    last = _run(tmp_path / "budget", "train.max_steps=100", f"train.flops_budget={2.5 * per_step}")
+    assert last["step"] == 3 and last["flops"] >= 2.5 * per_step
+    assert latest_checkpoint(tmp_path / "budget").name == "step_00000003"
+
+
+def test_bad_values_fail_early(tmp_path):
+    with pytest.raises(ValueError, match="train.batch_size must be a positive integer"):
+        _run(tmp_path, "train.batch_size=0")
+    with pytest.raises(ValueError, match="divisible by model.patch_size"):
+        _run(tmp_path, "data.height=9")
+
+
+def _train_py(*args, tmp_path, launcher=(sys.executable,)):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run([*launcher, str(ROOT / "train.py"), *args, f"hydra.run.dir={tmp_path}"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+
+
+def test_dry_run_dit_1b_allocates_no_weights(tmp_path):
+    proc = _train_py("model=dit_1b", "data=synthetic_16k", "train.dry_run=true", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    params = int(re.search(r"^params: (\d+)$", proc.stdout, re.M).group(1))
+    flops = float(re.search(r"^flops_per_sample: (\S+)$", proc.stdout, re.M).group(1))
+    assert 1.26e9 <= params <= 1.54e9  # 1.4B +-10%
+    assert flops > 6 * params * 16384  # at 16K tokens attention adds to 6 N D
+    assert "hidden_size: 2048" in proc.stdout  # the composed config
+    peak_rss_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    assert peak_rss_gb < 2.0  # 1.4B fp32 weights alone would be 5.6 GB
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_agree(tmp_path):
+    args = [*TINY, "train.max_steps=3", "train.eval_every=3", "train.eval_samples=3"]
+    proc = _train_py(*args, tmp_path=tmp_path,
+                     launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fingerprints = dict(re.findall(r"rank (\d)/2: finished at step 3, weights fingerprint (\S+)", proc.stdout))
+    assert set(fingerprints) == {"0", "1"} and fingerprints["0"] == fingerprints["1"]
+    ckpt = latest_checkpoint(tmp_path)
+    assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]  # one writer
+    assert rows[-1]["samples"] == 3 * 2 * 2  # steps x per-rank batch x ranks

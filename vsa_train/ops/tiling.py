@@ -27,7 +27,11 @@ def _as_triple(value, name: str) -> tuple[int, int, int]:
 
 @dataclass(frozen=True)
 class TileLayout:
-    """How the tokens of a `video_shape` grid are laid out in padded tile order with tiles of `tile`."""
+    """How the tokens of a `video_shape` grid are laid out in padded tile order with tiles of `tile`.
+
+    The index tables behind it are built once per (video_shape, tile, device) and shared: don't modify
+    the tensors its methods return in place.
+    """
 
     video_shape: tuple[int, int, int]
     tile: tuple[int, int, int] = (4, 4, 4)

@@ -1,4 +1,6 @@
 """Synthetic videos: determinism, disjoint eval seeds, rank/worker sharding, resume offsets, rendering, captions."""
+import itertools
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -9,13 +11,13 @@ from vsa_train.data.text import CaptionEncoder
 
 
 def _cfg(**overrides):
-    base = dict(name="synthetic", source="synthetic", frames=4, height=16, width=16, max_shapes=2, seed=0,
-                text_len=32, text_dim=32, num_workers=0)
+    base = {"name": "synthetic", "source": "synthetic", "frames": 4, "height": 16, "width": 16, "max_shapes": 2,
+            "seed": 0, "text_len": 32, "text_dim": 32, "num_workers": 0}
     return OmegaConf.create({**base, **overrides})
 
 
 def _batches(cfg, n, **kwargs):
-    kwargs = dict(dict(batch_size=3, eval_samples=4), **kwargs)
+    kwargs = dict({"batch_size": 3, "eval_samples": 4}, **kwargs)
     it = iter(build_data(cfg, **kwargs).train)
     return [next(it) for _ in range(n)]
 
@@ -84,7 +86,7 @@ def test_render_moves_the_shape_and_keeps_it_in_frame():
     xs = torch.arange(32.0)
     centroid = [(red[t].float().sum(0) * xs).sum() / red[t].sum() for t in range(6)]
     assert all(red[t].sum() > 20 for t in range(6))
-    assert all(b > a for a, b in zip(centroid, centroid[1:]))  # moves left to right
+    assert all(b > a for a, b in itertools.pairwise(centroid))  # moves left to right
     still = render(_one_red_square(0.0), frames=3, height=32, width=32)
     assert torch.equal(still[0, :, 0], still[0, :, 2])
 

@@ -116,13 +116,13 @@ def train(cfg: DictConfig) -> dict:
 
     pbar = tqdm(total=tcfg.max_steps, initial=state.step, disable=not main, desc="train", dynamic_ncols=True)
     if state.step == 0:  # the untrained model's eval loss anchors the curve
-        row = dict(step=0, flops=0.0, flops_dense=0.0)
+        row = {"step": 0, "flops": 0.0, "flops_dense": 0.0}
         evaluate_and_log(row)
         metrics.log(row)
 
     train_iter = iter(data.train)
     model.train()
-    last = dict(step=state.step)
+    last = {"step": state.step}
     window_start, window_samples, loss_sum, loss_count = time.perf_counter(), 0, torch.zeros((), device=device), 0
     while state.step < tcfg.max_steps and not _budget_spent(state, tcfg):
         lr = _lr_at(state.step, cfg.optim)
@@ -246,8 +246,8 @@ def _eval_set(batch: dict, num_timesteps: int, seed: int) -> dict:
 def _optimizer(model: torch.nn.Module, optim_cfg, fused: bool) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (norm gains, biases and other vectors are not decayed)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=optim_cfg.weight_decay),
-              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": optim_cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), fused=fused)
 
 
@@ -265,8 +265,9 @@ def _budget_spent(state: TrainState, tcfg) -> bool:
 def _wandb_kwargs(cfg: DictConfig, run_dir: Path) -> dict:
     """A run id derived from run_dir, so that a resumed (or requeued) run continues the same wandb run."""
     run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
-    return dict(name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir), mode=cfg.logger.get("mode"),
-                entity=cfg.logger.get("entity"), tags=list(cfg.logger.get("tags") or []))
+    return {"name": run_dir.name, "id": run_id, "resume": "allow", "dir": str(run_dir),
+            "mode": cfg.logger.get("mode"), "entity": cfg.logger.get("entity"),
+            "tags": list(cfg.logger.get("tags") or [])}
 
 
 def _check(cfg: DictConfig) -> None:
@@ -297,4 +298,4 @@ def dry_run(cfg: DictConfig) -> dict:
     print(f"params: {n_params}")
     print(f"flops_per_sample: {flops.executed:.6e}")
     print(f"flops_per_sample_dense: {flops.dense:.6e}")
-    return dict(params=n_params, flops_per_sample=flops.executed, flops_per_sample_dense=flops.dense)
+    return {"params": n_params, "flops_per_sample": flops.executed, "flops_per_sample_dense": flops.dense}

@@ -154,7 +154,7 @@ def make_batch(cfg, encoder: CaptionEncoder, split: str, indices) -> dict:
     scene = sample_scene(cfg.seed, split, list(indices), cfg.max_shapes)
     text, text_mask = encoder.encode(scene.captions)
     video = render(scene, cfg.frames, cfg.height, cfg.width)
-    return dict(video=video, text=text, text_mask=text_mask, caption=scene.captions)
+    return {"video": video, "text": text, "text_mask": text_mask, "caption": scene.captions}
 
 
 def build(cfg, *, batch_size: int, eval_samples: int, rank: int = 0, world_size: int = 1, start_batch: int = 0):

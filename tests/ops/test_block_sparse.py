@@ -149,7 +149,7 @@ def test_opcheck():
 ])
 def test_bad_input_raises(mutate, error):
     q, k, v, index, count, sizes = make_problem(1, 1, 3, 2, 64, torch.float32, ragged=False)
-    args = dict(q=q, k=k, v=v, q2k_index=index, q2k_count=count, kv_tile_sizes=sizes)
+    args = {"q": q, "k": k, "v": v, "q2k_index": index, "q2k_count": count, "kv_tile_sizes": sizes}
     mutate(args)
     with pytest.raises((ValueError, TypeError), match=error):
         block_sparse_attention(**args)

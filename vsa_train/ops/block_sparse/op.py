@@ -1,10 +1,9 @@
 """Launchers of the Triton kernels and their torch custom ops (fake shapes + autograd), so torch.compile traces through."""
 import contextlib
-from typing import Optional
 
 import torch
 
-from .bwd import block_sparse_bwd_dkv_kernel, block_sparse_bwd_dq_kernel, block_sparse_bwd_preprocess_kernel
+from .bwd import block_sparse_bwd_dkv_kernel, block_sparse_bwd_dq_kernel
 from .fwd import block_sparse_fwd_kernel
 from .index import build_k2q_index
 
@@ -49,7 +48,7 @@ def block_sparse_fwd_triton(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale:
 
 def block_sparse_bwd_triton(do, dlse, q, k, v, out, lse, q2k_index, q2k_count, k2q_offsets, k2q_q_tiles,
                             kv_tile_sizes, scale: float):
-    """Launch delta preprocess, dQ and dK/dV kernels. Returns dq, dk, dv ([B, S, H, D], contiguous)."""
+    """Launch the dQ (+ delta) and dK/dV kernels. Returns dq, dk, dv ([B, S, H, D], contiguous)."""
     B, S, H, D = q.shape
     n_tiles = S // TILE
     grid = (n_tiles, B * H)
@@ -60,16 +59,12 @@ def block_sparse_bwd_triton(do, dlse, q, k, v, out, lse, q2k_index, q2k_count, k
     dk = _new_output((B, S, H, D), k.dtype, q.device)
     dv = _new_output((B, S, H, D), v.dtype, q.device)
     with _device_guard(q):
-        block_sparse_bwd_preprocess_kernel[grid](
-            out, do, dlse.contiguous() if dlse is not None else delta, delta,
-            *out.stride(), *do.stride(), H, S,
-            HEAD_DIM=D, BLOCK=TILE, HAS_DLSE=dlse is not None,
-        )
         block_sparse_bwd_dq_kernel[grid](
-            q, k, v, do, dq, lse, delta, q2k_index.contiguous(), q2k_count.contiguous(), sizes,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            q, k, v, out, do, dq, lse, delta if dlse is None else dlse.contiguous(), delta,
+            q2k_index.contiguous(), q2k_count.contiguous(), sizes,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *dq.stride(),
             H, n_tiles, q2k_index.shape[-1], scale,
-            HEAD_DIM=D, BLOCK=TILE, DOT_PRECISION=precision,
+            HEAD_DIM=D, BLOCK=TILE, DOT_PRECISION=precision, HAS_DLSE=dlse is not None,
         )
         block_sparse_bwd_dkv_kernel[grid](
             q, k, v, do, dk, dv, lse, delta, k2q_offsets.contiguous(), k2q_q_tiles.contiguous(), sizes,
@@ -111,7 +106,7 @@ def _block_sparse_fwd_fake(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale, 
 
 @torch.library.custom_op("vsa_train::block_sparse_bwd", mutates_args=())
 def block_sparse_bwd(
-    do: torch.Tensor, dlse: Optional[torch.Tensor],
+    do: torch.Tensor, dlse: torch.Tensor | None,
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     q2k_index: torch.Tensor, q2k_count: torch.Tensor, k2q_offsets: torch.Tensor, k2q_q_tiles: torch.Tensor,
     kv_tile_sizes: torch.Tensor, scale: float,

@@ -179,6 +179,7 @@ def train(cfg: DictConfig) -> dict:
                         "TFLOP/s": samples_per_s * per_sample.executed / 1e12})
             if device.type == "cuda":  # model FLOPs utilisation per device against its dense bf16 peak
                 row["MFU"] = row["TFLOP/s"] / (world * tcfg.peak_tflops)
+                row["mem/peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
             pbar.set_postfix(loss=f"{train_loss:.4f}", refresh=False)
             loss_sum, loss_count = torch.zeros((), device=device), 0
         if state.step % tcfg.eval_every == 0 or done:
@@ -220,7 +221,9 @@ def evaluate(model, eval_set: dict, accelerator: Accelerator, batch_size: int) -
     n = eval_set["video"].shape[0]
     mine = torch.arange(accelerator.process_index, n, accelerator.num_processes)
     total = torch.zeros((), device=device, dtype=torch.float64)
-    with accelerator.autocast():
+    # Eval runs eagerly under train.compile: compiling a second (no-grad, eval-batch) graph cost minutes on
+    # dit_120m, and the extra shape would make dynamo recompile the training graph with dynamic shapes.
+    with accelerator.autocast(), torch.compiler.set_stance("force_eager"):
         for chunk in mine.split(batch_size):
             video = eval_set["video"][chunk].to(device)
             text = eval_set["text"][chunk].to(device)

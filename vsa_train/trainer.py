@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from omegaconf import DictConfig, OmegaConf
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
@@ -57,6 +57,8 @@ def train(cfg: DictConfig) -> dict:
     # cpu=True without CUDA: only then does accelerate turn torchrun's environment into MULTI_CPU (gloo) DDP.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision,
                               log_with="wandb" if cfg.logger.name == "wandb" else None)
+    if tcfg.ema is not None and accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError("train.ema is not supported with FSDP (the EMA copy would hold full, unsharded weights)")
     main = accelerator.is_main_process
     device = accelerator.device
     if main:

@@ -1,8 +1,7 @@
-"""Triton backward kernels of block-sparse attention: dQ (and delta) per query tile, then dK/dV per key tile.
+"""Triton backward kernels of block-sparse attention: delta preprocess, dQ per query tile, dK/dV per key tile.
 
 No atomics: dQ sums over a query tile's key tiles (q2k index), dK/dV over the query tiles that selected a
-key tile (the k2q index of index.py), each in one program, so results are deterministic. The dQ kernel
-also writes delta = rowsum(dO * O) - dLSE for its rows, which the dK/dV kernel (launched after it) reads.
+key tile (the k2q index of index.py), each in one program, so results are deterministic.
 """
 import triton
 import triton.language as tl
@@ -12,22 +11,44 @@ from .configs import bwd_configs
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
+@triton.jit
+def block_sparse_bwd_preprocess_kernel(
+    O, DO, DLSE, DELTA,  # [B, S, H, D] x2 (any strides), DLSE/DELTA [B, H, S] fp32 contiguous
+    stride_ob, stride_os, stride_oh, stride_od,
+    stride_dob, stride_dos, stride_doh, stride_dod,
+    n_heads, seq_len,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_DLSE: tl.constexpr,
+):
+    """delta = rowsum(dO * O) - dLSE: the softmax-backward row term (dLSE enters because dlse/ds = p)."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = bh % n_heads
+    offs_m = tile * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    row_ptr = bh.to(tl.int64) * seq_len + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + row_ptr)
+    tl.store(DELTA + row_ptr, delta)
+
+
 @triton.autotune(configs=bwd_configs(), key=["HEAD_DIM", "DOT_PRECISION"])
 @triton.jit
 def block_sparse_bwd_dq_kernel(
-    Q, K, V, O, DO, DQ,                   # [B, S, H, D] x6 (any strides)
-    LSE, DLSE, DELTA,                     # [B, H, S] fp32 contiguous; DELTA is written here
+    Q, K, V, DO, DQ, LSE, DELTA,          # [B, S, H, D] x5 (any strides); LSE, DELTA [B, H, S] fp32
     Q2K_INDEX, Q2K_COUNT, KV_TILE_SIZES,  # int32 [B*H, n_tiles, max_k], [B*H, n_tiles], [n_tiles]
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
-    stride_ob, stride_os, stride_oh, stride_od,
     stride_dob, stride_dos, stride_doh, stride_dod,
     stride_dqb, stride_dqs, stride_dqh, stride_dqd,
     n_heads, n_tiles, max_k, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DLSE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program = one query tile: delta, then dQ = scale * sum over its key tiles of dS @ K."""
+    """One program = one query tile: dQ = scale * sum over its key tiles of dS @ K."""
     q_tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // n_heads).to(tl.int64)
@@ -39,14 +60,9 @@ def block_sparse_bwd_dq_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod)
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od)
     row_ptr = bh.to(tl.int64) * n_tiles * BLOCK + offs_m
     lse_log2 = tl.load(LSE + row_ptr) * LOG2E
-    # delta_i = sum_j P_ij dP_ij, the softmax-backward row term; dLSE enters it because dlse_i/ds_ij = P_ij.
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    if HAS_DLSE:
-        delta -= tl.load(DLSE + row_ptr)
-    tl.store(DELTA + row_ptr, delta)
+    delta = tl.load(DELTA + row_ptr)
     # K and V are loaded transposed ([D, BLOCK]) for the logits and dP; K row-major again for dS @ K.
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh

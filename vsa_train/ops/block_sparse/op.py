@@ -3,7 +3,11 @@ import contextlib
 
 import torch
 
-from .bwd import block_sparse_bwd_dkv_kernel, block_sparse_bwd_dq_kernel
+from .bwd import (
+    block_sparse_bwd_dkv_kernel,
+    block_sparse_bwd_dq_kernel,
+    block_sparse_bwd_preprocess_kernel,
+)
 from .fwd import block_sparse_fwd_kernel
 from .index import build_k2q_index
 
@@ -48,7 +52,7 @@ def block_sparse_fwd_triton(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale:
 
 def block_sparse_bwd_triton(do, dlse, q, k, v, out, lse, q2k_index, q2k_count, k2q_offsets, k2q_q_tiles,
                             kv_tile_sizes, scale: float):
-    """Launch the dQ (+ delta) and dK/dV kernels. Returns dq, dk, dv ([B, S, H, D], contiguous)."""
+    """Launch delta preprocess, dQ and dK/dV kernels. Returns dq, dk, dv ([B, S, H, D], contiguous)."""
     B, S, H, D = q.shape
     n_tiles = S // TILE
     grid = (n_tiles, B * H)
@@ -59,12 +63,16 @@ def block_sparse_bwd_triton(do, dlse, q, k, v, out, lse, q2k_index, q2k_count, k
     dk = _new_output((B, S, H, D), k.dtype, q.device)
     dv = _new_output((B, S, H, D), v.dtype, q.device)
     with _device_guard(q):
+        block_sparse_bwd_preprocess_kernel[grid](
+            out, do, dlse.contiguous() if dlse is not None else delta, delta,
+            *out.stride(), *do.stride(), H, S,
+            HEAD_DIM=D, BLOCK=TILE, HAS_DLSE=dlse is not None,
+        )
         block_sparse_bwd_dq_kernel[grid](
-            q, k, v, out, do, dq, lse, delta if dlse is None else dlse.contiguous(), delta,
-            q2k_index.contiguous(), q2k_count.contiguous(), sizes,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *dq.stride(),
+            q, k, v, do, dq, lse, delta, q2k_index.contiguous(), q2k_count.contiguous(), sizes,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
             H, n_tiles, q2k_index.shape[-1], scale,
-            HEAD_DIM=D, BLOCK=TILE, DOT_PRECISION=precision, HAS_DLSE=dlse is not None,
+            HEAD_DIM=D, BLOCK=TILE, DOT_PRECISION=precision,
         )
         block_sparse_bwd_dkv_kernel[grid](
             q, k, v, do, dk, dv, lse, delta, k2q_offsets.contiguous(), k2q_q_tiles.contiguous(), sizes,

@@ -145,7 +145,7 @@ def test_dry_run_dit_1b_allocates_no_weights(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_agree(tmp_path):
-    args = [*TINY, "train.max_steps=3", "train.eval_every=3", "train.eval_samples=3"]
+    args = [*TINY, "train.max_steps=3", "train.eval_every=3"]
     proc = _train_py(*args, tmp_path=tmp_path,
                      launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -156,3 +156,6 @@ def test_ddp_two_cpu_processes_agree(tmp_path):
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2, 3]  # one writer
     assert rows[-1]["samples"] == 3 * 2 * 2  # steps x per-rank batch x ranks
+    # the eval loss of the same initial weights does not depend on how the eval set is sharded
+    _run(tmp_path / "single", "train.max_steps=0")
+    assert rows[0]["eval/loss"] == pytest.approx(_losses(tmp_path / "single", "eval/loss")[0], rel=1e-5)

@@ -95,6 +95,8 @@ def train(cfg: DictConfig) -> dict:
         accelerator.print(f"resumed from {resume_from} (step {state.step})")
 
     world = accelerator.num_processes
+    if tcfg.eval_samples % world:  # equal shards: under FSDP every rank must run the same number of forwards
+        raise ValueError(f"train.eval_samples={tcfg.eval_samples} must be divisible by the {world} processes")
     global_batch = tcfg.batch_size * tcfg.grad_accum * world
     data = build_data(cfg.data, batch_size=tcfg.batch_size, eval_samples=tcfg.eval_samples,
                       rank=accelerator.process_index, world_size=world, start_batch=state.step * tcfg.grad_accum)
@@ -214,8 +216,8 @@ def train(cfg: DictConfig) -> dict:
 def evaluate(model, eval_set: dict, accelerator: Accelerator, batch_size: int) -> float:
     """Eval loss (DESIGN.md §6): mean flow loss over the fixed videos x fixed timesteps x fixed noise.
 
-    Each rank takes every world-th video; the sums are all-reduced, so the value does not depend on the
-    number of processes.
+    Each rank takes every world-th video (equal shards); the sums are all-reduced, so the value does not
+    depend on the number of processes.
     """
     was_training = model.training
     model.eval()

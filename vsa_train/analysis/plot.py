@@ -22,7 +22,8 @@ def plot_loss_vs_flops(metrics_path, out_path, title: str = "") -> None:
     ax.set_ylabel("flow-matching loss")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    if ax.lines:  # a run stopped at step 0 has nothing to plot yet
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out_path, dpi=120)
     plt.close(fig)

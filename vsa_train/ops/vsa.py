@@ -10,6 +10,7 @@ import torch
 
 from .block_sparse import block_sparse_attention
 from .coarse import coarse_attention, tile_mean, topk_tiles
+from .pool import tile_means
 from .reference import block_sparse_attention_torch
 from .tiling import TileLayout
 
@@ -92,10 +93,13 @@ def _vsa_tiled(q, k, v, layout, topk, gate_coarse, gate_fine, backend):
     """The op on checked inputs in padded tile order."""
     sizes = layout.kv_tile_sizes(q.device)  # [n] int32
     scale = q.shape[-1] ** -0.5
-    q_c, k_c, v_c = tile_mean(q, sizes), tile_mean(k, sizes), tile_mean(v, sizes)  # [B, n, H, D] each
+    if backend == "torch":  # the reference takes any head dim and any tile size
+        q_c, k_c, v_c = tile_mean(q, sizes), tile_mean(k, sizes), tile_mean(v, sizes)  # [B, n, H, D] each
+    else:  # one launch, fp32 means (views of a [3, B, H, n, D] buffer)
+        q_c, k_c, v_c = tile_means(q, k, v, sizes)  # [B, n, H, D] each
     o_coarse, scores = coarse_attention(q_c, k_c, v_c, scale)  # [B, n, H, D], [B, H, n, n]
     q2k_index, q2k_count = topk_tiles(scores, topk)  # [B, H, n, K], [B, H, n]
-    if backend == "torch":  # called directly: the reference takes any head dim and any tile size
+    if backend == "torch":
         o_fine, _ = block_sparse_attention_torch(q, k, v, q2k_index, q2k_count, sizes, scale)
     else:
         o_fine, _ = block_sparse_attention(q, k, v, q2k_index, q2k_count, sizes, scale, backend="triton")

@@ -17,7 +17,8 @@ TILE = 64  # rows of a (padded) video tile = rows of one kernel block
 POISON_OUTPUTS = False
 
 
-def _new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised kernel output (NaN-filled when POISON_OUTPUTS is set)."""
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
@@ -28,7 +29,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _device_guard(t: torch.Tensor):
+def device_guard(t: torch.Tensor):
+    """Context that makes t's CUDA device current (a no-op on the CPU)."""
     # Triton launches on the current CUDA device, which need not be the tensors' one.
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
@@ -37,10 +39,10 @@ def block_sparse_fwd_triton(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale:
     """Launch the forward kernel. Returns out [B, S, H, D] (contiguous, q's dtype) and lse [B, H, S] fp32."""
     B, S, H, D = q.shape
     n_tiles = S // TILE
-    out = _new_output((B, S, H, D), q.dtype, q.device)
-    lse = _new_output((B, H, S), torch.float32, q.device)
+    out = new_output((B, S, H, D), q.dtype, q.device)
+    lse = new_output((B, H, S), torch.float32, q.device)
     q2k_index, q2k_count = q2k_index.contiguous(), q2k_count.contiguous()
-    with _device_guard(q):
+    with device_guard(q):
         block_sparse_fwd_kernel[(n_tiles, B * H)](
             q, k, v, out, lse, q2k_index, q2k_count, kv_tile_sizes.contiguous(),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -58,11 +60,11 @@ def block_sparse_bwd_triton(do, dlse, q, k, v, out, lse, q2k_index, q2k_count, k
     grid = (n_tiles, B * H)
     precision = _dot_precision(q.dtype)
     sizes = kv_tile_sizes.contiguous()
-    delta = _new_output((B, H, S), torch.float32, q.device)
-    dq = _new_output((B, S, H, D), q.dtype, q.device)
-    dk = _new_output((B, S, H, D), k.dtype, q.device)
-    dv = _new_output((B, S, H, D), v.dtype, q.device)
-    with _device_guard(q):
+    delta = new_output((B, H, S), torch.float32, q.device)
+    dq = new_output((B, S, H, D), q.dtype, q.device)
+    dk = new_output((B, S, H, D), k.dtype, q.device)
+    dv = new_output((B, S, H, D), v.dtype, q.device)
+    with device_guard(q):
         block_sparse_bwd_preprocess_kernel[grid](
             out, do, dlse.contiguous() if dlse is not None else delta, delta,
             *out.stride(), *do.stride(), H, S,

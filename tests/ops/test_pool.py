@@ -1,0 +1,82 @@
+"""The Triton tile-mean kernel (one launch for q, k, v; fp32 means) against float64, forward and backward."""
+import pytest
+import torch
+from ops_utils import random_inputs, rel_err
+
+from vsa_train.ops import TileLayout, tile_mean
+from vsa_train.ops.block_sparse import op as bs_op
+from vsa_train.ops.pool import tile_means
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Every kernel output starts as NaN, so an element a kernel fails to write fails the test."""
+    monkeypatch.setattr(bs_op, "POISON_OUTPUTS", True)
+
+
+@pytest.mark.parametrize("video_shape,D,dtype,qk_scale", [
+    ((5, 6, 7), 64, torch.float32, 1.0),   # edge tiles of 1..64 real rows
+    ((4, 8, 8), 128, torch.float32, 4.0),  # full tiles, x4 inputs
+    ((5, 6, 7), 64, torch.float16, 4.0),
+    ((1, 13, 2), 64, torch.bfloat16, 1.0),  # no dot in this kernel: bf16 is exact in the interpreter too
+])
+def test_tile_means_match_float64(video_shape, D, dtype, qk_scale):
+    layout = TileLayout(video_shape)
+    sizes = layout.kv_tile_sizes()
+    x = random_inputs(2, layout.padded_len, 3, D, qk_scale=qk_scale)  # pad rows hold random garbage
+    leaves = {n: t.to(dtype).requires_grad_() for n, t in x.items()}
+    means = tile_means(leaves["q"], leaves["k"], leaves["v"], sizes)
+    g = torch.Generator().manual_seed(1)
+    cotangents = [torch.randn(m.shape, generator=g, dtype=torch.float64) for m in means]
+    sum((m.double() * c).sum() for m, c in zip(means, cotangents)).backward()
+
+    ref_leaves = {n: t.detach().double().requires_grad_() for n, t in leaves.items()}  # same rounded inputs
+    refs = [tile_mean(ref_leaves[n], sizes) for n in "qkv"]
+    sum((m * c).sum() for m, c in zip(refs, cotangents)).backward()
+
+    real = layout.positions()[1]
+    for name, got, ref in zip("qkv", means, refs):
+        assert got.dtype == torch.float32 and got.shape == (2, layout.n_tiles, 3, D)
+        assert rel_err(got, ref) < 1e-6, name  # fp32 sums of half inputs: no half rounding of the mean
+        grad = leaves[name].grad
+        assert grad.dtype == dtype and torch.isfinite(grad).all()  # every row written, pad rows too
+        assert (grad[:, ~real] == 0).all(), name
+        tol = 1e-6 if dtype == torch.float32 else 1e-2
+        assert rel_err(grad, ref_leaves[name].grad) < tol, name
+
+
+def test_tile_means_ignore_pad_rows_and_take_strided_inputs():
+    layout = TileLayout((3, 5, 6))
+    sizes = layout.kv_tile_sizes()
+    x = random_inputs(1, layout.padded_len, 2, 64)
+    q, k, v = (t.float().transpose(1, 2).contiguous().transpose(1, 2) for t in x.values())  # [B, S, H, D] strided
+    means = tile_means(q, k, v, sizes)
+    pad = ~layout.positions()[1]
+    q2 = q.clone()
+    q2[:, pad] = float("inf")  # unfinite garbage in pad rows is not even read
+    assert torch.equal(tile_means(q2, k, v, sizes)[0], means[0])
+    assert rel_err(means[2], tile_mean(v.double(), sizes)) < 1e-6
+
+
+def test_tile_means_compile_without_graph_break():
+    layout = TileLayout((4, 4, 8))
+    sizes = layout.kv_tile_sizes()
+    x = [t.float().requires_grad_() for t in random_inputs(1, layout.padded_len, 1, 64).values()]
+
+    def loss(q, k, v):
+        return sum(m.square().sum() for m in tile_means(q, k, v, sizes))
+
+    torch.compile(loss, backend="aot_eager", fullgraph=True)(*x).backward()
+    expected = [t.detach().requires_grad_() for t in x]
+    loss(*expected).backward()
+    for got, ref in zip(x, expected):
+        assert torch.equal(got.grad, ref.grad)
+
+
+def test_opcheck():
+    layout = TileLayout((4, 4, 5))
+    x = [t.float().requires_grad_() for t in random_inputs(1, layout.padded_len, 2, 64).values()]
+    from vsa_train.ops.pool import tile_means_op
+
+    torch.library.opcheck(tile_means_op, (*x, layout.kv_tile_sizes()),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -1,0 +1,148 @@
+"""Tile means of q, k and v in one Triton kernel (the VSA coarse stage's pooling), with its backward.
+
+`tile_means(q, k, v, kv_tile_sizes)` pools all three tensors in padded tile order in one launch and
+returns float32 means (the selection is made from them: rounding the means to bf16 flipped 2.1% of the
+chosen key tiles on the GPU). The means are stored [B, H, n, D], so the coarse attention's matmuls read
+them without a copy; they are returned as [B, n, H, D] views, the layout of `coarse.tile_mean`.
+Registered as torch custom ops (fake + autograd), so torch.compile and CUDA graphs see fixed shapes and
+no host synchronisation. `coarse.tile_mean` is the PyTorch reference.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .block_sparse import op as _launch  # device_guard, and new_output (NaN-filled under test)
+
+__all__ = ["tile_means"]
+
+BLOCK = 64  # rows of a padded tile
+
+
+@triton.jit
+def tile_means_fwd_kernel(
+    Q, K, V, MEANS, SIZES,  # [B, S_pad, H, D] x3 (any strides), fp32 [3, B, H, n, D] contiguous, int32 [n]
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    n_batch, n_heads, n_tiles,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program = one tile of one (batch, head): the fp32 means of its real q, k and v rows."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = bh % n_heads
+    size = tl.load(SIZES + tile)
+    offs_m = tile * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    real = (tl.arange(0, BLOCK) < size)[:, None]  # pad rows may hold anything finite: never read
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                mask=real, other=0.0)
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_m[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                mask=real, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_m[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                mask=real, other=0.0)
+    # Sums in fp32, one division by the size in fp32 (no half-precision rounding anywhere).
+    inv = 1.0 / size.to(tl.float32)
+    out = MEANS + (bh.to(tl.int64) * n_tiles + tile) * HEAD_DIM + offs_d  # plane 0 (q) of [3, B*H, n, D]
+    plane = n_batch * n_heads * n_tiles * HEAD_DIM
+    tl.store(out, tl.sum(q.to(tl.float32), 0) * inv)
+    tl.store(out + plane, tl.sum(k.to(tl.float32), 0) * inv)
+    tl.store(out + 2 * plane, tl.sum(v.to(tl.float32), 0) * inv)
+
+
+@triton.jit
+def tile_means_bwd_kernel(
+    DMEANS, DQ, DK, DV, SIZES,  # fp32 [3, B, H, n, D] contiguous, [B, S_pad, H, D] x3 contiguous, int32 [n]
+    n_batch, n_heads, n_tiles,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program = one tile of one (batch, head): each real row gets dmean / size, each pad row 0."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = bh % n_heads
+    size = tl.load(SIZES + tile)
+    offs_m = tile * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    real = (tl.arange(0, BLOCK) < size)[:, None]  # [BLOCK, 1]
+    inv = 1.0 / size.to(tl.float32)
+    src = DMEANS + (bh.to(tl.int64) * n_tiles + tile) * HEAD_DIM + offs_d
+    plane = n_batch * n_heads * n_tiles * HEAD_DIM
+    # Every row of the tile is written (pad rows with 0), so the outputs need no zero fill.
+    rows = ((b * n_tiles * BLOCK + offs_m[:, None]) * n_heads + h) * HEAD_DIM + offs_d[None, :]  # [BLOCK, D]
+    zero = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+    dq = tl.where(real, zero + (tl.load(src) * inv)[None, :], 0.0)
+    tl.store(DQ + rows, dq.to(DQ.dtype.element_ty))
+    dk = tl.where(real, zero + (tl.load(src + plane) * inv)[None, :], 0.0)
+    tl.store(DK + rows, dk.to(DK.dtype.element_ty))
+    dv = tl.where(real, zero + (tl.load(src + 2 * plane) * inv)[None, :], 0.0)
+    tl.store(DV + rows, dv.to(DV.dtype.element_ty))
+
+
+@torch.library.custom_op("vsa_train::tile_means", mutates_args=())
+def tile_means_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_tile_sizes: torch.Tensor) -> torch.Tensor:
+    """fp32 [3, B, H, n, D]: the means of q, k, v over the real rows of each tile."""
+    B, S_pad, H, D = q.shape
+    n = S_pad // BLOCK
+    means = _launch.new_output((3, B, H, n, D), torch.float32, q.device)
+    with _launch.device_guard(q):
+        tile_means_fwd_kernel[(n, B * H)](
+            q, k, v, means, kv_tile_sizes.contiguous(),
+            *q.stride(), *k.stride(), *v.stride(), B, H, n,
+            HEAD_DIM=D, BLOCK=BLOCK, num_warps=4,
+        )
+    return means
+
+
+@tile_means_op.register_fake
+def _tile_means_fake(q, k, v, kv_tile_sizes):
+    B, S_pad, H, D = q.shape
+    return q.new_empty(3, B, H, S_pad // BLOCK, D, dtype=torch.float32)
+
+
+@torch.library.custom_op("vsa_train::tile_means_bwd", mutates_args=())
+def tile_means_bwd_op(
+    dmeans: torch.Tensor, kv_tile_sizes: torch.Tensor, seq_len: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) [B, S_pad, H, D] in `dtype` from the gradient of the means [3, B, H, n, D]."""
+    _, B, H, n, D = dmeans.shape
+    grads = [_launch.new_output((B, seq_len, H, D), dtype, dmeans.device) for _ in range(3)]
+    with _launch.device_guard(dmeans):
+        tile_means_bwd_kernel[(n, B * H)](
+            dmeans.float().contiguous(), *grads, kv_tile_sizes.contiguous(), B, H, n,
+            HEAD_DIM=D, BLOCK=BLOCK, num_warps=4,
+        )
+    return tuple(grads)
+
+
+@tile_means_bwd_op.register_fake
+def _tile_means_bwd_fake(dmeans, kv_tile_sizes, seq_len, dtype):
+    _, B, H, n, D = dmeans.shape
+    return tuple(dmeans.new_empty(B, seq_len, H, D, dtype=dtype) for _ in range(3))
+
+
+def _setup_context(ctx, inputs, output):
+    q, _, _, kv_tile_sizes = inputs
+    ctx.save_for_backward(kv_tile_sizes)
+    ctx.seq_len, ctx.dtype = q.shape[1], q.dtype
+
+
+def _backward(ctx, dmeans):
+    (kv_tile_sizes,) = ctx.saved_tensors
+    dq, dk, dv = tile_means_bwd_op(dmeans, kv_tile_sizes, ctx.seq_len, ctx.dtype)
+    return dq, dk, dv, None
+
+
+tile_means_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def tile_means(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_tile_sizes: torch.Tensor):
+    """Means of q, k, v over the real rows of each 64-row tile, in one Triton launch.
+
+    q, k, v: [B, S_pad, H, D] in padded tile order (any strides; pad rows may hold anything finite),
+    kv_tile_sizes: int32 [n] real rows per tile. Returns (q_c, k_c, v_c), each float32 [B, n, H, D]
+    (views of one [3, B, H, n, D] buffer). Differentiable w.r.t. q, k and v.
+    """
+    means = tile_means_op(q, k, v, kv_tile_sizes)  # [3, B, H, n, D]
+    return tuple(m.transpose(1, 2) for m in means.unbind(0))  # 3 x [B, n, H, D]

@@ -6,6 +6,7 @@ import torch
 
 from vsa_train.ops.block_sparse import block_sparse_attention
 from vsa_train.ops.block_sparse import op as bs_op
+from vsa_train.ops.block_sparse import index as index_module
 from vsa_train.ops.block_sparse.index import build_k2q_index
 from vsa_train.ops.naive import naive_block_sparse_attention
 
@@ -105,14 +106,19 @@ def test_matches_torch_reference():
         assert rel_err(got, ref.double()) < 1e-5
 
 
-def test_k2q_index_inverts_q2k():
-    _, _, _, index, count, _ = make_problem(2, 3, 7, 4, 64, torch.float32, ragged=True)
-    offsets, q_tiles = build_k2q_index(index, count, 7)
+@pytest.mark.parametrize("n,K,ragged,max_block", [(7, 4, True, 1024), (9, 9, False, 4), (11, 3, True, 2)])
+def test_k2q_index_inverts_q2k(monkeypatch, n, K, ragged, max_block):
+    monkeypatch.setattr(index_module, "MAX_BLOCK", max_block)  # small blocks: the kernels' loops run several times
+    _, _, _, index, count, _ = make_problem(2, 3, n, K, 64, torch.float32, ragged=ragged)
+    offsets, q_tiles = build_k2q_index(index, count, n)
+    assert offsets.dtype == q_tiles.dtype == torch.int32
+    assert offsets.shape == (2, 3, n + 1) and q_tiles.shape == (2, 3, n * K)
     for b in range(2):
         for h in range(3):
-            expected = {j: sorted(i for i in range(7) if j in index[b, h, i, :count[b, h, i]].tolist()) for j in range(7)}
-            got = {j: q_tiles[b, h, offsets[b, h, j]:offsets[b, h, j + 1]].tolist() for j in range(7)}
+            expected = {j: sorted(i for i in range(n) if j in index[b, h, i, :count[b, h, i]].tolist()) for j in range(n)}
+            got = {j: q_tiles[b, h, offsets[b, h, j]:offsets[b, h, j + 1]].tolist() for j in range(n)}
             assert got == expected
+            assert offsets[b, h, 0] == 0 and offsets[b, h, n] == count[b, h].sum()
 
 
 def test_custom_op_compiles_without_graph_break():

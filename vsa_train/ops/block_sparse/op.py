@@ -94,7 +94,8 @@ def block_sparse_fwd(
     """Forward op: (out, lse, k2q_offsets, k2q_q_tiles); the k2q index is built only when a backward will follow."""
     out, lse = block_sparse_fwd_triton(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale)
     if build_k2q:
-        k2q_offsets, k2q_q_tiles = build_k2q_index(q2k_index, q2k_count, kv_tile_sizes.shape[0])
+        with device_guard(q):
+            k2q_offsets, k2q_q_tiles = build_k2q_index(q2k_index, q2k_count, kv_tile_sizes.shape[0])
     else:
         k2q_offsets = k2q_q_tiles = q2k_index.new_empty(0)
     return out, lse, k2q_offsets, k2q_q_tiles

@@ -1,8 +1,9 @@
 """The training loop: accelerate (CPU, GPU, DDP, FSDP), flow-matching loss, eval, checkpoints, FLOPs-axis logging.
 
 Reads top to bottom: build everything, resume if a checkpoint exists, then step until `train.max_steps` or
-`train.flops_budget`, logging every `log_every`, evaluating every `eval_every` and checkpointing every
-`ckpt_every` steps (and all three at the end).
+`train.flops_budget`, logging every `log_every`, evaluating every `eval_every` steps (and, with
+`eval_every_flops`, each time cumulative FLOPs pass a multiple of it) and checkpointing every `ckpt_every`
+steps (and all three at the end).
 """
 import contextlib
 import hashlib
@@ -165,6 +166,7 @@ def train(cfg: DictConfig) -> dict:
 
         state.step += 1
         state.samples += global_batch
+        flops_before = state.flops
         state.flops += per_sample.executed * global_batch
         state.flops_dense += per_sample.dense * global_batch
         window_samples += global_batch
@@ -186,7 +188,7 @@ def train(cfg: DictConfig) -> dict:
                 row["mem/peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
             pbar.set_postfix(loss=f"{train_loss:.4f}", refresh=False)
             loss_sum, loss_count = torch.zeros((), device=device), 0
-        if state.step % tcfg.eval_every == 0 or done:
+        if state.step % tcfg.eval_every == 0 or done or _crossed(flops_before, state.flops, tcfg.eval_every_flops):
             evaluate_and_log(row)
         if row:
             row = dict(step=state.step, flops=state.flops, flops_dense=state.flops_dense, samples=state.samples,
@@ -269,6 +271,11 @@ def _budget_spent(state: TrainState, tcfg) -> bool:
     return tcfg.flops_budget is not None and state.flops >= tcfg.flops_budget
 
 
+def _crossed(before: float, after: float, interval: float | None) -> bool:
+    """Whether a multiple of `interval` FLOPs lies in (before, after]: evals at fixed FLOPs across run sizes."""
+    return interval is not None and math.floor(after / interval) > math.floor(before / interval)
+
+
 def _wandb_kwargs(cfg: DictConfig, run_dir: Path) -> dict:
     """A run id derived from run_dir, so that a resumed (or requeued) run continues the same wandb run."""
     run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
@@ -286,6 +293,8 @@ def _check(cfg: DictConfig) -> None:
             raise ValueError(f"train.{key} must be a positive integer, got {t[key]!r}")
     if t.mixed_precision not in ("auto", "no", "bf16", "fp16"):
         raise ValueError(f"train.mixed_precision must be auto, no, bf16 or fp16, got {t.mixed_precision!r}")
+    if t.eval_every_flops is not None and not t.eval_every_flops > 0:
+        raise ValueError(f"train.eval_every_flops must be a positive number of FLOPs or null, got {t.eval_every_flops!r}")
     if t.ema is not None and not 0.0 < t.ema < 1.0:
         raise ValueError(f"train.ema must be a decay in (0, 1) or null, got {t.ema!r}")
     if any(n % p for n, p in zip(data_spec(cfg.data).video_shape, cfg.model.patch_size)):

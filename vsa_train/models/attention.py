@@ -1,10 +1,10 @@
-"""Attention layers of the DiT and the one pluggable piece inside self-attention (dense now, VSA later).
+"""Attention layers of the DiT and the one pluggable piece inside self-attention (dense or VSA).
 
 Self-attention projects tokens to q, k, v [B, S, H, D], applies QK RMSNorm and 3D RoPE, and hands them to
-its `core`, a module built from the `attn` config by `build_attention`. A core is called as
+its `core`, a module built from the `attn` config by `build_attention` (dense here, VSA in vsa.py). A core is called as
 `core(q, k, v, x, ctx) -> out [B, S, H, D]`: `x` [B, S, d] is the block's (modulated) input, from which a
 sparse core computes its per-token gates, and `ctx` (AttnContext) holds what all layers of one forward
-share: the token grid after patchify and the order in which tokens are kept. A core class also says,
+share: the token grid after patchify and the order in which tokens are kept. A core also says,
 through `token_order(grid, device)`, in which order it wants the tokens for the whole network (None: raster);
 the model permutes once per forward, and RoPE positions follow the tokens.
 """
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .rope import apply_rope
+from .vsa import VSAAttention
 
 # On CUDA prefer cuDNN attention (fastest on H100), falling back in this order where it does not apply.
 _CUDA_BACKENDS = [
@@ -69,7 +70,9 @@ class DenseAttention(nn.Module):
         return out.transpose(1, 2)  # [B, S, H, D]
 
 
-ATTENTION = {"dense": DenseAttention}
+# One VSA core serves all sparse variants; the config (configs/attn/<name>.yaml) picks the selection rule.
+ATTENTION = {"dense": DenseAttention, "vsa": VSAAttention, "vsa_fine_only": VSAAttention,
+             "vsa_coarse_only": VSAAttention, "tile_window": VSAAttention}
 
 
 def attention_class(attn_cfg) -> type[nn.Module]:

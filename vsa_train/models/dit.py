@@ -6,6 +6,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import AttnContext, CrossAttention, SelfAttention, attention_class
+from .vsa import VSAAttention
 from .embed import PatchEmbed, TextProjection, TimestepEmbedder, unpatchify
 from .rope import grid_positions, rope_cos_sin
 
@@ -111,12 +112,20 @@ class VideoDiT(nn.Module):
         super().__init__()
         self.cfg, self.in_channels = cfg, in_channels
         d = cfg.hidden_size
-        self.token_order = attention_class(attn_cfg).token_order
+        attention_class(attn_cfg)  # fails early, listing the choices, on an unknown name
+        dense_layers = sorted(attn_cfg.get("dense_layers") or [])
+        if any(not 0 <= i < cfg.depth for i in dense_layers):
+            raise ValueError(f"attn.dense_layers {dense_layers} must be block indices in [0, {cfg.depth})")
+        sparse_layers = [i for i in range(cfg.depth) if i not in dense_layers]
+        # The whole network keeps the token order of its (non-dense) attention cores; dense ones take any order.
+        self.order_layer = sparse_layers[0] if sparse_layers else 0
         self.patch_embed = PatchEmbed(in_channels, d, cfg.patch_size)
         self.time_embed = TimestepEmbedder(d, cfg.freq_dim)
         self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))  # shared by all blocks
         self.text_embed = TextProjection(text_dim, d)
-        self.blocks = nn.ModuleList(DiTBlock(cfg, attn_cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(
+            DiTBlock(cfg, {"name": "dense"} if i in dense_layers else attn_cfg) for i in range(cfg.depth)
+        )
         self.final = FinalLayer(d, in_channels * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2])
         self.initialize_weights()
 
@@ -128,11 +137,20 @@ class VideoDiT(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.zeros_(self.final.linear.weight)
         nn.init.zeros_(self.final.linear.bias)
+        for m in self.modules():
+            if isinstance(m, VSAAttention):
+                m.reset_gates()  # new attention weights start neutral: an adapted dense model starts as it was
+
+    def set_sparsity_limit(self, limit: float) -> None:
+        """The sparsity schedule's limit in force (1 = the configured target) for every VSA layer."""
+        for m in self.modules():
+            if isinstance(m, VSAAttention):
+                m.limit = float(limit)
 
     def context(self, grid: tuple[int, int, int], device) -> AttnContext:
         """Token grid, order and RoPE angles shared by all layers of one forward."""
         positions = grid_positions(grid, device)  # [S, 3] raster order
-        order = self.token_order(grid, device)
+        order = self.blocks[self.order_layer].attn.core.token_order(grid, device)
         if order is not None:
             positions = positions[order]  # positions follow the tokens
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)  # [S, D/2] each

@@ -1,0 +1,206 @@
+"""Video Sparse Attention as a self-attention core of the DiT, and its config: sparsity, schedule, selection rules.
+
+The model keeps its tokens in tile order for the whole forward (`VSAAttention.token_order`, applied once by
+VideoDiT; RoPE positions follow). The core pads to whole tiles only when the grid has edge tiles. One
+fine-stage kernel (`vsa_train.ops.block_sparse_attention`) serves every variant; they differ in how key
+tiles are selected and whether the coarse output is added:
+
+    vsa               coarse + fine, top-k tiles by coarse score  (the op `video_sparse_attention_tiled`)
+    vsa_fine_only     fine only, top-k tiles by coarse score (no coarse output)
+    vsa_coarse_only   coarse output only (no fine stage)
+    tile_window       fine only, a fixed window of neighbouring tiles (the paper's fixed-pattern baseline)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+import torch
+import torch.nn as nn
+
+from ..ops import (
+    TileLayout,
+    block_sparse_attention,
+    coarse_attention,
+    local_tile_mask,
+    q2k_from_mask,
+    tile_mean,
+    topk_tiles,
+    video_sparse_attention_tiled,
+)
+
+SCHEDULES = ("constant", "ramp")
+SELECTIONS = ("topk", "window")
+
+
+@dataclass(frozen=True)
+class VSAConfig:
+    """The keys of a VSA `attn` config (configs/attn/vsa.yaml documents each)."""
+
+    name: str
+    sparsity: float = 0.875
+    topk: int | None = None
+    tile: tuple[int, int, int] = (4, 4, 4)
+    gate_coarse: bool = True
+    gate_fine: bool = False
+    dense_layers: tuple[int, ...] = ()
+    schedule: str = "constant"
+    ramp_rate: float = 0.125
+    ramp_interval: int = 100
+    coarse: bool = True
+    fine: bool = True
+    select: str = "topk"
+    window: tuple[int, int, int] = (1, 1, 1)
+    backend: str = "auto"
+
+    @classmethod
+    def from_cfg(cls, attn_cfg) -> VSAConfig:
+        """Validated config from a dict or DictConfig; bad keys or values fail naming the key."""
+        cfg = dict(attn_cfg.items())
+        known = {f.name for f in fields(cls)}
+        if unknown := set(cfg) - known:
+            raise ValueError(f"unknown attn config keys {sorted(unknown)} for {cfg.get('name')!r}; known: {sorted(known)}")
+        for key in ("tile", "dense_layers", "window"):
+            if cfg.get(key) is not None:
+                cfg[key] = tuple(cfg[key])
+        c = cls(**cfg)
+        if not 0.0 <= c.sparsity < 1.0:
+            raise ValueError(f"attn.sparsity must be in [0, 1), got {c.sparsity}")
+        if c.topk is not None and (not isinstance(c.topk, int) or c.topk < 1):
+            raise ValueError(f"attn.topk must be a positive int or null, got {c.topk!r}")
+        if len(c.tile) != 3 or min(c.tile) < 1 or len(c.window) != 3 or min(c.window) < 0:
+            raise ValueError(f"attn.tile must be 3 positive ints and attn.window 3 ints >= 0, got {c.tile}, {c.window}")
+        if c.schedule not in SCHEDULES:
+            raise ValueError(f"attn.schedule must be one of {SCHEDULES}, got {c.schedule!r}")
+        if c.schedule == "ramp" and (not c.ramp_rate > 0 or not isinstance(c.ramp_interval, int) or c.ramp_interval < 1):
+            raise ValueError(f"a ramp needs attn.ramp_rate > 0 and an int attn.ramp_interval >= 1, got "
+                             f"{c.ramp_rate}, {c.ramp_interval}")
+        if c.select not in SELECTIONS:
+            raise ValueError(f"attn.select must be one of {SELECTIONS}, got {c.select!r}")
+        if not (c.coarse or c.fine):
+            raise ValueError("attn: at least one of coarse and fine must be true")
+        if c.select == "window" and c.coarse:
+            raise ValueError("attn.select=window is a fixed pattern: it takes no coarse stage (set attn.coarse=false)")
+        return c
+
+    @property
+    def uses_op(self) -> bool:
+        """Coarse + fine with top-k selection: exactly the op `video_sparse_attention`."""
+        return self.coarse and self.fine and self.select == "topk"
+
+    def sparsity_limit(self, step: int) -> float:
+        """The most sparsity allowed at optimizer step `step`: 1 (no limit) when constant; a ramp from dense."""
+        if self.schedule == "constant":
+            return 1.0
+        return min(1.0, self.ramp_rate * (step // self.ramp_interval))
+
+    def topk_in_force(self, n_tiles: int, limit: float = 1.0) -> int:
+        """Key tiles per query tile: the target (topk, or round((1 - sparsity) * tiles), at least 1), or more
+        while a ramp's `limit` is below the target sparsity."""
+        target = self.topk if self.topk is not None else max(1, round((1 - self.sparsity) * n_tiles))
+        ramp = max(1, round((1 - limit) * n_tiles))
+        return min(n_tiles, max(target, ramp))
+
+    def keys_per_query(self, grid, topk: int) -> float:
+        """Mean number of real keys a query attends to in the fine stage (S_att of the FLOPs count)."""
+        if not self.fine:
+            return 0.0
+        layout = TileLayout(tuple(grid), self.tile)
+        if self.select == "topk":  # data-dependent tiles: count them at the mean tile size
+            return min(topk, layout.n_tiles) * layout.seq_len / layout.n_tiles
+        sizes = layout.kv_tile_sizes().double()
+        pairs = sizes[:, None] * local_tile_mask(layout, self.window).double() * sizes[None, :]  # [n, n]
+        return float(pairs.sum()) / layout.seq_len
+
+    def coarse_matmuls(self) -> int:
+        """Tile-level matmuls (of 2·tiles²·d FLOPs each): the scores when needed, and P·V_c for the output."""
+        return int(self.coarse or self.select == "topk") + int(self.coarse)
+
+
+@torch.compiler.assume_constant_result
+def _tile_order(grid, tile, device):
+    """(raster index of each token in tile order [S], its row in padded tile order [S]), cached per layout."""
+    rows = TileLayout(grid, tile).padded_rows(device)  # [S] padded row of each raster token
+    sorted_rows, order = rows.sort()
+    return order, sorted_rows
+
+
+_WINDOWS: dict = {}
+
+
+@torch.compiler.assume_constant_result
+def _window_selection(grid, tile, window, device):
+    """(q2k_index [1, 1, n, K], q2k_count [1, 1, n]) of the fixed window, built once per layout (reads the host)."""
+    key = (grid, tile, window, device)
+    if key not in _WINDOWS:
+        index, count = q2k_from_mask(local_tile_mask(TileLayout(grid, tile), window, device))
+        _WINDOWS[key] = index[None, None], count[None, None]
+    return _WINDOWS[key]
+
+
+class VSAAttention(nn.Module):
+    """VSA core: tokens in tile order, gates from the block input, selection rule and topk from the config."""
+
+    def __init__(self, attn_cfg, dim: int, num_heads: int):
+        super().__init__()
+        self.cfg = VSAConfig.from_cfg(attn_cfg)
+        self.num_heads = num_heads
+        self.limit = 1.0  # the schedule's sparsity limit in force (set_sparsity_limit); 1 = the target
+        self.gate_coarse = nn.Linear(dim, dim) if self.cfg.gate_coarse and self.cfg.coarse else None
+        self.gate_fine = nn.Linear(dim, dim) if self.cfg.gate_fine and self.cfg.fine else None
+        self.reset_gates()
+
+    def reset_gates(self):
+        """G_c = 0 and G_f = 1 at start: with all tiles selected the layer then equals dense attention."""
+        for gate, bias in ((self.gate_coarse, 0.0), (self.gate_fine, 1.0)):
+            if gate is not None:
+                nn.init.zeros_(gate.weight)
+                nn.init.constant_(gate.bias, bias)
+
+    def token_order(self, grid: tuple[int, int, int], device=None) -> torch.Tensor:
+        """Tile order (tiles in raster order, raster order inside each tile), kept for the whole network."""
+        return _tile_order(tuple(grid), self.cfg.tile, torch.device(device or "cpu"))[0]
+
+    def forward(self, q, k, v, x: torch.Tensor, ctx) -> torch.Tensor:
+        B, S, H, D = q.shape
+        layout = TileLayout(ctx.grid, self.cfg.tile)
+        if ctx.order is None:
+            raise ValueError("VSAAttention needs the tokens in its token_order (the model applies it per forward)")
+        gc = None if self.gate_coarse is None else self.gate_coarse(x).view(B, S, H, D)  # [B, S, H, D]
+        gf = None if self.gate_fine is None else self.gate_fine(x).view(B, S, H, D)  # [B, S, H, D]
+        padded = layout.padded_len != S  # edge tiles: pad each tile to whole rows for the kernel
+        if padded:
+            rows = _tile_order(ctx.grid, self.cfg.tile, q.device)[1]  # [S]
+            q, k, v, gc, gf = (None if t is None else _pad(t, rows, layout.padded_len) for t in (q, k, v, gc, gf))
+        topk = self.cfg.topk_in_force(layout.n_tiles, self.limit)
+        if self.cfg.uses_op:
+            out = video_sparse_attention_tiled(q, k, v, layout, topk, gc, gf, backend=self.cfg.backend)
+        else:
+            out = self._variant(q, k, v, layout, topk, gc, gf)  # [B, S_pad, H, D]
+        return out.index_select(1, rows) if padded else out  # [B, S, H, D]
+
+    def _variant(self, q, k, v, layout, topk, gc, gf):
+        """Ablations on padded tile order [B, S_pad, H, D]: the same fine kernel, other selections."""
+        B, S_pad, H, D = q.shape
+        sizes = layout.kv_tile_sizes(q.device)  # [n] int32
+        scale = D**-0.5
+        out = None
+        if self.cfg.coarse or self.cfg.select == "topk":
+            q_c, k_c, v_c = tile_mean(q, sizes), tile_mean(k, sizes), tile_mean(v, sizes)  # [B, n, H, D] each
+            o_c, scores = coarse_attention(q_c, k_c, v_c, scale)  # [B, n, H, D], [B, H, n, n]
+        if self.cfg.coarse:
+            out = o_c.to(q.dtype).repeat_interleave(layout.block, dim=1)  # [B, S_pad, H, D]
+            out = out if gc is None else out * gc
+        if self.cfg.fine:
+            if self.cfg.select == "topk":
+                index, count = topk_tiles(scores, topk)  # [B, H, n, K], [B, H, n]
+            else:
+                index, count = _window_selection(layout.video_shape, layout.tile, self.cfg.window, q.device)
+                index, count = index.expand(B, H, -1, -1).contiguous(), count.expand(B, H, -1).contiguous()
+            o_f, _ = block_sparse_attention(q, k, v, index, count, sizes, scale, backend=self.cfg.backend)
+            o_f = o_f if gf is None else o_f * gf  # [B, S_pad, H, D]
+            out = o_f if out is None else out + o_f
+        return out
+
+
+def _pad(x: torch.Tensor, rows: torch.Tensor, padded_len: int) -> torch.Tensor:
+    """[B, S, ...] in (unpadded) tile order -> [B, S_pad, ...] in padded tile order, pad rows zero."""
+    return x.new_zeros((x.shape[0], padded_len, *x.shape[2:])).index_copy(1, rows, x)

@@ -1,16 +1,20 @@
 """Data sources, chosen by `data.source`: `build_data` returns the train stream, the fixed eval set and the spec.
 
 A source is a module with `build(cfg, *, batch_size, eval_samples, rank, world_size, start_batch)` ->
-(train loader, eval batch dict). Batches are dict(video [B, C, T, H, W] float32 in [-1, 1],
-text [B, L, text_dim] float32, text_mask [B, L] bool, caption list[str]).
+(train loader, eval batch dict). Batches are dict(video [B, C, T, H, W] float32 (pixels in [-1, 1], or
+normalised VAE latents), text [B, L, text_dim] float32, text_mask [B, L] bool, caption list[str], and
+optionally skipped list[str]: the bad inputs met while assembling the batch, "name: reason").
+A source may also define `spec(cfg) -> DataSpec` (default: 3 pixel channels at the configured size),
+`text_encoder(cfg)` (what turns prompts into `text`) and `decode(cfg, x) -> pixels` (latents only).
 """
 from dataclasses import dataclass
 
 from torch.utils.data import DataLoader
 
-from . import synthetic
+from . import hf, latents, synthetic, videos
+from .text import CaptionEncoder
 
-SOURCES = {"synthetic": synthetic}
+SOURCES = {"synthetic": synthetic, "videos": videos, "hf": hf, "latents": latents}
 
 
 @dataclass(frozen=True)
@@ -33,8 +37,10 @@ class Data:
 
 
 def data_spec(cfg) -> DataSpec:
-    """The spec from the config alone (no rendering or file access), e.g. for dry runs."""
-    _source(cfg)
+    """The spec from the config alone (no decoding; latents read their index file), e.g. for dry runs."""
+    source = _source(cfg)
+    if hasattr(source, "spec"):
+        return source.spec(cfg)
     return DataSpec(in_channels=3, text_dim=cfg.text_dim, text_len=cfg.text_len,
                     video_shape=(cfg.frames, cfg.height, cfg.width))
 
@@ -46,6 +52,20 @@ def build_data(cfg, *, batch_size: int, eval_samples: int, rank: int = 0, world_
     train, eval_set = _source(cfg).build(cfg, batch_size=batch_size, eval_samples=eval_samples, rank=rank,
                                          world_size=world_size, start_batch=start_batch)
     return Data(train=train, eval=eval_set, spec=spec)
+
+
+def build_text_encoder(cfg):
+    """The text encoder the source trains with (`encode(captions) -> (emb, mask)`), for sampling from prompts."""
+    source = _source(cfg)
+    if hasattr(source, "text_encoder"):
+        return source.text_encoder(cfg)
+    return CaptionEncoder(source.VOCAB, dim=cfg.text_dim, max_len=cfg.text_len, seed=cfg.seed)
+
+
+def decode(cfg, x):
+    """Model-space videos [B, C, T, H, W] -> pixels [B, 3, T', H', W'] in [-1, 1] (the VAE for latents)."""
+    source = _source(cfg)
+    return source.decode(cfg, x) if hasattr(source, "decode") else x.clamp(-1, 1)
 
 
 def _source(cfg):

@@ -5,11 +5,17 @@ AdaLN time projection, q/k/v/out projections of self- and cross-attention, MLP, 
 4·S·S_att·d per self-attention layer (QKᵀ and PV; S_att keys per query) and 4·S·L·d per cross-attention
 layer. Norms, RoPE, activations and softmax are not counted (as in FlopCounterMode). Training = 3 × forward
 (backward = 2 × forward; activation recompute is not counted).
+
+VSA layers (not those in `dense_layers`) count S_att = the real keys of the `topk` tiles in force (at the mean
+tile size; exact for tile_window's fixed pattern), the coarse stage's tile-level matmuls (2·tiles²·d each: the
+scores, and P·V_c when the coarse output is used, so 4·tiles²·d for VSA) and the gate projections (2·S·d² each).
+Tile means, top-k and the index building are not counted. `dense` is the same model with dense attention.
 """
 import math
 from typing import NamedTuple
 
-from .models import DiTConfig
+from .models import DiTConfig, vsa_config
+from .models.vsa import VSAConfig
 
 
 class FlopsCount(NamedTuple):
@@ -39,13 +45,30 @@ def forward_flops(cfg: DiTConfig, *, in_channels: int, text_dim: int, video_shap
     return float(matmuls + attention)
 
 
+def sparse_attention_flops(vcfg: VSAConfig, grid, d: int, topk: int) -> float:
+    """Forward FLOPs of one VSA self-attention core on one sample (fine stage, coarse stage, gates)."""
+    S, n = math.prod(grid), math.prod(-(-g // t) for g, t in zip(grid, vcfg.tile))
+    fine = 4 * S * vcfg.keys_per_query(grid, topk) * d
+    coarse = vcfg.coarse_matmuls() * 2 * n * n * d
+    gates = (int(vcfg.gate_coarse and vcfg.coarse) + int(vcfg.gate_fine and vcfg.fine)) * 2 * S * d * d
+    return float(fine + coarse + gates)
+
+
 def training_flops_per_sample(model_cfg, attn_cfg, *, in_channels: int, text_dim: int, video_shape,
-                              text_len: int) -> FlopsCount:
-    """Training FLOPs (forward × 3) of one sample of video_shape = (frames, height, width) of the model input."""
+                              text_len: int, topk: int | None = None) -> FlopsCount:
+    """Training FLOPs (forward × 3) of one sample of video_shape = (frames, height, width) of the model input.
+
+    topk: key tiles per query tile in force (VSA); None = the config's target.
+    """
     cfg = DiTConfig.from_cfg(model_cfg)
-    name = attn_cfg.get("name") if attn_cfg is not None else None
-    if name != "dense":
-        raise ValueError(f"no FLOPs formula for attention {name!r}; known: ['dense']")
-    dense = 3 * forward_flops(cfg, in_channels=in_channels, text_dim=text_dim, video_shape=video_shape,
+    vcfg = vsa_config(attn_cfg)  # None for dense; an unknown name fails listing the choices
+    dense_fwd = forward_flops(cfg, in_channels=in_channels, text_dim=text_dim, video_shape=video_shape,
                               text_len=text_len)
-    return FlopsCount(executed=dense, dense=dense)
+    if vcfg is None:
+        return FlopsCount(executed=3 * dense_fwd, dense=3 * dense_fwd)
+    grid = tuple(n // p for n, p in zip(video_shape, cfg.patch_size))
+    S, tiles = math.prod(grid), math.prod(-(-g // t) for g, t in zip(grid, vcfg.tile))
+    topk = vcfg.topk_in_force(tiles) if topk is None else topk
+    sparse_layers = cfg.depth - len(set(vcfg.dense_layers))
+    per_layer = sparse_attention_flops(vcfg, grid, cfg.hidden_size, topk) - 4 * S * S * cfg.hidden_size
+    return FlopsCount(executed=3 * (dense_fwd + sparse_layers * per_layer), dense=3 * dense_fwd)

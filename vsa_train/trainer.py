@@ -6,6 +6,7 @@ Reads top to bottom: build everything, resume if a checkpoint exists, then step 
 steps (and all three at the end).
 """
 import contextlib
+import functools
 import hashlib
 import math
 import time
@@ -16,16 +17,20 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from .analysis.plot import plot_loss_vs_flops
 from .checkpoint import latest_checkpoint, save_checkpoint
-from .data import build_data, data_spec
+from .data import build_data, build_text_encoder, data_spec
+from .data.videos import write_video
 from .diffusion import flow_loss
 from .flops import training_flops_per_sample
 from .metrics import MetricsLog, define_flops_axis
-from .models import build_model
+from .models import build_model, vsa_config
+from .sampling import CONFIG, generate
+from .models.vsa import VSAAttention
 
 
 @dataclass
@@ -64,14 +69,16 @@ def train(cfg: DictConfig) -> dict:
     device = accelerator.device
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / CONFIG, resolve=True)  # what sample.py rebuilds the model and data from
 
     # The same seed on every rank gives identical initial weights; the noise seed below differs per rank.
     set_seed(tcfg.seed)
     spec = data_spec(cfg.data)
     model = build_model(cfg.model, cfg.attn, in_channels=spec.in_channels, text_dim=spec.text_dim)
-    per_sample = training_flops_per_sample(cfg.model, cfg.attn, in_channels=spec.in_channels,
-                                           text_dim=spec.text_dim, video_shape=spec.video_shape,
-                                           text_len=spec.text_len)
+    if tcfg.init_from is not None and latest_checkpoint(run_dir) is None:  # a resumed run has its own weights
+        accelerator.print(load_init_weights(model, tcfg.init_from))
+    sparsity = SparsitySchedule(cfg, spec)
+    per_sample = sparsity.flops_per_sample(0)
     patch = cfg.model.patch_size
     tokens_per_sample = math.prod(n // p for n, p in zip(spec.video_shape, patch))
     n_params = sum(p.numel() for p in model.parameters())
@@ -121,7 +128,8 @@ def train(cfg: DictConfig) -> dict:
 
     pbar = tqdm(total=tcfg.max_steps, initial=state.step, disable=not main, desc="train", dynamic_ncols=True)
     if state.step == 0:  # the untrained model's eval loss anchors the curve
-        row = {"step": 0, "flops": 0.0, "flops_dense": 0.0}
+        sparsity.apply(0, accelerator.unwrap_model(model), ema)
+        row = {"step": 0, "flops": 0.0, "flops_dense": 0.0, **sparsity.row(0)}
         evaluate_and_log(row)
         metrics.log(row)
 
@@ -129,8 +137,12 @@ def train(cfg: DictConfig) -> dict:
     model.train()
     last = {"step": state.step}
     window_start, window_samples, loss_sum, loss_count = time.perf_counter(), 0, torch.zeros((), device=device), 0
+    window_flops = 0.0
+    skipped: set[str] = set()  # bad inputs this rank's data met (each skipped, never trained on)
+    caption_dropout = cfg.data.get("caption_dropout", 0.0)
     while state.step < tcfg.max_steps and not _budget_spent(state, tcfg):
         lr = _lr_at(state.step, cfg.optim)
+        per_sample = sparsity.apply(state.step, accelerator.unwrap_model(model), ema)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
@@ -141,6 +153,9 @@ def train(cfg: DictConfig) -> dict:
             video = batch["video"].to(device, non_blocking=True)
             text = batch["text"].to(device, non_blocking=True)
             text_mask = batch["text_mask"].to(device, non_blocking=True)
+            skipped.update(batch.get("skipped", ()))
+            if caption_dropout:  # an all-False mask is the empty caption that guidance samples against
+                text_mask = text_mask & (torch.rand(len(text_mask), device=device) >= caption_dropout)[:, None]
             sync = micro == tcfg.grad_accum - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 loss = flow_loss(model, video, text, text_mask)
@@ -170,6 +185,7 @@ def train(cfg: DictConfig) -> dict:
         state.flops += per_sample.executed * global_batch
         state.flops_dense += per_sample.dense * global_batch
         window_samples += global_batch
+        window_flops += per_sample.executed * global_batch  # the topk in force may change within a window
         loss_sum += step_loss
         loss_count += 1
         pbar.update(1)
@@ -182,7 +198,9 @@ def train(cfg: DictConfig) -> dict:
             samples_per_s = window_samples / elapsed
             row.update({"train/loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
                         "samples/s": samples_per_s, "tokens/s": samples_per_s * tokens_per_sample,
-                        "TFLOP/s": samples_per_s * per_sample.executed / 1e12})
+                        "TFLOP/s": window_flops / elapsed / 1e12, **sparsity.row(state.step - 1),
+                        "data/skipped": accelerator.reduce(torch.tensor(len(skipped), device=device),
+                                                           reduction="sum").item()})
             if device.type == "cuda":  # model FLOPs utilisation per device against its dense bf16 peak
                 row["MFU"] = row["TFLOP/s"] / (world * tcfg.peak_tflops)
                 row["mem/peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
@@ -195,13 +213,19 @@ def train(cfg: DictConfig) -> dict:
                        **row)
             metrics.log(row)
             last.update(row)
+        if tcfg.sample_every and (state.step % tcfg.sample_every == 0 or done):
+            save_samples(ema.module if ema is not None else accelerator.unwrap_model(model), cfg,
+                         data.eval["caption"][: tcfg.sample_count], state.step, accelerator)
         if state.step % tcfg.ckpt_every == 0 or done:
             save_checkpoint(accelerator, run_dir, state.step, tcfg.keep_checkpoints)
         if row or state.step % tcfg.ckpt_every == 0:  # eval and saving are not training throughput
-            window_start, window_samples = time.perf_counter(), 0
+            window_start, window_samples, window_flops = time.perf_counter(), 0, 0.0
     pbar.close()
 
     save_checkpoint(accelerator, run_dir, state.step, tcfg.keep_checkpoints)  # no-op if this step is saved
+    if skipped:
+        print(f"rank {accelerator.process_index}: skipped {len(skipped)} bad inputs:\n  " + "\n  ".join(sorted(skipped)),
+              flush=True)
     if _budget_spent(state, tcfg):
         accelerator.print(f"flops budget {tcfg.flops_budget:.3e} reached at step {state.step}")
     accelerator.end_training()
@@ -244,12 +268,93 @@ def evaluate(model, eval_set: dict, accelerator: Accelerator, batch_size: int) -
     return total.item() / (n * len(eval_set["timesteps"]))
 
 
+@torch.no_grad()
+def save_samples(model, cfg: DictConfig, captions: list[str], step: int, accelerator: Accelerator) -> None:
+    """Generates videos for `captions` (fixed noise) into run_dir/samples/step_<step>_<k>.mp4/.gif and to wandb.
+
+    Every rank generates (an FSDP forward is collective); the main process writes and logs.
+    """
+    tcfg = cfg.train
+    was_training = model.training
+    model.eval()
+    with accelerator.autocast(), torch.compiler.set_stance("force_eager"):
+        videos = generate(model, cfg.data, list(captions), tcfg.sample_steps, tcfg.sample_cfg_scale,
+                          seed=tcfg.seed, encoder=build_text_encoder(cfg.data))
+    model.train(was_training)
+    if not accelerator.is_main_process:
+        return
+    files = [write_video(v, Path(cfg.run_dir) / "samples" / f"step_{step:08d}_{k}.mp4")[0] for k, v in enumerate(videos)]
+    if any(t.name == "wandb" for t in accelerator.trackers):
+        import wandb
+
+        accelerator.log({"samples": [wandb.Video(str(f), caption=c) for f, c in zip(files, captions)]}, step=step)
+
+
 def _eval_set(batch: dict, num_timesteps: int, seed: int) -> dict:
     """The fixed eval protocol: held-out videos, evenly spaced t = (j + 0.5) / n, one fixed noise per (t, video)."""
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((num_timesteps, *batch["video"].shape), generator=g)  # [n_t, N, C, T, H, W]
     timesteps = (torch.arange(num_timesteps, dtype=torch.float32) + 0.5) / num_timesteps
     return dict(batch, noise=noise, timesteps=timesteps)
+
+
+class SparsitySchedule:
+    """The topk in force at each step of a VSA run (attn.schedule) and the FLOPs per sample it executes."""
+
+    def __init__(self, cfg: DictConfig, spec):
+        self.vsa = vsa_config(cfg.attn)  # None: dense attention, nothing scheduled
+        self._flops = functools.lru_cache(functools.partial(
+            training_flops_per_sample, cfg.model, cfg.attn, in_channels=spec.in_channels, text_dim=spec.text_dim,
+            video_shape=spec.video_shape, text_len=spec.text_len))
+        grid = [n // p for n, p in zip(spec.video_shape, cfg.model.patch_size)]
+        self.tiles = math.prod(-(-g // t) for g, t in zip(grid, self.vsa.tile)) if self.vsa else None
+
+    def topk(self, step: int) -> int | None:
+        """Key tiles per query tile at optimizer step `step` (None for dense)."""
+        return self.vsa.topk_in_force(self.tiles, self.vsa.sparsity_limit(step)) if self.vsa else None
+
+    def flops_per_sample(self, step: int):
+        return self._flops(topk=self.topk(step))
+
+    def apply(self, step: int, model, ema=None):
+        """Puts the schedule's limit of `step` in force in the model (and its EMA copy); returns its FLOPs."""
+        if self.vsa is not None:
+            for m in (model, None if ema is None else ema.module):
+                if m is not None:
+                    m.set_sparsity_limit(self.vsa.sparsity_limit(step))
+        return self.flops_per_sample(step)
+
+    def row(self, step: int) -> dict:
+        """Metrics of the selection in force at `step`: topk and sparsity = 1 - topk / tiles (none for dense)."""
+        if self.vsa is None:
+            return {}
+        topk = self.topk(step)
+        return {"topk": topk, "sparsity": 1 - topk / self.tiles}
+
+
+def load_init_weights(model: torch.nn.Module, source) -> str:
+    """Loads weights only (no optimizer, step or RNG) from a run directory, a checkpoint or a .safetensors file.
+
+    A run directory means its newest checkpoint. Parameters that the new model's attention adds (VSA gates)
+    keep their initial values (a neutral start); any other missing or unexpected key is an error.
+    """
+    path = Path(source)
+    if (path / "checkpoints").is_dir():
+        if (ckpt := latest_checkpoint(path)) is None:
+            raise FileNotFoundError(f"train.init_from={source}: the run has no complete checkpoint")
+        path = ckpt
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"train.init_from={source}: need a run directory, a checkpoint directory or a "
+                                f".safetensors file; {path} does not exist")
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    new = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, VSAAttention)
+           for p, _ in m.named_parameters()}
+    if unexpected or set(missing) - new:
+        raise ValueError(f"train.init_from={source}: weights do not fit this model: missing "
+                         f"{sorted(set(missing) - new)}, unexpected {sorted(unexpected)}")
+    return f"initialised from {path} (weights only; {len(missing)} new attention tensors keep their initial values)"
 
 
 def _optimizer(model: torch.nn.Module, optim_cfg, fused: bool) -> torch.optim.Optimizer:
@@ -314,4 +419,12 @@ def dry_run(cfg: DictConfig) -> dict:
     print(f"params: {n_params}")
     print(f"flops_per_sample: {flops.executed:.6e}")
     print(f"flops_per_sample_dense: {flops.dense:.6e}")
-    return {"params": n_params, "flops_per_sample": flops.executed, "flops_per_sample_dense": flops.dense}
+    result = {"params": n_params, "flops_per_sample": flops.executed, "flops_per_sample_dense": flops.dense}
+    schedule = SparsitySchedule(cfg, spec)
+    if schedule.vsa is not None:  # executed FLOPs above are at the target topk; a ramp starts denser
+        target = schedule.vsa.topk_in_force(schedule.tiles)
+        print(f"topk: {target} of {schedule.tiles} tiles (sparsity {1 - target / schedule.tiles:.4f}); "
+              f"schedule {schedule.vsa.schedule}, step 0: topk {schedule.topk(0)}, "
+              f"flops_per_sample {schedule.flops_per_sample(0).executed:.6e}")
+        result.update(topk=target, tiles=schedule.tiles)
+    return result

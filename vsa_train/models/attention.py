@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .rope import apply_rope
-from .vsa import VSAAttention
+from .vsa import VSAAttention, VSAConfig
 
 # On CUDA prefer cuDNN attention (fastest on H100), falling back in this order where it does not apply.
 _CUDA_BACKENDS = [
@@ -81,6 +81,11 @@ def attention_class(attn_cfg) -> type[nn.Module]:
     if name not in ATTENTION:
         raise ValueError(f"unknown attention {name!r}; choose one of {sorted(ATTENTION)}")
     return ATTENTION[name]
+
+
+def vsa_config(attn_cfg) -> VSAConfig | None:
+    """The validated VSA config of a sparse attention choice; None for dense attention."""
+    return VSAConfig.from_cfg(attn_cfg) if attention_class(attn_cfg) is VSAAttention else None
 
 
 def build_attention(attn_cfg, *, dim: int, num_heads: int) -> nn.Module:

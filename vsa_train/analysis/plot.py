@@ -1,6 +1,7 @@
-"""loss_vs_flops.png: train loss and eval loss of one run against cumulative training FLOPs."""
+"""Plots against cumulative training FLOPs: one run (loss_vs_flops.png), all runs (curves.png), frontiers (frontier.png)."""
 import matplotlib
 import matplotlib.ticker
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -27,3 +28,52 @@ def plot_loss_vs_flops(metrics_path, out_path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(out_path, dpi=120)
     plt.close(fig)
+
+
+def plot_curves(runs, out_path) -> None:
+    """curves.png: every run's eval loss against FLOPs (log-log); colour by model size, line style by attention."""
+    sizes = sorted({r.size for r in runs})
+    attns = sorted({r.attn for r in runs})
+    colors = dict(zip(sizes, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
+    styles = dict(zip(attns, ["-", "--", ":", "-."] * 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run in runs:
+        points = run.evals()
+        if points:
+            ax.plot(*zip(*points), color=colors[run.size], ls=styles[run.attn], marker=".", ms=4, lw=1.2,
+                    label=f"{run.size}, {run.attn}" + (f", budget {run.budget:.2g}" if run.budget else ""))
+    _log_axes(ax, "eval loss")
+    ax.set_title("eval loss of every run")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+
+
+def plot_frontier(frontiers: dict, fits: dict, out_path) -> None:
+    """frontier.png: per attention type, the Pareto frontier across runs (markers) and its fit a·C^-b + c (line)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (attn, frontier), color in zip(sorted(frontiers.items()), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        flops, loss = zip(*frontier)
+        ax.plot(flops, loss, "o", color=color, ms=4, label=f"{attn} frontier")
+        fit = fits.get(attn)
+        if fit is not None:
+            grid = np.geomspace(min(flops), max(flops), 200)
+            ax.plot(grid, fit.loss(grid), "-", color=color, lw=1.2,
+                    label=f"{attn} fit: {fit.a:.3g}·C^-{fit.b:.3g} + {fit.c:.3g}")
+    _log_axes(ax, "eval loss (frontier)")
+    ax.set_title("loss-vs-FLOPs frontier per attention type")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+
+
+def _log_axes(ax, ylabel: str) -> None:
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short ranges
+    ax.set_xlabel("training FLOPs (cumulative, executed)")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7)

@@ -1,0 +1,109 @@
+"""Loss-vs-FLOPs frontiers, the power-law fit L(C) = a·C^(-b) + c, and FLOPs ratios at equal loss.
+
+The fit is scipy-free: for a fixed floor c the model is a straight line in log-log space (log(L - c) against
+log C), so c is profiled over a grid below the lowest loss, and the best (a, b, c) is then polished by
+Levenberg-Marquardt on the log-space residuals log(a·C^(-b) + c) - log L (every point weighs alike, whatever
+its loss scale).
+"""
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+
+def pareto_frontier(points) -> list[tuple[float, float]]:
+    """The (FLOPs, loss) points not beaten by any point with at most as many FLOPs, by increasing FLOPs."""
+    frontier = []
+    for flops, loss in sorted(points):
+        if not frontier or loss < frontier[-1][1]:
+            frontier.append((flops, loss))
+    return frontier
+
+
+class PowerLaw(NamedTuple):
+    """L(C) = a·C^(-b) + c, with the rms of its log-space residuals over the fitted points."""
+
+    a: float
+    b: float
+    c: float
+    rms_log: float
+
+    def loss(self, flops):
+        """L at the given FLOPs."""
+        return self.a * np.power(np.asarray(flops, dtype=np.float64), -self.b) + self.c
+
+    def flops_at(self, loss: float) -> float:
+        """The FLOPs at which the fit reaches `loss` (nan at or below its floor c)."""
+        if loss <= self.c or self.b <= 0:
+            return math.nan
+        # solved in logs: a can be astronomically large in raw FLOPs units
+        return math.exp((math.log(self.a) - math.log(loss - self.c)) / self.b)
+
+
+def fit_power_law(flops, loss, iterations: int = 200) -> PowerLaw:
+    """Least-squares fit of L(C) = a·C^(-b) + c (c >= 0) in log space; needs at least 3 points with C > 0."""
+    C, L = np.asarray(flops, dtype=np.float64), np.asarray(loss, dtype=np.float64)
+    if C.shape != L.shape or C.ndim != 1:
+        raise ValueError(f"flops and loss must be 1-D and of equal length, got {C.shape} and {L.shape}")
+    if len(C) < 3:
+        raise ValueError(f"fitting a·C^(-b) + c needs at least 3 points, got {len(C)}")
+    if not (np.all(np.isfinite(C)) and np.all(np.isfinite(L)) and np.all(C > 0) and np.all(L > 0)):
+        raise ValueError("fitting needs finite, positive FLOPs and losses")
+    # Normalised FLOPs (x = log(C / C0)) keep the problem well conditioned; a = A·C0^b at the end.
+    log_c0 = np.log(C).mean()
+    x, y = np.log(C) - log_c0, np.log(L)
+
+    def residuals(theta):
+        log_A, b, c = theta
+        return np.log(np.exp(log_A - b * x) + c) - y
+
+    # Profile the floor: for fixed c, log(L - c) = log A - b·x is linear least squares.
+    best = None
+    for c in L.min() * np.linspace(0.0, 0.999, 400):
+        b_neg, log_A = np.polyfit(x, np.log(L - c), 1)
+        theta = np.array([log_A, -b_neg, c])
+        cost = float(np.sum(residuals(theta) ** 2))
+        if best is None or cost < best[0]:
+            best = (cost, theta)
+    cost, theta = best
+
+    # Levenberg-Marquardt polish of all three parameters, keeping 0 <= c < min L.
+    damping = 1e-3
+    for _ in range(iterations):
+        log_A, b, c = theta
+        f = np.exp(log_A - b * x)
+        r = np.log(f + c) - y
+        J = np.stack([f / (f + c), -x * f / (f + c), 1.0 / (f + c)], axis=1)
+        step = np.linalg.solve(J.T @ J + damping * np.diag(np.diag(J.T @ J) + 1e-12), -J.T @ r)
+        candidate = theta + step
+        candidate[2] = min(max(candidate[2], 0.0), 0.999 * L.min())
+        new_cost = float(np.sum(residuals(candidate) ** 2))
+        if new_cost < cost:
+            theta, cost, damping = candidate, new_cost, damping / 3
+            if np.max(np.abs(step)) < 1e-12:
+                break
+        else:
+            damping *= 4
+            if damping > 1e12:
+                break
+    log_A, b, c = theta
+    return PowerLaw(a=float(np.exp(log_A + b * log_c0)), b=float(b), c=float(c),
+                    rms_log=float(np.sqrt(cost / len(C))))
+
+
+def flops_at_loss(frontier, loss: float) -> float:
+    """FLOPs at which a frontier first reaches `loss`, interpolated linearly in log-log (nan outside its range)."""
+    for (c0, l0), (c1, l1) in zip(frontier, frontier[1:]):
+        if l1 <= loss <= l0:
+            w = math.log(l0 / loss) / math.log(l0 / l1)
+            return math.exp(math.log(c0) + w * math.log(c1 / c0))
+    return frontier[0][0] if frontier and loss == frontier[0][1] else math.nan
+
+
+def common_losses(frontiers, levels: int = 4) -> list[float]:
+    """`levels` losses, evenly spaced in log, across the range every frontier covers (lowest first)."""
+    low = max(min(l for _, l in f) for f in frontiers)
+    high = min(max(l for _, l in f) for f in frontiers)
+    if low > high:
+        return []
+    return [float(v) for v in np.exp(np.linspace(math.log(low), math.log(high), levels))] if high > low else [low]

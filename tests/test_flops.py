@@ -39,8 +39,35 @@ def test_attention_dominates_at_16k_tokens():
     count = training_flops_per_sample(cfg, DENSE, in_channels=3, text_dim=256, video_shape=(16, 64, 64), text_len=32)
     self_attn = 3 * 12 * 4 * 16384**2 * 768
     assert 0.6 < self_attn / count.executed < 0.9
-    with pytest.raises(ValueError, match="no FLOPs formula"):
-        training_flops_per_sample(cfg, {"name": "vsa"}, in_channels=3, text_dim=256, video_shape=(16, 64, 64),
+    with pytest.raises(ValueError, match="unknown attention 'sparse'"):
+        training_flops_per_sample(cfg, {"name": "sparse"}, in_channels=3, text_dim=256, video_shape=(16, 64, 64),
                                   text_len=32)
     with pytest.raises(ValueError, match="not divisible"):
         training_flops_per_sample(cfg, DENSE, in_channels=3, text_dim=256, video_shape=(16, 63, 64), text_len=32)
+
+
+DIT_120M = {"name": "dit_120m", "hidden_size": 768, "depth": 12, "num_heads": 12}
+AT_16K = {"in_channels": 3, "text_dim": 64, "video_shape": (16, 64, 64), "text_len": 32}  # 256 tiles
+
+
+def test_vsa_flops_follow_the_topk_in_force():
+    """Executed FLOPs: fine stage at the topk in force + coarse stage + gates; the dense count beside them."""
+    dense = training_flops_per_sample(DIT_120M, DENSE, **AT_16K).executed
+    vsa = training_flops_per_sample(DIT_120M, {"name": "vsa"}, **AT_16K)
+    assert vsa.dense == dense
+    S, n, d, L = 16384, 256, 768, 12
+    sparse_attn = 4 * S * 32 * 64 * d + 4 * n * n * d + 2 * S * d * d  # fine (top 32 of 256) + coarse + G_c
+    assert vsa.executed == pytest.approx(dense - 3 * L * (4 * S * S * d - sparse_attn), rel=1e-12)
+    assert 2.6 < dense / vsa.executed < 2.9  # the issue's "VSA cuts the step's FLOPs about 2.75x"
+    # Fine-only over all tiles with no gate is dense attention exactly (no coarse output, scores still counted).
+    fine_all = training_flops_per_sample(DIT_120M, {"name": "vsa_fine_only", "coarse": False, "gate_coarse": False},
+                                         topk=n, **AT_16K)
+    assert fine_all.executed == pytest.approx(dense + 3 * L * 2 * n * n * d)
+    # Blocks kept dense count dense; fewer tiles, fewer FLOPs; coarse-only has no fine stage at all.
+    half = training_flops_per_sample(DIT_120M, {"name": "vsa", "dense_layers": list(range(6))}, **AT_16K)
+    assert half.executed == pytest.approx((dense + vsa.executed) / 2)
+    fewer = training_flops_per_sample(DIT_120M, {"name": "vsa"}, topk=16, **AT_16K)
+    assert fewer.executed < vsa.executed
+    coarse = training_flops_per_sample(DIT_120M, {"name": "vsa_coarse_only", "fine": False, "gate_coarse": False},
+                                       **AT_16K)
+    assert coarse.executed == pytest.approx(dense - 3 * L * (4 * S * S * d - 4 * n * n * d))

@@ -29,8 +29,8 @@ from .diffusion import flow_loss
 from .flops import training_flops_per_sample
 from .metrics import MetricsLog, define_flops_axis
 from .models import build_model, vsa_config
-from .sampling import CONFIG, generate
 from .models.vsa import VSAAttention
+from .sampling import CONFIG, generate
 
 
 @dataclass

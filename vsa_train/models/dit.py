@@ -6,9 +6,9 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import AttnContext, CrossAttention, SelfAttention, attention_class
-from .vsa import VSAAttention
 from .embed import PatchEmbed, TextProjection, TimestepEmbedder, unpatchify
 from .rope import grid_positions, rope_cos_sin
+from .vsa import VSAAttention
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ tiles are selected and whether the coarse output is added:
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+
 import torch
 import torch.nn as nn
 
@@ -179,7 +180,7 @@ class VSAAttention(nn.Module):
 
     def _variant(self, q, k, v, layout, topk, gc, gf):
         """Ablations on padded tile order [B, S_pad, H, D]: the same fine kernel, other selections."""
-        B, S_pad, H, D = q.shape
+        B, _, H, D = q.shape
         sizes = layout.kv_tile_sizes(q.device)  # [n] int32
         scale = D**-0.5
         out = None

@@ -2,17 +2,21 @@
 
     python scripts/bench_vsa.py                 # the table of docs/benchmarks.md ("VSA op")
     python scripts/bench_vsa.py --check bf16    # first: errors vs float64 (bf16,fp16,fp32), outputs and grads
-    python scripts/bench_vsa.py --profile 32k   # also: torch.profiler table of one full-op fwd+bwd
+    python scripts/bench_vsa.py --profile 16k   # also: GPU kernel time per full-op fwd+bwd, fine vs the rest
+    SMOKE=1 python scripts/bench_vsa.py --check fp32   # CPU (TRITON_INTERPRET=1): tiny sizes, every code path
 
 Rows per size (B=1, 12 heads, bf16, 87.5% sparsity): "VSA full op" (raster order in and out: tiling,
 coarse stage, top-k, fine stage, coarse gate, untiling), "VSA full op, tiled" (tokens kept in tile order,
 as a model that permutes once would), "VSA fine stage" (block_sparse_attention on the full op's selection),
 "dense cuDNN" (scaled_dot_product_attention, cuDNN backend), "FlexAttention" (same 64-token block mask).
 Effective TFLOP/s count 4*S*S_att*D*H for a forward (S_att = attended keys per query) and 2.5x that for a
-backward; speed-up is dense cuDNN's time over the row's time, fwd and fwd+bwd separately.
+backward; speed-up is dense cuDNN's time over the row's time, fwd and fwd+bwd separately. Eager columns
+include Python and launch overhead; "graphed" columns replay one CUDA graph of the same call (GPU time).
 """
 import argparse
 import math
+import os
+import statistics
 import sys
 import time
 
@@ -38,14 +42,21 @@ from vsa_train.ops.block_sparse.bwd import (
     block_sparse_bwd_dq_kernel,
 )
 from vsa_train.ops.block_sparse.fwd import block_sparse_fwd_kernel
+from vsa_train.ops.pool import tile_means
 
 SIZES = {  # name: (video shape (T, H, W) in tokens, head dim)
     "16k": ((16, 32, 32), 64),
     "32k": ((32, 32, 32), 128),
     "48k": ((48, 32, 32), 128),
+    "tiny": ((4, 8, 16), 64),  # SMOKE=1 on the CPU: every code path, in seconds
 }
 HEADS = 12
 SPARSITY = 0.875
+SMOKE = os.environ.get("SMOKE") == "1"
+DEVICE = "cpu" if SMOKE else "cuda"
+# The fine-stage kernels; every other GPU kernel of the op is "non-fine" in the profile.
+FINE_KERNELS = ("block_sparse_fwd_kernel", "block_sparse_bwd_preprocess_kernel", "block_sparse_bwd_dq_kernel",
+                "block_sparse_bwd_dkv_kernel")
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -54,20 +65,22 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 def check_fine_stage(dtype, D, qk_mul, B=2, H=4, n_tiles=64, K=16):
     """block_sparse_attention (Triton) vs the float64 reference: ragged counts, edge-tile sizes, strided q/k/v."""
-    g = torch.Generator(device="cuda").manual_seed(0)
+    if SMOKE:  # the Triton interpreter is slow: the smallest problem with ragged counts
+        B, H, n_tiles, K = 1, 1, 4, 2
+    g = torch.Generator(device=DEVICE).manual_seed(0)
     S = n_tiles * 64
     # Inputs are rounded to `dtype` first: the float64 reference sees exactly what the kernel sees.
-    q, k, v = ((torch.randn(B, H, S, D, device="cuda", generator=g) * m).to(dtype).transpose(1, 2)
+    q, k, v = ((torch.randn(B, H, S, D, device=DEVICE, generator=g) * m).to(dtype).transpose(1, 2)
                for m in (qk_mul, qk_mul, 1.0))
-    index = torch.rand(B, H, n_tiles, n_tiles, device="cuda", generator=g).argsort(-1)[..., :K].int()
-    count = torch.randint(1, K + 1, (B, H, n_tiles), device="cuda", generator=g, dtype=torch.int32)
-    sizes = torch.randint(1, 65, (n_tiles,), device="cuda", generator=g, dtype=torch.int32)
-    g_out = torch.randn(B, S, H, D, device="cuda", generator=g)
+    index = torch.rand(B, H, n_tiles, n_tiles, device=DEVICE, generator=g).argsort(-1)[..., :K].int()
+    count = torch.randint(1, K + 1, (B, H, n_tiles), device=DEVICE, generator=g, dtype=torch.int32)
+    sizes = torch.randint(1, 65, (n_tiles,), device=DEVICE, generator=g, dtype=torch.int32)
+    g_out = torch.randn(B, S, H, D, device=DEVICE, generator=g)
 
     results = []
     for run_dtype, fn in ((dtype, block_sparse_attention), (torch.float64, block_sparse_attention_torch)):
         qkv = [t.detach().to(run_dtype).requires_grad_() for t in (q, k, v)]
-        out, lse = fn(*qkv, index, count, sizes)
+        out, lse = fn(*qkv, index, count, sizes, **({"backend": "triton"} if run_dtype == dtype else {}))
         out.backward(g_out.to(run_dtype))
         results.append([out, lse] + [t.grad for t in qkv])
     return [rel_err(got, ref) for got, ref in zip(*results)]
@@ -80,18 +93,21 @@ def check_full_op(dtype, D, qk_mul, B=2, H=2, video=(7, 10, 13), topk=8):
     `dtype` coarse stage made (selection is a discrete choice, not differentiable; near-ties of random
     inputs may go either way, which the first comparison mixes in). Returns (errors vs each, agreement).
     """
-    g = torch.Generator(device="cuda").manual_seed(1)
+    if SMOKE:  # the Triton interpreter is slow: few tiles, still edge tiles
+        B, H, video, topk = 1, 1, (5, 6, 7), 2
+    g = torch.Generator(device=DEVICE).manual_seed(1)
     S = math.prod(video)
-    q, k, v, gc, gf = ((torch.randn(B, S, H, D, device="cuda", generator=g) * m).to(dtype)
+    q, k, v, gc, gf = ((torch.randn(B, S, H, D, device=DEVICE, generator=g) * m).to(dtype)
                        for m in (qk_mul, qk_mul, 1, 1, 1))
-    g_out = torch.randn(B, S, H, D, device="cuda", generator=g)
+    g_out = torch.randn(B, S, H, D, device=DEVICE, generator=g)
     layout = TileLayout(video)
     sizes = layout.kv_tile_sizes(q.device)
 
     def selection(run_dtype):
         qt, kt = layout.to_tiles(q.to(run_dtype)), layout.to_tiles(k.to(run_dtype))
-        scores = coarse_attention(tile_mean(qt, sizes), tile_mean(kt, sizes), tile_mean(kt, sizes), D ** -0.5)[1]
-        return topk_tiles(scores, topk)
+        # The op's own pooling kernel for the kernels' dtype: bitwise the means, hence the selection, it makes.
+        q_c, k_c, _ = tile_means(qt, kt, kt, sizes) if run_dtype == dtype else (tile_mean(t, sizes) for t in (qt, kt, kt))
+        return topk_tiles(coarse_attention(q_c, k_c, k_c, D ** -0.5)[1], topk)
 
     index, count = selection(dtype)
     agree = (index.sort(-1).values == selection(torch.float64)[0].sort(-1).values).all(-1).float().mean().item()
@@ -103,7 +119,7 @@ def check_full_op(dtype, D, qk_mul, B=2, H=2, video=(7, 10, 13), topk=8):
         return layout.from_tiles(combine(o_c, o_f, gct, gft))
 
     results = []
-    for run_dtype, fn in ((dtype, lambda *a: video_sparse_attention(*a[:3], video, topk, a[3], a[4])),
+    for run_dtype, fn in ((dtype, lambda *a: video_sparse_attention(*a[:3], video, topk, a[3], a[4], backend="triton")),
                           (torch.float64, lambda *a: naive_video_sparse_attention(*a[:3], video, topk, a[3], a[4])),
                           (torch.float64, float64_same_selection)):
         args = [t.detach().to(run_dtype).requires_grad_() for t in (q, k, v, gc, gf)]
@@ -123,15 +139,16 @@ def run_checks(dtypes) -> bool:
     ok = True
     for dtype in dtypes:
         limit = 1e-3 if dtype == torch.float32 else 1e-2
-        for D in (64, 128):
+        for D in (64,) if SMOKE else (64, 128):
             for qk_mul in (1.0, 4.0):
                 for name, check in (("fine", check_fine_stage), ("full", check_full_op)):
                     if name == "full":
                         (naive_errs, errs), agree = check(dtype, D, qk_mul)
                         cells, sel = errs[:1] + [None] + errs[1:], f"same selection as float64 coarse: {agree:.1%}"
-                        naive = " | ".join(f"{e:.1e}" for e in naive_errs)
+                        naive = " | ".join(f"{e:.1e}" for e in naive_errs[:1] + naive_errs[1:])
+                        naive = naive.replace(" | ", " | - | ", 1)  # no lse column for the full op
                         print(f"| full vs naive float64 (own selection) | {str(dtype)[6:]} | {D} | x{qk_mul:g} | "
-                              f"{naive} | - |")
+                              f"{naive} | float64's own |")
                     else:
                         errs = check(dtype, D, qk_mul)
                         cells, sel = errs + [None, None], "(given)"
@@ -142,20 +159,35 @@ def run_checks(dtypes) -> bool:
     return ok
 
 
-def time_fwd_bwd(fn, inputs):
+def bench_ms(fn, rep_ms, grad_to_none=None) -> float:
+    """Median ms of fn: triton's do_bench on the GPU; a few perf_counter runs under SMOKE (CPU)."""
+    if not SMOKE:
+        return do_bench(fn, warmup=rep_ms // 4, rep=rep_ms, grad_to_none=grad_to_none, return_mode="median")
+    times = []
+    for _ in range(3):
+        for t in grad_to_none or ():
+            t.grad = None
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def time_fwd_bwd(fn, inputs, rep_ms):
     """Median ms of fn() and of fn() + backward (fn returns one tensor), eager, then replayed as CUDA graphs."""
     grad = torch.randn_like(fn())
 
     def step():
         fn().backward(grad)
 
-    eager = (do_bench(fn, warmup=50, rep=200, return_mode="median"),
-             do_bench(step, warmup=50, rep=200, grad_to_none=inputs, return_mode="median"))
-    return eager + (graphed_ms(fn, inputs), graphed_ms(step, inputs))
+    eager = (bench_ms(fn, rep_ms), bench_ms(step, rep_ms, grad_to_none=inputs))
+    return eager + (graphed_ms(fn, inputs, rep_ms), graphed_ms(step, inputs, rep_ms))
 
 
-def graphed_ms(fn, inputs):
+def graphed_ms(fn, inputs, rep_ms):
     """Median ms of fn replayed from a CUDA graph: GPU time without Python and launch overhead."""
+    if SMOKE:
+        return "n/a (CPU)"
     try:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -168,12 +200,13 @@ def graphed_ms(fn, inputs):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             fn()
-        return do_bench(graph.replay, warmup=50, rep=200, return_mode="median")
+        return bench_ms(graph.replay, rep_ms)
     except Exception as e:  # noqa: BLE001 (report why capture fails, keep timing the rest)
+        print(f"CUDA graph capture fails: {type(e).__name__}: {str(e)[:300]}")
         return f"graph capture fails: {type(e).__name__}"
 
 
-def flex_rows(q, k, v, q2k_index, fine_out):
+def flex_rows(q, k, v, q2k_index, fine_out, rep_ms):
     """FlexAttention with the same 64-token block mask (all tiles full here): times or the failure."""
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
@@ -194,70 +227,111 @@ def flex_rows(q, k, v, q2k_index, fine_out):
     qh, kh, vh = (t.transpose(1, 2).detach().requires_grad_() for t in (q, k, v))
     diff = (flex(qh, kh, vh, block_mask=mask).transpose(1, 2) - fine_out).abs().max().item()
     print(f"FlexAttention vs VSA fine stage, max |diff| of outputs: {diff:.2e}")
-    fwd = do_bench(lambda: flex(qh, kh, vh, block_mask=mask), warmup=50, rep=200, return_mode="median")
+    fwd = bench_ms(lambda: flex(qh, kh, vh, block_mask=mask), rep_ms)
     try:
-        _, both, _, _ = time_fwd_bwd(lambda: flex(qh, kh, vh, block_mask=mask), [qh, kh, vh])
+        _, both, _, _ = time_fwd_bwd(lambda: flex(qh, kh, vh, block_mask=mask), [qh, kh, vh], rep_ms)
     except Exception as e:  # noqa: BLE001 (its backward may not compile for 64-token blocks: NoValidChoicesError)
         print(f"FlexAttention backward: {type(e).__name__}: {str(e)[:300]}")
         both = f"fails to compile: {type(e).__name__}"
     return fwd, both
 
 
-def bench_size(name: str, profile: bool):
+def kernel_profile(label: str, fn, inputs):
+    """GPU kernel time of one fn() + backward from torch.profiler: per-kernel table and the non-fine share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    grad = torch.randn_like(fn())
+    iters = 1 if SMOKE else 3
+
+    def step():
+        for t in inputs:
+            t.grad = None
+        fn().backward(grad)
+
+    step()
+    activity = ProfilerActivity.CPU if SMOKE else ProfilerActivity.CUDA
+    with profile(activities=[activity]) as prof:
+        for _ in range(iters):
+            step()
+        if not SMOKE:
+            torch.cuda.synchronize()
+    kernels = {}  # name: (launches, total us)
+    for e in prof.key_averages():
+        if SMOKE:  # CPU: the ops' own time stands in for kernel time (exercises the code path only)
+            us = e.self_cpu_time_total
+        elif e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        else:
+            us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if us > 0:
+            kernels[e.key] = (e.count, us)
+    total = sum(us for _, us in kernels.values()) / iters
+    fine = sum(us for name, (_, us) in kernels.items() if name.startswith(FINE_KERNELS)) / iters
+    launches = sum(n for n, _ in kernels.values()) / iters
+    print(f"\n#### kernel profile: {label}, one fwd+bwd (torch.profiler, mean of {iters})")
+    print("| kernel | launches | GPU us | share |")
+    print("|---|---|---|---|")
+    for name, (n, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:16]:
+        print(f"| {name[:70]} | {n / iters:g} | {us / iters:.1f} | {us / iters / total:.1%} |")
+    print(f"\n{label}: GPU time {total:.0f} us per fwd+bwd in {launches:g} kernel launches; fine-stage kernels "
+          f"{fine:.0f} us, everything else (tiling, pooling, coarse attention, top-k, k2q index, gates) "
+          f"{total - fine:.0f} us = {(total - fine) / total:.1%} non-fine", flush=True)
+
+
+def bench_size(name: str, profile: bool, flex: bool, rep_ms: int):
     video, D = SIZES[name]
+    heads = 1 if SMOKE else HEADS
+    dtype = torch.float32 if SMOKE else torch.bfloat16  # the interpreter's bf16 dot is not trustworthy
     layout = TileLayout(video)
     S, n = layout.seq_len, layout.n_tiles
     topk = round(n * (1 - SPARSITY))
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v, gate = (torch.randn(1, S, HEADS, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(4))
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    q, k, v, gate = (torch.randn(1, S, heads, D, device=DEVICE, generator=g, dtype=dtype) for _ in range(4))
     qkv = [t.requires_grad_() for t in (q, k, v)]
     inputs = qkv + [gate.requires_grad_()]
     tiled = [layout.to_tiles(t).detach().requires_grad_() for t in inputs]
     sizes = layout.kv_tile_sizes(q.device)
     with torch.no_grad():  # the fine stage alone runs on the selection the full op would make
-        q_c, k_c = tile_mean(tiled[0], sizes), tile_mean(tiled[1], sizes)
+        q_c, k_c, _ = tile_means(*tiled[:3], sizes)
         index, count = topk_tiles(coarse_attention(q_c, k_c, k_c, D ** -0.5)[1], topk)
-    fine_flops = 4 * S * topk * 64 * D * HEADS
-    dense_flops = 4 * S * S * D * HEADS
+    fine_flops = 4 * S * topk * 64 * D * heads
+    dense_flops = 4 * S * S * D * heads
+
+    def full():
+        return video_sparse_attention(*qkv, video, topk, gate_coarse=inputs[3], backend="triton")
+
+    def full_tiled():
+        return video_sparse_attention_tiled(*tiled[:3], layout, topk, gate_coarse=tiled[3], backend="triton")
 
     rows = [
-        ("VSA full op", fine_flops, lambda: video_sparse_attention(*qkv, video, topk, gate_coarse=inputs[3]), inputs),
-        ("VSA full op, tiled", fine_flops,
-         lambda: video_sparse_attention_tiled(*tiled[:3], layout, topk, gate_coarse=tiled[3]), tiled),
-        ("VSA fine stage", fine_flops, lambda: block_sparse_attention(*tiled[:3], index, count, sizes)[0], tiled[:3]),
+        ("VSA full op", fine_flops, full, inputs),
+        ("VSA full op, tiled", fine_flops, full_tiled, tiled),
+        ("VSA fine stage", fine_flops,
+         lambda: block_sparse_attention(*tiled[:3], index, count, sizes, backend="triton")[0], tiled[:3]),
     ]
     qh, kh, vh = (t.detach().transpose(1, 2).requires_grad_() for t in qkv)
 
     def dense():
+        if SMOKE:
+            return F.scaled_dot_product_attention(qh, kh, vh)
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             return F.scaled_dot_product_attention(qh, kh, vh)
 
     rows.append(("dense cuDNN SDPA", dense_flops, dense, [qh, kh, vh]))
-    times = {label: time_fwd_bwd(fn, ins) + (flops,) for label, flops, fn, ins in rows}
-    if profile:  # where the host time of the fine stage goes (Python, launches, index building)
-        import cProfile
-        import pstats
-
-        fine = rows[2][2]
-        grad = torch.randn_like(fine())
-        torch.cuda.synchronize()
-        with cProfile.Profile() as prof:
-            for _ in range(20):
-                fine().backward(grad)
-        torch.cuda.synchronize()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
-    try:
-        with torch.no_grad():
-            fine_out = block_sparse_attention(*tiled[:3], index, count, sizes)[0]
-        fwd, both = flex_rows(*tiled[:3], index, fine_out)
-    except Exception as e:  # noqa: BLE001 (report why FlexAttention fails, keep timing the rest)
-        print(f"FlexAttention: {type(e).__name__}: {str(e)[:300]}")
-        fwd = both = f"fails to compile: {type(e).__name__}"
-    times["FlexAttention (64-token blocks)"] = (fwd, both, "-", "-", fine_flops)
+    times = {label: time_fwd_bwd(fn, ins, rep_ms) + (flops,) for label, flops, fn, ins in rows}
+    if flex:
+        try:
+            with torch.no_grad():
+                fine_out = block_sparse_attention(*tiled[:3], index, count, sizes, backend="triton")[0]
+            fwd, both = flex_rows(*tiled[:3], index, fine_out, rep_ms)
+        except Exception as e:  # noqa: BLE001 (report why FlexAttention fails, keep timing the rest)
+            print(f"FlexAttention: {type(e).__name__}: {str(e)[:300]}")
+            fwd = both = f"fails to compile: {type(e).__name__}"
+        times["FlexAttention (64-token blocks)"] = (fwd, both, "-", "-", fine_flops)
 
     dense = times["dense cuDNN SDPA"]
-    print(f"\n### {name}: {S} tokens (video {video[0]}x{video[1]}x{video[2]}), D={D}, {HEADS} heads, B=1, bf16, "
-          f"topk {topk}/{n} tiles ({SPARSITY:.1%} sparse)")
+    print(f"\n### {name}: {S} tokens (video {video[0]}x{video[1]}x{video[2]}), D={D}, {heads} heads, B=1, "
+          f"{str(dtype)[6:]}, topk {topk}/{n} tiles ({1 - topk / n:.1%} sparse)")
     print("| row | fwd ms | fwd speed-up | fwd TFLOP/s | fwd+bwd ms | fwd+bwd speed-up | fwd+bwd TFLOP/s "
           "| graphed fwd ms | graphed fwd+bwd ms | graphed fwd+bwd speed-up |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -271,38 +345,37 @@ def bench_size(name: str, profile: bool):
         cells += [t if isinstance(t, str) else f"{t:.3f}" for t in ms[2:]]
         cells.append(f"{dense[3] / ms[3]:.2f}x" if not isinstance(ms[3], str) and not isinstance(dense[3], str) else "-")
         print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
-    for kernel in (block_sparse_fwd_kernel, block_sparse_bwd_dq_kernel, block_sparse_bwd_dkv_kernel):
-        print(f"autotuned {kernel.fn.__name__}: {kernel.best_config}")
+    if not SMOKE:
+        for kernel in (block_sparse_fwd_kernel, block_sparse_bwd_dq_kernel, block_sparse_bwd_dkv_kernel):
+            print(f"autotuned {kernel.fn.__name__}: {kernel.best_config}")
 
     if profile:
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as torch_profile
-
-        grad = torch.randn_like(q)
-        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                video_sparse_attention(*qkv, video, topk, gate_coarse=inputs[3]).backward(grad)
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
+        kernel_profile(f"{name} VSA full op (raster order)", full, inputs)
+        kernel_profile(f"{name} VSA full op, tiled", full_tiled, tiled)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="16k,32k,48k", help=f"comma-separated of {list(SIZES)}")
+    parser.add_argument("--sizes", default="tiny" if SMOKE else "16k,32k,48k", help=f"comma-separated of {list(SIZES)}")
     parser.add_argument("--check", default="", help="dtypes to check vs float64 before timing, e.g. bf16,fp16,fp32")
     parser.add_argument("--profile", default="", help="sizes to profile the full op at (comma-separated)")
+    parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compilation takes minutes)")
+    parser.add_argument("--rep", type=int, default=200, help="ms of timed runs per measurement (do_bench rep)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_vsa.py needs a CUDA GPU")
+    if not SMOKE and not torch.cuda.is_available():
+        sys.exit("bench_vsa.py needs a CUDA GPU (or SMOKE=1 with TRITON_INTERPRET=1 for a CPU smoke run)")
+    if SMOKE and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("SMOKE=1 runs the Triton kernels on the CPU: set TRITON_INTERPRET=1 too")
     import triton
 
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    card = "CPU smoke run (Triton interpreter)" if SMOKE else torch.cuda.get_device_name()
+    print(f"{card}, torch {torch.__version__}, triton {triton.__version__}")
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     if args.check and not run_checks([dtypes[d] for d in args.check.split(",")]):
         print("continuing to the timings")
     for name in args.sizes.split(","):
         start = time.time()
-        bench_size(name, name in args.profile.split(","))
+        bench_size(name, name in args.profile.split(","), not args.no_flex, args.rep)
         print(f"({name} took {time.time() - start:.0f} s including autotuning and compilation)", flush=True)
 
 

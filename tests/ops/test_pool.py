@@ -5,7 +5,7 @@ from ops_utils import random_inputs, rel_err
 
 from vsa_train.ops import TileLayout, tile_mean
 from vsa_train.ops.block_sparse import op as bs_op
-from vsa_train.ops.pool import tile_means
+from vsa_train.ops.pool import tile_means, tile_means_op
 
 
 @pytest.fixture(autouse=True)
@@ -76,7 +76,5 @@ def test_tile_means_compile_without_graph_break():
 def test_opcheck():
     layout = TileLayout((4, 4, 5))
     x = [t.float().requires_grad_() for t in random_inputs(1, layout.padded_len, 2, 64).values()]
-    from vsa_train.ops.pool import tile_means_op
-
     torch.library.opcheck(tile_means_op, (*x, layout.kv_tile_sizes()),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

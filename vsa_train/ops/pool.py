@@ -11,7 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_sparse import op as _launch  # device_guard, and new_output (NaN-filled under test)
+from .block_sparse import (
+    op as _launch,  # device_guard, and new_output (NaN-filled under test)
+)
 
 __all__ = ["tile_means"]
 
@@ -118,7 +120,7 @@ def tile_means_bwd_op(
 
 @tile_means_bwd_op.register_fake
 def _tile_means_bwd_fake(dmeans, kv_tile_sizes, seq_len, dtype):
-    _, B, H, n, D = dmeans.shape
+    _, B, H, _, D = dmeans.shape
     return tuple(dmeans.new_empty(B, seq_len, H, D, dtype=dtype) for _ in range(3))
 
 

@@ -12,7 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_BLOCK = 1024  # vector width of the loops over tiles (tests lower it to exercise the loops)
+# Vector widths of the loops over a query tile's slots and over tiles: fixed, so that one compiled kernel
+# serves every video size and topk (tests lower them to exercise the loops).
+BLOCK_SLOTS = 32
+BLOCK_TILES = 256
 
 
 @triton.jit
@@ -83,10 +86,10 @@ def build_k2q_index(q2k_index: torch.Tensor, q2k_count: torch.Tensor, n_kv_tiles
     q_tiles = torch.empty(B * H, n_q_tiles * K, dtype=torch.int32, device=device)
     mark_selected_kernel[(n_q_tiles, B * H)](
         q2k_index.contiguous(), q2k_count.contiguous(), selected, counts, n_q_tiles, n_kv_tiles, K,
-        BLOCK_K=min(triton.next_power_of_2(K), MAX_BLOCK),
+        BLOCK_K=BLOCK_SLOTS,
     )
     compact_selected_kernel[(n_kv_tiles, B * H)](
         selected, counts, offsets, q_tiles, n_q_tiles, n_kv_tiles, n_q_tiles * K,
-        BLOCK=min(triton.next_power_of_2(max(n_q_tiles, n_kv_tiles)), MAX_BLOCK),
+        BLOCK=BLOCK_TILES,
     )
     return offsets.view(B, H, n_kv_tiles + 1), q_tiles.view(B, H, n_q_tiles * K)

@@ -82,6 +82,15 @@ def test_triton_matches_float64(B, H, n_tiles, K, D, dtype, qk_mul, ragged, odd_
     assert (k.grad[:, pad_key] == 0).all() and (v.grad[:, pad_key] == 0).all()
 
 
+def test_forward_without_grad():
+    """Eval runs under no_grad: no k2q index is built, and the output is the same."""
+    q, k, v, index, count, sizes = make_problem(1, 2, 4, 2, 64, torch.float32)
+    with torch.no_grad():
+        out, lse = block_sparse_attention(q, k, v, index, count, sizes, backend="triton")
+    ref, ref_lse = block_sparse_attention(q.requires_grad_(), k, v, index, count, sizes, backend="triton")
+    assert torch.equal(out, ref.detach()) and torch.equal(lse, ref_lse.detach())
+
+
 def test_backward_is_deterministic():
     q, k, v, index, count, sizes = make_problem(1, 2, 6, 4, 64, torch.float32, ragged=True, odd_sizes=True)
     grads = []

@@ -96,8 +96,8 @@ def block_sparse_fwd(
     if build_k2q:
         with device_guard(q):
             k2q_offsets, k2q_q_tiles = build_k2q_index(q2k_index, q2k_count, kv_tile_sizes.shape[0])
-    else:
-        k2q_offsets = k2q_q_tiles = q2k_index.new_empty(0)
+    else:  # two distinct tensors: a custom op's outputs must not alias each other
+        k2q_offsets, k2q_q_tiles = q2k_index.new_empty(0), q2k_index.new_empty(0)
     return out, lse, k2q_offsets, k2q_q_tiles
 
 

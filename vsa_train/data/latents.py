@@ -146,8 +146,10 @@ class LatentStore:
             self._files[k].__enter__()
         f = self._files[k]
         latent = f.get_slice("latent")[j: j + 1][0].float()
-        if list(latent.shape) != self.latent_shape or not torch.isfinite(latent).all():
-            raise BadInput(f"latent of shape {list(latent.shape)} (expected {self.latent_shape}) or non-finite")
+        if list(latent.shape) != self.latent_shape:
+            raise BadInput(f"latent of shape {list(latent.shape)}, the index says {self.latent_shape}")
+        if not torch.isfinite(latent).all():
+            raise BadInput("non-finite latent")
         return {"video": latent, "text": f.get_slice("text")[j: j + 1][0].float(),
                 "text_mask": f.get_slice("text_mask")[j: j + 1][0].bool(),
                 "caption": json.loads(f.metadata()["captions"])[j]}

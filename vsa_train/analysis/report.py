@@ -4,7 +4,13 @@ from pathlib import Path
 
 from .plot import plot_curves, plot_frontier
 from .runs import Run
-from .scaling import PowerLaw, common_losses, fit_power_law, flops_at_loss, pareto_frontier
+from .scaling import (
+    PowerLaw,
+    common_losses,
+    fit_power_law,
+    flops_at_loss,
+    pareto_frontier,
+)
 
 
 def analyze(runs: list[Run], out_dir, baseline: str = "dense", fit_from: float = 0.0) -> dict:
@@ -34,11 +40,10 @@ def analyze(runs: list[Run], out_dir, baseline: str = "dense", fit_from: float =
         if attn == baseline or baseline not in frontiers:
             continue
         for loss in common_losses([frontiers[baseline], frontiers[attn]]):
-            ratios.append(dict(attn=attn, loss=loss,
-                               fit=_ratio(fits.get(baseline), fits.get(attn), loss),
-                               interpolated=flops_at_loss(frontiers[baseline], loss) / flops_at_loss(frontiers[attn], loss),
-                               baseline_flops=flops_at_loss(frontiers[baseline], loss),
-                               flops=flops_at_loss(frontiers[attn], loss)))
+            base_flops, flops = flops_at_loss(frontiers[baseline], loss), flops_at_loss(frontiers[attn], loss)
+            ratios.append({"attn": attn, "loss": loss, "baseline_flops": base_flops, "flops": flops,
+                           "interpolated": base_flops / flops,
+                           "fit": _ratio(fits.get(baseline), fits.get(attn), loss)})
         if not any(r["attn"] == attn for r in ratios):
             notes.append(f"{attn} and {baseline} frontiers share no loss range; no ratio")
 
@@ -54,9 +59,9 @@ def _ratio(base: PowerLaw | None, other: PowerLaw | None, loss: float) -> float:
 
 def summary_markdown(runs, frontiers, fits, ratios, baseline, fit_from, notes) -> str:
     """summary.md: the runs, the fits and the FLOPs ratios as Markdown tables."""
-    lines = ["# Loss-vs-FLOPs study", "",
-             f"{len(runs)} runs. Eval loss: the trainer's fixed held-out set (DESIGN.md §6); FLOPs: cumulative "
-             "executed training FLOPs (analytic, forward × 3).", "",
+    intro = (f"{len(runs)} runs. Eval loss: the trainer's fixed held-out set (DESIGN.md §6); FLOPs: cumulative "
+             "executed training FLOPs (analytic, forward × 3).")
+    lines = ["# Loss-vs-FLOPs study", "", intro, "",
              "| run | attention | model | FLOPs budget | steps | FLOPs | final eval loss | best eval loss |",
              "|---|---|---|---|---|---|---|---|"]
     for run in runs:
@@ -76,10 +81,10 @@ def summary_markdown(runs, frontiers, fits, ratios, baseline, fit_from, notes) -
         cells = [f"{fit.a:.4g}", f"{fit.b:.4f}", f"{fit.c:.4f}", f"{fit.rms_log:.4f}"] if fit else ["—"] * 4
         lines.append(f"| {attn} | {len(frontier)} | {frontier[0][0]:.3g} – {frontier[-1][0]:.3g} | "
                      f"{frontier[-1][1]:.5f} – {frontier[0][1]:.5f} | " + " | ".join(cells) + " |")
-    lines += ["", f"## FLOPs at equal eval loss (ratio = {baseline} FLOPs / other FLOPs; > 1: fewer FLOPs than "
-              f"{baseline})", "",
-              "| attention | eval loss | FLOPs, " + baseline + " (frontier) | FLOPs, other (frontier) | ratio (frontier, "
-              "interpolated) | ratio (fits) |", "|---|---|---|---|---|---|"]
+    title = f"## FLOPs at equal eval loss (ratio = {baseline} FLOPs / other FLOPs; > 1: fewer FLOPs than {baseline})"
+    header = (f"| attention | eval loss | FLOPs, {baseline} (frontier) | FLOPs, other (frontier) | "
+              "ratio (frontier, interpolated) | ratio (fits) |")
+    lines += ["", title, "", header, "|---|---|---|---|---|---|"]
     for r in ratios:
         lines.append(f"| {r['attn']} | {r['loss']:.5f} | {r['baseline_flops']:.3g} | {r['flops']:.3g} | "
                      f"{r['interpolated']:.3f}× | {_fmt_ratio(r['fit'])} |")

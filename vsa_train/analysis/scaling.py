@@ -5,6 +5,7 @@ log C), so c is profiled over a grid below the lowest loss, and the best (a, b, 
 Levenberg-Marquardt on the log-space residuals log(a·C^(-b) + c) - log L (every point weighs alike, whatever
 its loss scale).
 """
+import itertools
 import math
 from typing import NamedTuple
 
@@ -93,7 +94,7 @@ def fit_power_law(flops, loss, iterations: int = 200) -> PowerLaw:
 
 def flops_at_loss(frontier, loss: float) -> float:
     """FLOPs at which a frontier first reaches `loss`, interpolated linearly in log-log (nan outside its range)."""
-    for (c0, l0), (c1, l1) in zip(frontier, frontier[1:]):
+    for (c0, l0), (c1, l1) in itertools.pairwise(frontier):
         if l1 <= loss <= l0:
             w = math.log(l0 / loss) / math.log(l0 / l1)
             return math.exp(math.log(c0) + w * math.log(c1 / c0))

@@ -17,7 +17,6 @@ import argparse
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -26,12 +25,17 @@ from accelerate import PartialState
 from hydra import compose, initialize_config_dir
 from tqdm.auto import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from vsa_train.data import hf, videos
+from vsa_train.data.latents import (
+    INDEX,
+    PretrainedTextEncoder,
+    encode_videos,
+    load_vae,
+    shard_info,
+    write_shard,
+)
 
-from vsa_train.data import hf, videos  # noqa: E402
-from vsa_train.data.latents import (INDEX, PretrainedTextEncoder, encode_videos, load_vae, shard_info,  # noqa: E402
-                                    write_shard)
+ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("encode_latents")
 

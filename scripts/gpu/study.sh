@@ -54,6 +54,7 @@ for size in "${SIZES[@]}"; do
          train.eval_timesteps=4 train.eval_batch_size=8 "optim.warmup_steps=$WARMUP" "hydra.run.dir=$RUNS/$run")
     echo "run $run: ${cmd[*]}" >> "$LOG"
     left=$(( DEADLINE - (SECONDS - START) ))
+    left=$(( left > 10 ? left : 10 ))  # `timeout 0` would mean no limit at all
     timeout --kill-after=5 "$left" "${cmd[@]}" > "$RUNS/$run.out" 2>&1 &
     pids+=("$!:$run")
   done

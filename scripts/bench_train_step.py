@@ -1,0 +1,231 @@
+"""Training-step throughput, dense vs VSA, eager and torch.compile: one Markdown table, plus kernel profiles.
+
+One step is what the trainer does per optimizer step, without the data loader: bf16 autocast forward of the
+flow-matching loss, backward, grad-norm clipping, fused AdamW. Inputs are random tensors of the data
+config's shape, made once on the device (so this measures the model, not the video renderer). Every row
+builds a fresh model (same seed), warms up (compilation included), then times `--steps` steps between
+two device synchronisations. TFLOP/s count the executed analytic FLOPs (vsa_train/flops.py: topk in force,
+coarse stage, gates); MFU is against `--peak-tflops` (989: H100 dense bf16). Speed-up = dense time / row time
+in the same mode. For the compiled rows one more step runs under torch.profiler and its top kernels (GPU
+time) and top aten ops (which SDPA backend ran; copies) are printed.
+
+    python scripts/bench_train_step.py --out DIR                        # dit_120m, synthetic_16k, batch 4
+    python scripts/bench_train_step.py --smoke --out DIR                # CPU: dit_tiny on a small video
+"""
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from torch.profiler import ProfilerActivity, profile
+
+from vsa_train.data import data_spec
+from vsa_train.diffusion import flow_loss
+from vsa_train.flops import training_flops_per_sample
+from vsa_train.models import build_model, vsa_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="dit_120m")
+    p.add_argument("--data", default="synthetic_16k")
+    p.add_argument("--attn", default="dense,vsa", help="comma-separated attn configs; the first is the baseline")
+    p.add_argument("--modes", default="eager,compile")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=25, help="timed steps per row")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per row (compilation happens here)")
+    p.add_argument("--budget", type=float, default=1e9, help="seconds; a row that may not fit is skipped")
+    p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument("--out", type=Path, default=None, help="writes results.json here")
+    p.add_argument("--smoke", action="store_true", help="CPU check: dit_tiny, 4x16x16 video, 2 steps")
+    p.add_argument("override", nargs="*", help="extra Hydra overrides, e.g. attn.sparsity=0.9")
+    args = p.parse_args()
+    if args.smoke:
+        args.model, args.data, args.batch, args.steps, args.warmup = "dit_tiny", "synthetic", 2, 2, 1
+        args.override = [*args.override, "data.frames=4", "data.height=16", "data.width=16"]
+    return args
+
+
+def load_cfg(args, attn):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        return compose(config_name="train", overrides=[f"model={args.model}", f"data={args.data}", f"attn={attn}",
+                                                       *args.override])
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_step(cfg, batch: int, device, compiled: bool):
+    """A fresh model and optimizer, fixed random inputs, and a closure running one training step."""
+    torch.manual_seed(0)
+    spec = data_spec(cfg.data)
+    model = build_model(cfg.model, cfg.attn, in_channels=spec.in_channels, text_dim=spec.text_dim).to(device)
+    torch.nn.init.normal_(model.final.linear.weight, std=0.02)  # a trained-looking head: non-trivial gradients
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    if compiled:
+        model.compile()  # as train.compile=true does
+    video = torch.randn(batch, spec.in_channels, *spec.video_shape, device=device)
+    text = torch.randn(batch, spec.text_len, spec.text_dim, device=device)
+    text_mask = torch.arange(spec.text_len, device=device)[None].expand(batch, -1) < spec.text_len * 2 // 3
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step():
+        with amp:
+            loss = flow_loss(model, video, text, text_mask)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return model, step
+
+
+def measure(cfg, args, device, compiled: bool) -> dict:
+    """Warm-up, timed steps, and (compiled) one profiled step of one (attention, mode) row."""
+    spec = data_spec(cfg.data)
+    flops = training_flops_per_sample(cfg.model, cfg.attn, in_channels=spec.in_channels, text_dim=spec.text_dim,
+                                      video_shape=spec.video_shape, text_len=spec.text_len)
+    vsa = vsa_config(cfg.attn)
+    model, step = make_step(cfg, args.batch, device, compiled)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    warmup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(device)
+    elapsed = time.perf_counter() - t0
+    samples_per_s = args.batch * args.steps / elapsed
+    row = {"attn": cfg.attn.name, "mode": "compile" if compiled else "eager", "batch": args.batch,
+           "steps": args.steps, "warmup_s": warmup_s, "step_ms": 1e3 * elapsed / args.steps,
+           "samples/s": samples_per_s, "flops_per_sample": flops.executed, "flops_per_sample_dense": flops.dense,
+           "TFLOP/s": samples_per_s * flops.executed / 1e12,
+           "topk": None if vsa is None else vsa.topk_in_force(_tiles(cfg, vsa)), "tiles": _tiles(cfg, vsa)}
+    row["MFU"] = row["TFLOP/s"] / args.peak_tflops if device.type == "cuda" else None
+    row["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    if compiled:
+        row["profile"] = profile_step(step, device)
+    del model, step
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def _tiles(cfg, vsa):
+    if vsa is None:
+        return None
+    spec = data_spec(cfg.data)
+    grid = [n // p for n, p in zip(spec.video_shape, cfg.model.patch_size)]
+    return int(torch.tensor([-(-g // t) for g, t in zip(grid, vsa.tile)]).prod())
+
+
+def profile_step(step, device, rows: int = 15) -> dict:
+    """One step under torch.profiler: the top kernels by GPU time, and the top aten ops by the GPU time they launch."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        sync(device)
+    events = prof.key_averages()
+    on_device = device.type == "cuda"
+
+    def self_us(e):
+        return getattr(e, "self_device_time_total", 0.0) if on_device else e.self_cpu_time_total
+
+    def total_us(e):
+        return getattr(e, "device_time_total", 0.0) if on_device else e.cpu_time_total
+
+    kernels = [e for e in events if (e.device_type == torch.autograd.DeviceType.CUDA) == on_device and self_us(e) > 0]
+    total = sum(self_us(e) for e in kernels) or 1.0
+    top = sorted(kernels, key=self_us, reverse=True)[:rows]
+    aten = sorted((e for e in events if e.key.startswith("aten::") and total_us(e) > 0), key=total_us, reverse=True)
+    return {"clock": "GPU" if on_device else "CPU", "total_ms": total / 1e3,
+            "kernels": [{"name": e.key, "ms": self_us(e) / 1e3, "share": self_us(e) / total, "calls": e.count}
+                        for e in top],
+            "aten": [{"name": e.key, "ms": total_us(e) / 1e3, "calls": e.count} for e in aten[:rows]]}
+
+
+def fmt(x, spec):
+    return "n/a" if x is None else format(x, spec)
+
+
+def table(results: list[dict], baseline: str) -> str:
+    lines = ["| attention | mode | batch | step ms | samples/s | speed-up vs dense (same mode) | TFLOP/s executed | MFU % "
+             "| FLOPs/sample executed (dense) | topk / tiles | peak GiB | warm-up s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = {r["mode"]: r for r in results if r["attn"] == baseline}
+    for r in results:
+        b = base.get(r["mode"])
+        speedup = b["step_ms"] / r["step_ms"] if b else None
+        sel = "all" if r["topk"] is None else f"{r['topk']} / {r['tiles']}"
+        lines.append(f"| {r['attn']} | {r['mode']} | {r['batch']} | {r['step_ms']:.1f} | {r['samples/s']:.2f} | "
+                     f"{fmt(speedup, '.2f')}× | {r['TFLOP/s']:.3g} | {fmt(r['MFU'] and 100 * r['MFU'], '.1f')} | "
+                     f"{r['flops_per_sample']:.3e} ({r['flops_per_sample_dense']:.3e}) | {sel} | "
+                     f"{fmt(r['peak_GiB'], '.1f')} | {r['warmup_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def profile_tables(r: dict) -> str:
+    p = r["profile"]
+    out = [f"### {r['attn']}, {r['mode']}: one step, {p['total_ms']:.1f} ms of {p['clock']} kernel time",
+           "", "| kernel | ms | share | calls |", "|---|---|---|---|"]
+    out += [f"| `{k['name'][:110]}` | {k['ms']:.2f} | {100 * k['share']:.1f}% | {k['calls']} |" for k in p["kernels"]]
+    out += ["", "| aten op (incl. the kernels it launches) | ms | calls |", "|---|---|---|"]
+    out += [f"| `{a['name']}` | {a['ms']:.2f} | {a['calls']} |" for a in p["aten"]]
+    return "\n".join(out)
+
+
+def main():
+    args = parse_args()
+    start = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    attns, modes = args.attn.split(","), args.modes.split(",")
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
+          f"model {args.model}, data {args.data}, batch {args.batch}, {args.warmup} warm-up + {args.steps} timed "
+          f"steps per row, overrides {args.override}", flush=True)
+    results, last_cost = [], {}
+    for mode in modes:
+        for attn in attns:
+            spent = time.perf_counter() - start
+            # A compiled row costs about what the previous compiled row cost; the first is guessed at 80 s.
+            guess = last_cost.get(mode, 80.0 if mode == "compile" else 20.0)
+            if spent + guess > args.budget:
+                print(f"skipped {attn} {mode}: {spent:.0f} s spent, ~{guess:.0f} s needed, budget {args.budget:.0f} s",
+                      flush=True)
+                continue
+            t0 = time.perf_counter()
+            try:
+                row = measure(load_cfg(args, attn), args, device, compiled=mode == "compile")
+            except Exception as e:  # one failing row must not lose the others
+                print(f"FAILED {attn} {mode}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+                continue
+            last_cost[mode] = time.perf_counter() - t0
+            results.append(row)
+            print(f"done {attn} {mode}: {row['samples/s']:.2f} samples/s, {row['step_ms']:.1f} ms/step, warm-up "
+                  f"{row['warmup_s']:.0f} s, row {last_cost[mode]:.0f} s", flush=True)
+            if args.out:  # after every row, so that a timeout keeps what was measured
+                args.out.mkdir(parents=True, exist_ok=True)
+                (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    print("\n## Training step: dense vs VSA\n")
+    print(table(results, baseline=attns[0]))
+    for r in results:
+        if "profile" in r:
+            print("\n" + profile_tables(r))
+    print(f"\ntotal {time.perf_counter() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

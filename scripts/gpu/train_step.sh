@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Training step time, dense vs VSA (87.5%: top 32 of 256 tiles), dit_120m at synthetic_16k (16,384 tokens),
+# batch 4, bf16, eager and torch.compile (as train.compile=true), same GPU, same process; then a
+# torch.profiler table (top kernels, top aten ops: which SDPA backend runs, copies) of one compiled dense
+# step and one compiled VSA step. Everything goes to $OUT/train_step.log (Markdown, for docs/benchmarks.md
+# "Training step: dense vs VSA"); results.json into $OUT/train_step.tgz. Budget: 220 s including compilation
+# (rows that may not fit are skipped and say so).
+#
+#   OUT=/tmp/ts bash scripts/gpu/train_step.sh            # on the GPU, from the repo root
+#   SMOKE=1 OUT=/tmp/ts bash scripts/gpu/train_step.sh    # CPU smoke run: dit_tiny, small video, 2 steps
+set -euo pipefail
+: "${OUT:?set OUT to the output folder}"
+mkdir -p "$OUT"
+LOG="$OUT/train_step.log"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+{
+  echo "# train_step on $(hostname), $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '(no git)')"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
+  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} > "$LOG" 2>&1
+
+if [ "${SMOKE:-0}" = 1 ]; then
+  args=(--smoke --budget 900)
+  limit=1000
+else
+  args=(--batch "${BATCH:-4}" --steps "${STEPS:-20}" --warmup 2 --budget 195)
+  limit=210
+fi
+echo "command: python scripts/bench_train_step.py ${args[*]} --out $OUT/results" >> "$LOG"
+rc=0
+timeout -k 5 "$limit" python scripts/bench_train_step.py "${args[@]}" --out "$OUT/results" >> "$LOG" 2>&1 || rc=$?
+echo "exit code: $rc$([ "$rc" = 124 ] && echo ' (timed out: rows above are complete, later ones missing)')" >> "$LOG"
+if [ -d "$OUT/results" ]; then
+  tar -czf "$OUT/train_step.tgz" -C "$OUT" results && rm -rf "$OUT/results"
+fi
+cat "$LOG" | grep -v '^| `' | tail -25

@@ -160,3 +160,31 @@ def test_compiles_without_graph_breaks():
     assert rel_err(out, eager) < 1e-6
     for name in NAMES:
         assert rel_err(grads[name], eager_grads[name]) < 1e-6, name
+
+
+@pytest.mark.skipif(not _triton_backend_available(),
+                    reason="needs triton, and CUDA or TRITON_INTERPRET=1 set before triton is imported")
+def test_triton_tiled_path_and_compile():
+    """Triton backend: the tile-order path equals the raster path; the op compiles into one graph."""
+    layout = TileLayout((5, 6, 7))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = {n: t.float().to(device) for n, t in random_inputs(1, layout.seq_len, H, D, NAMES, seed=3).items()}
+
+    def raster(**t):
+        return video_sparse_attention(**t, video_shape=layout.video_shape, topk=2, backend="triton")
+
+    out, grads = output_and_grads(raster, x, torch.float32)
+    tiled, tiled_grads = output_and_grads(
+        lambda **t: layout.from_tiles(video_sparse_attention_tiled(
+            **{n: layout.to_tiles(v) for n, v in t.items()}, layout=layout, topk=2, backend="triton")),
+        x, torch.float32)
+    assert rel_err(tiled, out) < 1e-6
+    for name in NAMES:
+        assert rel_err(tiled_grads[name], grads[name]) < 1e-6, name
+
+    torch._dynamo.reset()
+    compiled = torch.compile(raster, backend="aot_eager", fullgraph=True)
+    out_c, grads_c = output_and_grads(compiled, x, torch.float32)
+    assert torch.equal(out_c, out)
+    for name in NAMES:
+        assert torch.equal(grads_c[name], grads[name]), name

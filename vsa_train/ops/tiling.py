@@ -78,7 +78,11 @@ class TileLayout:
 
         Pad rows get their tile's first coordinate (a real position; use the mask to tell them apart).
         """
-        return _tables(self.video_shape, self.tile, torch.device(device or "cpu"))[2:]
+        return _tables(self.video_shape, self.tile, torch.device(device or "cpu"))[2:4]
+
+    def raster_tokens(self, device=None) -> torch.Tensor:
+        """Raster token of each padded row, int32 [S_pad], -1 for pad rows (cached per device)."""
+        return _tables(self.video_shape, self.tile, torch.device(device or "cpu"))[4]
 
     def to_tiles(self, x: torch.Tensor) -> torch.Tensor:
         """[B, S, ...] in raster order -> [B, S_pad, ...] in padded tile order, pad rows zero."""
@@ -113,7 +117,7 @@ def _tables(video_shape, tile, device):
 
 
 def _build_tables(video_shape, tile, device):
-    """(padded row of each raster token, tile sizes, positions of padded rows, their validity)."""
+    """(padded row of each raster token, tile sizes, positions of padded rows, their validity, their raster token)."""
     shape = torch.tensor(video_shape)
     tile = torch.tensor(tile)
     grid = -(-shape // tile)
@@ -141,4 +145,8 @@ def _build_tables(video_shape, tile, device):
     valid = torch.zeros(n_tiles * block, dtype=torch.bool)
     valid[rows] = True
 
-    return rows.to(device), sizes.to(device, torch.int32), positions.to(device), valid.to(device)
+    tokens = torch.full((n_tiles * block,), -1, dtype=torch.int32)
+    tokens[rows] = torch.arange(rows.numel(), dtype=torch.int32)
+
+    return (rows.to(device), sizes.to(device, torch.int32), positions.to(device), valid.to(device),
+            tokens.to(device))

@@ -10,6 +10,7 @@ import torch
 
 from .block_sparse import block_sparse_attention
 from .coarse import coarse_attention, tile_mean, topk_tiles
+from .gating import gated_combine
 from .pool import tile_means
 from .reference import block_sparse_attention_torch
 from .tiling import TileLayout
@@ -45,11 +46,12 @@ def video_sparse_attention(
     """
     layout = TileLayout(video_shape, tile)
     backend = _check_inputs(q, k, v, gate_coarse, gate_fine, topk, backend, layout, tiled=False)
-    q, k, v, gate_coarse, gate_fine = (
-        None if x is None else layout.to_tiles(x) for x in (q, k, v, gate_coarse, gate_fine)
-    )
-    out = _vsa_tiled(q, k, v, layout, topk, gate_coarse, gate_fine, backend)  # [B, S_pad, H, D]
-    return layout.from_tiles(out)  # [B, S, H, D]
+    q, k, v = (layout.to_tiles(x) for x in (q, k, v))  # [B, S_pad, H, D] each
+    o_coarse, o_fine = _attend(q, k, v, layout, topk, backend)  # [B, n, H, D], [B, S_pad, H, D]
+    if backend == "triton":  # gates read and O written in raster order by the combine kernel
+        return gated_combine(o_coarse, o_fine, gate_coarse, gate_fine, raster_layout=layout)  # [B, S, H, D]
+    gate_coarse, gate_fine = (None if x is None else layout.to_tiles(x) for x in (gate_coarse, gate_fine))
+    return layout.from_tiles(combine(o_coarse, o_fine, gate_coarse, gate_fine))  # [B, S, H, D]
 
 
 def video_sparse_attention_tiled(
@@ -70,7 +72,10 @@ def video_sparse_attention_tiled(
     if not isinstance(layout, TileLayout):
         raise TypeError(f"layout must be a TileLayout, got {type(layout).__name__}")
     backend = _check_inputs(q, k, v, gate_coarse, gate_fine, topk, backend, layout, tiled=True)
-    return _vsa_tiled(q, k, v, layout, topk, gate_coarse, gate_fine, backend)
+    o_coarse, o_fine = _attend(q, k, v, layout, topk, backend)  # [B, n, H, D], [B, S_pad, H, D]
+    if backend == "triton":
+        return gated_combine(o_coarse, o_fine, gate_coarse, gate_fine)  # [B, S_pad, H, D]
+    return combine(o_coarse, o_fine, gate_coarse, gate_fine)  # [B, S_pad, H, D]
 
 
 def combine(
@@ -79,31 +84,34 @@ def combine(
     gate_coarse: torch.Tensor | None = None,
     gate_fine: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """O = O_c * G_c + O_f * G_f in padded tile order: o_coarse [B, n, H, D] per tile, the rest [B, S_pad, H, D]."""
+    """O = O_c * G_c + O_f * G_f in padded tile order: o_coarse [B, n, H, D] per tile, the rest [B, S_pad, H, D].
+
+    PyTorch; the reference of the Triton `gating.gated_combine`. O_c is rounded to o_fine's dtype first.
+    """
     B, S_pad, H, D = o_fine.shape
     n = o_coarse.shape[1]
-    o_c = o_coarse[:, :, None]  # [B, n, 1, H, D]: one row per tile, broadcast over its rows
+    o_c = o_coarse.to(o_fine.dtype)[:, :, None]  # [B, n, 1, H, D]: one row per tile, broadcast over its rows
     if gate_coarse is not None:
         o_c = o_c * gate_coarse.view(B, n, -1, H, D)  # [B, n, block, H, D]
     o_f = o_fine if gate_fine is None else o_fine * gate_fine  # [B, S_pad, H, D]
     return (o_f.view(B, n, -1, H, D) + o_c).view(B, S_pad, H, D)  # [B, S_pad, H, D]
 
 
-def _vsa_tiled(q, k, v, layout, topk, gate_coarse, gate_fine, backend):
-    """The op on checked inputs in padded tile order."""
+def _attend(q, k, v, layout, topk, backend):
+    """Coarse stage, selection and fine stage on checked inputs in padded tile order: (O_c, O_f)."""
     sizes = layout.kv_tile_sizes(q.device)  # [n] int32
     scale = q.shape[-1] ** -0.5
     if backend == "torch":  # the reference takes any head dim and any tile size
         q_c, k_c, v_c = tile_mean(q, sizes), tile_mean(k, sizes), tile_mean(v, sizes)  # [B, n, H, D] each
     else:  # one launch, fp32 means (views of a [3, B, H, n, D] buffer)
         q_c, k_c, v_c = tile_means(q, k, v, sizes)  # [B, n, H, D] each
-    o_coarse, scores = coarse_attention(q_c, k_c, v_c, scale)  # [B, n, H, D], [B, H, n, n]
+    o_coarse, scores = coarse_attention(q_c, k_c, v_c, scale)  # [B, n, H, D] (fp32 for half inputs), [B, H, n, n]
     q2k_index, q2k_count = topk_tiles(scores, topk)  # [B, H, n, K], [B, H, n]
     if backend == "torch":
         o_fine, _ = block_sparse_attention_torch(q, k, v, q2k_index, q2k_count, sizes, scale)
     else:
         o_fine, _ = block_sparse_attention(q, k, v, q2k_index, q2k_count, sizes, scale, backend="triton")
-    return combine(o_coarse.to(q.dtype), o_fine, gate_coarse, gate_fine)  # [B, S_pad, H, D]
+    return o_coarse, o_fine  # [B, n, H, D], [B, S_pad, H, D]
 
 
 def _check_inputs(q, k, v, gate_coarse, gate_fine, topk, backend, layout, tiled):

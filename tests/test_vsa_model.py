@@ -202,3 +202,14 @@ def test_dense_run_switched_to_vsa_with_ramp(tmp_path):
     per_step = [b["flops"] - a["flops"] for a, b in itertools.pairwise(rows[1:])]
     assert per_step[0] > per_step[1]  # executed FLOPs follow the topk in force...
     assert rows[-1]["flops_dense"] == pytest.approx(1.5 * dense_rows[-1]["flops"])  # ...dense-equivalent beside
+
+
+def test_compile_fullgraph_follows_the_schedule():
+    """No graph breaks (tile order, layout tables, op); a new topk in force is picked up (by a recompile)."""
+    model = make({"name": "vsa", "schedule": "ramp"}).eval()
+    x, t, text, mask = inputs()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        for limit in (0.0, 1.0):
+            model.set_sparsity_limit(limit)
+            torch.testing.assert_close(compiled(x, t, text, mask), model(x, t, text, mask))

@@ -82,6 +82,15 @@ def test_positions(video_shape, tile):
     assert torch.all(positions < torch.tensor(video_shape))
 
 
+@pytest.mark.parametrize("video_shape,tile", CASES)
+def test_raster_tokens_invert_padded_rows(video_shape, tile):
+    layout = TileLayout(video_shape, tile)
+    tokens = layout.raster_tokens()
+    assert tokens.dtype == torch.int32 and tokens.shape == (layout.padded_len,)
+    assert torch.equal(tokens[layout.padded_rows()].long(), torch.arange(layout.seq_len))
+    assert torch.equal(tokens >= 0, layout.positions()[1])  # -1 exactly on the pad rows
+
+
 def test_tables_are_cached_and_differentiable():
     layout = TileLayout((5, 6, 7))
     assert layout.padded_rows() is TileLayout((5, 6, 7)).padded_rows()

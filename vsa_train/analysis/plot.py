@@ -70,8 +70,11 @@ def plot_frontier(frontiers: dict, fits: dict, out_path) -> None:
 def _log_axes(ax, ylabel: str) -> None:
     ax.set_xscale("log")
     ax.set_yscale("log")
-    for axis in (ax.xaxis, ax.yaxis):
-        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short ranges
+    # Losses often span less than a decade, where a log axis has no major tick: label the minor ticks then.
+    plain = matplotlib.ticker.FormatStrFormatter("%.3g")
+    low, high = ax.get_ylim()
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain if high < 10 * low else matplotlib.ticker.NullFormatter())
     ax.set_xlabel("training FLOPs (cumulative, executed)")
     ax.set_ylabel(ylabel)
     ax.grid(True, which="both", alpha=0.3)

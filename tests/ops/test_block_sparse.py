@@ -115,7 +115,7 @@ def test_matches_torch_reference():
         assert rel_err(got, ref.double()) < 1e-5
 
 
-@pytest.mark.parametrize("n,K,ragged,block", [(7, 4, True, None), (9, 9, False, 4), (11, 3, True, 2)])
+@pytest.mark.parametrize("n,K,ragged,block", [(7, 4, True, None), (9, 9, False, 4), (11, 3, True, 4)])
 def test_k2q_index_inverts_q2k(monkeypatch, n, K, ragged, block):
     if block is not None:  # small blocks: the kernels' loops run several times
         monkeypatch.setattr(index_module, "BLOCK_SLOTS", block)

@@ -53,11 +53,13 @@ def test_fit_recovers_exact_power_law():
     assert math.isnan(fit.flops_at(0.99 * C))  # below the floor: never reached
 
 
-def test_fit_needs_three_positive_points():
-    with pytest.raises(ValueError, match="at least 3 points"):
-        fit_power_law([1e15, 2e15], [1.0, 0.9])
+def test_fit_refuses_too_few_points_and_rising_loss():
+    with pytest.raises(ValueError, match="at least 4 points"):
+        fit_power_law([1e15, 2e15, 4e15], [1.0, 0.9, 0.85])  # three points would fit any (a, b, c) exactly
     with pytest.raises(ValueError, match="positive"):
-        fit_power_law([0.0, 1e15, 2e15], [1.0, 0.9, 0.8])
+        fit_power_law([0.0, 1e15, 2e15, 4e15], [1.0, 0.9, 0.8, 0.7])
+    with pytest.raises(ValueError, match="does not fall like a power"):
+        fit_power_law([1e15, 2e15, 4e15, 8e15], [0.7, 0.8, 0.9, 1.0])
 
 
 def test_frontier_keeps_only_unbeaten_points():

@@ -41,13 +41,17 @@ class PowerLaw(NamedTuple):
         return math.exp((math.log(self.a) - math.log(loss - self.c)) / self.b)
 
 
+MIN_POINTS = 4  # more points than parameters: three points fit any (a, b, c) exactly, however absurd
+MAX_EXPONENT = 2.0  # b is kept in [0, 2]; measured exponents are ~0.05-0.5, a steeper fit is a degenerate one
+
+
 def fit_power_law(flops, loss, iterations: int = 200) -> PowerLaw:
-    """Least-squares fit of L(C) = a·C^(-b) + c (c >= 0) in log space; needs at least 3 points with C > 0."""
+    """Least-squares fit of L(C) = a·C^(-b) + c (c >= 0, 0 <= b <= 2) in log space; needs 4+ points with C > 0."""
     C, L = np.asarray(flops, dtype=np.float64), np.asarray(loss, dtype=np.float64)
     if C.shape != L.shape or C.ndim != 1:
         raise ValueError(f"flops and loss must be 1-D and of equal length, got {C.shape} and {L.shape}")
-    if len(C) < 3:
-        raise ValueError(f"fitting a·C^(-b) + c needs at least 3 points, got {len(C)}")
+    if len(C) < MIN_POINTS:
+        raise ValueError(f"fitting a·C^(-b) + c needs at least {MIN_POINTS} points, got {len(C)}")
     if not (np.all(np.isfinite(C)) and np.all(np.isfinite(L)) and np.all(C > 0) and np.all(L > 0)):
         raise ValueError("fitting needs finite, positive FLOPs and losses")
     # Normalised FLOPs (x = log(C / C0)) keep the problem well conditioned; a = A·C0^b at the end.
@@ -62,10 +66,14 @@ def fit_power_law(flops, loss, iterations: int = 200) -> PowerLaw:
     best = None
     for c in L.min() * np.linspace(0.0, 0.999, 400):
         b_neg, log_A = np.polyfit(x, np.log(L - c), 1)
+        if not 0.0 <= -b_neg <= MAX_EXPONENT:
+            continue
         theta = np.array([log_A, -b_neg, c])
         cost = float(np.sum(residuals(theta) ** 2))
         if best is None or cost < best[0]:
             best = (cost, theta)
+    if best is None:
+        raise ValueError(f"no fit with 0 <= b <= {MAX_EXPONENT}: the loss does not fall like a power of FLOPs here")
     cost, theta = best
 
     # Levenberg-Marquardt polish of all three parameters, keeping 0 <= c < min L.
@@ -77,6 +85,7 @@ def fit_power_law(flops, loss, iterations: int = 200) -> PowerLaw:
         J = np.stack([f / (f + c), -x * f / (f + c), 1.0 / (f + c)], axis=1)
         step = np.linalg.solve(J.T @ J + damping * np.diag(np.diag(J.T @ J) + 1e-12), -J.T @ r)
         candidate = theta + step
+        candidate[1] = min(max(candidate[1], 0.0), MAX_EXPONENT)
         candidate[2] = min(max(candidate[2], 0.0), 0.999 * L.min())
         new_cost = float(np.sum(residuals(candidate) ** 2))
         if new_cost < cost:

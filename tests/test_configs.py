@@ -95,5 +95,6 @@ def test_unknown_model_on_the_command_line_lists_the_choices(tmp_path):
 
 def test_unknown_data_source_lists_the_sources():
     cfg = _compose("data.source=webvid")
-    with pytest.raises(ValueError, match=r"unknown data.source='webvid'; choices: \['synthetic'\]"):
+    sources = r"\['hf', 'latents', 'synthetic', 'videos'\]"
+    with pytest.raises(ValueError, match=r"unknown data.source='webvid'; choices: " + sources):
         data_spec(cfg.data)

@@ -213,3 +213,15 @@ def test_compile_fullgraph_follows_the_schedule():
         for limit in (0.0, 1.0):
             model.set_sparsity_limit(limit)
             torch.testing.assert_close(compiled(x, t, text, mask), model(x, t, text, mask))
+
+
+def test_mixed_dtypes_under_autocast_take_the_autocast_dtype():
+    """On CUDA, autocast runs RMSNorm in fp32 but linears in bf16: the core must hand the op one dtype."""
+    core = VSAAttention({"name": "vsa", "topk": 1}, dim=128, num_heads=2)
+    ctx = make({"name": "vsa"}).context((4, 8, 8), "cpu")
+    q, k = torch.randn(2, 1, 256, 2, 64).unbind(0)  # fp32, as RMSNorm returns under CUDA autocast
+    v, x = torch.randn(1, 256, 2, 64, dtype=torch.bfloat16), torch.randn(1, 256, 128)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = core(q, k, v, x, ctx)
+    assert out.dtype == torch.bfloat16 and out.isfinite().all()
+    assert core(q, k, v, x, ctx).dtype == torch.float32  # without autocast: q's dtype

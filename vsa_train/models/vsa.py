@@ -167,6 +167,10 @@ class VSAAttention(nn.Module):
             raise ValueError("VSAAttention needs the tokens in its token_order (the model applies it per forward)")
         gc = None if self.gate_coarse is None else self.gate_coarse(x).view(B, S, H, D)  # [B, S, H, D]
         gf = None if self.gate_fine is None else self.gate_fine(x).view(B, S, H, D)  # [B, S, H, D]
+        # Under CUDA autocast, RMSNorm runs in fp32 (q, k fp32) while v and the gates come out of bf16 linears;
+        # SDPA casts by itself, the VSA op (a custom op) takes one dtype: that of autocast, as SDPA would.
+        dtype = torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else q.dtype
+        q, k, v, gc, gf = (None if t is None else t.to(dtype) for t in (q, k, v, gc, gf))
         padded = layout.padded_len != S  # edge tiles: pad each tile to whole rows for the kernel
         if padded:
             rows = _tile_order(ctx.grid, self.cfg.tile, q.device)[1]  # [S]

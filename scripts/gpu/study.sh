@@ -14,7 +14,7 @@ mkdir -p "$OUT"
 LOG="$OUT/study.log"
 START=$SECONDS
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export TQDM_DISABLE=1 WANDB_MODE=disabled  # progress bars would flood the run logs; metrics.jsonl is the record
+export WANDB_MODE=disabled  # logger=none below; metrics.jsonl is the record
 
 # Sizes (name width depth heads; head dim 64): custom widths below dit_60m, so that ~30 s of GPU time per run
 # buys hundreds of optimizer steps at 16K tokens (dit_60m would get a few dozen).
@@ -34,7 +34,7 @@ rm -rf "$RUNS"
 mkdir -p "$RUNS"
 
 {
-  echo "# study: loss vs FLOPs on $(hostname), $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '(no git)')"
+  echo "# study: loss vs FLOPs on $(hostname 2>/dev/null || echo "?"), $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '(no git)')"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
   python -c "import torch, triton; print(f'torch {torch.__version__}, triton {triton.__version__}')" 2>&1 || true
   echo "budget $BUDGET FLOPs per run, eval every $EVAL_EVERY FLOPs, batch $BATCH, warm-up $WARMUP steps, deadline ${DEADLINE}s"
@@ -55,7 +55,8 @@ for size in "${SIZES[@]}"; do
     echo "run $run: ${cmd[*]}" >> "$LOG"
     left=$(( DEADLINE - (SECONDS - START) ))
     left=$(( left > 10 ? left : 10 ))  # `timeout 0` would mean no limit at all
-    timeout --kill-after=5 "$left" "${cmd[@]}" > "$RUNS/$run.out" 2>&1 &
+    ( t0=$SECONDS; rc=0; timeout --kill-after=5 "$left" "${cmd[@]}" || rc=$?
+      echo "wall time: $((SECONDS - t0)) s"; exit "$rc" ) > "$RUNS/$run.out" 2>&1 &
     pids+=("$!:$run")
   done
 done
@@ -67,7 +68,7 @@ for entry in "${pids[@]}"; do
   {
     echo
     echo "## run $run: exit code $rc$([ "$rc" = 124 ] && echo " (stopped at the ${DEADLINE}s deadline before its budget)")"
-    grep -E '^(params|flops_per_sample|topk|flops budget|rank 0)' "$RUNS/$run.out" || true
+    grep -E '^(params|flops_per_sample|topk|flops budget|rank 0|wall time)' "$RUNS/$run.out" || true
     [ "$rc" = 0 ] || [ "$rc" = 124 ] || tail -n 30 "$RUNS/$run.out"
     python - "$RUNS/$run/metrics.jsonl" <<'EOF' 2>&1 || true
 import json, sys

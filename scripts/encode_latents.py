@@ -64,7 +64,7 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     data_cfg = load_config(args.overrides)
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: torchrun on CPUs gives MULTI_CPU (gloo)
     out = Path(args.out)
     clips = hf.load_clips(data_cfg) if data_cfg.source == "hf" else videos.list_clips(data_cfg)
 

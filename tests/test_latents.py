@@ -4,6 +4,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -190,3 +192,20 @@ def test_missing_index_and_bad_video_size(tmp_path, vae_dir):
         data_spec(OmegaConf.create({"source": "latents", "path": str(tmp_path)}))
     with pytest.raises(SystemExit, match=r"data.frames = 1 \+ 4k"):
         _encode(tmp_path, vae_dir, "data.frames=4")
+
+
+@pytest.mark.slow
+def test_encode_on_two_processes(tmp_path, vae_dir):
+    """torchrun (as `accelerate launch`) splits the shards by rank; rank 0 writes one index of all of them."""
+    manifest = tmp_path / "clips.csv"
+    manifest.write_text(f"path,caption\n{PHONE},a man in a car\n{CLIPS / 'carphone_distorted.mp4'},a blurry man\n"
+                        f"{PHONE},a man talks\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           str(ROOT / "scripts" / "encode_latents.py"), "--vae", str(vae_dir), "--out", str(tmp_path / "out"),
+           "--shard-size", "1", "data=videos", f"data.manifest={manifest}", *SIZE]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "encode[0]" in result.stderr and "encode[1]" in result.stderr  # both ranks worked
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert [s["file"] for s in index["shards"]] == [f"shard_{k:05d}.safetensors" for k in range(3)]
+    assert index["count"] == 3

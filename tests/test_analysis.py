@@ -141,3 +141,7 @@ def test_run_without_its_config_fails_clearly(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 0, "flops": 0.0}\n')
     with pytest.raises(FileNotFoundError, match="cannot tell its attention"):
         find_runs([tmp_path])
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("model: {name: m, hidden_size: 8, depth: 1}\n")
+    with pytest.raises(ValueError, match="config lacks 'attn'"):
+        find_runs([tmp_path])

@@ -65,10 +65,12 @@ def _from_wandb(log: Path, owner: Path) -> Run:
 
 
 def _run(path: Path, cfg: dict, rows: list[dict]) -> Run:
-    model = cfg["model"]
-    size = model["name"]
-    return Run(path=path, attn=cfg["attn"]["name"], size=f"{size} ({model['hidden_size']}x{model['depth']})",
-               budget=cfg["train"].get("flops_budget"), rows=sorted(rows, key=lambda r: r["step"]))
+    try:
+        model, attn, budget = cfg["model"], cfg["attn"]["name"], cfg.get("train", {}).get("flops_budget")
+        size = f"{model['name']} ({model['hidden_size']}x{model['depth']})"
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path}: its config lacks {err} (model name, width, depth and attn.name are needed)") from None
+    return Run(path=path, attn=attn, size=size, budget=budget, rows=sorted(rows, key=lambda r: r["step"]))
 
 
 def _wandb_owner(log: Path) -> Path:

@@ -67,7 +67,7 @@ for entry in "${pids[@]}"; do
   wait "$pid" || rc=$?
   {
     echo
-    echo "## run $run: exit code $rc$([ "$rc" = 124 ] && echo " (stopped at the ${DEADLINE}s deadline before its budget)")"
+    echo "## run $run: exit code $rc$([ "$rc" = 124 ] && echo " (stopped by the ${DEADLINE}s deadline; see summary.md for whether it reached its budget)")"
     grep -E '^(params|flops_per_sample|topk|flops budget|rank 0|wall time)' "$RUNS/$run.out" || true
     [ "$rc" = 0 ] || [ "$rc" = 124 ] || tail -n 30 "$RUNS/$run.out"
     python - "$RUNS/$run/metrics.jsonl" <<'EOF' 2>&1 || true

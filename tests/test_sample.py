@@ -106,3 +106,14 @@ def test_latent_run_samples_through_the_vae(tmp_path):
     sample_cli.main([f"checkpoint={tmp_path / 'run'}", "prompt=a man in a car", "steps=2", f"out={tmp_path / 'l.mp4'}"])
     frames = _frames(tmp_path / "l.mp4")
     assert len(frames) == 5 and frames[0].shape == (16, 16, 3)  # decoded: 4x temporal (1 + 4k), 8x spatial
+
+
+def test_vsa_run_samples_at_the_sparsity_it_reached(tmp_path):
+    from vsa_train.models.vsa import VSAAttention
+
+    _train(tmp_path, *PIXELS, "attn=vsa", "attn.schedule=ramp", "attn.ramp_rate=0.25", "attn.ramp_interval=1",
+           "train.max_steps=2")
+    model, cfg, _ = load_model(tmp_path)
+    limits = {m.limit for m in model.modules() if isinstance(m, VSAAttention)}
+    assert limits == {0.5}  # 2 steps of a 0.25-per-step ramp, not the final target
+    assert generate(model, cfg.data, ["a red circle"], steps=1, cfg_scale=2.0).shape == (1, 3, 4, 8, 8)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from .checkpoint import latest_checkpoint
 from .data import build_text_encoder, data_spec, decode
 from .diffusion import euler_sample
-from .models import build_model
+from .models import build_model, vsa_config
 
 CONFIG = "config.yaml"  # the resolved run config, written by the trainer into run_dir
 
@@ -58,4 +58,7 @@ def load_model(checkpoint, device="cpu", ema: bool = True):
         averaged = torch.load(ckpt / "custom_checkpoint_1.pkl", map_location="cpu", weights_only=True)
         state = {k.removeprefix("module."): v for k, v in averaged.items() if k.startswith("module.")}
     model.load_state_dict(state)
+    if (vsa := vsa_config(cfg.attn)) is not None:  # the sparsity the run had reached (a ramp may not be done)
+        step = torch.load(ckpt / "custom_checkpoint_0.pkl", weights_only=True)["step"]  # TrainState
+        model.set_sparsity_limit(vsa.sparsity_limit(step))
     return model.to(device).eval(), cfg, ckpt

@@ -38,7 +38,7 @@ class AttnContext:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last dim, computed in the input's dtype (a bf16 q stays bf16 under autocast)."""
+    """RMSNorm over the last dim (in the input's dtype; CUDA autocast runs rms_norm in fp32 and returns fp32)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()

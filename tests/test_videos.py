@@ -243,3 +243,12 @@ def test_training_goes_on_past_bad_inputs_and_counts_them(tmp_path):
     last = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
     assert last["step"] == 3 and np.isfinite(last["train/loss"])
     assert last["data/skipped"] == len(bad)  # 12 stream positions over 7 clips: every bad one met, counted once
+
+
+def test_holdout_clips_are_eval_only(tmp_path):
+    rows = [(str(PHONE), "a man in a car"), (str(CLIPS / "carphone_distorted.mp4"), "a blurry man")]
+    data = build_data(_cfg(manifest=str(_manifest(tmp_path, rows)), holdout=1), batch_size=3, eval_samples=2)
+    assert next(iter(data.train))["caption"] == ["a man in a car"] * 3
+    assert data.eval["caption"] == ["a blurry man"] * 2
+    with pytest.raises(ValueError, match="data.holdout=2"):
+        build_data(_cfg(manifest=str(_manifest(tmp_path, rows)), holdout=2), batch_size=1, eval_samples=1)

@@ -234,11 +234,14 @@ class ItemStream(IterableDataset):
                  start_batch: int = 0, names=None):
         self.n, self.load, self.encoder, self.batch_size, self.seed = n, load, encoder, batch_size, seed
         self.rank, self.world_size, self.start_batch, self.names = rank, world_size, start_batch, names
+        self._epoch, self._perm = None, None
 
     def _item(self, p: int) -> int:
         epoch = p // self.n
-        perm = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(epoch,))).permutation(self.n)
-        return int(perm[p % self.n])
+        if self._epoch != epoch:  # one permutation per epoch, not per item (N may be millions)
+            rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(epoch,)))
+            self._epoch, self._perm = epoch, rng.permutation(self.n)
+        return int(self._perm[p % self.n])
 
     def __iter__(self):
         info = get_worker_info()
@@ -305,6 +308,9 @@ def split_clips(cfg, clips: list[Clip]) -> tuple[list[Clip], list[Clip]]:
     holdout = cfg.get("holdout", 0)
     if not 0 <= holdout < len(clips):
         raise ValueError(f"data.holdout={holdout} must be in [0, {len(clips)}) for {len(clips)} clips")
+    if not holdout:
+        log.warning("data.holdout=0: the eval loss is measured on training clips (their middle windows); "
+                    "set data.holdout=N to hold the last N clips out")
     return (clips[: len(clips) - holdout], clips[len(clips) - holdout:]) if holdout else (clips, clips)
 
 

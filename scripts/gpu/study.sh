@@ -56,7 +56,7 @@ for size in "${SIZES[@]}"; do
     left=$(( DEADLINE - (SECONDS - START) ))
     left=$(( left > 10 ? left : 10 ))  # `timeout 0` would mean no limit at all
     ( t0=$SECONDS; rc=0; timeout --kill-after=5 "$left" "${cmd[@]}" || rc=$?
-      echo "wall time: $((SECONDS - t0)) s"; exit "$rc" ) > "$RUNS/$run.out" 2>&1 &
+      printf "\nwall time: %s s\n" "$((SECONDS - t0))"; exit "$rc" ) > "$RUNS/$run.out" 2>&1 &
     pids+=("$!:$run")
   done
 done
@@ -76,9 +76,11 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 evals = [r for r in rows if "eval/loss" in r]
 speeds = [r["samples/s"] for r in rows if "samples/s" in r][1:]  # the first window holds start-up
 last = rows[-1]
+rows = [r for r in rows if "topk" in r]  # logged with the training rows (every log_every steps)
 print(f"steps {last['step']}, samples {last.get('samples', 0)}, FLOPs {last['flops']:.4g}, "
       f"{len(evals)} evals, eval loss {evals[0]['eval/loss']:.5f} -> {evals[-1]['eval/loss']:.5f}; "
-      f"median samples/s {sorted(speeds)[len(speeds) // 2] if speeds else float('nan'):.1f} (GPU shared by 4 runs)")
+      f"median samples/s {sorted(speeds)[len(speeds) // 2] if speeds else float('nan'):.1f} (GPU shared by 4 runs)"
+      + "".join(f"; VSA topk {r['topk']}, sparsity {r['sparsity']:.4f}" for r in rows[-1:] if "topk" in r))
 EOF
   } >> "$LOG"
 done

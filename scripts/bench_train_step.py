@@ -6,8 +6,9 @@ config's shape, made once on the device (so this measures the model, not the vid
 builds a fresh model (same seed), warms up (compilation included), then times `--steps` steps between
 two device synchronisations. TFLOP/s count the executed analytic FLOPs (vsa_train/flops.py: topk in force,
 coarse stage, gates); MFU is against `--peak-tflops` (989: H100 dense bf16). Speed-up = dense time / row time
-in the same mode. For the compiled rows one more step runs under torch.profiler and its top kernels (GPU
-time) and top aten ops (which SDPA backend ran; copies) are printed.
+in the same mode. One more step per row runs under torch.profiler: its top kernels (GPU time) and top aten ops
+(which SDPA backend ran; copies) are printed. The table so far is printed after every row, so that a run cut
+short by a time limit still leaves complete tables.
 
     python scripts/bench_train_step.py --out DIR                        # dit_120m, synthetic_16k, batch 4
     python scripts/bench_train_step.py --smoke --out DIR                # CPU: dit_tiny on a small video
@@ -34,8 +35,9 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="dit_120m")
     p.add_argument("--data", default="synthetic_16k")
-    p.add_argument("--attn", default="dense,vsa", help="comma-separated attn configs; the first is the baseline")
-    p.add_argument("--modes", default="eager,compile")
+    p.add_argument("--rows", default="dense:eager,vsa:eager,vsa:compile,dense:compile",
+                   help="attn:mode pairs in the order run (the most wanted compiled row first, in case time runs out)")
+    p.add_argument("--baseline", default="dense", help="the attn config speed-ups are relative to")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=25, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per row (compilation happens here)")
@@ -114,8 +116,7 @@ def measure(cfg, args, device, compiled: bool) -> dict:
            "topk": None if vsa is None else vsa.topk_in_force(_tiles(cfg, vsa)), "tiles": _tiles(cfg, vsa)}
     row["MFU"] = row["TFLOP/s"] / args.peak_tflops if device.type == "cuda" else None
     row["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    if compiled:
-        row["profile"] = profile_step(step, device)
+    row["profile"] = profile_step(step, device)
     del model, step
     gc.collect()
     if device.type == "cuda":
@@ -192,38 +193,32 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    attns, modes = args.attn.split(","), args.modes.split(",")
+    rows = [tuple(r.split(":")) for r in args.rows.split(",")]
+    if any(len(r) != 2 or r[1] not in ("eager", "compile") for r in rows):
+        raise SystemExit(f"--rows must be attn:mode pairs with mode eager or compile, got {args.rows!r}")
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
           f"model {args.model}, data {args.data}, batch {args.batch}, {args.warmup} warm-up + {args.steps} timed "
           f"steps per row, overrides {args.override}", flush=True)
-    results, last_cost = [], {}
-    for mode in modes:
-        for attn in attns:
-            spent = time.perf_counter() - start
-            # A compiled row costs about what the previous compiled row cost; the first is guessed at 80 s.
-            guess = last_cost.get(mode, 80.0 if mode == "compile" else 20.0)
-            if spent + guess > args.budget:
-                print(f"skipped {attn} {mode}: {spent:.0f} s spent, ~{guess:.0f} s needed, budget {args.budget:.0f} s",
-                      flush=True)
-                continue
-            t0 = time.perf_counter()
-            try:
-                row = measure(load_cfg(args, attn), args, device, compiled=mode == "compile")
-            except Exception as e:  # noqa: BLE001 (one failing row must not lose the others; its error is printed)
-                print(f"FAILED {attn} {mode}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
-                continue
-            last_cost[mode] = time.perf_counter() - t0
-            results.append(row)
-            print(f"done {attn} {mode}: {row['samples/s']:.2f} samples/s, {row['step_ms']:.1f} ms/step, warm-up "
-                  f"{row['warmup_s']:.0f} s, row {last_cost[mode]:.0f} s", flush=True)
-            if args.out:  # after every row, so that a timeout keeps what was measured
-                args.out.mkdir(parents=True, exist_ok=True)
-                (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    print("\n## Training step: dense vs VSA\n")
-    print(table(results, baseline=attns[0]))
-    for r in results:
-        if "profile" in r:
-            print("\n" + profile_tables(r))
+    results = []
+    for attn, mode in rows:
+        spent = time.perf_counter() - start
+        if spent + (45 if mode == "compile" else 15) > args.budget:  # rather skip than be killed mid-row
+            print(f"skipped {attn} {mode}: {spent:.0f} s of the {args.budget:.0f} s budget spent", flush=True)
+            continue
+        t0 = time.perf_counter()
+        try:
+            row = measure(load_cfg(args, attn), args, device, compiled=mode == "compile")
+        except Exception as e:  # noqa: BLE001 (one failing row must not lose the others; its error is printed)
+            print(f"FAILED {attn} {mode}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+            continue
+        results.append(row)
+        print(f"\ndone {attn} {mode}: {row['samples/s']:.2f} samples/s, {row['step_ms']:.1f} ms/step, warm-up "
+              f"{row['warmup_s']:.0f} s, row {time.perf_counter() - t0:.0f} s\n\n{profile_tables(row)}\n\n"
+              f"Table so far:\n\n{table(results, args.baseline)}", flush=True)
+        if args.out:  # after every row, so that a timeout keeps what was measured
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"\n## Training step: dense vs VSA (final)\n\n{table(results, args.baseline)}")
     print(f"\ntotal {time.perf_counter() - start:.0f} s", flush=True)
 
 

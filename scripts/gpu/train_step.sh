@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Training step time, dense vs VSA (87.5%: top 32 of 256 tiles), dit_120m at synthetic_16k (16,384 tokens),
-# batch 4, bf16, eager and torch.compile (as train.compile=true), same GPU, same process; then a
-# torch.profiler table (top kernels, top aten ops: which SDPA backend runs, copies) of one compiled dense
-# step and one compiled VSA step. Everything goes to $OUT/train_step.log (Markdown, for docs/benchmarks.md
+# batch 4, bf16, eager and torch.compile (as train.compile=true), same GPU, same process, rows in the order
+# dense eager, VSA eager, VSA compiled, dense compiled; after each row a torch.profiler table of one step
+# (top kernels, top aten ops: which SDPA backend runs, copies) and the table so far. Everything goes to $OUT/train_step.log (Markdown, for docs/benchmarks.md
 # "Training step: dense vs VSA"); results.json into $OUT/train_step.tgz. Budget: 220 s including compilation
 # (rows that may not fit are skipped and say so).
 #

@@ -20,7 +20,8 @@ __all__ = ["gated_combine"]
 BLOCK = 64  # rows of a padded tile
 
 
-@triton.jit
+# Size arguments are not specialised on (== 1, divisible by 16): one compile serves every video size.
+@triton.jit(do_not_specialize=["n_heads", "n_tiles", "out_len"])
 def gated_combine_fwd_kernel(
     OC, OF, GC, GF, OUT, TOKENS,  # fp32 [B, n, H, D] (strided); [B, S_pad, H, D]; gates/out [B, S_out, H, D]; int32 [S_pad]
     stride_cb, stride_cn, stride_ch,
@@ -53,7 +54,7 @@ def gated_combine_fwd_kernel(
     tl.store(OUT + outer, (coarse + o_f).to(OUT.dtype.element_ty), mask=real)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_heads", "n_tiles", "out_len"])
 def gated_combine_bwd_kernel(
     DOUT, OC, OF, GC, GF, DOC, DOF, DGC, DGF, TOKENS,  # as the forward; DOC fp32 [B, n, H, D] contiguous
     stride_cb, stride_cn, stride_ch,

@@ -20,7 +20,8 @@ __all__ = ["tile_means"]
 BLOCK = 64  # rows of a padded tile
 
 
-@triton.jit
+# Size arguments are not specialised on (== 1, divisible by 16): one compile serves every video size.
+@triton.jit(do_not_specialize=["n_batch", "n_heads", "n_tiles"])
 def tile_means_fwd_kernel(
     Q, K, V, MEANS, SIZES,  # [B, S_pad, H, D] x3 (any strides), fp32 [3, B, H, n, D] contiguous, int32 [n]
     stride_qb, stride_qs, stride_qh, stride_qd,
@@ -53,7 +54,7 @@ def tile_means_fwd_kernel(
     tl.store(out + 2 * plane, tl.sum(v.to(tl.float32), 0) * inv)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_batch", "n_heads", "n_tiles"])
 def tile_means_bwd_kernel(
     DMEANS, DQ, DK, DV, SIZES,  # fp32 [3, B, H, n, D] contiguous, [B, S_pad, H, D] x3 contiguous, int32 [n]
     n_batch, n_heads, n_tiles,

@@ -11,7 +11,8 @@ from .configs import bwd_configs
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
-@triton.jit
+# Size arguments are not specialised on (== 1, divisible by 16): one compile serves every video size.
+@triton.jit(do_not_specialize=["n_heads", "seq_len"])
 def block_sparse_bwd_preprocess_kernel(
     O, DO, DLSE, DELTA,  # [B, S, H, D] x2 (any strides), DLSE/DELTA [B, H, S] fp32 contiguous
     stride_ob, stride_os, stride_oh, stride_od,
@@ -36,7 +37,7 @@ def block_sparse_bwd_preprocess_kernel(
 
 
 @triton.autotune(configs=bwd_configs(), key=["HEAD_DIM", "DOT_PRECISION"])
-@triton.jit
+@triton.jit(do_not_specialize=["n_heads", "n_tiles", "max_k"])
 def block_sparse_bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA,          # [B, S, H, D] x5 (any strides); LSE, DELTA [B, H, S] fp32
     Q2K_INDEX, Q2K_COUNT, KV_TILE_SIZES,  # int32 [B*H, n_tiles, max_k], [B*H, n_tiles], [n_tiles]
@@ -91,7 +92,7 @@ def block_sparse_bwd_dq_kernel(
 
 
 @triton.autotune(configs=bwd_configs(), key=["HEAD_DIM", "DOT_PRECISION"])
-@triton.jit
+@triton.jit(do_not_specialize=["n_heads", "n_tiles", "k2q_width"])
 def block_sparse_bwd_dkv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA,          # [B, S, H, D] x6 (any strides); LSE, DELTA [B, H, S] fp32
     K2Q_OFFSETS, K2Q_Q_TILES, KV_TILE_SIZES,  # int32 [B*H, n_tiles + 1], [B*H, width], [n_tiles]

@@ -8,8 +8,9 @@ LN2 = tl.constexpr(0.6931471805599453)
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
+# Size arguments are not specialised on (== 1, divisible by 16): one compile serves every video size.
 @triton.autotune(configs=fwd_configs(), key=["HEAD_DIM", "DOT_PRECISION"])
-@triton.jit
+@triton.jit(do_not_specialize=["n_heads", "n_tiles", "max_k"])
 def block_sparse_fwd_kernel(
     Q, K, V, O, LSE,                      # [B, S, H, D] x4 (any strides), LSE [B, H, S] fp32 contiguous
     Q2K_INDEX, Q2K_COUNT, KV_TILE_SIZES,  # int32 [B*H, n_tiles, max_k], [B*H, n_tiles], [n_tiles]

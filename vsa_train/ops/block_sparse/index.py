@@ -18,7 +18,8 @@ BLOCK_SLOTS = 32
 BLOCK_TILES = 256
 
 
-@triton.jit
+# Size arguments are not specialised on (== 1, divisible by 16): one compile serves every video size.
+@triton.jit(do_not_specialize=["n_q_tiles", "n_kv_tiles", "max_k"])
 def mark_selected_kernel(
     Q2K_INDEX, Q2K_COUNT, SELECTED, COUNTS,  # int32 [BH, n_q, max_k], [BH, n_q]; uint8 [BH, n_kv, n_q], int32 [BH, n_kv] zeroed
     n_q_tiles, n_kv_tiles, max_k,
@@ -38,7 +39,7 @@ def mark_selected_kernel(
         tl.atomic_add(COUNTS + bh * n_kv_tiles + kv_tile, tl.full([BLOCK_K], 1, tl.int32), mask=used)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_q_tiles", "n_kv_tiles", "width"])
 def compact_selected_kernel(
     SELECTED, COUNTS, K2Q_OFFSETS, K2Q_Q_TILES,  # uint8 [BH, n_kv, n_q], int32 [BH, n_kv], [BH, n_kv + 1], [BH, width]
     n_q_tiles, n_kv_tiles, width,

@@ -2,6 +2,7 @@
 import json
 import logging
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _cfg(**overrides):
     cfg = OmegaConf.load(ROOT / "configs" / "data" / "videos.yaml")
-    cfg.update(frames=4, height=16, width=16, stride=3, num_workers=0, **overrides)
+    cfg.update({"frames": 4, "height": 16, "width": 16, "stride": 3, "num_workers": 0, **overrides})
     return cfg
 
 
@@ -177,6 +178,12 @@ def test_stream_is_deterministic_and_resumable():
     first = [b for b, _ in zip(a, range(3))]
     resumed = next(iter(videos.build_from_clips(cfg, clips, batch_size=2, eval_samples=2, start_batch=2)[0]))
     assert torch.equal(first[2]["video"], resumed["video"]) and first[2]["caption"] == resumed["caption"]
+    # the order does not depend on the workers, and the stream pickles (DataLoader workers started by spawn)
+    workers = videos.build_from_clips(_cfg(manifest=cfg.manifest, num_workers=2), clips, batch_size=2,
+                                      eval_samples=2)[0]
+    assert [b["caption"] for b, _ in zip(workers, range(3))] == [b["caption"] for b in first]
+    spawned = pickle.loads(pickle.dumps(a.dataset))
+    assert torch.equal(next(iter(spawned))["video"], first[0]["video"])
     other_rank = next(iter(videos.build_from_clips(cfg, clips, batch_size=2, eval_samples=2, rank=1,
                                                    world_size=2)[0]))
     assert not torch.equal(first[0]["video"], other_rank["video"])  # rank 1 gets positions 2, 3

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .text import CaptionEncoder
-from .videos import BadInput, ItemStream, eval_batch, make_loader
+from .videos import BadInput, ItemStream, eval_batch, holdout_split, make_loader
 
 INDEX = "index.json"
 
@@ -143,8 +143,11 @@ class LatentStore:
         k = int(np.searchsorted(self.offsets, i, side="right") - 1)
         return f"{self.shards[k]['file']}[{i - self.offsets[k]}]"
 
-    def load(self, i: int) -> dict:
-        """Item i as dict(video=latent, text, text_mask, caption); BadInput on wrong shapes or non-finite values."""
+    def load(self, i: int, position: int | None = None) -> dict:
+        """Item i as dict(video=latent, text, text_mask, caption); BadInput on wrong shapes or non-finite values.
+
+        `position` (the stream position, as ItemStream passes it) is unused: a latent has no window to choose.
+        """
         k = int(np.searchsorted(self.offsets, i, side="right") - 1)
         j = int(i - self.offsets[k])
         if k not in self._files:
@@ -179,15 +182,10 @@ def spec(cfg):
 def build(cfg, *, batch_size: int, eval_samples: int, rank: int = 0, world_size: int = 1, start_batch: int = 0):
     """data=latents: train loader over the shards (the last `data.holdout` items held out) and the eval batch."""
     store = LatentStore(cfg.path)
-    n, holdout = len(store), cfg.get("holdout", 0)
-    if not 0 <= holdout < n:
-        raise ValueError(f"data.holdout={holdout} must be in [0, {n}) for {n} latent items")
-    n_train = n - holdout
-    first_eval = n_train if holdout else 0
-    stream = ItemStream(n_train, lambda i, p: store.load(i), None, batch_size, cfg.seed, rank, world_size,
-                        start_batch, names=[store.name(i) for i in range(n_train)])
-    eval_set = eval_batch(n - first_eval, lambda i, _: store.load(first_eval + i), None, eval_samples,
-                          names=[store.name(first_eval + i) for i in range(n - first_eval)])
+    train, held = holdout_split(cfg, len(store))
+    names = [store.name(i) for i in range(len(store))]
+    stream = ItemStream(len(train), store.load, None, batch_size, cfg.seed, rank, world_size, start_batch, names)
+    eval_set = eval_batch(held, store.load, None, eval_samples, names=names)
     return make_loader(stream, cfg.num_workers, cfg.seed), eval_set
 
 

@@ -281,10 +281,10 @@ def collate(items: list[dict], encoder) -> dict:
             "caption": captions}
 
 
-def eval_batch(n_items: int, load, encoder, eval_samples: int, names=None) -> dict:
-    """The fixed eval set: the first `eval_samples` usable items in order (cycled if fewer), bad ones skipped."""
+def eval_batch(indices, load, encoder, eval_samples: int, names=None) -> dict:
+    """The fixed eval set: the first `eval_samples` usable items of `indices` (cycled if fewer), bad ones skipped."""
     items = []
-    for i in range(n_items):
+    for i in indices:
         if len(items) == eval_samples:
             break
         try:
@@ -303,34 +303,44 @@ def make_loader(stream: IterableDataset, num_workers: int, seed: int) -> DataLoa
                       generator=torch.Generator().manual_seed(seed))
 
 
-def split_clips(cfg, clips: list[Clip]) -> tuple[list[Clip], list[Clip]]:
-    """(train, eval) clips: the last `data.holdout` clips are held out for eval; 0 evaluates on training clips."""
+def holdout_split(cfg, n: int) -> tuple[range, range]:
+    """(train, eval) item ranges: the last `data.holdout` items are eval-only; 0 evaluates on training items."""
     holdout = cfg.get("holdout", 0)
-    if not 0 <= holdout < len(clips):
-        raise ValueError(f"data.holdout={holdout} must be in [0, {len(clips)}) for {len(clips)} clips")
+    if not 0 <= holdout < n:
+        raise ValueError(f"data.holdout={holdout} must be in [0, {n}) for {n} items")
     if not holdout:
-        log.warning("data.holdout=0: the eval loss is measured on training clips (their middle windows); "
-                    "set data.holdout=N to hold the last N clips out")
-    return (clips[: len(clips) - holdout], clips[len(clips) - holdout:]) if holdout else (clips, clips)
+        log.warning("data.holdout=0: the eval loss is measured on training items (for videos, their middle "
+                    "windows); set data.holdout=N to hold the last N out")
+        return range(n), range(n)
+    return range(n - holdout), range(n - holdout, n)
+
+
+class ClipLoader:
+    """load(i, position) for ItemStream / eval_batch: clip i as dict(video, caption).
+
+    Training windows start at a pure function of (seed, stream position): the same clip gets a new window
+    every epoch. Eval (position None) takes the middle window. A class, not a closure, so that DataLoader
+    workers started by spawn (macOS, Windows) can pickle it.
+    """
+
+    def __init__(self, cfg, clips: list[Clip]):
+        self.cfg, self.clips = cfg, clips
+
+    def __call__(self, i: int, position: int | None) -> dict:
+        if position is None:
+            start = 0.5
+        else:
+            start = np.random.default_rng(np.random.SeedSequence(self.cfg.seed, spawn_key=(2, position))).random()
+        return {"video": load_clip(self.clips[i], self.cfg, start), "caption": self.clips[i].caption}
 
 
 def build_from_clips(cfg, clips: list[Clip], *, batch_size: int, eval_samples: int, rank: int = 0,
                      world_size: int = 1, start_batch: int = 0):
     """Train loader and eval batch over a clip list (shared by data=videos and data=hf)."""
-    encoder = caption_encoder(cfg, clips)
-    train_clips, eval_clips = split_clips(cfg, clips)
-
-    def train_load(i, p):
-        # the temporal window is a pure function of (seed, position): same clip, new window every epoch
-        start = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(2, p))).random()
-        return {"video": load_clip(train_clips[i], cfg, start), "caption": train_clips[i].caption}
-
-    def eval_load(i, _):
-        return {"video": load_clip(eval_clips[i], cfg, 0.5), "caption": eval_clips[i].caption}  # middle window
-
-    stream = ItemStream(len(train_clips), train_load, encoder, batch_size, cfg.seed, rank, world_size, start_batch,
-                        names=[c.name for c in train_clips])
-    eval_set = eval_batch(len(eval_clips), eval_load, encoder, eval_samples, names=[c.name for c in eval_clips])
+    train, held = holdout_split(cfg, len(clips))
+    load, encoder, names = ClipLoader(cfg, clips), caption_encoder(cfg, clips), [c.name for c in clips]
+    stream = ItemStream(len(train), load, encoder, batch_size, cfg.seed, rank, world_size, start_batch, names)
+    eval_set = eval_batch(held, load, encoder, eval_samples, names=names)
     return make_loader(stream, cfg.num_workers, cfg.seed), eval_set
 
 

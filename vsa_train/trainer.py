@@ -213,12 +213,13 @@ def train(cfg: DictConfig) -> dict:
                        **row)
             metrics.log(row)
             last.update(row)
-        if tcfg.sample_every and (state.step % tcfg.sample_every == 0 or done):
-            save_samples(ema.module if ema is not None else accelerator.unwrap_model(model), cfg,
-                         data.eval["caption"][: tcfg.sample_count], state.step, accelerator)
         if state.step % tcfg.ckpt_every == 0 or done:
             save_checkpoint(accelerator, run_dir, state.step, tcfg.keep_checkpoints)
-        if row or state.step % tcfg.ckpt_every == 0:  # eval and saving are not training throughput
+        sampled = bool(tcfg.sample_every) and (state.step % tcfg.sample_every == 0 or done)
+        if sampled:  # after saving: a failure here cannot cost the weights
+            save_samples(ema.module if ema is not None else accelerator.unwrap_model(model), cfg,
+                         data.eval["caption"][: tcfg.sample_count], state.step, accelerator)
+        if row or sampled or state.step % tcfg.ckpt_every == 0:  # eval, saving, sampling are not throughput
             window_start, window_samples, window_flops = time.perf_counter(), 0, 0.0
     pbar.close()
 

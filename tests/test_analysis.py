@@ -117,6 +117,7 @@ def test_reads_wandb_offline_runs(tmp_path, monkeypatch):
     for row in rows:  # enough rows to span several 32 KiB blocks of the log
         run.log(row, step=row["step"])
     run.finish()
+    wandb.teardown()  # finish() can return before wandb's service has written the whole log; teardown waits
     offline = next((tmp_path / "wandb").glob("offline-run-*"))
     got_config, got_rows = read_wandb_offline(offline)
     assert got_config["model"] == config["model"] and got_config["attn"] == {"name": "vsa"}

@@ -39,7 +39,7 @@ def run_dir(tmp_path_factory):
     """A synthetic run with EMA and the sample hook every 2 steps."""
     run = tmp_path_factory.mktemp("run")
     _train(run, *PIXELS, "train.max_steps=4", "train.ema=0.5", "train.sample_every=2", "train.sample_steps=2",
-           "train.sample_count=1", "optim.lr=1e-2", "optim.warmup_steps=1")
+           "train.sample_count=1", "optim.lr=1e-2", "optim.warmup_steps=1", "logger=wandb")
     return run
 
 
@@ -61,6 +61,8 @@ def test_sample_hook_writes_videos_during_training(run_dir):
     names = sorted(p.name for p in (run_dir / "samples").iterdir())
     assert names == ["step_00000002_0.gif", "step_00000002_0.mp4", "step_00000004_0.gif", "step_00000004_0.mp4"]
     assert len(_frames(run_dir / "samples" / "step_00000004_0.mp4")) == 4
+    logged = sorted(p.suffix for p in (run_dir / "wandb").glob("offline-run-*/files/media/videos/samples_*"))
+    assert logged == [".mp4", ".mp4"]  # wandb.Video rows (offline), one per sampling
 
 
 def test_ema_guidance_and_seed_change_the_sample(run_dir):

@@ -211,16 +211,19 @@ def test_write_video_round_trip(tmp_path):
 
 
 def test_hf_dataset_saved_to_disk_and_jsonl(tmp_path):
-    from datasets import Dataset
+    from datasets import Dataset, Video
 
     rows = {"video": [str(PHONE), "missing.mp4"], "caption": ["a man in a car", "lost"]}
     Dataset.from_dict(rows).save_to_disk(str(tmp_path / "ds"))
+    embedded = {"video": [{"path": None, "bytes": PHONE.read_bytes()}], "caption": ["a man in a car"]}
+    Dataset.from_dict(embedded).cast_column("video", Video(decode=False)).save_to_disk(str(tmp_path / "embedded"))
     (tmp_path / "clips").mkdir()
     shutil.copy(PHONE, tmp_path / "clips" / "a.mp4")
     (tmp_path / "rows.jsonl").write_text(json.dumps({"mp4": "clips/a.mp4", "text": "a man in a car"}) + "\n")
     base = OmegaConf.merge(_cfg(), {"name": "hf", "source": "hf", "manifest": None, "split": "train",
                                     "video_column": "video", "caption_column": "caption"})
     for cfg in (OmegaConf.merge(base, {"path": str(tmp_path / "ds")}),
+                OmegaConf.merge(base, {"path": str(tmp_path / "embedded")}),  # video bytes inside the dataset
                 OmegaConf.merge(base, {"path": str(tmp_path / "rows.jsonl"), "video_column": "mp4",
                                        "caption_column": "text"})):
         data = build_data(cfg, batch_size=2, eval_samples=1)

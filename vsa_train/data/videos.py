@@ -6,6 +6,7 @@ truncated or too-short clip, empty caption) is skipped with a warning naming the
 batch (`batch["skipped"]`) so the trainer can count it; it is never trained on.
 """
 import csv
+import io
 import itertools
 import json
 import logging
@@ -96,7 +97,7 @@ class _DecordReader:
     def __init__(self, source):
         import decord
 
-        self.vr = decord.VideoReader(source if isinstance(source, str) else _bytes_io(source), num_threads=1)
+        self.vr = decord.VideoReader(source if isinstance(source, str) else io.BytesIO(source), num_threads=1)
         self.fps = float(self.vr.get_avg_fps())
 
     def __len__(self) -> int:
@@ -107,7 +108,11 @@ class _DecordReader:
 
 
 class _PyAVReader:
-    """Sequential decoding through PyAV (FFmpeg); keeps only the requested frames."""
+    """Sequential decoding through PyAV (FFmpeg) up to the last requested frame; keeps only the requested ones.
+
+    No seeking, so a window late in a long clip costs decoding everything before it: the fallback, not the
+    fast path.
+    """
 
     def __init__(self, source):
         import av
@@ -119,7 +124,7 @@ class _PyAVReader:
             self.count = stream.frames or sum(1 for _ in container.decode(video=0))  # some containers omit it
 
     def _file(self):
-        return self.source if isinstance(self.source, str) else _bytes_io(self.source)
+        return self.source if isinstance(self.source, str) else io.BytesIO(self.source)
 
     def __len__(self) -> int:
         return self.count
@@ -127,22 +132,17 @@ class _PyAVReader:
     def get(self, indices: list[int]) -> np.ndarray:
         import av
 
-        wanted, frames = set(indices), {}
+        wanted, frames, decoded = set(indices), {}, 0
         with av.open(self._file()) as container:
             for i, frame in enumerate(container.decode(video=0)):
+                decoded = i + 1
                 if i in wanted:
                     frames[i] = frame.to_ndarray(format="rgb24")
                 if i >= max(indices):
                     break
         if len(frames) < len(wanted):
-            raise BadInput(f"decoded {i + 1 if frames else 0} frames, container claims {self.count} (truncated?)")
+            raise BadInput(f"decoded {decoded} frames, the container claims {self.count} (truncated?)")
         return np.stack([frames[i] for i in indices])  # [T, H, W, 3] uint8
-
-
-def _bytes_io(data: bytes):
-    import io
-
-    return io.BytesIO(data)
 
 
 def _decord_available() -> bool:

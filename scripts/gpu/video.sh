@@ -20,7 +20,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   T_VAE=120 T_ENC=200 T_TRAIN=300 T_SAMPLE=120
 else
   FRAMES=17 SIZE=128 MODEL=dit_60m STEPS=${STEPS:-300} BATCH=8 EVAL_EVERY=100 SAMPLE_STEPS=30 BASE_DIM=32
-  T_VAE=16 T_ENC=16 T_TRAIN=30 T_SAMPLE=12  # 74 s: the first process pays the cold imports
+  T_VAE=60 T_ENC=60 T_TRAIN=150 T_SAMPLE=45  # generous: each process pays cold imports (diffusers: ~15 s)
 fi
 {
   echo "# video pass on $(hostname), $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '(no git)')"
@@ -77,7 +77,7 @@ step "train.py $MODEL on the latents, $STEPS steps" "$T_TRAIN" python train.py "
   "data.path=$W/latents" "train.max_steps=$STEPS" "train.batch_size=$BATCH" train.eval_samples=4 \
   train.eval_timesteps=4 "train.eval_every=$EVAL_EVERY" "train.log_every=$EVAL_EVERY" train.ckpt_every=150 \
   "train.sample_every=$STEPS" train.sample_count=2 "train.sample_steps=$SAMPLE_STEPS" optim.warmup_steps=20 \
-  logger=wandb "hydra.run.dir=$W/run"
+  "logger=${VIDEO_LOGGER:-wandb}" "hydra.run.dir=$W/run"
 
 # 5. sample from the checkpoint (Euler + CFG), decoded through the VAE, written as mp4 + GIF
 step "sample.py (latest checkpoint, CFG 5)" "$T_SAMPLE" python sample.py "checkpoint=$W/run" \

@@ -99,12 +99,8 @@ def _contiguous(x):
     return None if x is None else x.contiguous()
 
 
-@torch.library.custom_op("vsa_train::gated_combine", mutates_args=())
-def gated_combine_op(
-    o_coarse: torch.Tensor, o_fine: torch.Tensor, gate_coarse: torch.Tensor | None, gate_fine: torch.Tensor | None,
-    raster_tokens: torch.Tensor | None, out_len: int,
-) -> torch.Tensor:
-    """O [B, out_len, H, D] in o_fine's dtype (raster order when raster_tokens is given, else tile order)."""
+def gated_combine_fwd(o_coarse, o_fine, gate_coarse, gate_fine, raster_tokens, out_len: int) -> torch.Tensor:
+    """Launch the forward kernel: O [B, out_len, H, D] in o_fine's dtype (raster order given raster_tokens)."""
     B, S_pad, H, D = o_fine.shape
     n = S_pad // BLOCK
     out = _launch.new_output((B, out_len, H, D), o_fine.dtype, o_fine.device)
@@ -118,18 +114,8 @@ def gated_combine_op(
     return out
 
 
-@gated_combine_op.register_fake
-def _gated_combine_fake(o_coarse, o_fine, gate_coarse, gate_fine, raster_tokens, out_len):
-    B, _, H, D = o_fine.shape
-    return o_fine.new_empty(B, out_len, H, D)
-
-
-@torch.library.custom_op("vsa_train::gated_combine_bwd", mutates_args=())
-def gated_combine_bwd_op(
-    dout: torch.Tensor, o_coarse: torch.Tensor, o_fine: torch.Tensor, gate_coarse: torch.Tensor | None,
-    gate_fine: torch.Tensor | None, raster_tokens: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dO_c fp32 [B, n, H, D], dO_f like o_fine, dG_c, dG_f like the gates; an absent gate's gradient is empty)."""
+def gated_combine_bwd(dout, o_coarse, o_fine, gate_coarse, gate_fine, raster_tokens):
+    """Launch the backward kernel: (dO_c fp32 [B, n, H, D], dO_f, dG_c, dG_f; an absent gate's gradient is empty)."""
     B, S_pad, H, D = o_fine.shape
     n = S_pad // BLOCK
     out_len = dout.shape[1]
@@ -146,6 +132,31 @@ def gated_combine_bwd_op(
             HAS_GC=gate_coarse is not None, HAS_GF=gate_fine is not None, num_warps=4,
         )
     return d_coarse, d_fine, d_gc, d_gf
+
+
+# The custom ops below are the entry points for torch.compile (vsa.py calls the launchers directly in eager mode).
+@torch.library.custom_op("vsa_train::gated_combine", mutates_args=())
+def gated_combine_op(
+    o_coarse: torch.Tensor, o_fine: torch.Tensor, gate_coarse: torch.Tensor | None, gate_fine: torch.Tensor | None,
+    raster_tokens: torch.Tensor | None, out_len: int,
+) -> torch.Tensor:
+    """O [B, out_len, H, D] in o_fine's dtype (raster order when raster_tokens is given, else tile order)."""
+    return gated_combine_fwd(o_coarse, o_fine, gate_coarse, gate_fine, raster_tokens, out_len)
+
+
+@gated_combine_op.register_fake
+def _gated_combine_fake(o_coarse, o_fine, gate_coarse, gate_fine, raster_tokens, out_len):
+    B, _, H, D = o_fine.shape
+    return o_fine.new_empty(B, out_len, H, D)
+
+
+@torch.library.custom_op("vsa_train::gated_combine_bwd", mutates_args=())
+def gated_combine_bwd_op(
+    dout: torch.Tensor, o_coarse: torch.Tensor, o_fine: torch.Tensor, gate_coarse: torch.Tensor | None,
+    gate_fine: torch.Tensor | None, raster_tokens: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dO_c fp32 [B, n, H, D], dO_f like o_fine, dG_c, dG_f like the gates; an absent gate's gradient is empty)."""
+    return gated_combine_bwd(dout, o_coarse, o_fine, gate_coarse, gate_fine, raster_tokens)
 
 
 @gated_combine_bwd_op.register_fake

@@ -83,9 +83,8 @@ def tile_means_bwd_kernel(
     tl.store(DV + rows, dv.to(DV.dtype.element_ty))
 
 
-@torch.library.custom_op("vsa_train::tile_means", mutates_args=())
-def tile_means_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_tile_sizes: torch.Tensor) -> torch.Tensor:
-    """fp32 [3, B, H, n, D]: the means of q, k, v over the real rows of each tile."""
+def tile_means_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_tile_sizes: torch.Tensor) -> torch.Tensor:
+    """Launch the forward kernel: fp32 [3, B, H, n, D], the means of q, k, v over the real rows of each tile."""
     B, S_pad, H, D = q.shape
     n = S_pad // BLOCK
     means = _launch.new_output((3, B, H, n, D), torch.float32, q.device)
@@ -96,6 +95,25 @@ def tile_means_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_tile_siz
             HEAD_DIM=D, BLOCK=BLOCK, num_warps=4,
         )
     return means
+
+
+def tile_means_bwd(dmeans: torch.Tensor, kv_tile_sizes: torch.Tensor, seq_len: int, dtype: torch.dtype):
+    """Launch the backward kernel: (dq, dk, dv) [B, seq_len, H, D] in `dtype` from dmeans [3, B, H, n, D]."""
+    _, B, H, n, D = dmeans.shape
+    grads = [_launch.new_output((B, seq_len, H, D), dtype, dmeans.device) for _ in range(3)]
+    with _launch.device_guard(dmeans):
+        tile_means_bwd_kernel[(n, B * H)](
+            dmeans.float().contiguous(), *grads, kv_tile_sizes.contiguous(), B, H, n,
+            HEAD_DIM=D, BLOCK=BLOCK, num_warps=4,
+        )
+    return tuple(grads)
+
+
+# The custom ops below are the entry points for torch.compile (vsa.py calls the launchers directly in eager mode).
+@torch.library.custom_op("vsa_train::tile_means", mutates_args=())
+def tile_means_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_tile_sizes: torch.Tensor) -> torch.Tensor:
+    """fp32 [3, B, H, n, D]: the means of q, k, v over the real rows of each tile."""
+    return tile_means_fwd(q, k, v, kv_tile_sizes)
 
 
 @tile_means_op.register_fake
@@ -109,14 +127,7 @@ def tile_means_bwd_op(
     dmeans: torch.Tensor, kv_tile_sizes: torch.Tensor, seq_len: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) [B, S_pad, H, D] in `dtype` from the gradient of the means [3, B, H, n, D]."""
-    _, B, H, n, D = dmeans.shape
-    grads = [_launch.new_output((B, seq_len, H, D), dtype, dmeans.device) for _ in range(3)]
-    with _launch.device_guard(dmeans):
-        tile_means_bwd_kernel[(n, B * H)](
-            dmeans.float().contiguous(), *grads, kv_tile_sizes.contiguous(), B, H, n,
-            HEAD_DIM=D, BLOCK=BLOCK, num_warps=4,
-        )
-    return tuple(grads)
+    return tile_means_bwd(dmeans, kv_tile_sizes, seq_len, dtype)
 
 
 @tile_means_bwd_op.register_fake

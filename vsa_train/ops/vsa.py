@@ -8,8 +8,10 @@ from numbers import Integral
 
 import torch
 
+from .block_sparse import _resolve_backend as resolve_block_sparse_backend
 from .block_sparse import block_sparse_attention
 from .coarse import coarse_attention, tile_mean, topk_tiles
+from .eager import vsa_triton_eager
 from .gating import gated_combine
 from .pool import tile_means
 from .reference import block_sparse_attention_torch
@@ -22,6 +24,8 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 TRITON_HEAD_DIMS = (64, 128)
 TRITON_BLOCK = 64
+# Tests clear this to run the custom-op path (the one torch.compile traces) in eager mode.
+EAGER_FUNCTION = True
 
 
 def video_sparse_attention(
@@ -47,6 +51,9 @@ def video_sparse_attention(
     layout = TileLayout(video_shape, tile)
     backend = _check_inputs(q, k, v, gate_coarse, gate_fine, topk, backend, layout, tiled=False)
     q, k, v = (layout.to_tiles(x) for x in (q, k, v))  # [B, S_pad, H, D] each
+    if backend == "triton" and _eager():  # one autograd node, gates read and O written in raster order
+        sizes, tokens = layout.kv_tile_sizes(q.device), layout.raster_tokens(q.device)
+        return vsa_triton_eager(q, k, v, gate_coarse, gate_fine, sizes, tokens, layout.seq_len, topk)  # [B, S, H, D]
     o_coarse, o_fine = _attend(q, k, v, layout, topk, backend)  # [B, n, H, D], [B, S_pad, H, D]
     if backend == "triton":  # gates read and O written in raster order by the combine kernel
         return gated_combine(o_coarse, o_fine, gate_coarse, gate_fine, raster_layout=layout)  # [B, S, H, D]
@@ -72,6 +79,9 @@ def video_sparse_attention_tiled(
     if not isinstance(layout, TileLayout):
         raise TypeError(f"layout must be a TileLayout, got {type(layout).__name__}")
     backend = _check_inputs(q, k, v, gate_coarse, gate_fine, topk, backend, layout, tiled=True)
+    if backend == "triton" and _eager():
+        sizes = layout.kv_tile_sizes(q.device)
+        return vsa_triton_eager(q, k, v, gate_coarse, gate_fine, sizes, None, q.shape[1], topk)  # [B, S_pad, H, D]
     o_coarse, o_fine = _attend(q, k, v, layout, topk, backend)  # [B, n, H, D], [B, S_pad, H, D]
     if backend == "triton":
         return gated_combine(o_coarse, o_fine, gate_coarse, gate_fine)  # [B, S_pad, H, D]
@@ -95,6 +105,14 @@ def combine(
         o_c = o_c * gate_coarse.view(B, n, -1, H, D)  # [B, n, block, H, D]
     o_f = o_fine if gate_fine is None else o_fine * gate_fine  # [B, S_pad, H, D]
     return (o_f.view(B, n, -1, H, D) + o_c).view(B, S_pad, H, D)  # [B, S_pad, H, D]
+
+
+def _eager() -> bool:
+    """Whether the Triton backend runs as one autograd.Function (eager.py) rather than through the custom ops.
+
+    The custom ops are what torch.compile traces; in eager mode their per-call dispatch made the op host-bound.
+    """
+    return EAGER_FUNCTION and not torch.compiler.is_compiling()
 
 
 def _attend(q, k, v, layout, topk, backend):
@@ -154,6 +172,7 @@ def _check_inputs(q, k, v, gate_coarse, gate_fine, topk, backend, layout, tiled)
     if backend == "auto":
         backend = "triton" if q.is_cuda else "torch"
     if backend == "triton":
+        resolve_block_sparse_backend("triton", q)  # CPU tensors need the Triton interpreter: a clear error
         D = q.shape[-1]
         if D not in TRITON_HEAD_DIMS:
             raise ValueError(f"backend='triton' supports head dims {TRITON_HEAD_DIMS}, got D={D}; use backend='torch'")

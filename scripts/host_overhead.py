@@ -21,6 +21,7 @@ import time
 os.environ.setdefault("TRITON_INTERPRET", "1")  # backend="triton" on CPU tensors (no kernel actually runs)
 
 import torch
+import triton
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vsa_train.ops import (
@@ -37,6 +38,12 @@ LAUNCHES = {"triton": 0}
 
 class _StubKernel:
     """Stands for a Triton kernel: `kernel[grid](...)` counts the launch and does nothing else."""
+
+    best_config = triton.Config({})  # what an autotuned kernel picked (block_sparse.op.launch_tuned reads it)
+
+    @property
+    def fn(self):  # the autotuner's inner kernel
+        return self
 
     def __getitem__(self, grid):
         return self._launch

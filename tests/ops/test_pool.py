@@ -5,7 +5,7 @@ from ops_utils import random_inputs, rel_err
 
 from vsa_train.ops import TileLayout, tile_mean
 from vsa_train.ops.block_sparse import op as bs_op
-from vsa_train.ops.pool import tile_means, tile_means_op
+from vsa_train.ops.pool import tile_means, tile_means_bwd, tile_means_op
 
 
 @pytest.fixture(autouse=True)
@@ -78,3 +78,19 @@ def test_opcheck():
     x = [t.float().requires_grad_() for t in random_inputs(1, layout.padded_len, 2, 64).values()]
     torch.library.opcheck(tile_means_op, (*x, layout.kv_tile_sizes()),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_tile_means_bwd_accumulates_in_place():
+    """accumulate= adds the pooling gradient to given tensors (the eager op's dq, dk, dv) in place."""
+    layout = TileLayout((5, 6, 7))
+    sizes = layout.kv_tile_sizes()
+    g = torch.Generator().manual_seed(2)
+    dmeans = torch.randn(3, 2, 3, layout.n_tiles, 64, generator=g)
+    fresh = tile_means_bwd(dmeans, sizes, layout.padded_len, torch.float32)
+    base = [torch.randn(2, layout.padded_len, 3, 64, generator=g) for _ in range(3)]
+    expected = [b + f for b, f in zip(base, fresh)]
+    summed = tile_means_bwd(dmeans, sizes, layout.padded_len, torch.float32, accumulate=base)
+    for s, b, e in zip(summed, base, expected):
+        assert s is b and rel_err(s, e) < 1e-6
+    with pytest.raises(ValueError, match="accumulate must be 3 contiguous"):
+        tile_means_bwd(dmeans, sizes, layout.padded_len, torch.float16, accumulate=base)

@@ -63,8 +63,8 @@ class _VideoSparseAttention(torch.autograd.Function):
         d_scores = torch._softmax_backward_data(d_probs, probs, -1, torch.float32).mul_(scale)  # d(q_c k_c^T)
         torch.matmul(d_scores, k_c, out=d_means[0])  # dq_c
         torch.matmul(d_scores.transpose(-1, -2), q_c, out=d_means[1])  # dk_c
-        dq_c, dk_c, dv_c = tile_means_bwd(d_means, kv_tile_sizes, q.shape[1], q.dtype)  # [B, S_pad, H, D] each
-        dq.add_(dq_c), dk.add_(dk_c), dv.add_(dv_c)
+        # The pooling's gradient is added into the fine stage's dq, dk, dv by the same launch.
+        tile_means_bwd(d_means, kv_tile_sizes, q.shape[1], q.dtype, accumulate=(dq, dk, dv))  # [B, S_pad, H, D] each
         d_gc = d_gc if gate_coarse is not None else None
         d_gf = d_gf if gate_fine is not None else None
         return dq, dk, dv, d_gc, d_gf, None, None, None, None

@@ -58,9 +58,12 @@ def tile_means_fwd_kernel(
 def tile_means_bwd_kernel(
     DMEANS, DQ, DK, DV, SIZES,  # fp32 [3, B, H, n, D] contiguous, [B, S_pad, H, D] x3 contiguous, int32 [n]
     n_batch, n_heads, n_tiles,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
-    """One program = one tile of one (batch, head): each real row gets dmean / size, each pad row 0."""
+    """One program = one tile of one (batch, head): each real row gets dmean / size, each pad row 0.
+
+    ACCUMULATE adds that to what DQ, DK, DV hold (in fp32, one rounding) instead of overwriting it.
+    """
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // n_heads).to(tl.int64)
@@ -76,10 +79,14 @@ def tile_means_bwd_kernel(
     rows = ((b * n_tiles * BLOCK + offs_m[:, None]) * n_heads + h) * HEAD_DIM + offs_d[None, :]  # [BLOCK, D]
     zero = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     dq = tl.where(real, zero + (tl.load(src) * inv)[None, :], 0.0)
-    tl.store(DQ + rows, dq.to(DQ.dtype.element_ty))
     dk = tl.where(real, zero + (tl.load(src + plane) * inv)[None, :], 0.0)
-    tl.store(DK + rows, dk.to(DK.dtype.element_ty))
     dv = tl.where(real, zero + (tl.load(src + 2 * plane) * inv)[None, :], 0.0)
+    if ACCUMULATE:
+        dq += tl.load(DQ + rows).to(tl.float32)
+        dk += tl.load(DK + rows).to(tl.float32)
+        dv += tl.load(DV + rows).to(tl.float32)
+    tl.store(DQ + rows, dq.to(DQ.dtype.element_ty))
+    tl.store(DK + rows, dk.to(DK.dtype.element_ty))
     tl.store(DV + rows, dv.to(DV.dtype.element_ty))
 
 
@@ -97,14 +104,24 @@ def tile_means_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_tile_si
     return means
 
 
-def tile_means_bwd(dmeans: torch.Tensor, kv_tile_sizes: torch.Tensor, seq_len: int, dtype: torch.dtype):
-    """Launch the backward kernel: (dq, dk, dv) [B, seq_len, H, D] in `dtype` from dmeans [3, B, H, n, D]."""
+def tile_means_bwd(dmeans: torch.Tensor, kv_tile_sizes: torch.Tensor, seq_len: int, dtype: torch.dtype,
+                   accumulate=None):
+    """Launch the backward kernel: (dq, dk, dv) [B, seq_len, H, D] in `dtype` from dmeans [3, B, H, n, D].
+
+    accumulate: None, or three contiguous tensors of that shape and dtype that the gradients are added to in
+    place (and returned): the eager op adds them to the fine stage's dq, dk, dv without three more launches.
+    """
     _, B, H, n, D = dmeans.shape
-    grads = [_launch.new_output((B, seq_len, H, D), dtype, dmeans.device) for _ in range(3)]
+    if accumulate is None:
+        grads = [_launch.new_output((B, seq_len, H, D), dtype, dmeans.device) for _ in range(3)]
+    else:
+        grads = list(accumulate)
+        if any(not g.is_contiguous() or g.shape != (B, seq_len, H, D) or g.dtype != dtype for g in grads):
+            raise ValueError(f"tile_means_bwd: accumulate must be 3 contiguous {dtype} tensors {(B, seq_len, H, D)}")
     with _launch.device_guard(dmeans):
         tile_means_bwd_kernel[(n, B * H)](
             dmeans.float().contiguous(), *grads, kv_tile_sizes.contiguous(), B, H, n,
-            HEAD_DIM=D, BLOCK=BLOCK, num_warps=4,
+            HEAD_DIM=D, BLOCK=BLOCK, ACCUMULATE=accumulate is not None, num_warps=4,
         )
     return tuple(grads)
 

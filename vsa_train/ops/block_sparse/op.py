@@ -35,6 +35,21 @@ def device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+# Config picked by the autotuner per (kernel, head dim, dtype): later launches skip its per-call key building.
+_TUNED: dict = {}
+
+
+def launch_tuned(kernel, grid, key, *args, **kwargs):
+    """kernel[grid](*args, **kwargs) for a @triton.autotune kernel; after its first launch per key, the autotuner's
+    pick is launched directly (the autotune key here is head dim and dtype, both fixed by `key`)."""
+    config = _TUNED.get((kernel, key))
+    if config is None:
+        kernel[grid](*args, **kwargs)
+        _TUNED[(kernel, key)] = kernel.best_config
+    else:
+        kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
+
+
 def block_sparse_fwd_triton(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale: float):
     """Launch the forward kernel. Returns out [B, S, H, D] (contiguous, q's dtype) and lse [B, H, S] fp32."""
     B, S, H, D = q.shape
@@ -43,7 +58,8 @@ def block_sparse_fwd_triton(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale:
     lse = new_output((B, H, S), torch.float32, q.device)
     q2k_index, q2k_count = q2k_index.contiguous(), q2k_count.contiguous()
     with device_guard(q):
-        block_sparse_fwd_kernel[(n_tiles, B * H)](
+        launch_tuned(
+            block_sparse_fwd_kernel, (n_tiles, B * H), (D, q.dtype),
             q, k, v, out, lse, q2k_index, q2k_count, kv_tile_sizes.contiguous(),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             H, n_tiles, q2k_index.shape[-1], scale,
@@ -70,13 +86,15 @@ def block_sparse_bwd_triton(do, dlse, q, k, v, out, lse, q2k_index, q2k_count, k
             *out.stride(), *do.stride(), H, S,
             HEAD_DIM=D, BLOCK=TILE, HAS_DLSE=dlse is not None,
         )
-        block_sparse_bwd_dq_kernel[grid](
+        launch_tuned(
+            block_sparse_bwd_dq_kernel, grid, (D, q.dtype),
             q, k, v, do, dq, lse, delta, q2k_index.contiguous(), q2k_count.contiguous(), sizes,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
             H, n_tiles, q2k_index.shape[-1], scale,
             HEAD_DIM=D, BLOCK=TILE, DOT_PRECISION=precision,
         )
-        block_sparse_bwd_dkv_kernel[grid](
+        launch_tuned(
+            block_sparse_bwd_dkv_kernel, grid, (D, q.dtype),
             q, k, v, do, dk, dv, lse, delta, k2q_offsets.contiguous(), k2q_q_tiles.contiguous(), sizes,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
             H, n_tiles, k2q_q_tiles.shape[-1], scale,

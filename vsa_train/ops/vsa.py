@@ -8,8 +8,8 @@ from numbers import Integral
 
 import torch
 
-from .block_sparse import _resolve_backend as resolve_block_sparse_backend
 from .block_sparse import block_sparse_attention
+from .block_sparse import resolve_backend as resolve_block_sparse_backend
 from .coarse import coarse_attention, tile_mean, topk_tiles
 from .eager import vsa_triton_eager
 from .gating import gated_combine

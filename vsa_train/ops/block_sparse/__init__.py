@@ -38,7 +38,7 @@ def block_sparse_attention(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale=N
     _check_inputs(q, k, v, q2k_index, q2k_count, kv_tile_sizes)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    backend = _resolve_backend(backend, q)
+    backend = resolve_backend(backend, q)
     if backend == "torch":
         from ..reference import block_sparse_attention_torch
 
@@ -53,7 +53,8 @@ def block_sparse_attention(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale=N
     return out, lse
 
 
-def _resolve_backend(backend: str, q: torch.Tensor) -> str:
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """The concrete backend ("triton" or "torch") for q; a clear error for Triton on CPU without the interpreter."""
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"block_sparse_attention: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if backend == "auto":

@@ -6,7 +6,8 @@
     TileLayout(video_shape, tile)                               raster <-> padded tile order, tile sizes
     block_sparse_attention_torch, naive_*                       PyTorch reference and float64 ground truth
 
-Modules: vsa.py (public op, checks), tiling.py (layout tables), coarse.py (pooling, coarse attention, top-k in
+Modules: vsa.py (public op, checks), eager.py (the Triton op as one autograd.Function in eager mode; the
+custom ops of pool.py, gating.py, block_sparse/ serve torch.compile), tiling.py (layout tables), coarse.py (pooling, coarse attention, top-k in
 PyTorch), pool.py (Triton tile means), gating.py (Triton combine O_c*G_c + O_f*G_f, raster or tile order),
 block_sparse/ (the fine stage: Triton forward/backward kernels, k2q index kernels, custom ops), reference.py and
 naive.py (PyTorch reference and float64 ground truth).

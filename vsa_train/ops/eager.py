@@ -15,6 +15,7 @@ from .block_sparse.op import (
     block_sparse_fwd_triton,
     device_guard,
 )
+from .coarse import topk_tiles
 from .gating import gated_combine_bwd, gated_combine_fwd
 from .pool import tile_means_bwd, tile_means_fwd
 
@@ -32,9 +33,7 @@ class _VideoSparseAttention(torch.autograd.Function):
         scores = torch.matmul(q_c, k_c.transpose(-1, -2)).mul_(scale)  # [B, H, n, n]
         probs = scores.softmax(dim=-1)  # [B, H, n, n]
         o_coarse = torch.matmul(probs, v_c).transpose(1, 2)  # [B, n, H, D] fp32, channels contiguous
-        count = min(int(topk), scores.shape[-1])
-        q2k_index = scores.topk(count, dim=-1, sorted=False).indices.to(torch.int32)  # [B, H, n, K]
-        q2k_count = torch.full(scores.shape[:-1], count, dtype=torch.int32, device=q.device)  # [B, H, n]
+        q2k_index, q2k_count = topk_tiles(scores, topk)  # [B, H, n, K], [B, H, n]
         o_fine, lse = block_sparse_fwd_triton(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale)  # [B, S_pad, H, D]
         out = gated_combine_fwd(o_coarse, o_fine, gate_coarse, gate_fine, raster_tokens, out_len)  # [B, out_len, H, D]
         if any(ctx.needs_input_grad):  # the key->query index only serves the backward

@@ -55,7 +55,8 @@ def train(cfg: DictConfig) -> dict:
     if cfg.train.dry_run:
         return dry_run(cfg)
     tcfg = cfg.train
-    _check(cfg)
+    spec = data_spec(cfg.data)  # for latents this reads the shards' index file: once
+    _check(cfg, spec)
     run_dir = Path(cfg.run_dir)
     mixed_precision = tcfg.mixed_precision
     if mixed_precision == "auto":
@@ -73,7 +74,6 @@ def train(cfg: DictConfig) -> dict:
 
     # The same seed on every rank gives identical initial weights; the noise seed below differs per rank.
     set_seed(tcfg.seed)
-    spec = data_spec(cfg.data)
     model = build_model(cfg.model, cfg.attn, in_channels=spec.in_channels, text_dim=spec.text_dim)
     if tcfg.init_from is not None and latest_checkpoint(run_dir) is None:  # a resumed run has its own weights
         accelerator.print(load_init_weights(model, tcfg.init_from))
@@ -390,7 +390,7 @@ def _wandb_kwargs(cfg: DictConfig, run_dir: Path) -> dict:
             "tags": list(cfg.logger.get("tags") or [])}
 
 
-def _check(cfg: DictConfig) -> None:
+def _check(cfg: DictConfig, spec) -> None:
     """Fails early, with the offending key, on values that would otherwise break deep inside the loop."""
     t = cfg.train
     for key in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every", "ckpt_every",
@@ -403,8 +403,8 @@ def _check(cfg: DictConfig) -> None:
         raise ValueError(f"train.eval_every_flops must be a positive number of FLOPs or null, got {t.eval_every_flops!r}")
     if t.ema is not None and not 0.0 < t.ema < 1.0:
         raise ValueError(f"train.ema must be a decay in (0, 1) or null, got {t.ema!r}")
-    if any(n % p for n, p in zip(data_spec(cfg.data).video_shape, cfg.model.patch_size)):
-        raise ValueError(f"data (frames, height, width) = {tuple(data_spec(cfg.data).video_shape)} must be "
+    if any(n % p for n, p in zip(spec.video_shape, cfg.model.patch_size)):
+        raise ValueError(f"data (frames, height, width) = {tuple(spec.video_shape)} must be "
                          f"divisible by model.patch_size = {list(cfg.model.patch_size)}")
 
 

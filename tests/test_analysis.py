@@ -19,12 +19,13 @@ def true_loss(flops, ratio=1.0):
     return A * (ratio * np.asarray(flops)) ** -B + C
 
 
-def write_run(run_dir, attn, depth, rows, budget=None):
-    """A run directory as train.py leaves it: metrics.jsonl and .hydra/config.yaml."""
-    (run_dir / ".hydra").mkdir(parents=True)
+def write_run(run_dir, attn, depth, rows, budget=None, configs=(".hydra/config.yaml",)):
+    """A run directory as train.py leaves it: metrics.jsonl and the config at each of `configs` (relative)."""
     cfg = {"model": {"name": "dit_syn", "hidden_size": 64, "depth": depth}, "attn": {"name": attn},
            "train": {"flops_budget": budget}}
-    OmegaConf.save(OmegaConf.create(cfg), run_dir / ".hydra" / "config.yaml")
+    for config in configs:
+        (run_dir / config).parent.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(cfg), run_dir / config)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -140,9 +141,56 @@ def test_cli_writes_outputs_and_rejects_empty_dirs(tmp_path, capsys):
 
 def test_run_without_its_config_fails_clearly(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 0, "flops": 0.0}\n')
-    with pytest.raises(FileNotFoundError, match="cannot tell its attention"):
+    with pytest.raises(FileNotFoundError, match="cannot tell its attention") as err:
         find_runs([tmp_path])
+    assert str(tmp_path) in str(err.value) and "config.yaml" in str(err.value)
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "config.yaml").write_text("model: {name: m, hidden_size: 8, depth: 1}\n")
-    with pytest.raises(ValueError, match="config lacks 'attn'"):
+    with pytest.raises(ValueError, match="config lacks attn.name"):
         find_runs([tmp_path])
+    (tmp_path / "config.yaml").write_text("model: {name: m, depth: '${hydra:runtime.choices.depth}'}\n")
+    with pytest.raises(ValueError, match="config lacks model.hidden_size, model.depth, attn.name"):
+        find_runs([tmp_path])  # config.yaml is read first; an unresolvable value counts as absent
+
+
+ROWS = [{"step": 0, "flops": 0.0, "eval/loss": 2.0}, {"step": 1, "flops": 1e15, "eval/loss": 1.0}]
+
+
+@pytest.mark.parametrize("configs", [("config.yaml",), ("config.yaml", ".hydra/config.yaml")])
+def test_reads_runs_with_the_trainers_config_yaml(tmp_path, configs):
+    """run_dir set on the command line: train.py's config.yaml, with or without Hydra's .hydra/ beside it."""
+    write_run(tmp_path / "run", "vsa", depth=3, rows=ROWS, budget=1e15, configs=configs)
+    (found,) = find_runs([tmp_path])
+    assert (found.attn, found.size, found.budget, found.rows) == ("vsa", "dit_syn (64x3)", 1e15, ROWS)
+    assert found.reached_budget
+
+
+def test_config_yaml_wins_over_hydras_unresolved_record(tmp_path):
+    """Both present: config.yaml (resolved) is read; .hydra/config.yaml alone still reads, ${hydra:...} and all."""
+    (tmp_path / "run" / ".hydra").mkdir(parents=True)
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (tmp_path / "run" / ".hydra" / "config.yaml").write_text(
+        "width: 96\nrun_dir: ${hydra:runtime.output_dir}\n"
+        "model: {name: dit_syn, hidden_size: '${width}', depth: 2}\nattn: {name: dense}\n"
+        "train: {flops_budget: '${hydra:job.override_dirname}'}\n")
+    (found,) = find_runs([tmp_path])
+    assert (found.attn, found.size, found.budget) == ("dense", "dit_syn (96x2)", None)
+    OmegaConf.save(OmegaConf.create({"run_dir": str(tmp_path / "run"), "width": 96,
+                                     "model": {"name": "dit_syn", "hidden_size": 96, "depth": 2},
+                                     "attn": {"name": "vsa"}, "train": {"flops_budget": 5e14}}),
+                   tmp_path / "run" / "config.yaml")
+    (found,) = find_runs([tmp_path])
+    assert (found.attn, found.size, found.budget) == ("vsa", "dit_syn (96x2)", 5e14)
+
+
+def test_reads_runs_whose_metrics_have_junk(tmp_path):
+    """A crashed run (torn last line) with a junk line: the good rows are read, each bad line warned about."""
+    from vsa_train.metrics import MetricsWarning
+
+    write_run(tmp_path / "run", "vsa", depth=3, rows=ROWS, configs=("config.yaml",))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics.write_bytes(b"\xff junk\n" + metrics.read_bytes() + b'{"step": 2, "fl')
+    with pytest.warns(MetricsWarning) as caught:
+        (found,) = find_runs([tmp_path])
+    assert found.rows == ROWS
+    assert [str(w.message).split(": ")[0] for w in caught] == [f"{metrics}:1", f"{metrics}:4"]

@@ -85,7 +85,7 @@ def test_bad_arguments_fail_clearly(run_dir, tmp_path):
         sample_cli.main([f"checkpoint={run_dir}", "prompt=x", "guidance=3"])
     with pytest.raises(SystemExit, match="key=value"):
         sample_cli.main([str(run_dir)])
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
         sample_cli.main([f"checkpoint={tmp_path}", "prompt=x"])
 
 

@@ -1,4 +1,7 @@
-"""The training loop on the CPU: outputs, exact resume, atomic checkpoints, NaN stop, FLOPs budget, dry run, DDP."""
+"""The training loop on the CPU: outputs, exact resume, atomic checkpoints, NaN stop, FLOPs budget, dry run, DDP.
+
+The run-lifecycle cases (config checks, signals, integrity, locks, rollback, hostile files) are in test_lifecycle.py.
+"""
 import os
 import re
 import resource
@@ -8,18 +11,27 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate import Accelerator
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from vsa_train import trainer
-from vsa_train.checkpoint import latest_checkpoint, list_checkpoints
+from vsa_train import checkpoint
 from vsa_train.metrics import read_metrics
+from vsa_train.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 # 4 frames x 8 x 8 pixels -> 64 tokens: a step takes milliseconds
 TINY = ["data.frames=4", "data.height=8", "data.width=8", "train.batch_size=2", "train.eval_samples=4",
         "train.eval_timesteps=2", "train.log_every=1", "logger=none"]
+
+
+def latest_checkpoint(run_dir):
+    good = RunDir(run_dir).verified_checkpoints()
+    return good[-1] if good else None
+
+
+def list_checkpoints(run_dir):
+    return RunDir(run_dir).checkpoint_dirs()
 
 
 def _cfg(run_dir, *overrides):
@@ -76,12 +88,15 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch)
     _run(tmp_path, "train.max_steps=2", "train.eval_every=100")
     good = latest_checkpoint(tmp_path)
 
-    def crash(self, output_dir=None, **kwargs):
-        Path(output_dir).mkdir()
-        Path(output_dir, "model.safetensors").write_bytes(b"half a file")  # then the process dies
-        raise KeyboardInterrupt("killed while saving")
+    real_save = checkpoint.save_tensors
 
-    monkeypatch.setattr(Accelerator, "save_state", crash)
+    def crash(tensors, path):
+        if path.name == "model.safetensors":  # half the weights are written, then the process dies
+            Path(path).write_bytes(b"half a file")
+            raise KeyboardInterrupt("killed while saving")
+        real_save(tensors, path)
+
+    monkeypatch.setattr(checkpoint, "save_tensors", crash)
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path, "train.max_steps=3", "train.eval_every=100")
     assert latest_checkpoint(tmp_path) == good
@@ -103,7 +118,7 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypat
 
     trainer_flow_loss = trainer.flow_loss
     monkeypatch.setattr(trainer, "flow_loss", poisoned)
-    with pytest.raises(FloatingPointError, match=r"non-finite training loss .* at step 3.*step_00000002"):
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss .* at step 3.*Last healthy checkpoint: .*step_00000002"):
         _run(tmp_path, "train.max_steps=5", "train.eval_every=100", "train.ckpt_every=1")
     assert latest_checkpoint(tmp_path).name == "step_00000002"
     assert all(torch.isfinite(w).all() for w in _weights(tmp_path).values())
@@ -152,7 +167,7 @@ def test_ddp_two_cpu_processes_agree(tmp_path):
     fingerprints = dict(re.findall(r"rank (\d)/2: finished at step 3, weights fingerprint (\S+)", proc.stdout))
     assert set(fingerprints) == {"0", "1"} and fingerprints["0"] == fingerprints["1"]
     ckpt = latest_checkpoint(tmp_path)
-    assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
+    assert (ckpt / "rng_rank0.safetensors").is_file() and (ckpt / "rng_rank1.safetensors").is_file()
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2, 3]  # one writer
     assert rows[-1]["samples"] == 3 * 2 * 2  # steps x per-rank batch x ranks

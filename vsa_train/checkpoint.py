@@ -1,77 +1,116 @@
-"""Atomic checkpoints: `accelerator.save_state` into a temporary directory, fsync, then one rename.
+"""Saving and restoring the whole training state through the run directory's files (vsa_train/rundir.py).
 
-A checkpoint directory `run_dir/checkpoints/step_<step>` exists only once complete, so a crash (or a SLURM
-preemption) while saving leaves at most a `.tmp-*` directory, which is ignored and later deleted, and the
-previous checkpoint stays loadable. The latest checkpoint is found by scanning, with no pointer file to go stale.
+Files are portable: full (unsharded) weights and optimizer state gathered on the main process, each rank's RNG
+state in its own file. Saving is collective (every rank calls it); loading reads files on every rank.
 """
-import os
-import re
-import shutil
+import warnings
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 
-_COMPLETE = re.compile(r"^step_(\d+)$")
+from .distributed import on_main
+from .models.vsa import VSAAttention
+from .rundir import (STATE, RunDir, resolve_checkpoint, disk_error, load_tensors, optimizer_from_files, optimizer_to_files, read_state,
+                     rng_file, rng_state, save_tensors, set_rng_state, verify, write_json)
 
 
-def checkpoint_dir(run_dir) -> Path:
-    return Path(run_dir) / "checkpoints"
+def save_checkpoint(accelerator: Accelerator, run_dir: RunDir, model, optimizer, ema, counters: dict,
+                    keep: int) -> Path:
+    """Writes step `counters["step"]` as run_dir/checkpoints/step_<N> (atomic; manifest last); collective."""
+    step = counters["step"]
+    final = run_dir.step_dir(step)
+    if on_main(accelerator, lambda: final.exists() and verify(final) is None):
+        return final  # this exact state is already saved (a resumed run that had nothing left to do)
+    tmp = run_dir.tmp_dir(step)
+    model_state = accelerator.unwrap_model(model).state_dict()
+    optim_state = optimizer.state_dict()
 
+    def write_main():
+        import shutil
 
-def list_checkpoints(run_dir) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    root = checkpoint_dir(run_dir)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _COMPLETE.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(run_dir) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
-    checkpoints = list_checkpoints(run_dir)
-    return checkpoints[-1] if checkpoints else None
-
-
-def _fsync_tree(path: Path) -> None:
-    """Flushes every file and directory under path to disk, so the rename below publishes durable data."""
-    for dirpath, _, filenames in os.walk(path):
-        for name in filenames:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(dirpath)
-
-
-def _fsync_dir(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def save_checkpoint(accelerator: Accelerator, run_dir, step: int, keep: int) -> Path:
-    """Saves the accelerator state (model, optimizer, RNG of every rank, registered objects) as step `step`.
-
-    Collective: every rank must call it. Keeps the newest `keep` complete checkpoints.
-    """
-    root = checkpoint_dir(run_dir)
-    final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}"
-    if final.exists():  # this exact state is already saved (e.g. a resumed run that had nothing left to do)
-        return final
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # rank 0 writes weights and optimizer, each rank its RNG state
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _fsync_tree(tmp)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old)
-        for stale in root.glob(".tmp-*"):  # left by an earlier crash mid-save
-            shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
+        tmp.mkdir(parents=True)
+        try:
+            save_tensors(model_state, tmp / "model.safetensors")
+            if ema is not None:
+                save_tensors(ema.module.state_dict(), tmp / "ema.safetensors")
+            optimizer_to_files(optim_state, tmp)
+            write_json(counters, tmp / STATE)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise disk_error(err, tmp) from err
+
+    on_main(accelerator, write_main)
+    error = None
+    try:  # every rank its own RNG state
+        save_tensors(rng_state(), rng_file(tmp, accelerator.process_index))
+    except OSError as err:
+        error = disk_error(err, tmp)
+    failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum").item()
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"another rank could not write its RNG state into {tmp}")
+    return on_main(accelerator, run_dir.publish, step, keep)
+
+
+def load_checkpoint(accelerator: Accelerator, ckpt: Path, model, optimizer, ema) -> dict:
+    """Restores weights, optimizer, EMA and this rank's RNG from a verified checkpoint; returns its counters."""
+    accelerator.unwrap_model(model).load_state_dict(load_tensors(ckpt / "model.safetensors"))
+    optimizer.load_state_dict(optimizer_from_files(ckpt))
+    counters = read_state(ckpt)
+    if ema is not None:
+        if not (ckpt / "ema.safetensors").is_file():
+            raise FileNotFoundError(f"{ckpt} has no ema.safetensors but train.ema is set")
+        ema.module.load_state_dict(load_tensors(ckpt / "ema.safetensors"))
+        ema.n_averaged.fill_(counters.get("ema_updates", counters["step"]))
+    restore_rng(accelerator, ckpt, counters)
+    return counters
+
+
+def restore_rng(accelerator: Accelerator, ckpt: Path, counters: dict) -> None:
+    """This rank's RNG from the checkpoint; missing, unreadable or from another world size: a warning and a
+    deterministic reseed from (seed, rank, step): the resume continues, no longer bit-exact."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    path, reason = rng_file(ckpt, rank), None
+    if counters.get("processes", world) != world:
+        reason = f"it was saved by {counters['processes']} processes, this launch has {world}"
+    else:
+        try:
+            set_rng_state(load_tensors(path))
+            return
+        except Exception as err:  # noqa: BLE001 (any unreadable file means the same: reseed and say so)
+            reason = f"{path.name} is missing or unreadable ({type(err).__name__})"
+    torch.manual_seed(hash((counters.get("seed", 0), rank, counters["step"])) % 2**63)
+    warnings.warn(f"rank {rank}: RNG state not restored from {ckpt}: {reason}; training noise is reseeded, "
+                  f"so this resume is no longer bit-exact", stacklevel=2)
+
+
+def load_weights(ckpt: Path, ema: bool) -> tuple[dict, dict]:
+    """(state dict, counters) of a verified checkpoint: the EMA weights when asked for and present."""
+    counters = read_state(ckpt)
+    name = "ema.safetensors" if ema and (ckpt / "ema.safetensors").is_file() else "model.safetensors"
+    return load_tensors(ckpt / name), counters
+
+
+def init_weights(model: torch.nn.Module, source) -> str:
+    """Loads weights only (no optimizer, step or RNG) from a run directory, a checkpoint or a .safetensors file.
+
+    A run directory means its newest verified checkpoint. Parameters that the new model's attention adds (VSA
+    gates) keep their initial values (a neutral start); any other missing or unexpected key is an error.
+    """
+    path = Path(source)
+    if path.is_file() and path.suffix == ".safetensors":
+        state = load_tensors(path)
+    else:
+        _, ckpt = resolve_checkpoint(path)
+        path = ckpt / "model.safetensors"
+        state, _ = load_weights(ckpt, ema=False)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    new = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, VSAAttention)
+           for p, _ in m.named_parameters()}
+    if unexpected or set(missing) - new:
+        raise ValueError(f"train.init_from={source}: weights do not fit this model: missing "
+                         f"{sorted(set(missing) - new)}, unexpected {sorted(unexpected)}")
+    return f"initialised from {path} (weights only; {len(missing)} new attention tensors keep their initial values)"

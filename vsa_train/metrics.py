@@ -1,8 +1,23 @@
-"""Metric rows: run_dir/metrics.jsonl (always) and the accelerate trackers (wandb), with FLOPs as the x-axis."""
+"""Metric rows: run_dir/metrics.jsonl (always) and the accelerate trackers (wandb), with FLOPs as the x-axis.
+
+A row counts once its newline is on disk: each row is written with one write of the whole line, so a crash
+(SIGKILL, full disk) leaves at most one torn last line, which readers drop. Readers skip any other bad line
+(not UTF-8, not JSON, not an object with an integer `step`) with a MetricsWarning naming the file and line.
+"""
 import json
+import os
+import shutil
+import stat
+import tempfile
+import warnings
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from accelerate import Accelerator
+
+
+class MetricsWarning(UserWarning):
+    """A line of a metrics file that is not a row (torn by a crash, or junk) and was skipped."""
 
 
 class MetricsLog:
@@ -11,26 +26,117 @@ class MetricsLog:
     def __init__(self, path, accelerator: Accelerator, resume_step: int):
         self.path, self.accelerator = Path(path), accelerator
         if accelerator.is_main_process:
-            self._truncate_after(resume_step)
-
-    def _truncate_after(self, step: int) -> None:
-        # rows logged after the last checkpoint belong to steps that will be re-run (same data, same RNG)
-        if not self.path.exists():
-            return
-        rows = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in rows))
+            # rows logged after the last checkpoint belong to steps that will be re-run (same data, same RNG);
+            # a fresh run passes -1 and so starts from an empty file
+            rewind(self.path, resume_step)
 
     def log(self, row: dict) -> None:
         """Writes one row (it must hold `step`) to metrics.jsonl and to the trackers."""
         if self.accelerator.is_main_process:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            _append(self.path, (json.dumps(row) + "\n").encode())
         self.accelerator.log(row, step=row["step"])
 
 
 def read_metrics(path) -> list[dict]:
-    """All rows of a metrics.jsonl file."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+    """The rows of a metrics.jsonl file, in file order; torn or junk lines are skipped with a MetricsWarning."""
+    path = Path(path)
+    return [row for _, row in _parse(path, path.read_bytes())]
+
+
+def rewind(path, step: int) -> None:
+    """Atomically keeps only the rows of a metrics file with step <= `step` (bad lines go too, with a warning)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    kept = b"".join(line + b"\n" for line, row in _parse(path, data) if row["step"] <= step)
+    if kept != data:
+        _atomic_write(path, kept)
+
+
+def _parse(path: Path, data: bytes) -> list[tuple[bytes, dict]]:
+    """(line, row) for each good line of a metrics file's bytes; each bad one is skipped with a MetricsWarning."""
+    *lines, torn = data.split(b"\n")  # torn is b"" when the file ends with a newline, as a complete file does
+    good = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            good.append((line, _row(line)))
+        except ValueError as err:
+            _warn(path, number, f"skipped a bad line ({err})", line)
+    if torn.strip():
+        _warn(path, len(lines) + 1, "dropped the torn last line (no newline: its write was cut short)", torn)
+    return good
+
+
+def _row(line: bytes) -> dict:
+    """One line as a row; ValueError saying why when it is not one."""
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"not UTF-8: {err.reason} at byte {err.start}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not JSON: {err.msg} at column {err.colno}") from None
+    except RecursionError:  # json's parser recurses once per nesting level
+        raise ValueError("not JSON: nested too deeply") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"a JSON {type(row).__name__}, not an object")
+    if type(row.get("step")) is not int:  # bool is an int subclass; True is no step
+        raise ValueError(f"no integer 'step' (got {row.get('step')!r})")
+    return row
+
+
+def _warn(path: Path, number: int, what: str, line: bytes) -> None:
+    warnings.warn(f"{path}:{number}: {what}: {line[:80]!r}", MetricsWarning, stacklevel=4)
+
+
+def _append(path: Path, line: bytes) -> None:
+    """Appends one whole line with a single write and flushes it, so a crash can tear only this line."""
+    with _naming_free_space(path), open(path, "ab") as f:
+        f.write(line)
+        f.flush()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Replaces `path` by `data` at once: a crash leaves the old file or the new one, never a mix."""
+    with _naming_free_space(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # same file system
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # the data must be on disk before the rename makes it the file
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))  # mkstemp makes it owner-only; keep the file's mode
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Makes a rename in `directory` durable, where the OS and file system allow it."""
+    # best effort: the rename is done; some file systems (and Windows) refuse to fsync a directory
+    with suppress(AttributeError, OSError):
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextmanager
+def _naming_free_space(path: Path):
+    """Re-raises an OSError while writing `path` as one naming the path and the bytes free on its disk."""
+    try:
+        yield
+    except OSError as err:
+        try:
+            free = f"{shutil.disk_usage(path.parent).free} bytes free"
+        except OSError:
+            free = "free space unknown"
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror or err} ({free} on its file system)") from err
 
 
 def define_flops_axis(accelerator: Accelerator) -> None:

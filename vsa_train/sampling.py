@@ -5,15 +5,15 @@ Shared by sample.py (from a checkpoint) and the trainer's `train.sample_every` h
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file
+from accelerate import Accelerator
+from omegaconf import DictConfig
 
-from .checkpoint import latest_checkpoint
+from .checkpoint import load_weights
 from .data import build_text_encoder, data_spec, decode
+from .data.videos import write_video
 from .diffusion import euler_sample
 from .models import build_model, vsa_config
-
-CONFIG = "config.yaml"  # the resolved run config, written by the trainer into run_dir
+from .rundir import load_run_config, resolve_checkpoint
 
 
 @torch.no_grad()
@@ -30,35 +30,40 @@ def generate(model, data_cfg, captions: list[str], steps: int, cfg_scale: float,
     return decode(data_cfg, x.float()).cpu()                                    # [B, 3, T', H', W']
 
 
-def load_run_config(run_dir) -> DictConfig:
-    """The config a run trained with: run_dir/config.yaml (resolved by the trainer), else Hydra's record."""
-    run_dir = Path(run_dir)
-    for path in (run_dir / CONFIG, run_dir / ".hydra" / "config.yaml"):
-        if path.is_file():
-            return OmegaConf.load(path)
-    raise FileNotFoundError(f"{run_dir} holds no {CONFIG} or .hydra/config.yaml: is it a run directory?")
-
-
 def load_model(checkpoint, device="cpu", ema: bool = True):
-    """(model, run config, checkpoint dir) from a run directory (latest checkpoint) or one checkpoint directory.
+    """(model, run config, checkpoint dir) from a run directory (newest verified checkpoint) or a checkpoint dir.
 
     EMA weights are used when the run kept them (train.ema) and `ema` is true.
     """
-    checkpoint = Path(checkpoint)
-    run_dir = checkpoint.parent.parent if (checkpoint / "model.safetensors").is_file() else checkpoint
-    ckpt = checkpoint if (checkpoint / "model.safetensors").is_file() else latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"no complete checkpoint under {run_dir / 'checkpoints'}")
+    run_dir, ckpt = resolve_checkpoint(checkpoint)
     cfg = load_run_config(run_dir)
     spec = data_spec(cfg.data)
     model = build_model(cfg.model, cfg.attn, in_channels=spec.in_channels, text_dim=spec.text_dim)
-    state = load_file(str(ckpt / "model.safetensors"))
-    if ema and cfg.train.get("ema") is not None:
-        # registered second, after TrainState (trainer.py): an AveragedModel state dict, "module." + names
-        averaged = torch.load(ckpt / "custom_checkpoint_1.pkl", map_location="cpu", weights_only=True)
-        state = {k.removeprefix("module."): v for k, v in averaged.items() if k.startswith("module.")}
+    state, counters = load_weights(ckpt, ema=ema and cfg.train.get("ema") is not None)
     model.load_state_dict(state)
     if (vsa := vsa_config(cfg.attn)) is not None:  # the sparsity the run had reached (a ramp may not be done)
-        step = torch.load(ckpt / "custom_checkpoint_0.pkl", weights_only=True)["step"]  # TrainState
-        model.set_sparsity_limit(vsa.sparsity_limit(step))
+        model.set_sparsity_limit(vsa.sparsity_limit(counters["step"]))
     return model.to(device).eval(), cfg, ckpt
+
+
+@torch.no_grad()
+def save_samples(model, cfg: DictConfig, captions: list[str], step: int, accelerator: Accelerator) -> None:
+    """Generates videos for `captions` (fixed noise) into run_dir/samples/step_<step>_<k>.mp4/.gif and to wandb.
+
+    Every rank generates (an FSDP forward is collective); the main process writes and logs.
+    """
+    tcfg = cfg.train
+    was_training = model.training
+    model.eval()
+    with accelerator.autocast(), torch.compiler.set_stance("force_eager"):
+        videos = generate(model, cfg.data, list(captions), tcfg.sample_steps, tcfg.sample_cfg_scale,
+                          seed=tcfg.seed, encoder=build_text_encoder(cfg.data))
+    model.train(was_training)
+    if not accelerator.is_main_process:
+        return
+    files = [write_video(v, Path(cfg.run_dir) / "samples" / f"step_{step:08d}_{k}.mp4")[0]
+             for k, v in enumerate(videos)]
+    if any(t.name == "wandb" for t in accelerator.trackers):
+        import wandb
+
+        accelerator.log({"samples": [wandb.Video(str(f), caption=c) for f, c in zip(files, captions)]}, step=step)

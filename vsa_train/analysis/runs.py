@@ -1,17 +1,19 @@
-"""Reading finished (or interrupted) runs: metrics.jsonl with Hydra's .hydra/config.yaml, or wandb offline runs.
+"""Reading finished (or interrupted) runs: metrics.jsonl with the run's config, or wandb offline runs.
 
-A run is found by either file: `run_dir/metrics.jsonl` (always written by the trainer) or a wandb offline run
-directory `.../wandb/offline-run-*/run-<id>.wandb` (history and config recovered from wandb's transaction
-log). Where a run directory holds both, metrics.jsonl is used (it is the source of the wandb rows).
+A run is found by either file: `run_dir/metrics.jsonl` (always written by the trainer, read beside the run's
+config.yaml or, failing that, Hydra's .hydra/config.yaml) or a wandb offline run directory
+`.../wandb/offline-run-*/run-<id>.wandb` (history and config recovered from wandb's transaction log). Where a
+run directory holds both, metrics.jsonl is used (it is the source of the wandb rows).
 """
 import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from ..metrics import read_metrics
+from ..rundir import load_run_config
 
 
 @dataclass
@@ -51,26 +53,34 @@ def find_runs(paths) -> list[Run]:
 
 
 def _from_metrics(path: Path) -> Run:
-    hydra_cfg = path.parent / ".hydra" / "config.yaml"
-    if not hydra_cfg.is_file():
-        raise FileNotFoundError(f"{path} has no {hydra_cfg.name} beside it in .hydra/: cannot tell its attention "
-                                f"and model (runs written by train.py have it)")
-    cfg = OmegaConf.to_container(OmegaConf.load(hydra_cfg), resolve=False)
+    try:
+        cfg = load_run_config(path.parent)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{path} has no run config beside it, so the analysis cannot tell its attention "
+                                f"and model ({err}; train.py writes config.yaml into every run directory)") from None
     return _run(path.parent, cfg, read_metrics(path))
 
 
 def _from_wandb(log: Path, owner: Path) -> Run:
     config, rows = read_wandb_offline(log)
-    return _run(owner, config, rows)
+    return _run(owner, OmegaConf.create(config), rows)
 
 
-def _run(path: Path, cfg: dict, rows: list[dict]) -> Run:
-    try:
-        model, attn, budget = cfg["model"], cfg["attn"]["name"], cfg.get("train", {}).get("flops_budget")
-        size = f"{model['name']} ({model['hidden_size']}x{model['depth']})"
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"{path}: its config lacks {err} (model name, width, depth and attn.name are needed)") from None
-    return Run(path=path, attn=attn, size=size, budget=budget, rows=sorted(rows, key=lambda r: r["step"]))
+_NEEDED = ("model.name", "model.hidden_size", "model.depth", "attn.name")  # what a run is grouped and labelled by
+
+
+def _run(path: Path, cfg: DictConfig, rows: list[dict]) -> Run:
+    # .hydra/config.yaml keeps its interpolations, and some (${hydra:...}) resolve only inside a Hydra app: read
+    # each value on its own, an unresolvable one counting as absent, so one odd entry cannot sink the run
+    value = {key: OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
+             for key in (*_NEEDED, "train.flops_budget")}
+    missing = [key for key in _NEEDED if value[key] is None]
+    if missing:
+        raise ValueError(f"{path}: its config lacks {', '.join(missing)} (model name, width, depth and attn.name "
+                         f"are needed)")
+    size = f"{value['model.name']} ({value['model.hidden_size']}x{value['model.depth']})"
+    return Run(path=path, attn=value["attn.name"], size=size, budget=value["train.flops_budget"],
+               rows=sorted(rows, key=lambda r: r["step"]))
 
 
 def _wandb_owner(log: Path) -> Path:

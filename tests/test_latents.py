@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from vsa_train.data import build_data, build_text_encoder, data_spec, decode
 from vsa_train.data.latents import (
@@ -80,7 +80,7 @@ def _encode(root, vae_dir, *extra, text_encoder="builtin", out="latents"):
                             f"{CLIPS / 'carphone_distorted.mp4'},a blurry man in a car\n{PHONE},a man talks\n")
     encode_latents.main(["--vae", str(vae_dir), "--out", str(root / out), "--shard-size", "2", "--batch-size", "2",
                          "--text-encoder", str(text_encoder), "data=videos", f"data.manifest={manifest}",
-                         "data.num_workers=0", *SIZE, *extra])
+                         "data.num_workers=0", "data.allow_outside_root=true", *SIZE, *extra])
     return root / out
 
 
@@ -187,6 +187,59 @@ def test_bad_latents_are_skipped(tmp_path, encoded):
     assert batch["skipped"] == ["shard_00001.safetensors[0]: non-finite latent"]
 
 
+CAPTIONS = ["a man in a car", "a blurry man in a car", "a man talks"]  # items 0 (shard 0), 1 and 2 (shard 1)
+
+
+def _damage(out, how):
+    """Damages shard_00001 (items 1 and 2) of a copy of the encoded latents in one way."""
+    path = out / "shard_00001.safetensors"
+    shard, captions = load_file(str(path)), CAPTIONS[1:]
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[:-100])
+    elif how == "missing":
+        path.unlink()
+    elif how == "fewer items":  # holds 1, the index says 2: only item 2 is lost
+        write_shard(path, shard["latent"][:1], shard["text"][:1], shard["text_mask"][:1], captions[:1], [])
+    elif how == "wrong shape":
+        write_shard(path, shard["latent"][..., :1], shard["text"], shard["text_mask"], captions, [])
+    elif how == "no text tensor":
+        save_file({"latent": shard["latent"], "text_mask": shard["text_mask"]}, str(path),
+                  metadata={"captions": json.dumps(captions)})
+    elif how == "bad captions":
+        save_file(shard, str(path), metadata={"captions": "[not json"})
+
+
+LOST = {"truncated": ([1, 2], "unreadable"), "missing": ([1, 2], "missing"), "fewer items": ([2], "holds 1 items"),
+        "wrong shape": ([1, 2], "tensor latent of shape [2, 4, 2, 2, 1]"), "no text tensor": ([1, 2], "no tensor"),
+        "bad captions": ([1, 2], "captions unreadable")}
+
+
+@pytest.mark.parametrize("how", list(LOST))
+def test_damaged_shards_are_skipped_and_counted(tmp_path, encoded, how, caplog):
+    out = shutil.copytree(encoded, tmp_path / "latents")
+    _damage(out, how)
+    lost, reason = LOST[how]
+    with caplog.at_level(logging.WARNING):
+        data = build_data(OmegaConf.create({"source": "latents", "path": str(out), "seed": 0, "num_workers": 0}),
+                          batch_size=2, eval_samples=1)
+        batches = [b for b, _ in zip(data.train, range(3))]  # 6 positions over 3 items: every item met
+    skipped = [s for b in batches for s in b["skipped"]]
+    assert sorted(s.split(": ", 1)[0] for s in skipped) == [f"shard_00001.safetensors[{i - 1}]" for i in lost]
+    assert all("shard shard_00001.safetensors" in s and reason in s for s in skipped), skipped
+    assert {c for b in batches for c in b["caption"]} == set(CAPTIONS) - {CAPTIONS[i] for i in lost}
+    assert "shard_00001.safetensors" in caplog.text
+
+
+def test_corrupt_index_is_a_clear_error(tmp_path, encoded):
+    out = shutil.copytree(encoded, tmp_path / "latents")
+    (out / "index.json").write_text('{"shards": [')
+    with pytest.raises(ValueError, match="index.json is corrupt"):
+        LatentStore(out)
+    (out / "index.json").write_text(json.dumps({"shards": [{"file": "shard_00000.safetensors"}]}))
+    with pytest.raises(ValueError, match="no valid 'shards' list"):
+        data_spec(OmegaConf.create({"source": "latents", "path": str(out)}))
+
+
 def test_missing_index_and_bad_video_size(tmp_path, vae_dir):
     with pytest.raises(FileNotFoundError, match="encode_latents"):
         data_spec(OmegaConf.create({"source": "latents", "path": str(tmp_path)}))
@@ -202,7 +255,7 @@ def test_encode_on_two_processes(tmp_path, vae_dir):
                         f"{PHONE},a man talks\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            str(ROOT / "scripts" / "encode_latents.py"), "--vae", str(vae_dir), "--out", str(tmp_path / "out"),
-           "--shard-size", "1", "data=videos", f"data.manifest={manifest}", *SIZE]
+           "--shard-size", "1", "data=videos", f"data.manifest={manifest}", "data.allow_outside_root=true", *SIZE]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "encode[0]" in result.stderr and "encode[1]" in result.stderr  # both ranks worked

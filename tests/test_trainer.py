@@ -146,14 +146,18 @@ def _train_py(*args, tmp_path, launcher=(sys.executable,)):
 
 
 def test_dry_run_dit_1b_allocates_no_weights(tmp_path):
-    proc = _train_py("model=dit_1b", "data=synthetic_16k", "train.dry_run=true", tmp_path=tmp_path)
+    # A wrapper process reports the peak RSS of its one child (this process's children include other tests').
+    wrapper = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+               "print('child_peak_kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    proc = _train_py("model=dit_1b", "data=synthetic_16k", "train.dry_run=true", tmp_path=tmp_path,
+                     launcher=(sys.executable, "-c", wrapper, sys.executable))
     assert proc.returncode == 0, proc.stderr
     params = int(re.search(r"^params: (\d+)$", proc.stdout, re.MULTILINE).group(1))
     flops = float(re.search(r"^flops_per_sample: (\S+)$", proc.stdout, re.MULTILINE).group(1))
     assert 1.26e9 <= params <= 1.54e9  # 1.4B +-10%
     assert flops > 6 * params * 16384  # at 16K tokens attention adds to 6 N D
     assert "hidden_size: 2048" in proc.stdout  # the composed config
-    peak_rss_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    peak_rss_gb = int(re.search(r"^child_peak_kb (\d+)$", proc.stdout, re.MULTILINE).group(1)) / 2**20
     assert peak_rss_gb < 2.0  # 1.4B fp32 weights alone would be 5.6 GB
     assert not (tmp_path / "checkpoints").exists()
 

@@ -55,9 +55,10 @@ def _short_clip(path, frames=2):
 def test_manifest_resolves_relative_paths(tmp_path, suffix):
     (tmp_path / "clips").mkdir()
     shutil.copy(PHONE, tmp_path / "clips" / "a.mp4")
-    manifest = _manifest(tmp_path, [("clips/a.mp4", "a man in a car"), (str(PHONE), " padded ")], suffix)
+    inside = str(tmp_path / "clips" / "a.mp4")  # absolute paths inside the manifest's folder are accepted
+    manifest = _manifest(tmp_path, [("clips/a.mp4", "a man in a car"), (inside, " padded ")], suffix)
     clips = videos.read_manifest(manifest)
-    assert [c.source for c in clips] == [str(tmp_path / "clips" / "a.mp4"), str(PHONE)]
+    assert [c.source for c in clips] == [inside, inside]
     assert [c.caption for c in clips] == ["a man in a car", "padded"]
 
 
@@ -139,16 +140,18 @@ def test_auto_falls_back_to_pyav(monkeypatch):
 
 
 def _bad_inputs(tmp_path):
-    """A manifest of two good clips among a missing file, random bytes, a truncated copy, a short clip, no caption."""
+    """A manifest of two good clips among a missing file, random bytes, a truncated copy, a short clip, no caption
+    and a row refused while listing (a path outside the manifest's folder)."""
     (tmp_path / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(5000))
     data = PHONE.read_bytes()
     (tmp_path / "truncated.mp4").write_bytes(data[: len(data) // 3])
     _short_clip(tmp_path / "short.mp4")
-    rows = [(str(PHONE), "a man in a car"), ("missing.mp4", "nothing here"), ("corrupt.mp4", "noise"),
-            ("truncated.mp4", "half a file"), ("short.mp4", "two frames"), (str(PHONE), " "),
-            (str(CLIPS / "carphone_distorted.mp4"), "a blurry man in a car")]
+    phone, blurry = shutil.copy(PHONE, tmp_path / "phone.mp4"), shutil.copy(CLIPS / "carphone_distorted.mp4", tmp_path)
+    rows = [(phone, "a man in a car"), ("missing.mp4", "nothing here"), ("corrupt.mp4", "noise"),
+            ("truncated.mp4", "half a file"), ("short.mp4", "two frames"), (phone, " "),
+            (blurry, "a blurry man in a car"), (str(PHONE), "outside")]
     bad = {"missing.mp4": "file not found", "corrupt.mp4": "unreadable", "truncated.mp4": "",
-           "short.mp4": "too short", str(PHONE): "empty caption"}
+           "short.mp4": "too short", str(phone): "empty caption", "manifest.csv line 9": "outside the manifest's"}
     return _manifest(tmp_path, rows), bad
 
 
@@ -222,7 +225,7 @@ def test_hf_dataset_saved_to_disk_and_jsonl(tmp_path):
     (tmp_path / "rows.jsonl").write_text(json.dumps({"mp4": "clips/a.mp4", "text": "a man in a car"}) + "\n")
     base = OmegaConf.merge(_cfg(), {"name": "hf", "source": "hf", "manifest": None, "split": "train",
                                     "video_column": "video", "caption_column": "caption"})
-    for cfg in (OmegaConf.merge(base, {"path": str(tmp_path / "ds")}),
+    for cfg in (OmegaConf.merge(base, {"path": str(tmp_path / "ds"), "allow_outside_root": True}),  # PHONE: outside
                 OmegaConf.merge(base, {"path": str(tmp_path / "embedded")}),  # video bytes inside the dataset
                 OmegaConf.merge(base, {"path": str(tmp_path / "rows.jsonl"), "video_column": "mp4",
                                        "caption_column": "text"})):
@@ -252,13 +255,15 @@ def test_training_goes_on_past_bad_inputs_and_counts_them(tmp_path):
     trainer.train(cfg)
     last = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
     assert last["step"] == 3 and np.isfinite(last["train/loss"])
-    assert last["data/skipped"] == len(bad)  # 12 stream positions over 7 clips: every bad one met, counted once
+    assert last["data/skipped"] == len(bad)  # 12 stream positions over 8 rows: every bad one met, counted once
 
 
 def test_holdout_clips_are_eval_only(tmp_path):
     rows = [(str(PHONE), "a man in a car"), (str(CLIPS / "carphone_distorted.mp4"), "a blurry man")]
-    data = build_data(_cfg(manifest=str(_manifest(tmp_path, rows)), holdout=1), batch_size=3, eval_samples=2)
+    data = build_data(_cfg(manifest=str(_manifest(tmp_path, rows)), holdout=1, allow_outside_root=True),
+                      batch_size=3, eval_samples=2)
     assert next(iter(data.train))["caption"] == ["a man in a car"] * 3
     assert data.eval["caption"] == ["a blurry man"] * 2
     with pytest.raises(ValueError, match="data.holdout=2"):
-        build_data(_cfg(manifest=str(_manifest(tmp_path, rows)), holdout=2), batch_size=1, eval_samples=1)
+        build_data(_cfg(manifest=str(_manifest(tmp_path, rows)), holdout=2, allow_outside_root=True), batch_size=1,
+                   eval_samples=1)

@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import save_file
 
 from vsa_train import trainer
+from vsa_train.checkpoint import init_weights
 from vsa_train.metrics import read_metrics
 from vsa_train.models import ATTENTION, build_model
 from vsa_train.models.vsa import VSAAttention, VSAConfig
@@ -39,7 +40,7 @@ def adapted(dense, attn_cfg, tmp_path):
     """A VSA model initialised from the dense model's weights through train.init_from's loader."""
     save_file(dense.state_dict(), str(tmp_path / "dense.safetensors"))
     model = make(attn_cfg, seed=123)  # other random weights: all must come from the file (or be the gates)
-    trainer.load_init_weights(model, tmp_path / "dense.safetensors")
+    init_weights(model, tmp_path / "dense.safetensors")
     return model
 
 
@@ -155,11 +156,11 @@ def test_bad_vsa_configs_fail_clearly():
         path = Path(os.environ.get("TMPDIR", "/tmp")) / f"vsa_{os.getpid()}.safetensors"
         save_file(vsa.state_dict(), str(path))
         try:
-            trainer.load_init_weights(dense, path)
+            init_weights(dense, path)
         finally:
             path.unlink()
     with pytest.raises(FileNotFoundError, match="init_from"):
-        trainer.load_init_weights(vsa, "/nonexistent/run")
+        init_weights(vsa, "/nonexistent/run")
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(), reason="no Triton")

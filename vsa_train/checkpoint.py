@@ -11,8 +11,9 @@ from accelerate import Accelerator
 
 from .distributed import on_main
 from .models.vsa import VSAAttention
-from .rundir import (STATE, RunDir, resolve_checkpoint, disk_error, load_tensors, optimizer_from_files, optimizer_to_files, read_state,
-                     rng_file, rng_state, save_tensors, set_rng_state, verify, write_json)
+from .files import disk_error
+from .rundir import (STATE, RunDir, RunDirError, load_tensors, optimizer_from_files, optimizer_to_files, read_state, resolve_checkpoint,
+                     rng_file, rng_problem, rng_state, save_tensors, set_rng_state, verify, write_json)
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: RunDir, model, optimizer, ema, counters: dict,
@@ -76,12 +77,12 @@ def restore_rng(accelerator: Accelerator, ckpt: Path, counters: dict) -> None:
     path, reason = rng_file(ckpt, rank), None
     if counters.get("processes", world) != world:
         reason = f"it was saved by {counters['processes']} processes, this launch has {world}"
-    else:
+    elif (reason := rng_problem(ckpt, rank)) is None:
         try:
             set_rng_state(load_tensors(path))
             return
         except Exception as err:  # noqa: BLE001 (any unreadable file means the same: reseed and say so)
-            reason = f"{path.name} is missing or unreadable ({type(err).__name__})"
+            reason = f"{path.name} is unreadable ({type(err).__name__})"
     torch.manual_seed(hash((counters.get("seed", 0), rank, counters["step"])) % 2**63)
     warnings.warn(f"rank {rank}: RNG state not restored from {ckpt}: {reason}; training noise is reseeded, "
                   f"so this resume is no longer bit-exact", stacklevel=2)
@@ -104,7 +105,10 @@ def init_weights(model: torch.nn.Module, source) -> str:
     if path.is_file() and path.suffix == ".safetensors":
         state = load_tensors(path)
     else:
-        _, ckpt = resolve_checkpoint(path)
+        try:
+            _, ckpt = resolve_checkpoint(path)
+        except (FileNotFoundError, RunDirError) as err:
+            raise type(err)(f"train.init_from={source}: {err}") from None
         path = ckpt / "model.safetensors"
         state, _ = load_weights(ckpt, ema=False)
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -1,4 +1,4 @@
-"""Rectified flow (DESIGN.md §4): x_t = (1 - t) x0 + t noise, the model predicts v = noise - x0."""
+"""Rectified flow (docs/design.md, 'Rectified flow'): x_t = (1 - t) x0 + t noise, the model predicts v = noise - x0."""
 import torch
 import torch.nn.functional as F
 

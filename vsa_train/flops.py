@@ -1,4 +1,4 @@
-"""Analytic training FLOPs per sample (DESIGN.md §5), the x-axis of every loss curve.
+"""Analytic training FLOPs per sample (docs/design.md, 'FLOPs'), the x-axis of every loss curve.
 
 Counted: 2 FLOPs per multiply-add of every weight matmul (patch embedding, time and text embeddings,
 AdaLN time projection, q/k/v/out projections of self- and cross-attention, MLP, output layer), plus

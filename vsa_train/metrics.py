@@ -5,15 +5,12 @@ A row counts once its newline is on disk: each row is written with one write of 
 (not UTF-8, not JSON, not an object with an integer `step`) with a MetricsWarning naming the file and line.
 """
 import json
-import os
-import shutil
-import stat
-import tempfile
 import warnings
-from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from accelerate import Accelerator
+
+from .files import atomic_write, naming_free_space
 
 
 class MetricsWarning(UserWarning):
@@ -51,7 +48,7 @@ def rewind(path, step: int) -> None:
     data = path.read_bytes()
     kept = b"".join(line + b"\n" for line, row in _parse(path, data) if row["step"] <= step)
     if kept != data:
-        _atomic_write(path, kept)
+        atomic_write(path, kept)
 
 
 def _parse(path: Path, data: bytes) -> list[tuple[bytes, dict]]:
@@ -93,50 +90,9 @@ def _warn(path: Path, number: int, what: str, line: bytes) -> None:
 
 def _append(path: Path, line: bytes) -> None:
     """Appends one whole line with a single write and flushes it, so a crash can tear only this line."""
-    with _naming_free_space(path), open(path, "ab") as f:
+    with naming_free_space(path), open(path, "ab") as f:
         f.write(line)
         f.flush()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Replaces `path` by `data` at once: a crash leaves the old file or the new one, never a mix."""
-    with _naming_free_space(path):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # same file system
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())  # the data must be on disk before the rename makes it the file
-            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))  # mkstemp makes it owner-only; keep the file's mode
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Makes a rename in `directory` durable, where the OS and file system allow it."""
-    # best effort: the rename is done; some file systems (and Windows) refuse to fsync a directory
-    with suppress(AttributeError, OSError):
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextmanager
-def _naming_free_space(path: Path):
-    """Re-raises an OSError while writing `path` as one naming the path and the bytes free on its disk."""
-    try:
-        yield
-    except OSError as err:
-        try:
-            free = f"{shutil.disk_usage(path.parent).free} bytes free"
-        except OSError:
-            free = "free space unknown"
-        raise OSError(err.errno, f"cannot write {path}: {err.strerror or err} ({free} on its file system)") from err
 
 
 def define_flops_axis(accelerator: Accelerator) -> None:

@@ -1,15 +1,16 @@
-"""Stop requests from the cluster: SIGTERM, SIGUSR1 and the first SIGINT finish the step, save and exit.
+"""Stop requests from the cluster: SIGTERM, SIGUSR1, SIGUSR2 and the first SIGINT finish the step, save and exit.
 
 The handler only records the signal; the trainer asks `requested()` once per optimizer step, all ranks agree on
 the step (an all-reduce), save a checkpoint together and leave through `exit_for_requeue`. A second SIGINT
 exits at once (KeyboardInterrupt). Under submitit the handler it replaced (submitit's, which requeues the SLURM
-job from rank 0) is called after the checkpoint is written, so a timed-out job is requeued with its state saved.
+job from rank 0; submitit >= 1.5 asks SLURM for SIGUSR2 before the time limit) is called after the checkpoint is
+written, so a timed-out job is requeued with its state saved.
 """
 import signal
 import sys
 import threading
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; the checkpoint of the step it stopped at is written
 
 

@@ -15,7 +15,6 @@ does and names the ones it skips. This module does files only (no collectives): 
 ranks that must write and agrees across ranks around it.
 """
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -31,6 +30,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
+from .files import atomic_write, disk_error, fsync_dir, fsync_tree
+
 CONFIG = "config.yaml"
 HISTORY = "config_history.jsonl"
 LOCK = "run.lock"
@@ -43,6 +44,7 @@ TRAJECTORY = ("model", "attn", "data", "optim", "train.seed", "train.ema", "trai
 # Keys inside those sections that do not change what is trained (speed or memory only).
 NOT_TRAJECTORY = ("data.num_workers", "model.grad_checkpointing")
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
+_RNG_FILE = re.compile(r"^rng_rank\d+\.safetensors$")
 
 
 class RunDirError(RuntimeError):
@@ -78,28 +80,6 @@ def trajectory_diff(old: DictConfig, new: DictConfig) -> list[tuple[str, object,
                 and not any(k == n or k.startswith(n + ".") for n in NOT_TRAJECTORY)}
     a, b = pick(old), pick(new)
     return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Writes `text` to a temporary file beside `path`, fsyncs, renames: readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise disk_error(err, path) from err
-
-
-def disk_error(err: OSError, path: Path) -> OSError:
-    """An OSError that names the path and the bytes left on its file system (a full disk says so plainly)."""
-    where = next((p for p in (Path(path), *Path(path).parents) if p.exists()), Path("/"))
-    free = shutil.disk_usage(where).free
-    what = "disk full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or type(err).__name__)
-    return OSError(err.errno, f"{what} writing {path} ({free:,} bytes free on that file system)")
 
 
 # --------------------------------------------------------------------------------------------- the directory
@@ -163,7 +143,7 @@ class RunDir:
         config = self.path / CONFIG
         diff = trajectory_diff(OmegaConf.load(config), launch.cfg) if config.is_file() else []
         if not config.is_file() or (launch.resume == "force" and diff):
-            _atomic_write(config, OmegaConf.to_yaml(launch.cfg, resolve=True))
+            atomic_write(config, OmegaConf.to_yaml(launch.cfg, resolve=True))
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "pid": os.getpid(),
                  "slurm_job": _slurm_job(), "processes": launch.processes, "global_batch": launch.global_batch,
                  "resume": launch.resume, "resumed_from": resumed_from and resumed_from.name,
@@ -266,11 +246,11 @@ class RunDir:
         tmp, final = self.tmp_dir(step), self.step_dir(step)
         try:
             write_manifest(tmp, step)
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             if final.exists():  # a damaged copy of this step (its manifest did not verify): replaced
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(self.checkpoints)
+            fsync_dir(self.checkpoints)
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
             raise disk_error(err, tmp) from err
@@ -308,7 +288,13 @@ def save_tensors(tensors: dict, path: Path) -> None:
 
 
 def load_tensors(path: Path) -> dict:
-    return load_file(str(path))
+    """A safetensors file's tensors; a file that is not one is a RunDirError naming it (never unpickled)."""
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 (safetensors raises its own error types for bad headers)
+        raise RunDirError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from None
 
 
 def write_json(obj: dict, path: Path) -> None:
@@ -352,6 +338,17 @@ def optimizer_from_files(ckpt: Path) -> dict:
 
 def rng_file(ckpt: Path, rank: int) -> Path:
     return Path(ckpt) / f"rng_rank{rank}.safetensors"
+
+
+def rng_problem(ckpt: Path, rank: int) -> str | None:
+    """Why rank `rank`'s RNG file cannot be trusted (missing, or not the bytes the manifest recorded), else None."""
+    path = rng_file(ckpt, rank)
+    entry = read_json(Path(ckpt) / MANIFEST)["files"].get(path.name)
+    if entry is None or not path.is_file():
+        return f"{path.name} is missing"
+    if path.stat().st_size != entry.get("bytes") or _sha256(path) != entry.get("sha256"):
+        return f"{path.name} does not match the manifest"
+    return None
 
 
 def rng_state() -> dict:
@@ -405,6 +402,8 @@ def verify(ckpt: Path) -> str | None:
         path = ckpt / name
         if Path(name).name != name:
             return f"{MANIFEST} names a file outside the checkpoint: {name!r}"
+        if _RNG_FILE.match(name):  # optional: without it the resume goes on, reseeded (checked when loaded)
+            continue
         if not path.is_file():
             return f"{name} is missing"
         if path.stat().st_size != entry.get("bytes"):
@@ -412,23 +411,6 @@ def verify(ckpt: Path) -> str | None:
         if _sha256(path) != entry.get("sha256"):
             return f"{name} does not match its checksum"
     return None
-
-
-def _fsync_tree(path: Path) -> None:
-    """Flushes every file and directory under path to disk, so the rename publishes durable data."""
-    for dirpath, _, filenames in os.walk(path):
-        for name in filenames:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(dirpath)
-
-
-def _fsync_dir(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------------ lock helpers
@@ -468,5 +450,5 @@ def _stale_reason(holder: dict, path: Path, stale_after_s: float) -> str | None:
     return None
 
 
-__all__ = ["CONFIG", "Launch", "RunDir", "RunDirError", "disk_error", "load_run_config", "resolve_checkpoint",
+__all__ = ["CONFIG", "Launch", "RunDir", "RunDirError", "load_run_config", "resolve_checkpoint",
            "trajectory_diff", "verify"]

@@ -20,7 +20,7 @@ from vsa_train.ops import (
 SHAPES = [(2, 4, 4), (4, 8, 8), (5, 6, 7), (1, 13, 2)]  # 1, 4, 8, 4 tiles; the last two mostly edge tiles
 TOPKS = [1, 3, 1000]  # one tile, some, all
 B, H, D = 2, 2, 64
-# fp32 is compared with float64 at a bound far under the 1e-3 of DESIGN.md section 2.
+# fp32 is compared with float64 at a bound far under the 1e-3 of docs/design.md, 'VSA: op contract'.
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 
 

@@ -59,8 +59,8 @@ def _ratio(base: PowerLaw | None, other: PowerLaw | None, loss: float) -> float:
 
 def summary_markdown(runs, frontiers, fits, ratios, baseline, fit_from, notes) -> str:
     """summary.md: the runs, the fits and the FLOPs ratios as Markdown tables."""
-    intro = (f"{len(runs)} runs. Eval loss: the trainer's fixed held-out set (DESIGN.md §6); FLOPs: cumulative "
-             "executed training FLOPs (analytic, forward × 3).")
+    intro = (f"{len(runs)} runs. Eval loss: the trainer's fixed held-out set (docs/design.md, 'Evaluation protocol'); "
+             "FLOPs: cumulative executed training FLOPs (analytic, forward × 3).")
     lines = ["# Loss-vs-FLOPs study", "", intro, "",
              "| run | attention | model | FLOPs budget | steps | FLOPs | final eval loss | best eval loss |",
              "|---|---|---|---|---|---|---|---|"]

@@ -1,13 +1,29 @@
 """A local Hugging Face `datasets` dataset of videos: the video column stays undecoded and goes through decord.
 
 `data.path` is a directory written by `save_to_disk`, or JSON-lines / CSV / parquet file(s) with a video
-column (file paths, relative to the data file, or bytes) and a caption column.
+column (file paths, relative to the data file, or bytes) and a caption column. Rows are checked as
+data=videos checks manifest rows: a path that is not a string or lies outside the dataset's folder (unless
+data.allow_outside_root=true), a caption that is not a string or is over data.max_caption_bytes, make the
+row a bad clip "<path>[<row index>]" that is skipped and counted when met (see videos.py).
 """
 from pathlib import Path
 
-from .videos import Clip, build_from_clips, caption_encoder
+from .batching import BadInput
+from .videos import Clip, RowRules, build_from_clips, caption_encoder, check_caption, check_path, checked
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _row_clip(name: str, video, caption, base: Path, rules: RowRules) -> Clip:
+    """One dataset row as a Clip (bytes kept as they are, paths checked), or a bad Clip holding the reason."""
+    try:
+        caption = check_caption(caption, rules)
+        if isinstance(video, dict) and video.get("bytes"):
+            return Clip(name=name, source=video["bytes"], caption=caption)
+        file, real = check_path((video or {}).get("path"), base, rules, "the dataset's folder")
+    except BadInput as e:
+        return Clip.bad(name, str(e))
+    return Clip(name=f"{name} {file}", source=str(real), caption=caption)
 
 
 def load_clips(cfg) -> list[Clip]:
@@ -34,24 +50,16 @@ def load_clips(cfg) -> list[Clip]:
             raise ValueError(f"{path} has no column {column!r} (columns: {ds.column_names}); "
                              f"set data.video_column / data.caption_column")
     ds = ds.cast_column(cfg.video_column, Video(decode=False))
-    clips = []
-    for i, row in enumerate(ds):
-        video, caption = row[cfg.video_column] or {}, (row[cfg.caption_column] or "").strip()
-        if video.get("bytes"):
-            clips.append(Clip(name=f"{path}[{i}]", source=video["bytes"], caption=caption))
-        else:
-            file = Path(video.get("path") or "")
-            file = file if file.is_absolute() else base / file
-            clips.append(Clip(name=f"{path}[{i}] {file}", source=str(file), caption=caption))
-    if not clips:
-        raise ValueError(f"{path} has no rows in split {cfg.split!r}")
-    return clips
+    rules = RowRules.from_cfg(cfg)
+    clips = [_row_clip(f"{path}[{i}]", row[cfg.video_column], row[cfg.caption_column], base, rules)
+             for i, row in enumerate(ds)]
+    return checked(clips, f"{path} (split {cfg.split!r})")
 
 
 def build(cfg, *, batch_size: int, eval_samples: int, rank: int = 0, world_size: int = 1, start_batch: int = 0):
     """data=hf: train loader and eval batch, exactly as data=videos but over the dataset's rows."""
     return build_from_clips(cfg, load_clips(cfg), batch_size=batch_size, eval_samples=eval_samples, rank=rank,
-                            world_size=world_size, start_batch=start_batch)
+                            world_size=world_size, start_batch=start_batch, source=str(cfg.path))
 
 
 def text_encoder(cfg):

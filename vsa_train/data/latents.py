@@ -5,9 +5,14 @@ counts, the inputs skipped while encoding) and `shard_<k>.safetensors` files wit
 latent [n, C, T, H, W] (normalised with the VAE's latents_mean / latents_std), text [n, L, D],
 text_mask [n, L] and the captions in the metadata. The model's input channels and video shape are the
 latent's, so patching follows the latent grid.
+
+A shard that cannot be used (missing, truncated, a tensor missing or of the wrong shape, unreadable
+captions, fewer items than index.json says) does not stop a run: its affected items raise BadInput naming
+the shard, so the stream skips and counts them. A missing or corrupt index.json is an error at start.
 """
 import functools
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +21,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .text import CaptionEncoder
-from .videos import BadInput, ItemStream, eval_batch, holdout_split, make_loader
+from .batching import BadInput, ItemStream, eval_batch, holdout_split, make_loader
+
+log = logging.getLogger(__name__)
 
 INDEX = "index.json"
+_TENSORS = ("latent", "text", "text_mask")
 
 
 # ------------------------------------------------------------------------------------------------------ VAE
@@ -119,49 +127,111 @@ def shard_info(path) -> dict:
 
 
 def read_index(root) -> dict:
-    """The index of a latent directory, with a clear error when it is missing."""
+    """The index of a latent directory, with a clear error when it is missing, not JSON or lacks a key."""
     path = Path(root) / INDEX
     if not path.is_file():
         raise FileNotFoundError(f"data.path={str(root)!r} has no {INDEX}; write one with scripts/encode_latents.py")
-    return json.loads(path.read_text())
+    try:
+        index = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is corrupt ({e}); rewrite it with scripts/encode_latents.py") from None
+    shards = index.get("shards") if isinstance(index, dict) else None
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("file"), str)
+                                               and isinstance(s.get("count"), int) for s in shards):
+        raise ValueError(f"{path} has no valid 'shards' list of {{file, count}}; rewrite it with "
+                         "scripts/encode_latents.py")
+    missing = [k for k in ("latent_shape", "text_shape") if k not in index]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}; rewrite it with scripts/encode_latents.py")
+    return index
+
+
+class _Shard:
+    """An open shard checked against the index: the file handle, its item count and captions."""
+
+    def __init__(self, path: Path, latent_shape: list, text_shape: list):
+        self.file = safe_open(str(path), framework="pt")  # raises on a truncated file
+        missing = [t for t in _TENSORS if t not in self.file.keys()]
+        if missing:
+            raise BadInput(f"no tensor {missing}")
+        shapes = {t: self.file.get_slice(t).get_shape() for t in _TENSORS}
+        self.count = shapes["latent"][0]
+        expected = {"latent": latent_shape, "text": text_shape, "text_mask": text_shape[:1]}
+        for t, shape in shapes.items():
+            if shape != [self.count, *expected[t]]:
+                raise BadInput(f"tensor {t} of shape {shape}, the index says {[self.count, *expected[t]]}")
+        try:
+            self.captions = json.loads((self.file.metadata() or {})["captions"])
+        except (KeyError, json.JSONDecodeError) as e:
+            raise BadInput(f"captions unreadable ({type(e).__name__}: {e})") from None
+        if not (isinstance(self.captions, list) and len(self.captions) == self.count
+                and all(isinstance(c, str) for c in self.captions)):
+            raise BadInput(f"captions are not a list of {self.count} strings")
 
 
 class LatentStore:
-    """Random access to the items of all shards (files opened lazily, once per process or worker)."""
+    """Random access to the items of all shards (files opened lazily, once per process or worker).
+
+    A shard that fails to open or check is remembered as the reason, so it is not reopened for each item.
+    """
 
     def __init__(self, root):
         self.root, self.index = Path(root), read_index(root)
         self.shards = [s for s in self.index["shards"] if s["count"] > 0]
         self.offsets = np.cumsum([0] + [s["count"] for s in self.shards])
         self.latent_shape = list(self.index["latent_shape"])
-        self._files = {}
+        self._files: dict[int, _Shard | str] = {}  # shard k -> open shard, or why it is unusable
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def name(self, i: int) -> str:
+    def _locate(self, i: int) -> tuple[int, int]:
+        """(shard, item within it) of item i."""
         k = int(np.searchsorted(self.offsets, i, side="right") - 1)
-        return f"{self.shards[k]['file']}[{i - self.offsets[k]}]"
+        return k, int(i - self.offsets[k])
+
+    def name(self, i: int) -> str:
+        k, j = self._locate(i)
+        return f"{self.shards[k]['file']}[{j}]"
+
+    def _shard(self, k: int) -> _Shard:
+        """Shard k, opened once; BadInput naming it (each time) when it cannot be used."""
+        if k not in self._files:
+            file = self.shards[k]["file"]
+            path = self.root / file
+            try:
+                self._files[k] = _Shard(path, self.latent_shape, list(self.index["text_shape"]))
+            except BadInput as e:
+                self._files[k] = f"shard {file}: {e}"
+            except Exception as e:  # noqa: BLE001 -- safetensors raises its own error type on damaged files
+                what = "missing" if not path.is_file() else f"unreadable ({type(e).__name__}: {str(e)[:200]})"
+                self._files[k] = f"shard {file}: {what}"
+            if isinstance(self._files[k], str):
+                log.warning("%s; its %d items are skipped", self._files[k], self.shards[k]["count"])
+        shard = self._files[k]
+        if isinstance(shard, str):
+            raise BadInput(shard)  # a new exception each time: re-raising one would grow its traceback
+        return shard
 
     def load(self, i: int, position: int | None = None) -> dict:
-        """Item i as dict(video=latent, text, text_mask, caption); BadInput on wrong shapes or non-finite values.
+        """Item i as dict(video=latent, text, text_mask, caption); BadInput on a bad shard or non-finite values.
 
         `position` (the stream position, as ItemStream passes it) is unused: a latent has no window to choose.
         """
-        k = int(np.searchsorted(self.offsets, i, side="right") - 1)
-        j = int(i - self.offsets[k])
-        if k not in self._files:
-            self._files[k] = safe_open(str(self.root / self.shards[k]["file"]), framework="pt")
-            self._files[k].__enter__()
-        f = self._files[k]
-        latent = f.get_slice("latent")[j: j + 1][0].float()
-        if list(latent.shape) != self.latent_shape:
-            raise BadInput(f"latent of shape {list(latent.shape)}, the index says {self.latent_shape}")
+        k, j = self._locate(i)
+        shard = self._shard(k)
+        if j >= shard.count:
+            raise BadInput(f"shard {self.shards[k]['file']} holds {shard.count} items, {INDEX} says "
+                           f"{self.shards[k]['count']}")
+        f = shard.file
+        try:
+            latent = f.get_slice("latent")[j: j + 1][0].float()
+            text, text_mask = f.get_slice("text")[j: j + 1][0].float(), f.get_slice("text_mask")[j: j + 1][0].bool()
+        except Exception as e:  # noqa: BLE001 -- an I/O error on one item leaves the others usable
+            raise BadInput(f"shard {self.shards[k]['file']} unreadable ({type(e).__name__}: {e})") from None
         if not torch.isfinite(latent).all():
             raise BadInput("non-finite latent")
-        return {"video": latent, "text": f.get_slice("text")[j: j + 1][0].float(),
-                "text_mask": f.get_slice("text_mask")[j: j + 1][0].bool(),
-                "caption": json.loads(f.metadata()["captions"])[j]}
+        return {"video": latent, "text": text, "text_mask": text_mask, "caption": shard.captions[j]}
 
     def __getstate__(self):  # open file handles do not travel to DataLoader workers
         return dict(self.__dict__, _files={})
@@ -184,8 +254,9 @@ def build(cfg, *, batch_size: int, eval_samples: int, rank: int = 0, world_size:
     store = LatentStore(cfg.path)
     train, held = holdout_split(cfg, len(store))
     names = [store.name(i) for i in range(len(store))]
-    stream = ItemStream(len(train), store.load, None, batch_size, cfg.seed, rank, world_size, start_batch, names)
-    eval_set = eval_batch(held, store.load, None, eval_samples, names=names)
+    stream = ItemStream(len(train), store.load, None, batch_size, cfg.seed, rank, world_size, start_batch, names,
+                        str(cfg.path))
+    eval_set = eval_batch(held, store.load, None, eval_samples, names=names, source=str(cfg.path))
     return make_loader(stream, cfg.num_workers, cfg.seed), eval_set
 
 

@@ -4,13 +4,20 @@ A clip becomes a fixed-size training video: `frames` frames `stride` apart (or a
 it covers `height` x `width`, center-cropped, scaled to [-1, 1]. Bad input (missing or unreadable file,
 truncated or too-short clip, empty caption) is skipped with a warning naming the file and reported in the
 batch (`batch["skipped"]`) so the trainer can count it; it is never trained on.
+
+Bad rows found while listing (a manifest line that is malformed JSON, not valid UTF-8, has a path that is not
+a string or lies outside the manifest's folder, a caption over `data.max_caption_bytes`; the same for
+sidecar captions and data=hf rows) do not abort the listing: each stays in the clip list as a Clip whose
+`error` holds the reason and whose name is "<manifest> line <n>" (1-based, blank lines counted). Loading it
+raises BadInput(error), so the stream skips, warns about and reports it exactly once, like a bad video,
+and the trainer's `data/skipped` counts it. Listing fails only when no row is usable.
 """
 import csv
 import io
-import itertools
 import json
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .batching import BadInput, ItemStream, eval_batch, holdout_split, make_loader  # BadInput: re-exported
 from .text import CaptionEncoder
 
 log = logging.getLogger(__name__)
@@ -27,66 +34,238 @@ log = logging.getLogger(__name__)
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".webm", ".mov", ".m4v")
 BACKENDS = ("auto", "decord", "pyav")
 _WORD = re.compile(r"[a-z]+")
-
-
-class BadInput(Exception):
-    """A clip that cannot be trained on (the message says why)."""
+MAX_CAPTION_BYTES = 1 << 24      # the largest data.max_caption_bytes allowed
+_CSV_FIELD_LIMIT = (1 << 31) - 1  # read over-long captions whole (then skip them) instead of crashing mid-row
 
 
 @dataclass(frozen=True)
 class Clip:
-    """One video: `source` is a path or the encoded bytes (Hugging Face datasets); `name` identifies it in logs."""
+    """One video: `source` is a path or the encoded bytes (Hugging Face datasets); `name` identifies it in logs.
+
+    `error` marks a row found unusable while listing: loading the clip raises BadInput(error).
+    """
 
     name: str
     source: str | bytes
     caption: str
+    error: str | None = None
+
+    @classmethod
+    def bad(cls, name: str, reason: str) -> "Clip":
+        """A listed row that cannot be used, kept so that the stream reports it when met."""
+        return cls(name=name, source="", caption="", error=reason)
 
 
-# ---------------------------------------------------------------------------------------------- listing clips
+@dataclass(frozen=True)
+class RowRules:
+    """What a listed row must satisfy: a caption of at most `max_caption_bytes`, a file inside the root."""
 
-def read_manifest(path) -> list[Clip]:
+    max_caption_bytes: int = 131072
+    allow_outside_root: bool = False
+
+    @classmethod
+    def from_cfg(cls, cfg) -> "RowRules":
+        """The rules set by data.max_caption_bytes and data.allow_outside_root (bounds checked)."""
+        rules = cls(int(cfg.get("max_caption_bytes", cls.max_caption_bytes)),
+                    bool(cfg.get("allow_outside_root", cls.allow_outside_root)))
+        if not 1 <= rules.max_caption_bytes <= MAX_CAPTION_BYTES:
+            raise ValueError(f"data.max_caption_bytes={rules.max_caption_bytes} must be in [1, {MAX_CAPTION_BYTES}]")
+        return rules
+
+
+# ------------------------------------------------------------------------------------------------ row checks
+
+def _kind(value) -> str:
+    """The JSON name of a value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):  # before int: bool is an int
+        return "a boolean"
+    return {str: "a string", int: "a number", float: "a number", list: "an array", dict: "an object"}.get(
+        type(value), f"a {type(value).__name__}")
+
+
+def _is_utf8(text: str) -> bool:
+    """False when text holds surrogates: bytes that were not UTF-8 (read with errors="surrogateescape")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_caption(caption, rules: RowRules) -> str:
+    """The stripped caption (missing -> ""); BadInput when it is not a string, not UTF-8 or too long."""
+    if caption is None:
+        return ""  # an empty caption is refused when the clip loads, as for any empty caption
+    if not isinstance(caption, str):
+        raise BadInput(f"caption is {_kind(caption)}, not a string")
+    if not _is_utf8(caption):
+        raise BadInput("caption is not valid UTF-8")
+    caption = caption.strip()
+    if len(caption.encode("utf-8")) > rules.max_caption_bytes:
+        raise BadInput(f"caption longer than {rules.max_caption_bytes} bytes (data.max_caption_bytes)")
+    return caption
+
+
+def resolve_inside(file: Path, root: Path, rules: RowRules, where: str) -> Path:
+    """`file` with `..` and symlinks resolved (what is opened is what was checked); BadInput when it lies
+    outside `root`, unless data.allow_outside_root is set."""
+    try:
+        real, real_root = file.resolve(), root.resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # symlink loops, NUL bytes
+        raise BadInput(f"path cannot be resolved ({e})") from None
+    if not rules.allow_outside_root and not real.is_relative_to(real_root):
+        raise BadInput(f"outside {where} {real_root} ({real}); set data.allow_outside_root=true to allow")
+    return real
+
+
+def check_path(value, root: Path, rules: RowRules, where: str) -> tuple[Path, Path]:
+    """(as written, resolved) file of a row, relative to `root`; BadInput when not a string, not UTF-8 or outside."""
+    if not isinstance(value, str):
+        raise BadInput(f"path is {_kind(value)}, not a string")
+    if not value.strip():
+        raise BadInput("path is empty")
+    if not _is_utf8(value):
+        raise BadInput("path is not valid UTF-8")
+    file = root / Path(value).expanduser()  # an absolute path replaces root
+    return file, resolve_inside(file, root, rules, where)
+
+
+def checked(clips: list[Clip], source) -> list[Clip]:
+    """`clips` after one warning counting the bad rows; ValueError naming `source` when no row is usable."""
+    bad = [c for c in clips if c.error]
+    if not clips:
+        raise ValueError(f"no clips in {source}")
+    if len(bad) == len(clips):
+        raise ValueError(f"none of the {len(clips)} rows of {source} is usable, e.g. {bad[0].name}: {bad[0].error}")
+    if bad:
+        log.warning("%s: %d of %d rows are unusable and are skipped when met, e.g. %s: %s", source, len(bad),
+                    len(clips), bad[0].name, bad[0].error)
+    return clips
+
+
+# ------------------------------------------------------------------------------------------------ listing clips
+
+def _csv_rows(path: Path) -> list[tuple[int, dict | BadInput]]:
+    """(first line of the record, its fields by column, or BadInput) for each non-blank CSV record."""
+    old = csv.field_size_limit(_CSV_FIELD_LIMIT)
+    try:
+        # surrogateescape: a non-UTF-8 byte spoils only the field that holds it, flagged by check_caption/path
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+            reader = csv.reader(f)
+            header = [h.strip() for h in next(reader, [])]
+            if "path" not in header:
+                raise ValueError(f"{path}: no 'path' column (columns: {sorted(header)})")
+            rows = []
+            while True:
+                line = reader.line_num + 1
+                try:
+                    record = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as e:  # the reader resumes on the next line
+                    rows.append((line, BadInput(f"malformed CSV ({e})")))
+                    continue
+                if len(record) == len(header):
+                    rows.append((line, dict(zip(header, record))))
+                elif record:  # blank lines are no records
+                    rows.append((line, BadInput(f"{len(record)} fields, the header has {len(header)} "
+                                                "(quote fields that hold commas)")))
+            return rows
+    finally:
+        csv.field_size_limit(old)
+
+
+def _jsonl_rows(path: Path) -> list[tuple[int, dict | BadInput]]:
+    """(line, object or BadInput) for each non-blank line of a JSON-lines file."""
+    rows = []
+    for line, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8-sig", errors="surrogateescape"))
+        except json.JSONDecodeError as e:
+            rows.append((line, BadInput(f"malformed JSON ({e.msg} at column {e.colno})")))
+            continue
+        rows.append((line, row if isinstance(row, dict) else BadInput(f"the line is {_kind(row)}, not an object")))
+    return rows
+
+
+def _manifest_clip(name: str, row: dict | BadInput, folder: Path, rules: RowRules) -> Clip:
+    """A manifest row as a Clip, or as a bad Clip holding the reason."""
+    if isinstance(row, BadInput):  # unreadable as a row
+        return Clip.bad(name, str(row))
+    try:
+        if "path" not in row:
+            raise BadInput(f"no 'path' key (keys: {sorted(row)})")
+        file, real = check_path(row["path"], folder, rules, "the manifest's folder")
+        caption = check_caption(row.get("caption"), rules)
+    except BadInput as e:
+        return Clip.bad(name, str(e))
+    return Clip(name=str(file), source=str(real), caption=caption)
+
+
+def read_manifest(path, rules: RowRules = RowRules()) -> list[Clip]:
     """Clips of a CSV (columns path, caption) or JSON-lines manifest; relative paths resolve against its folder."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data.manifest={str(path)!r} does not exist")
     if path.suffix == ".csv":
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = _csv_rows(path)
     elif path.suffix in (".jsonl", ".json"):
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = _jsonl_rows(path)
     else:
         raise ValueError(f"data.manifest must be .csv or .jsonl (path, caption), got {str(path)!r}")
-    clips = []
-    for i, row in enumerate(rows):
-        if "path" not in row:
-            raise ValueError(f"{path}: row {i + 1} has no 'path' column (columns: {sorted(row)})")
-        file = Path(row["path"]).expanduser()
-        file = file if file.is_absolute() else path.parent / file
-        clips.append(Clip(name=str(file), source=str(file), caption=(row.get("caption") or "").strip()))
-    return clips
+    return checked([_manifest_clip(f"{path} line {line}", row, path.parent, rules) for line, row in rows], path)
 
 
-def find_clips(folder) -> list[Clip]:
+def _folder_caption(file: Path, folder: Path, rules: RowRules) -> str:
+    """The sidecar `<name>.txt` caption of a video, else the words of its file name."""
+    sidecar = file.with_suffix(".txt")
+    if not sidecar.is_file():
+        return re.sub(r"[_\-.]+", " ", file.stem).strip()
+    try:
+        text = resolve_inside(sidecar, folder, rules, "data.folder").read_bytes()
+        return check_caption(text.decode("utf-8-sig", errors="surrogateescape"), rules)
+    except BadInput as e:
+        raise BadInput(f"{e} (in {sidecar.name})") from None
+    except OSError as e:
+        raise BadInput(f"{sidecar.name} unreadable ({e})") from None
+
+
+def _folder_clip(file: Path, folder: Path, rules: RowRules) -> Clip:
+    """A video under data.folder as a Clip, or as a bad Clip holding the reason."""
+    if not _is_utf8(str(file)):  # the name would break logs and prints; show its bytes escaped
+        return Clip.bad(os.fsencode(file).decode("utf-8", "backslashreplace"), "file name is not valid UTF-8")
+    try:
+        real = resolve_inside(file, folder, rules, "data.folder")  # a symlink may point out of the folder
+        caption = _folder_caption(file, folder, rules)
+    except BadInput as e:
+        return Clip.bad(str(file), str(e))
+    return Clip(name=str(file), source=str(real), caption=caption)
+
+
+def find_clips(folder, rules: RowRules = RowRules()) -> list[Clip]:
     """Video files under `folder` (sorted); the caption is a sidecar `<name>.txt`, else the file name's words."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"data.folder={str(folder)!r} is not a directory")
-    clips = []
-    for file in sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS):
-        sidecar = file.with_suffix(".txt")
-        caption = sidecar.read_text().strip() if sidecar.is_file() else re.sub(r"[_\-.]+", " ", file.stem).strip()
-        clips.append(Clip(name=str(file), source=str(file), caption=caption))
-    return clips
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS)
+    return checked([_folder_clip(file, folder, rules) for file in files], folder)
+
+
+def source_name(cfg) -> str:
+    """The manifest or folder that data=videos reads, for messages."""
+    return str(cfg.get("manifest") or cfg.get("folder"))
 
 
 def list_clips(cfg) -> list[Clip]:
     """The clips named by `data.manifest` or found under `data.folder` (exactly one of them)."""
     if (cfg.get("manifest") is None) == (cfg.get("folder") is None):
         raise ValueError("data=videos needs exactly one of data.manifest=FILE (.csv/.jsonl) or data.folder=DIR")
-    clips = read_manifest(cfg.manifest) if cfg.get("manifest") is not None else find_clips(cfg.folder)
-    if not clips:
-        raise ValueError(f"no clips in {cfg.get('manifest') or cfg.get('folder')}")
-    return clips
+    rules = RowRules.from_cfg(cfg)
+    return read_manifest(cfg.manifest, rules) if cfg.get("manifest") is not None else find_clips(cfg.folder, rules)
 
 
 # --------------------------------------------------------------------------------------------------- decoding
@@ -197,6 +376,8 @@ def resize_center_crop(frames: np.ndarray, height: int, width: int) -> torch.Ten
 
 def load_clip(clip: Clip, cfg, start: float) -> torch.Tensor:
     """A clip as a training video [3, T, H, W] in [-1, 1]; raises BadInput on anything unusable."""
+    if clip.error:
+        raise BadInput(clip.error)
     if not clip.caption.strip():
         raise BadInput("empty caption")
     try:
@@ -220,101 +401,6 @@ def caption_encoder(cfg, clips: list[Clip]) -> CaptionEncoder:
     return CaptionEncoder(vocab, dim=cfg.text_dim, max_len=cfg.text_len, seed=cfg.seed)
 
 
-class ItemStream(IterableDataset):
-    """Infinite stream of batches over N items, reshuffled every epoch; bad items are skipped and reported.
-
-    Batch b of rank r holds stream positions (b * world + r) * B + j. Position p is item perm_e[p mod N] of
-    epoch e = p // N; an unusable item is replaced by the next position's, so a batch is a pure function of
-    (seed, b, r) whatever the workers (exact resume; `start_batch` skips consumed batches). `load(i, p)`
-    returns the item as dict(video, caption[, text, text_mask]) or raises BadInput; each bad item is warned about and reported once
-    per worker.
-    """
-
-    def __init__(self, n: int, load, encoder, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 start_batch: int = 0, names=None):
-        self.n, self.load, self.encoder, self.batch_size, self.seed = n, load, encoder, batch_size, seed
-        self.rank, self.world_size, self.start_batch, self.names = rank, world_size, start_batch, names
-        self._epoch, self._perm = None, None
-
-    def _item(self, p: int) -> int:
-        epoch = p // self.n
-        if self._epoch != epoch:  # one permutation per epoch, not per item (N may be millions)
-            rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(epoch,)))
-            self._epoch, self._perm = epoch, rng.permutation(self.n)
-        return int(self._perm[p % self.n])
-
-    def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        bad: set[int] = set()
-        for b in itertools.count(self.start_batch + worker, workers):
-            first = (b * self.world_size + self.rank) * self.batch_size
-            items, skipped = [], []
-            for p in range(first, first + self.batch_size):
-                for q in range(p, p + self.n + 1):
-                    if q == p + self.n:
-                        raise RuntimeError(f"none of the {self.n} inputs is usable; see the warnings above")
-                    i = self._item(q)
-                    if i in bad:
-                        continue
-                    try:
-                        items.append(self.load(i, q))
-                    except BadInput as e:
-                        bad.add(i)
-                        name = self.names[i] if self.names else str(i)
-                        log.warning("skipping %s: %s", name, e)
-                        skipped.append(f"{name}: {e}")
-                        continue
-                    break
-            yield dict(collate(items, self.encoder), skipped=skipped)
-
-
-def collate(items: list[dict], encoder) -> dict:
-    """Items dict(video, caption[, text, text_mask]) -> a batch; text is encoded here unless precomputed."""
-    captions = [item["caption"] for item in items]
-    if "text" in items[0]:
-        text = torch.stack([item["text"] for item in items])
-        text_mask = torch.stack([item["text_mask"] for item in items])
-    else:
-        text, text_mask = encoder.encode(captions)
-    return {"video": torch.stack([item["video"] for item in items]), "text": text, "text_mask": text_mask,
-            "caption": captions}
-
-
-def eval_batch(indices, load, encoder, eval_samples: int, names=None) -> dict:
-    """The fixed eval set: the first `eval_samples` usable items of `indices` (cycled if fewer), bad ones skipped."""
-    items = []
-    for i in indices:
-        if len(items) == eval_samples:
-            break
-        try:
-            items.append(load(i, None))
-        except BadInput as e:
-            log.warning("skipping %s (eval set): %s", names[i] if names else i, e)
-    if not items:
-        raise RuntimeError("no usable input for the eval set; see the warnings above")
-    return collate([items[k % len(items)] for k in range(eval_samples)], encoder)
-
-
-def make_loader(stream: IterableDataset, num_workers: int, seed: int) -> DataLoader:
-    """A DataLoader over a stream of ready batches (its own generator leaves the global RNG to the trainer)."""
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None,
-                      generator=torch.Generator().manual_seed(seed))
-
-
-def holdout_split(cfg, n: int) -> tuple[range, range]:
-    """(train, eval) item ranges: the last `data.holdout` items are eval-only; 0 evaluates on training items."""
-    holdout = cfg.get("holdout", 0)
-    if not 0 <= holdout < n:
-        raise ValueError(f"data.holdout={holdout} must be in [0, {n}) for {n} items")
-    if not holdout:
-        log.warning("data.holdout=0: the eval loss is measured on training items (for videos, their middle "
-                    "windows); set data.holdout=N to hold the last N out")
-        return range(n), range(n)
-    return range(n - holdout), range(n - holdout, n)
-
-
 class ClipLoader:
     """load(i, position) for ItemStream / eval_batch: clip i as dict(video, caption).
 
@@ -335,19 +421,20 @@ class ClipLoader:
 
 
 def build_from_clips(cfg, clips: list[Clip], *, batch_size: int, eval_samples: int, rank: int = 0,
-                     world_size: int = 1, start_batch: int = 0):
-    """Train loader and eval batch over a clip list (shared by data=videos and data=hf)."""
+                     world_size: int = 1, start_batch: int = 0, source: str = "the clip list"):
+    """Train loader and eval batch over a clip list (shared by data=videos and data=hf); `source` names it."""
     train, held = holdout_split(cfg, len(clips))
     load, encoder, names = ClipLoader(cfg, clips), caption_encoder(cfg, clips), [c.name for c in clips]
-    stream = ItemStream(len(train), load, encoder, batch_size, cfg.seed, rank, world_size, start_batch, names)
-    eval_set = eval_batch(held, load, encoder, eval_samples, names=names)
+    stream = ItemStream(len(train), load, encoder, batch_size, cfg.seed, rank, world_size, start_batch, names,
+                        source)
+    eval_set = eval_batch(held, load, encoder, eval_samples, names=names, source=source)
     return make_loader(stream, cfg.num_workers, cfg.seed), eval_set
 
 
 def build(cfg, *, batch_size: int, eval_samples: int, rank: int = 0, world_size: int = 1, start_batch: int = 0):
     """data=videos: train loader (infinite, this rank's shard) and the fixed eval batch."""
     return build_from_clips(cfg, list_clips(cfg), batch_size=batch_size, eval_samples=eval_samples, rank=rank,
-                            world_size=world_size, start_batch=start_batch)
+                            world_size=world_size, start_batch=start_batch, source=source_name(cfg))
 
 
 def text_encoder(cfg) -> CaptionEncoder:

@@ -1,4 +1,7 @@
-"""The Wan-style video Diffusion Transformer (DESIGN.md §4): single-device model code, no parallelism."""
+"""The Wan-style video Diffusion Transformer: single-device model code, no parallelism.
+
+See docs/design.md, 'The model family'.
+"""
 from dataclasses import dataclass, fields
 
 import torch

@@ -1,7 +1,8 @@
 """Naive mask-based VSA: the ground truth for tests (dense [B, H, S, S] masks; small shapes only).
 
 Everything is computed in the dtype it is given (tests pass float64) and written as directly as the
-algorithm reads (DESIGN.md section 1), independently of the tiling tables and gathers of the real code.
+algorithm reads (docs/design.md, 'VSA: the algorithm'), independently of the tiling tables and gathers of the real
+code.
 """
 import math
 
@@ -54,7 +55,10 @@ def naive_video_sparse_attention(
     gate_fine: torch.Tensor | None = None,
     tile=(4, 4, 4),
 ) -> torch.Tensor:
-    """The whole VSA op on [B, S, H, D] tensors in raster order of video_shape (DESIGN.md section 1)."""
+    """The whole VSA op on [B, S, H, D] tensors in raster order of video_shape.
+
+    See docs/design.md, 'VSA: the algorithm'.
+    """
     scale = 1.0 / math.sqrt(q.shape[-1])
 
     # Tile of every raster token, tiles numbered in raster order over the tile grid.

@@ -1,4 +1,5 @@
-"""Video Sparse Attention (DESIGN.md sections 1-2): coarse stage + top-k tile selection + block-sparse fine stage.
+"""Video Sparse Attention: coarse stage + top-k tile selection + block-sparse fine stage (docs/design.md,
+'VSA: the algorithm' and 'VSA: op contract').
 
 `video_sparse_attention` takes tokens in raster order; `video_sparse_attention_tiled` takes them already
 in padded tile order (for models that reorder once per forward, not once per layer). Both check their

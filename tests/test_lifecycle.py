@@ -1,0 +1,415 @@
+"""The run lifecycle as a cluster and a careless user treat it: changed flags, hostile files, damaged checkpoints,
+torn metrics, non-finite losses, two writers, full disks and stop signals. CPU, tiny model (64 tokens)."""
+import errno
+import hashlib
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from vsa_train import checkpoint, trainer
+from vsa_train.metrics import read_metrics
+from vsa_train.rundir import LOCK, RunDir, RunDirError, verify
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["data.frames=4", "data.height=8", "data.width=8", "train.batch_size=2", "train.eval_samples=4",
+        "train.eval_timesteps=2", "train.log_every=1", "train.eval_every=100", "logger=none"]
+
+
+def _cfg(run_dir, *overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        return compose(config_name="train", overrides=[*TINY, f"run_dir={run_dir}", *overrides])
+
+
+def _run(run_dir, *overrides):
+    return trainer.train(_cfg(run_dir, *overrides))
+
+
+def _losses(run_dir):
+    return {r["step"]: r["train/loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "train/loss" in r}
+
+
+def _steps(run_dir):
+    return [p.name for p in RunDir(run_dir).checkpoint_dirs()]
+
+
+def _rewrite_manifest(ckpt: Path) -> None:
+    """What an attacker who controls the run directory can do: make the manifest match the planted files."""
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+                         for p in ckpt.iterdir() if p.name != "manifest.json"}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+# --------------------------------------------------------------------------------------- hostile run directories
+
+class Payload:
+    """Unpickling this writes a marker file: proof that a loader ran code from the run directory."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "pwned"))
+
+
+@pytest.mark.parametrize("layout", ["ours", "accelerate"])
+def test_no_code_runs_from_a_hostile_checkpoint(tmp_path, layout):
+    run = tmp_path / "run"
+    _run(run, "train.max_steps=2", "train.ema=0.9")
+    ckpt = RunDir(run).checkpoint_dirs()[-1]
+    marker = tmp_path / "marker"
+    bomb = pickle.dumps(Payload(marker))
+    names = [p.name for p in ckpt.iterdir()]
+    if layout == "accelerate":  # the files an earlier (accelerate save_state) layout would be loaded from
+        names += ["custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "random_states_0.pkl", "optimizer.bin",
+                  "pytorch_model.bin", "scheduler.bin"]
+    for name in names:
+        if name != "manifest.json":
+            (ckpt / name).write_bytes(bomb)
+    if layout == "ours":
+        _rewrite_manifest(ckpt)
+    else:
+        (ckpt / "manifest.json").unlink()
+
+    with pytest.raises((RunDirError, ValueError)):  # resume: refused (not a safetensors / JSON file)
+        _run(run, "train.max_steps=4", "train.ema=0.9")
+    with pytest.raises((RunDirError, ValueError)):  # weights for another run
+        _run(tmp_path / "other", "train.max_steps=1", f"train.init_from={run}")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"checkpoint={run}", "prompt=x", "steps=1",
+                           f"out={tmp_path / 's.mp4'}"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------------------- changed flags
+
+def test_resume_refuses_a_changed_trajectory_and_leaves_the_run_as_it_was(tmp_path):
+    _run(tmp_path, "train.max_steps=2")
+    config = (tmp_path / "config.yaml").read_bytes()
+    rows = (tmp_path / "metrics.jsonl").read_bytes()
+    with pytest.raises(RunDirError) as err:
+        _run(tmp_path, "train.max_steps=4", "model.hidden_size=64", "optim.lr=1e-3")
+    assert "model.hidden_size: run has 128, this launch 64" in str(err.value)
+    assert "optim.lr: run has 0.0006, this launch 0.001" in str(err.value)
+    with pytest.raises(RunDirError, match=r"global batch 2; this launch has 4"):
+        _run(tmp_path, "train.max_steps=4", "train.batch_size=4")
+    assert (tmp_path / "config.yaml").read_bytes() == config  # untouched: sample.py still rebuilds the model
+    assert (tmp_path / "metrics.jsonl").read_bytes() == rows
+    assert _steps(tmp_path) == ["step_00000002"]
+    # what does not change the trajectory stays allowed
+    _run(tmp_path, "train.max_steps=3", "train.log_every=2", "data.num_workers=0")
+    assert _steps(tmp_path)[-1] == "step_00000003"
+
+
+def test_forced_resume_is_recorded(tmp_path):
+    _run(tmp_path, "train.max_steps=2")
+    _run(tmp_path, "train.max_steps=3", "optim.lr=1e-3", "train.resume=force")
+    history = [json.loads(line) for line in (tmp_path / "config_history.jsonl").read_text().splitlines()]
+    assert [h["forced"] for h in history] == [False, True]
+    assert history[1]["changed"] == {"optim.lr": [0.0006, 0.001]} and history[1]["resumed_from"] == "step_00000002"
+    assert OmegaConf.load(tmp_path / "config.yaml").optim.lr == 0.001  # the config now in force
+    with pytest.raises(RunDirError, match="train.resume=never"):
+        _run(tmp_path, "train.max_steps=4", "optim.lr=1e-3", "train.resume=never")
+
+
+def test_same_global_batch_other_split_resumes_at_the_same_sample(tmp_path):
+    """batch 2 x accum 1 for 2 steps, then batch 1 x accum 2: the data continues where it stopped."""
+    split, straight = tmp_path / "split", tmp_path / "straight"
+    _run(split, "train.max_steps=2")
+    _run(split, "train.max_steps=4", "train.batch_size=1", "train.grad_accum=2")
+    _run(straight, "train.max_steps=4")
+    state = json.loads((RunDir(split).checkpoint_dirs()[-1] / "state.json").read_text())
+    assert state["samples"] == state["position"] == 8 and state["global_batch"] == 2
+    # the same samples in the same steps: equal losses up to the order of the float sums
+    a, b = _losses(split), _losses(straight)
+    assert list(a) == [1, 2, 3, 4] and a[1] == b[1] and a[2] == b[2]
+    assert a[3] == pytest.approx(b[3], rel=1e-5) and a[4] == pytest.approx(b[4], rel=1e-4)
+
+
+# --------------------------------------------------------------------------------------------- integrity
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    _run(tmp_path, "train.max_steps=4", "train.ckpt_every=2", "train.keep_checkpoints=3")
+    old, new = RunDir(tmp_path).checkpoint_dirs()
+    weights = new / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    with pytest.warns(UserWarning, match=r"skipping checkpoint .*step_00000004: model.safetensors has \d+ bytes"):
+        _run(tmp_path, "train.max_steps=5")
+    assert list(_losses(tmp_path)) == [1, 2, 3, 4, 5]  # resumed from step 2, the rows after it re-run
+    (RunDir(tmp_path).checkpoint_dirs()[-1] / "optimizer.json").unlink()  # partly deleted
+    assert "optimizer.json is missing" in verify(RunDir(tmp_path).checkpoint_dirs()[-1])
+    for ckpt in RunDir(tmp_path).checkpoint_dirs():
+        (ckpt / "manifest.json").unlink()
+    with pytest.raises(RunDirError, match="no checkpoint .* verifies"):  # never silently start over
+        _run(tmp_path, "train.max_steps=6")
+
+
+def test_missing_rng_state_warns_and_resumes(tmp_path):
+    _run(tmp_path, "train.max_steps=2")
+    (RunDir(tmp_path).checkpoint_dirs()[-1] / "rng_rank0.safetensors").unlink()
+    with pytest.warns(UserWarning, match="rank 0: RNG state not restored .* no longer bit-exact"):
+        _run(tmp_path, "train.max_steps=3")
+    assert list(_losses(tmp_path)) == [1, 2, 3]
+
+
+def test_torn_and_junk_metrics_lines_do_not_stop_a_resume(tmp_path):
+    _run(tmp_path, "train.max_steps=2")
+    with open(tmp_path / "metrics.jsonl", "ab") as f:
+        f.write(b'not json\n{"step": 3, "train/lo')  # junk, then a row torn by SIGKILL
+    with pytest.warns(UserWarning, match="metrics.jsonl:4"):
+        _run(tmp_path, "train.max_steps=3")
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1, 2, 3]
+
+
+def test_full_disk_names_the_path_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    _run(tmp_path, "train.max_steps=2")
+
+    def full(tensors, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_tensors", full)
+    with pytest.raises(OSError, match=r"cannot write .*tmp-step_00000003.*: disk full .*\(\d[\d,]* bytes free"):
+        _run(tmp_path, "train.max_steps=3")
+    assert _steps(tmp_path) == ["step_00000002"] and verify(RunDir(tmp_path).checkpoint_dirs()[-1]) is None
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+# ----------------------------------------------------------------------------------------- non-finite loss
+
+def _poison(monkeypatch, losses: dict):
+    """Training step k (1-based calls with gradients) returns loss * losses[k] (nan, or a blow-up factor)."""
+    calls = []
+    real = trainer.flow_loss
+
+    def poisoned(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        if torch.is_grad_enabled():
+            calls.append(1)
+            return loss * losses.get(len(calls), 1.0)
+        return loss
+
+    monkeypatch.setattr(trainer, "flow_loss", poisoned)
+    return calls
+
+
+def test_last_good_checkpoint_is_one_with_a_healthy_loss(tmp_path, monkeypatch):
+    _poison(monkeypatch, {6: 1e5, 7: 1e5, 8: float("nan")})
+    with pytest.raises(FloatingPointError, match=r"at step 8.*Last healthy checkpoint: .*step_00000005"):
+        _run(tmp_path, "train.max_steps=10", "train.ckpt_every=1", "train.keep_checkpoints=2")
+    states = [json.loads((c / "state.json").read_text()) for c in RunDir(tmp_path).checkpoint_dirs()]
+    assert [(s["step"], s["healthy"]) for s in states] == [(5, True), (6, False), (7, False)]
+
+
+def test_rollback_skips_the_bad_batches_and_continues(tmp_path, monkeypatch):
+    _poison(monkeypatch, {4: float("nan")})
+    _run(tmp_path, "train.max_steps=6", "train.ckpt_every=2", "train.on_nonfinite=rollback")
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5, 6]  # step 3 was rolled back and re-run once
+    assert [r["train/rollbacks"] for r in rows[1:]] == [0, 0, 1, 1, 1, 1]
+    state = json.loads((RunDir(tmp_path).checkpoint_dirs()[-1] / "state.json").read_text())
+    assert state["samples"] == 12 and state["position"] == 16  # two steps' batches (3 and the bad 4th) skipped
+
+
+def test_rollback_gives_up_after_max_rollbacks(tmp_path, monkeypatch):
+    _poison(monkeypatch, {k: float("nan") for k in range(3, 50)})
+    with pytest.raises(FloatingPointError, match="2 rollbacks of train.max_rollbacks=2 used"):
+        _run(tmp_path, "train.max_steps=8", "train.ckpt_every=1", "train.on_nonfinite=rollback",
+             "train.max_rollbacks=2")
+
+
+# ------------------------------------------------------------------------------------------------- the lock
+
+def test_a_live_writer_keeps_the_run_and_a_dead_one_does_not(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid}))
+        with pytest.raises(RunDirError, match=rf"in use by {socket.gethostname()} pid {holder.pid}"):
+            _run(tmp_path, "train.max_steps=1")
+        assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "metrics.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.warns(UserWarning, match="stale lock .* its process no longer exists"):
+        _run(tmp_path, "train.max_steps=1")
+    assert not (tmp_path / LOCK).exists()  # released at the end
+    # another host: alive while it refreshes the lock, stale after train.lock_stale_s
+    (tmp_path / LOCK).write_text(json.dumps({"host": "elsewhere", "pid": 1}))
+    with pytest.raises(RunDirError, match="in use by elsewhere pid 1"):
+        _run(tmp_path, "train.max_steps=2")
+    old = time.time() - 3600
+    os.utime(tmp_path / LOCK, (old, old))
+    with pytest.warns(UserWarning, match="not refreshed for"):
+        _run(tmp_path, "train.max_steps=2")
+
+
+# ------------------------------------------------------------------------------------- processes and signals
+
+def _launch(run_dir, *args, torchrun=0):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun)] if torchrun else \
+        [sys.executable]
+    return subprocess.Popen([*launcher, str(ROOT / "train.py"), *TINY, f"hydra.run.dir={run_dir}", *args], cwd=run_dir.parent,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _wait_for_step(run_dir, step, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"exited early:\n{proc.stdout.read()[-3000:]}")
+        try:
+            if any(r["step"] >= step for r in read_metrics(run_dir / "metrics.jsonl")):
+                return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def _children(pid):
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT])
+def test_stop_signal_saves_and_the_resume_is_exact(tmp_path, sig):
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    run.mkdir()
+    proc = _launch(run, "train.max_steps=100000", "train.ckpt_every=100000")
+    _wait_for_step(run, 3, proc)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out[-3000:]
+    stopped = max(r["step"] for r in read_metrics(run / "metrics.jsonl"))
+    assert _steps(run) == [f"step_{stopped:08d}"]  # saved at the step it stopped, nothing lost
+    n = stopped + 2
+    straight.mkdir()
+    for proc in (_launch(run, f"train.max_steps={n}", "train.ckpt_every=100000"),  # same threads as the first part
+                 _launch(straight, f"train.max_steps={n}")):
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out[-3000:]
+    assert _losses(run) == _losses(straight)  # bit for bit
+
+
+@pytest.mark.slow
+def test_second_sigint_exits_at_once(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    # steps of ~1 s, so that both signals arrive within one step: the second must not wait for the checkpoint
+    proc = _launch(run, "train.max_steps=100000", "train.ckpt_every=100000", "train.batch_size=32",
+                   "data.frames=8", "data.height=32", "data.width=32")
+    _wait_for_step(run, 1, proc)
+    os.kill(proc.pid, signal.SIGINT)
+    time.sleep(0.1)  # two pending SIGINTs would be delivered as one
+    os.kill(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode not in (0, 75), out[-2000:]
+    assert "second SIGINT" in out and not _steps(run)
+
+
+@pytest.mark.slow
+def test_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    proc = _launch(run, "train.max_steps=100000", "train.ckpt_every=100000", torchrun=2)
+    _wait_for_step(run, 3, proc)
+    ranks = _children(proc.pid)
+    assert len(ranks) == 2
+    os.kill(ranks[1], signal.SIGTERM)  # one rank only: the step flag all-reduce tells the other
+    out, _ = proc.communicate(timeout=120)
+    ckpt = RunDir(run).checkpoint_dirs()[-1]
+    assert (ckpt / "rng_rank0.safetensors").is_file() and (ckpt / "rng_rank1.safetensors").is_file(), out[-3000:]
+    assert verify(ckpt) is None
+    assert ckpt.name == f"step_{max(r['step'] for r in read_metrics(run / 'metrics.jsonl')):08d}"
+
+
+@pytest.mark.slow
+def test_elastic_restart_one_process_to_two(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    proc = _launch(run, "train.max_steps=2", "train.batch_size=4")
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out[-3000:]
+    proc = _launch(run, "train.max_steps=4", "train.batch_size=2", torchrun=2)  # same global batch: 4
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out[-3000:]
+    assert "saved by 1 processes, this launch has 2" in out  # the RNG cannot follow: said, not hidden
+    state = json.loads((RunDir(run).checkpoint_dirs()[-1] / "state.json").read_text())
+    assert (state["step"], state["samples"], state["position"], state["processes"]) == (4, 16, 16, 2)
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_frozen_rank_ends_the_job_within_the_timeout(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    proc = _launch(run, "train.max_steps=100000", "train.ckpt_every=100000", "train.dist_timeout_s=10", torchrun=2)
+    _wait_for_step(run, 2, proc)
+    frozen = _children(proc.pid)[1]
+    os.kill(frozen, signal.SIGSTOP)
+    start = time.time()
+    try:
+        proc.communicate(timeout=150)
+    finally:
+        with_children = [frozen, *_children(proc.pid)]
+        for pid in with_children:
+            with __import__("contextlib").suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert proc.returncode != 0 and time.time() - start < 120
+
+
+@pytest.mark.slow
+def test_two_launches_on_one_run_directory(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    first = _launch(run, "train.max_steps=100000", "train.ckpt_every=100000")
+    try:
+        _wait_for_step(run, 2, first)
+        second = _launch(run, "train.max_steps=100000")
+        out, _ = second.communicate(timeout=120)
+        assert second.returncode != 0 and "is in use by" in out, out[-2000:]
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    steps = [r["step"] for r in read_metrics(run / "metrics.jsonl")]
+    assert steps == list(range(len(steps)))  # one writer: no duplicated rows
+
+
+def test_analysis_reads_a_run_whose_dir_was_set_on_the_command_line(tmp_path):
+    from vsa_train.analysis.runs import find_runs
+
+    _run(tmp_path / "anywhere", "train.max_steps=2", "train.eval_every=1")
+    (found,) = find_runs([tmp_path])
+    assert found.attn == "dense" and len(found.evals()) == 2
+
+
+def test_stop_hands_the_signal_to_the_handler_it_replaced():
+    """Under submitit, its USR2 handler (requeue the SLURM job) runs after our checkpoint is written."""
+    from vsa_train.preemption import REQUEUE_EXIT_CODE, StopSignals
+
+    called = []
+    previous = signal.signal(signal.SIGUSR2, lambda sig, frame: called.append(sig))
+    try:
+        with StopSignals(announce=lambda message: None) as stop:
+            os.kill(os.getpid(), signal.SIGUSR2)
+            assert stop.requested() and not called  # nothing happens until the step is saved
+            with pytest.raises(SystemExit) as exit_:
+                stop.exit_for_requeue("step_00000007")
+        assert called == [signal.SIGUSR2] and exit_.value.code == REQUEUE_EXIT_CODE
+        assert signal.getsignal(signal.SIGUSR2) is not stop._handle  # restored
+    finally:
+        signal.signal(signal.SIGUSR2, previous)

@@ -1,20 +1,29 @@
 """Training-step throughput, dense vs VSA, eager and torch.compile: one Markdown table, plus kernel profiles.
 
-One step is what the trainer does per optimizer step, without the data loader: bf16 autocast forward of the
-flow-matching loss, backward, grad-norm clipping, fused AdamW. Inputs are random tensors of the data
-config's shape, made once on the device (so this measures the model, not the video renderer). Every row
-builds a fresh model (same seed), warms up (compilation included), then times `--steps` steps between
-two device synchronisations. TFLOP/s count the executed analytic FLOPs (vsa_train/flops.py: topk in force,
-coarse stage, gates); MFU is against `--peak-tflops` (989: H100 dense bf16). Speed-up = dense time / row time
-in the same mode. One more step per row runs under torch.profiler: its top kernels (GPU time) and top aten ops
-(which SDPA backend ran; copies) are printed. The table so far is printed after every row, so that a run cut
-short by a time limit still leaves complete tables.
+It times `vsa_train.trainer.train_step`, the optimizer step train.py runs, on a run built by the trainer's own
+`make_accelerator` + `build_run` from the composed Hydra config (`train` with model=, data=, attn=,
+train.batch_size=--batch, train.compile=true|false by the row's mode, logger=none, a one-batch eval set, then
+the extra overrides, which win: train.compile=model, say, compiles the whole model instead): grad_accum
+micro-steps of the flow-matching loss under accelerate's autocast (bf16 on CUDA through
+train.mixed_precision=auto), backward, grad-norm clipping, the all-reduce of the finiteness flags, AdamW with
+decay groups (fused on CUDA), EMA if train.ema is set, the lr and sparsity schedules. Only the data loader is
+left out: one batch is drawn from the real data stream once, moved to the device once, and `run.train_iter`
+becomes `itertools.repeat` of it (so this measures the model, not the video renderer). Every row builds a fresh
+run (same seed), warms up (compilation included), then times `--steps` steps between two device
+synchronisations; the run is freed (and dynamo reset) before the next row. The step counter starts at 0, so
+an attn.schedule=ramp row runs at the ramp's first topk (the table says which). TFLOP/s count the executed
+analytic FLOPs the trainer accounts for the timed steps (vsa_train/flops.py: topk in force, coarse stage,
+gates); MFU is against `--peak-tflops` (989: H100 dense bf16). Speed-up = dense time / row time in the same
+mode. One more step per row runs under torch.profiler: its top kernels (GPU time) and top aten ops (which SDPA
+backend ran; copies) are printed. The table so far is printed after every row, so that a run cut short by a
+time limit still leaves complete tables.
 
     python scripts/bench_train_step.py --out DIR                        # dit_120m, synthetic_16k, batch 4
     python scripts/bench_train_step.py --smoke --out DIR                # CPU: dit_tiny on a small video
 """
 import argparse
 import gc
+import itertools
 import json
 import time
 from pathlib import Path
@@ -24,9 +33,7 @@ from hydra import compose, initialize_config_dir
 from torch.profiler import ProfilerActivity, profile
 
 from vsa_train.data import data_spec
-from vsa_train.diffusion import flow_loss
-from vsa_train.flops import training_flops_per_sample
-from vsa_train.models import build_model, vsa_config
+from vsa_train.trainer import build_run, check_config, make_accelerator, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,14 +45,14 @@ def parse_args():
     p.add_argument("--rows", default="dense:eager,vsa:eager,vsa:compile,dense:compile",
                    help="attn:mode pairs in the order run (the most wanted compiled row first, in case time runs out)")
     p.add_argument("--baseline", default="dense", help="the attn config speed-ups are relative to")
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=4, help="train.batch_size (per process, per micro-step)")
     p.add_argument("--steps", type=int, default=25, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per row (compilation happens here)")
     p.add_argument("--budget", type=float, default=1e9, help="seconds; a row that may not fit is skipped")
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--out", type=Path, default=None, help="writes results.json here")
     p.add_argument("--smoke", action="store_true", help="CPU check: dit_tiny, 4x16x16 video, 2 steps")
-    p.add_argument("override", nargs="*", help="extra Hydra overrides, e.g. attn.sparsity=0.9")
+    p.add_argument("override", nargs="*", help="extra Hydra overrides of the train config, e.g. attn.sparsity=0.9")
     args = p.parse_args()
     if args.smoke:
         args.model, args.data, args.batch, args.steps, args.warmup = "dit_tiny", "synthetic", 2, 2, 1
@@ -53,10 +60,13 @@ def parse_args():
     return args
 
 
-def load_cfg(args, attn):
+def load_cfg(args, attn: str, compiled: bool):
+    """The `train` config a row's run is built from; the user's overrides come last and win."""
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
-        return compose(config_name="train", overrides=[f"model={args.model}", f"data={args.data}", f"attn={attn}",
-                                                       *args.override])
+        return compose(config_name="train", overrides=[
+            f"model={args.model}", f"data={args.data}", f"attn={attn}", f"train.batch_size={args.batch}",
+            f"train.compile={str(compiled).lower()}", "logger=none", f"train.eval_samples={args.batch}",
+            "train.eval_timesteps=1", *args.override])
 
 
 def sync(device):
@@ -64,72 +74,82 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def make_step(cfg, batch: int, device, compiled: bool):
-    """A fresh model and optimizer, fixed random inputs, and a closure running one training step."""
-    torch.manual_seed(0)
-    spec = data_spec(cfg.data)
-    model = build_model(cfg.model, cfg.attn, in_channels=spec.in_channels, text_dim=spec.text_dim).to(device)
-    torch.nn.init.normal_(model.final.linear.weight, std=0.02)  # a trained-looking head: non-trivial gradients
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
-    if compiled:
-        model.compile()  # as train.compile=true does
-    video = torch.randn(batch, spec.in_channels, *spec.video_shape, device=device)
-    text = torch.randn(batch, spec.text_len, spec.text_dim, device=device)
-    text_mask = torch.arange(spec.text_len, device=device)[None].expand(batch, -1) < spec.text_len * 2 // 3
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    def step():
-        with amp:
-            loss = flow_loss(model, video, text, text_mask)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return model, step
+def fixed_batch(run) -> dict:
+    """One batch of the run's real data stream, on the device; the stream (and its workers) is then shut down
+    and `run.train_iter` repeats this batch, so that train_step's host-to-device copies are no-ops."""
+    device = run.accelerator.device
+    batch = next(run.train_iter)
+    # What train_step copies to the device goes there now; the rest (stream positions: its per-sample noise
+    # draws read them on the host) stays as the loader gives it. Bad inputs met while loading are not repeated.
+    batch = {k: v.to(device) if k in ("video", "text", "text_mask") else v for k, v in batch.items()
+             if k != "skipped"}
+    # Persistent DataLoader workers would keep rendering batches in the background while the steps are timed:
+    # drop the iterator and the loader that holds it (the last reference shuts the workers down).
+    run.train_iter = None
+    run.data.train = None
+    gc.collect()
+    run.train_iter = itertools.repeat(batch)
+    return batch
 
 
-def measure(cfg, args, device, compiled: bool) -> dict:
-    """Warm-up, timed steps, and (compiled) one profiled step of one (attention, mode) row."""
-    spec = data_spec(cfg.data)
-    flops = training_flops_per_sample(cfg.model, cfg.attn, in_channels=spec.in_channels, text_dim=spec.text_dim,
-                                      video_shape=spec.video_shape, text_len=spec.text_len)
-    vsa = vsa_config(cfg.attn)
-    model, step = make_step(cfg, args.batch, device, compiled)
+def steps(run, n: int) -> None:
+    """n trainer steps; a non-finite one (which skips the update, so would time something else) fails the row."""
+    for _ in range(n):
+        result = train_step(run)
+        if not result.ok:
+            raise FloatingPointError(f"non-finite loss ({result.loss}) or grad norm ({result.grad_norm}) at step "
+                                     f"{run.state.step + 1}: the update was skipped, the timing would be wrong")
+
+
+def measure(cfg, args) -> dict:
+    """Builds the row's run, warms up, times, profiles one step, frees the run."""
+    check_config(cfg, data_spec(cfg.data))
+    run = build_run(cfg, make_accelerator(cfg))
+    try:
+        return _measure(run, args)
+    finally:
+        free(run)
+
+
+def _measure(run, args) -> dict:
+    device, cfg = run.accelerator.device, run.cfg
+    fixed_batch(run)
+    run.model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    for _ in range(args.warmup):
-        step()
+    steps(run, args.warmup)
     sync(device)
     warmup_s = time.perf_counter() - t0
+    before = (run.state.samples, run.state.flops, run.state.flops_dense)
+    topk = run.sparsity.topk(run.state.step)  # in force at the first timed step (a ramp may move it later)
     t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
+    steps(run, args.steps)
     sync(device)
     elapsed = time.perf_counter() - t0
-    samples_per_s = args.batch * args.steps / elapsed
-    row = {"attn": cfg.attn.name, "mode": "compile" if compiled else "eager", "batch": args.batch,
-           "steps": args.steps, "warmup_s": warmup_s, "step_ms": 1e3 * elapsed / args.steps,
-           "samples/s": samples_per_s, "flops_per_sample": flops.executed, "flops_per_sample_dense": flops.dense,
-           "TFLOP/s": samples_per_s * flops.executed / 1e12,
-           "topk": None if vsa is None else vsa.topk_in_force(_tiles(cfg, vsa)), "tiles": _tiles(cfg, vsa)}
+    samples = run.state.samples - before[0]
+    samples_per_s = samples / elapsed
+    flops, flops_dense = (run.state.flops - before[1]) / samples, (run.state.flops_dense - before[2]) / samples
+    row = {"attn": cfg.attn.name, "mode": "compile" if cfg.train.compile else "eager", "batch": cfg.train.batch_size,
+           "global_batch": run.global_batch, "precision": run.accelerator.mixed_precision, "steps": args.steps,
+           "warmup_s": warmup_s, "step_ms": 1e3 * elapsed / args.steps, "samples/s": samples_per_s,
+           "flops_per_sample": flops, "flops_per_sample_dense": flops_dense, "TFLOP/s": samples_per_s * flops / 1e12,
+           "topk": topk, "tiles": run.sparsity.tiles}
     row["MFU"] = row["TFLOP/s"] / args.peak_tflops if device.type == "cuda" else None
     row["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    row["profile"] = profile_step(step, device)
-    del model, step
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    row["profile"] = profile_step(lambda: steps(run, 1), device)
+    row["trainer_steps"] = run.state.step  # optimizer steps taken by vsa_train.trainer.train_step: warm-up + timed + 1
     return row
 
 
-def _tiles(cfg, vsa):
-    if vsa is None:
-        return None
-    spec = data_spec(cfg.data)
-    grid = [n // p for n, p in zip(spec.video_shape, cfg.model.patch_size)]
-    return int(torch.tensor([-(-g // t) for g, t in zip(grid, vsa.tile)]).prod())
+def free(run) -> None:
+    """Releases a row's model, optimizer, EMA and batch before the next row is built."""
+    run.accelerator.free_memory()
+    run.model = run.optimizer = run.ema = run.train_iter = run.data = run.eval_set = None
+    torch._dynamo.reset()  # the next row compiles from scratch, its shapes unmarked by this row's
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def profile_step(step, device, rows: int = 15) -> dict:
@@ -207,12 +227,13 @@ def main():
             continue
         t0 = time.perf_counter()
         try:
-            row = measure(load_cfg(args, attn), args, device, compiled=mode == "compile")
+            row = measure(load_cfg(args, attn, compiled=mode == "compile"), args)
         except Exception as e:  # noqa: BLE001 (one failing row must not lose the others; its error is printed)
             print(f"FAILED {attn} {mode}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
             continue
         results.append(row)
-        print(f"\ndone {attn} {mode}: {row['samples/s']:.2f} samples/s, {row['step_ms']:.1f} ms/step, warm-up "
+        print(f"\ndone {attn} {mode}: {row['samples/s']:.2f} samples/s, {row['step_ms']:.1f} ms/step "
+              f"(trainer step, {row['precision']} precision, global batch {row['global_batch']}), warm-up "
               f"{row['warmup_s']:.0f} s, row {time.perf_counter() - t0:.0f} s\n\n{profile_tables(row)}\n\n"
               f"Table so far:\n\n{table(results, args.baseline)}", flush=True)
         if args.out:  # after every row, so that a timeout keeps what was measured

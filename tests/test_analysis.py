@@ -1,6 +1,8 @@
-"""The study analysis on run files whose answer is known: frontier, power-law fit, FLOPs ratio, readers, CLI."""
+"""The study analysis on run files whose answer is known: frontier, power-law fit, FLOPs ratio and its bootstrap
+interval, isoFLOP parabolas, per-timestep frontiers, the verdict, readers (metrics.jsonl, wandb's public API), CLI."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ from omegaconf import OmegaConf
 
 from vsa_train.analysis.__main__ import main
 from vsa_train.analysis.report import analyze
-from vsa_train.analysis.runs import find_runs, read_wandb_offline
+from vsa_train.analysis.runs import find_runs, model_params, read_wandb_online
 from vsa_train.analysis.scaling import fit_power_law, flops_at_loss, pareto_frontier
 
 A, B, C = 40.0, 0.12, 0.05  # the true frontier of the dense runs: L(F) = A·F^-B + C
@@ -19,10 +21,21 @@ def true_loss(flops, ratio=1.0):
     return A * (ratio * np.asarray(flops)) ** -B + C
 
 
-def write_run(run_dir, attn, depth, rows, budget=None, configs=(".hydra/config.yaml",)):
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def run_config(attn, depth, budget=None, width=64, seed=0, schedule="constant"):
+    """A full run config (model dit_syn: dit_tiny at `width` x `depth`, one head per 64 channels)."""
+    model = {**OmegaConf.to_container(OmegaConf.load(CONFIGS / "model" / "dit_tiny.yaml")),
+             "name": "dit_syn", "hidden_size": width, "depth": depth, "num_heads": max(1, width // 64)}
+    return {"model": model, "attn": OmegaConf.to_container(OmegaConf.load(CONFIGS / "attn" / f"{attn}.yaml")),
+            "data": OmegaConf.to_container(OmegaConf.load(CONFIGS / "data" / "synthetic.yaml")),
+            "optim": {"schedule": schedule}, "train": {"flops_budget": budget, "seed": seed}}
+
+
+def write_run(run_dir, attn, depth, rows, budget=None, configs=(".hydra/config.yaml",), **kw):
     """A run directory as train.py leaves it: metrics.jsonl and the config at each of `configs` (relative)."""
-    cfg = {"model": {"name": "dit_syn", "hidden_size": 64, "depth": depth}, "attn": {"name": attn},
-           "train": {"flops_budget": budget}}
+    cfg = run_config(attn, depth, budget, **kw)
     for config in configs:
         (run_dir / config).parent.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(cfg), run_dir / config)
@@ -90,7 +103,11 @@ def test_analysis_recovers_the_known_frontier_and_flops_ratio(tmp_path):
         assert r["interpolated"] == pytest.approx(RATIO, rel=0.08)
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "| vsa |" in summary and "dit_syn (64x5)" in summary
-    assert f"{ratios[0]['interpolated']:.2f}× fewer FLOPs than dense" in summary
+    m = result["multipliers"]["vsa"]
+    assert m["ratio"] == pytest.approx(RATIO, rel=0.03) and m["ci"] is None  # one seed per point: no interval
+    assert m["low"] == result["frontiers"]["dense"][-1][1]  # dense's best loss: the low end of the shared range
+    assert (f"**Verdict:** vsa reaches dense's eval losses {m['low']:.4f}–{m['high']:.4f} with {m['ratio']:.2f}× (no "
+            f"confidence interval: no grid point has a second seed) fewer FLOPs than dense, from 10 runs") in summary
     for png in ("frontier.png", "curves.png"):
         assert (tmp_path / "out" / png).stat().st_size > 10_000
 
@@ -107,32 +124,49 @@ def test_no_advantage_reads_as_ratio_one(tmp_path):
     assert all(r["interpolated"] == pytest.approx(1.0, rel=1e-9) for r in result["ratios"])
 
 
-def test_reads_wandb_offline_runs(tmp_path, monkeypatch):
-    import wandb
+class FakeRemoteRun:
+    """What read_wandb_online uses of a wandb.apis.public.Run: id, name, config, scan_history()."""
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    config = {"model": {"name": "dit_syn", "hidden_size": 64, "depth": 3}, "attn": {"name": "vsa"},
-              "train": {"flops_budget": 1e17}}
-    run = wandb.init(project="t", dir=str(tmp_path), config=config, mode="offline")
-    rows = [{"step": i, "flops": i * 1e14, "eval/loss": 1.0 / (i + 1), "train/loss": 2.0} for i in range(1500)]
-    for row in rows:  # enough rows to span several 32 KiB blocks of the log
-        run.log(row, step=row["step"])
-    run.finish()
-    wandb.teardown()  # finish() can return before wandb's service has written the whole log; teardown waits
-    offline = next((tmp_path / "wandb").glob("offline-run-*"))
-    got_config, got_rows = read_wandb_offline(offline)
-    assert got_config["model"] == config["model"] and got_config["attn"] == {"name": "vsa"}
-    assert got_rows == rows
-    (found,) = find_runs([tmp_path])  # no metrics.jsonl: the wandb run is the run
-    assert found.path == tmp_path and found.attn == "vsa" and found.size == "dit_syn (64x3)"
-    assert found.reached_budget and len(found.evals()) == 1499
+    def __init__(self, run_id, config, rows):
+        self.id, self.name, self.config, self._rows = run_id, run_id, config, rows
+
+    def scan_history(self):
+        return [{"_step": r["step"], "_runtime": 1.0, **r} for r in self._rows]
+
+
+class FakeApi:
+    def __init__(self, runs):
+        self._runs, self.calls = runs, []
+
+    def runs(self, path, filters=None):
+        self.calls.append((path, filters))
+        return self._runs
+
+
+def test_reads_online_wandb_runs_newest_segment_only(tmp_path):
+    """One run directory with three wandb runs (launch 1, its resume r1, a rollback within it r1-b1) and another
+    run: only the newest segment of each is read, through the public API's runs() and scan_history()."""
+    config = {"run_dir": "/runs/a", "model": {"name": "dit_syn", "hidden_size": 64, "depth": 3},
+              "attn": {"name": "vsa"}, "train": {"flops_budget": 1e17, "seed": 1}}
+    crashed = [{"step": i, "flops": i * 1e14, "eval/loss": 9.0} for i in range(5)]
+    whole = [{"step": i, "flops": i * 1e14, "eval/loss": 1.0 / (i + 1)} for i in range(8)]
+    other = {**config, "run_dir": "/runs/b", "attn": {"name": "dense"}}
+    api = FakeApi([FakeRemoteRun("abc-r1", config, crashed), FakeRemoteRun("abc", config, crashed),
+                   FakeRemoteRun("abc-r1-b1", config, whole), FakeRemoteRun("def", other, whole[:3])])
+    runs = read_wandb_online("ent/proj/grp", api=api)
+    assert api.calls == [("ent/proj", {"group": "grp"})]
+    assert [(str(r.path), r.attn, r.seed) for r in runs] == [("/runs/a", "vsa", 1), ("/runs/b", "dense", 1)]
+    assert runs[0].rows == whole and runs[0].size == "dit_syn (64x3)"  # wandb's own _step etc. dropped
+    with pytest.raises(ValueError, match="wandb:<entity>/<project>"):
+        read_wandb_online("just-a-project", api=api)
 
 
 def test_cli_writes_outputs_and_rejects_empty_dirs(tmp_path, capsys):
     synthetic_sweep(tmp_path / "runs")
     assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--fit-from", "1e15"]) == 0
     assert "10 runs" in capsys.readouterr().out
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"summary.md", "frontier.png", "curves.png"}
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"summary.md", "frontier.png", "curves.png",
+                                                           "isoflop.png"}  # one budget per size: points, no fit
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as err:
         main([str(tmp_path / "empty"), "--out", str(tmp_path / "out2")])
@@ -194,3 +228,97 @@ def test_reads_runs_whose_metrics_have_junk(tmp_path):
         (found,) = find_runs([tmp_path])
     assert found.rows == ROWS
     assert [str(w.message).split(": ")[0] for w in caught] == [f"{metrics}:1", f"{metrics}:4"]
+
+
+# ------------------------------------------------------------------ seeds, bootstrap, isoFLOP, timesteps
+
+def seeded_sweep(root, seeds, curve_sd=0.01, point_sd=0.003, rng_seed=0, ratios=None, single_seed_sizes=()):
+    """synthetic_sweep with `seeds` runs per (attention, size): each seed's whole curve is off by a factor
+    exp(N(0, curve_sd)) (seed-to-seed spread) plus per-point noise. `ratios`: eval key -> true FLOPs multiplier
+    (default eval/loss: 2.5x). Sizes in `single_seed_sizes` get one seed only."""
+    ratios = ratios or {"eval/loss": RATIO}
+    rng = np.random.default_rng(rng_seed)
+    for attn in ("dense", "vsa"):
+        for k in range(5):
+            optimum = 1e15 * 3**k
+            flops = np.geomspace(optimum / 2, optimum * 2, 12)
+            for seed in range(1 if k in single_seed_sizes else seeds):
+                offset = math.exp(rng.normal(0.0, curve_sd))
+                rows = [{"step": 0, "flops": 0.0, **{key: 2.0 for key in ratios}}]
+                curves = {key: true_loss(flops, ratio if attn == "vsa" else 1.0) * offset
+                          * (1 + 0.01 * np.log(flops / optimum) ** 2) * (1 + point_sd * rng.standard_normal(12))
+                          for key, ratio in ratios.items()}
+                rows += [{"step": i + 1, "flops": float(f), **{key: float(v[i]) for key, v in curves.items()}}
+                         for i, f in enumerate(flops)]
+                write_run(root / f"{attn}_d{k}_s{seed}", attn, depth=k + 1, rows=rows, budget=float(flops[-1]),
+                          seed=seed)
+
+
+def _interval(tmp_path, name, seeds, **kw):
+    seeded_sweep(tmp_path / name, seeds, **kw)
+    result = analyze(find_runs([tmp_path / name]), tmp_path / f"{name}_out", resamples=400)
+    return result["multipliers"]["vsa"], (tmp_path / f"{name}_out" / "summary.md").read_text()
+
+
+def test_bootstrap_interval_covers_the_multiplier_and_narrows_with_seeds(tmp_path):
+    few, summary = _interval(tmp_path, "two_seeds", 2)
+    many, _ = _interval(tmp_path, "eight_seeds", 8)
+    for m in (few, many):
+        low, high, used = m["ci"]
+        assert low < RATIO < high and used >= 300
+        assert m["ratio"] == pytest.approx(RATIO, rel=0.1)
+    width = lambda m: math.log(m["ci"][1] / m["ci"][0])  # noqa: E731
+    assert width(many) < 0.7 * width(few)
+    low, high, _ = few["ci"]
+    assert (f"**Verdict:** vsa reaches dense's eval losses {few['low']:.4f}–{few['high']:.4f} with "
+            f"{few['ratio']:.2f}× (95% CI {low:.2f}–{high:.2f}) fewer FLOPs than dense, from 20 runs (2 seeds).") \
+        in summary
+
+
+def test_single_seed_points_take_the_measured_seed_spread(tmp_path):
+    """Only one size has two seeds: the other points are perturbed by the spread measured there, so the interval
+    is not the zero width of resampling a single run; with no second seed anywhere there is no interval."""
+    m, _ = _interval(tmp_path, "mostly_single", 2, single_seed_sizes=(0, 1, 2, 3))
+    assert m["ci"] is not None and m["ci"][0] < RATIO < m["ci"][1] and m["ci"][1] / m["ci"][0] > 1.05
+    none, summary = _interval(tmp_path, "single", 1)
+    assert none["ci"] is None and "no confidence interval" in summary
+
+
+def test_per_timestep_frontiers_get_their_own_multiplier(tmp_path):
+    ratios = {"eval/loss": 2.5, "eval/loss_t0.2500": 4.0, "eval/loss_t0.7500": 1.5}
+    seeded_sweep(tmp_path / "runs", 2, ratios=ratios)
+    result = analyze(find_runs([tmp_path / "runs"]), tmp_path / "out", resamples=100)
+    rows = {r["key"]: r for r in result["per_t"]["rows"]}
+    assert list(rows) == ["eval/loss_t0.2500", "eval/loss_t0.7500"]
+    for key in rows:
+        assert rows[key]["ratio"] == pytest.approx(ratios[key], rel=0.15)
+        assert rows[key]["ci"][0] < ratios[key] < rows[key]["ci"][1]
+    assert (tmp_path / "out" / "frontier_t.png").stat().st_size > 10_000
+    assert "| 0.2500 | vsa |" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_isoflop_parabola_finds_the_compute_optimal_size(tmp_path):
+    """Runs with a decaying schedule at three budgets x four widths; final loss = L0(C) + k·(log N - log N*(C))²
+    with N*(C) growing with C. The parabolas recover N*(C), and only final evals enter the frontier."""
+    widths = (64, 128, 192, 256)
+    params = {w: model_params(OmegaConf.create(run_config("dense", 2, width=w))) for w in widths}
+    assert params[64] < params[128] < params[192] < params[256]
+    logs = np.log10(list(params.values()))
+    optimum = {1e15: 10 ** (logs[0] + 0.3 * (logs[-1] - logs[0])), 1e16: 10 ** (logs[0] + 0.6 * (logs[-1] - logs[0]))}
+    for budget, n_opt in optimum.items():
+        for w in widths:
+            final = 0.5 / math.log10(budget) + 0.2 * (math.log10(params[w]) - math.log10(n_opt)) ** 2
+            rows = [{"step": 0, "flops": 0.0, "eval/loss": 2.0},
+                    {"step": 5, "flops": budget / 2, "eval/loss": final * 0.9},  # mid-run, before the decay: ignored
+                    {"step": 10, "flops": budget, "eval/loss": final}]
+            write_run(tmp_path / "runs" / f"w{w}_{budget:g}", "dense", depth=2, rows=rows, budget=budget,
+                      width=w, schedule="cosine")
+    result = analyze(find_runs([tmp_path / "runs"]), tmp_path / "out", resamples=0)
+    for budget, n_opt in optimum.items():
+        fit = result["isoflop"]["parabolas"][("dense", budget)]
+        assert fit.inside and fit.params_opt == pytest.approx(n_opt, rel=1e-6)
+        assert fit.loss_opt == pytest.approx(0.5 / math.log10(budget), rel=1e-6)
+    assert {f for f, _ in result["frontiers"]["dense"]} <= set(optimum)  # final points only
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert f"| dense | 1e+16 | " in summary and f"{optimum[1e16] / 1e6:.2f}M" in summary
+    assert (tmp_path / "out" / "isoflop.png").stat().st_size > 10_000

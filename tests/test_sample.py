@@ -61,7 +61,7 @@ def test_sample_hook_writes_videos_during_training(run_dir):
     names = sorted(p.name for p in (run_dir / "samples").iterdir())
     assert names == ["step_00000002_0.gif", "step_00000002_0.mp4", "step_00000004_0.gif", "step_00000004_0.mp4"]
     assert len(_frames(run_dir / "samples" / "step_00000004_0.mp4")) == 4
-    logged = sorted(p.suffix for p in (run_dir / "wandb").glob("offline-run-*/files/media/videos/samples_*"))
+    logged = sorted(p.suffix for p in (run_dir / "wandb").glob("offline-run-*/files/media/videos/media/samples_*"))
     assert logged == [".mp4", ".mp4"]  # wandb.Video rows (offline), one per sampling
 
 

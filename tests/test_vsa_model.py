@@ -217,3 +217,19 @@ def test_mixed_dtypes_under_autocast_take_the_autocast_dtype():
         out = core(q, k, v, x, ctx)
     assert out.dtype == torch.bfloat16 and out.isfinite().all()
     assert core(q, k, v, x, ctx).dtype == torch.float32  # without autocast: q's dtype
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(), reason="no Triton")
+def test_triton_eager_path_trains_under_autocast():
+    """The trainer runs the forward under autocast and the backward outside it: the eager Triton Function must
+    keep its coarse stage in fp32 (a bf16 matmul there made its backward fail on dtypes). fp16 on the CPU: the
+    interpreter's bf16 dots are wrong (but would not crash)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    model = make({"name": "vsa", "topk": 1, "backend": "triton"}, depth=1).to(device)
+    x, t, text, mask = (a.to(device) for a in inputs(T=4, H=8, W=16, B=1))
+    with torch.autocast(device, dtype=dtype):
+        out = model(x, t, text, mask)
+    out.float().square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
 from .distributed import on_main
 from .models.vsa import VSAAttention
@@ -24,8 +26,11 @@ def save_checkpoint(accelerator: Accelerator, run_dir: RunDir, model, optimizer,
     if on_main(accelerator, lambda: final.exists() and verify(final) is None):
         return final  # this exact state is already saved (a resumed run that had nothing left to do)
     tmp = run_dir.tmp_dir(step)
-    model_state = accelerator.unwrap_model(model).state_dict()
-    optim_state = optimizer.state_dict()
+    # Full (unsharded) states keyed by parameter name, on the main process: the same files from one process,
+    # DDP or FSDP, so a checkpoint resumes under any strategy and world size. Collective under FSDP.
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=full)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=full)
 
     def write_main():
         import shutil
@@ -58,8 +63,10 @@ def save_checkpoint(accelerator: Accelerator, run_dir: RunDir, model, optimizer,
 
 def load_checkpoint(accelerator: Accelerator, ckpt: Path, model, optimizer, ema) -> dict:
     """Restores weights, optimizer, EMA and this rank's RNG from a verified checkpoint; returns its counters."""
-    accelerator.unwrap_model(model).load_state_dict(load_tensors(ckpt / "model.safetensors"))
-    optimizer.load_state_dict(optimizer_from_files(ckpt))
+    # Every rank reads the full files; under FSDP each keeps its shard (full_state_dict) of them.
+    options = StateDictOptions(full_state_dict=_is_sharded(model))
+    set_model_state_dict(model, load_tensors(ckpt / "model.safetensors"), options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_from_files(ckpt), options=options)
     counters = read_state(ckpt)
     if ema is not None:
         if not (ckpt / "ema.safetensors").is_file():
@@ -118,3 +125,10 @@ def init_weights(model: torch.nn.Module, source) -> str:
         raise ValueError(f"train.init_from={source}: weights do not fit this model: missing "
                          f"{sorted(set(missing) - new)}, unexpected {sorted(unexpected)}")
     return f"initialised from {path} (weights only; {len(missing)} new attention tensors keep their initial values)"
+
+
+def _is_sharded(model: torch.nn.Module) -> bool:
+    """Whether parameters are DTensors (FSDP2): loading then shards the full state dicts."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())

@@ -8,6 +8,19 @@ def sample_timesteps(n: int, generator: torch.Generator | None = None, device=No
     return torch.sigmoid(torch.randn(n, generator=generator, device=device))
 
 
+def sample_draws(seed: int, positions: torch.Tensor, shape, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(t [B], noise [B, *shape], u [B] uniform) for the training samples at stream `positions`, each drawn from
+    its own generator seeded by (seed, position): the same sample gets the same draws whatever the number of
+    processes, the per-process batch or the sequence-parallel layout (elastic restarts stay exact)."""
+    ts, noises, us = [], [], []
+    for p in positions.tolist():
+        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + p)
+        ts.append(sample_timesteps(1, generator=g, device=device))
+        noises.append(torch.randn((1, *shape), generator=g, device=device))
+        us.append(torch.rand(1, generator=g, device=device))
+    return torch.cat(ts), torch.cat(noises), torch.cat(us)
+
+
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The noisy sample x_t and the velocity target v = noise - x0 for per-sample times t [B]."""
     t = t.to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))  # [B, 1, ..., 1]

@@ -1,4 +1,11 @@
-"""The eval loss (the comparison metric): fixed held-out videos x fixed timesteps x fixed noise."""
+"""The eval loss (the comparison metric): fixed held-out videos x fixed timesteps x fixed noise.
+
+The eval set depends on the data config, `train.eval_samples`, `train.eval_timesteps` and the data seed only:
+never on the model, the attention, the batch size or the number of processes, so every run of a sweep is
+measured on the same videos, timesteps and noise (tests/test_schedules.py checks it on two different runs).
+"""
+from typing import NamedTuple
+
 import torch
 from accelerate import Accelerator
 
@@ -13,16 +20,37 @@ def make_eval_set(batch: dict, num_timesteps: int, seed: int) -> dict:
     return dict(batch, noise=noise, timesteps=timesteps)
 
 
+def timestep_label(t: float) -> str:
+    """The name of a timestep bin in metric keys: t with 4 decimals (`eval/loss_t0.0625`), the same in every run."""
+    return f"t{t:.4f}"
+
+
+class EvalLoss(NamedTuple):
+    """The mean flow loss over the eval set and the mean at each of its timesteps ({t: loss}, increasing t)."""
+
+    mean: float
+    per_t: dict
+
+    def row(self, key: str = "eval/loss") -> dict:
+        """Metric keys: `key` for the mean, `key_t0.0625`-style keys per timestep."""
+        return {key: self.mean, **{f"{key}_{timestep_label(t)}": v for t, v in self.per_t.items()}}
+
+
 @torch.no_grad()
-def evaluate(model, eval_set: dict, accelerator: Accelerator, batch_size: int) -> float:
-    """Mean flow loss over the eval set. Each rank takes every world-th video (equal shards); the sums are
-    all-reduced, so the value does not depend on the number of processes."""
+def evaluate(model, eval_set: dict, accelerator: Accelerator, batch_size: int, layout=None) -> EvalLoss:
+    """Mean flow loss over the eval set, overall and per timestep. Each data-parallel rank takes every
+    dp_size-th video (equal shards; the ranks of a sequence-parallel group take the same videos and compute the
+    same loss); the float64 sums are all-reduced, so the values do not depend on the number of processes.
+    `layout` (vsa_train/parallel.py) defaults to plain data parallelism over all processes."""
     was_training = model.training
     model.eval()
     device = accelerator.device
     n = eval_set["video"].shape[0]
-    mine = torch.arange(accelerator.process_index, n, accelerator.num_processes)
-    total = torch.zeros((), device=device, dtype=torch.float64)
+    timesteps = eval_set["timesteps"].tolist()
+    dp_rank, dp_size, sp_size = ((layout.dp_rank, layout.dp_size, layout.sp_size) if layout is not None else
+                                 (accelerator.process_index, accelerator.num_processes, 1))
+    mine = torch.arange(dp_rank, n, dp_size)
+    totals = torch.zeros(len(timesteps), device=device, dtype=torch.float64)  # loss sums per timestep
     # Eagerly under train.compile: compiling a second (no-grad, eval-batch) graph cost minutes on dit_120m, and
     # the extra shape would make dynamo recompile the training graph with dynamic shapes.
     with accelerator.autocast(), torch.compiler.set_stance("force_eager"):
@@ -30,11 +58,11 @@ def evaluate(model, eval_set: dict, accelerator: Accelerator, batch_size: int) -
             video = eval_set["video"][chunk].to(device)
             text = eval_set["text"][chunk].to(device)
             text_mask = eval_set["text_mask"][chunk].to(device)
-            for j, t in enumerate(eval_set["timesteps"].tolist()):
+            for j, t in enumerate(timesteps):
                 noise = eval_set["noise"][j, chunk].to(device)
                 loss = flow_loss(model, video, text, text_mask, t=torch.full((len(chunk),), t, device=device),
                                  noise=noise)
-                total += loss.double() * len(chunk)
+                totals[j] += loss.double() * len(chunk)
     model.train(was_training)
-    total = accelerator.reduce(total, reduction="sum")
-    return total.item() / (n * len(eval_set["timesteps"]))
+    totals = (accelerator.reduce(totals, reduction="sum") / sp_size).tolist()  # each video counted sp_size times
+    return EvalLoss(mean=sum(totals) / (n * len(timesteps)), per_t={t: s / n for t, s in zip(timesteps, totals)})

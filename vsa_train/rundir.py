@@ -42,7 +42,7 @@ FORMAT = 1  # checkpoint layout version, in every manifest
 # Config sections that decide the training trajectory; a resume must match them (train.resume=force overrides).
 TRAJECTORY = ("model", "attn", "data", "optim", "train.seed", "train.ema", "train.mixed_precision")
 # Keys inside those sections that do not change what is trained (speed or memory only).
-NOT_TRAJECTORY = ("data.num_workers", "model.grad_checkpointing")
+NOT_TRAJECTORY = ("data.num_workers", "model.grad_checkpointing")  # parallel.* is outside TRAJECTORY too
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _RNG_FILE = re.compile(r"^rng_rank\d+\.safetensors$")
 
@@ -92,6 +92,7 @@ class Launch:
     processes: int
     global_batch: int
     resume: str  # auto | never | force
+    data_parallel: int = 1  # processes / parallel.sp_size
 
 
 class RunDir:
@@ -133,8 +134,9 @@ class RunDir:
                 raise RunDirError(
                     f"{ckpt} was trained with global batch {saved}; this launch has {launch.global_batch} "
                     f"(train.batch_size={launch.cfg.train.batch_size} x train.grad_accum="
-                    f"{launch.cfg.train.grad_accum} x {launch.processes} processes). Keep the global batch (e.g. "
-                    f"batch_size x grad_accum = {saved / launch.processes:g} per process), or train.resume=force.")
+                    f"{launch.cfg.train.grad_accum} x {launch.data_parallel} data-parallel ranks). Keep the global "
+                    f"batch (e.g. batch_size x grad_accum = {saved / launch.data_parallel:g} per data-parallel rank), "
+                    f"or train.resume=force.")
         return ckpt
 
     def record_launch(self, launch: Launch, resumed_from: "Path | None") -> None:
@@ -314,25 +316,23 @@ def read_json(path: Path) -> dict:
 
 
 def optimizer_to_files(state: dict, ckpt: Path) -> None:
-    """An optimizer state_dict as optimizer.safetensors (tensors) + optimizer.json (numbers and param groups)."""
+    """An optimizer state dict keyed by parameter name (torch.distributed.checkpoint's portable form) as
+    optimizer.safetensors (tensors, "<param>/<key>") + optimizer.json (numbers and param groups)."""
     tensors, scalars = {}, {}
-    for index, per_param in state["state"].items():
+    for name, per_param in state["state"].items():
         for key, value in per_param.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value
-            else:
-                scalars[f"{index}.{key}"] = value
+            (tensors if isinstance(value, torch.Tensor) else scalars)[f"{name}/{key}"] = value
     save_tensors(tensors, ckpt / "optimizer.safetensors")
     write_json({"param_groups": state["param_groups"], "scalars": scalars}, ckpt / "optimizer.json")
 
 
 def optimizer_from_files(ckpt: Path) -> dict:
-    """The optimizer state_dict that `optimizer_to_files` wrote (no unpickling: safetensors and JSON)."""
+    """The optimizer state dict that `optimizer_to_files` wrote (no unpickling: safetensors and JSON)."""
     meta = read_json(ckpt / "optimizer.json")
-    state: dict[int, dict] = {}
+    state: dict[str, dict] = {}
     for name, value in [*load_tensors(ckpt / "optimizer.safetensors").items(), *meta["scalars"].items()]:
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
+        param, key = name.rsplit("/", 1)
+        state.setdefault(param, {})[key] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 

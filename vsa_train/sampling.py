@@ -66,4 +66,4 @@ def save_samples(model, cfg: DictConfig, captions: list[str], step: int, acceler
     if any(t.name == "wandb" for t in accelerator.trackers):
         import wandb
 
-        accelerator.log({"samples": [wandb.Video(str(f), caption=c) for f, c in zip(files, captions)]}, step=step)
+        accelerator.log({"media/samples": [wandb.Video(str(f), caption=c) for f, c in zip(files, captions)]}, step=step)

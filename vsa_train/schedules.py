@@ -1,4 +1,22 @@
-"""What changes with the optimizer step: the learning rate and, for VSA, the topk in force (and its FLOPs)."""
+"""What changes with the optimizer step: the learning rate and, for VSA, the topk in force (and its FLOPs).
+
+Both are pure functions of (step, config, global batch), so a resumed run follows exactly the schedule an
+uninterrupted one would have.
+
+Learning rate (`optim.schedule`, docs/study.md 'Schedules'): a linear warm-up over `optim.warmup_steps` steps
+from lr/warmup_steps to `optim.lr`, then
+
+- `constant` (the default, the VSA paper's recipe): lr until the end;
+- `cosine`: half a cosine from lr down to `optim.min_lr_ratio` x lr, reached at the last step of the run;
+- `wsd` (warm-up, stable, decay): lr until the last `optim.decay_fraction` of the run, then a *linear* decay to
+  `optim.min_lr_ratio` x lr, reached at the last step.
+
+The run's end is `train.max_steps`, or, when `train.flops_budget` is set, the step at which the trainer's
+cumulative executed FLOPs first reach the budget, whichever comes first. That step is found by adding up the
+FLOPs of each step exactly as the trainer does (`SparsitySchedule.flops_per_sample(step).executed x global
+batch`), so a VSA run whose sparsity ramps, and hence whose FLOPs per step change, still decays to the step at
+which it stops. A step after the end (train.max_steps raised later) keeps the final rate.
+"""
 import functools
 import math
 
@@ -7,12 +25,52 @@ from omegaconf import DictConfig
 from .flops import training_flops_per_sample
 from .models import vsa_config
 
+SCHEDULES = ("constant", "cosine", "wsd")
 
-def lr_at(step: int, optim_cfg) -> float:
-    """Linear warm-up over `warmup_steps` optimizer steps, then constant (the paper's schedule)."""
-    if step < optim_cfg.warmup_steps:
-        return optim_cfg.lr * (step + 1) / optim_cfg.warmup_steps
-    return optim_cfg.lr
+
+def lr_at(step: int, optim_cfg, end_step: int | None = None) -> float:
+    """The learning rate of optimizer step `step` (0-based) for a run whose last step is `end_step - 1`.
+
+    `end_step` is only needed by the decaying schedules (cosine, wsd)."""
+    lr, warmup = optim_cfg.lr, optim_cfg.warmup_steps
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    schedule = optim_cfg.get("schedule", "constant") or "constant"
+    if schedule == "constant":
+        return lr
+    if schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if end_step is None:
+        raise ValueError(f"optim.schedule={schedule} decays towards the run's end: lr_at needs end_step")
+    low = lr * optim_cfg.min_lr_ratio
+    last = end_step - 1  # the last step the run takes: it gets exactly the minimum
+    if schedule == "cosine":
+        start = warmup
+    else:  # wsd: decay over the last decay_fraction of the run (not into the warm-up)
+        start = max(warmup, end_step - math.ceil(optim_cfg.decay_fraction * end_step))
+    if step <= start:
+        return lr
+    progress = min(1.0, (step - start) / max(1, last - start))
+    if schedule == "cosine":
+        return low + (lr - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return lr + (low - lr) * progress
+
+
+def check_schedule(optim_cfg) -> None:
+    """Fails early, naming the key, on schedule values that could not work."""
+    schedule = optim_cfg.get("schedule", "constant") or "constant"
+    if schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if not isinstance(optim_cfg.warmup_steps, int) or optim_cfg.warmup_steps < 0:
+        raise ValueError(f"optim.warmup_steps must be a non-negative integer, got {optim_cfg.warmup_steps!r}")
+    if schedule != "constant":
+        ratio = optim_cfg.get("min_lr_ratio")
+        if not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {ratio!r}")
+    if schedule == "wsd":
+        fraction = optim_cfg.get("decay_fraction")
+        if not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
+            raise ValueError(f"optim.decay_fraction must be in (0, 1], got {fraction!r}")
 
 
 class SparsitySchedule:
@@ -47,3 +105,51 @@ class SparsitySchedule:
             return {}
         topk = self.topk(step)
         return {"topk": topk, "sparsity": 1 - topk / self.tiles}
+
+    def steady_from(self) -> int:
+        """A step from which the topk (and so the FLOPs per sample) no longer changes."""
+        if self.vsa is None or self.vsa.schedule == "constant":
+            return 0
+        return self.vsa.ramp_interval * math.ceil(1.0 / self.vsa.ramp_rate)
+
+
+def end_step(max_steps: int, flops_budget: float | None, sparsity: SparsitySchedule, global_batch: int,
+             exact_steps: int = 5_000_000) -> int:
+    """The number of optimizer steps the run takes: `max_steps`, or fewer when the FLOPs budget is reached first
+    (the trainer stops after the first step whose cumulative executed FLOPs reach the budget).
+
+    The FLOPs are added step by step in the trainer's order (so float rounding decides the same step), for up to
+    `exact_steps` steps; beyond that, once the topk is steady, the remaining steps are a division (at most one
+    step off, only for runs of millions of steps)."""
+    if flops_budget is None:
+        return max_steps
+    flops, step = 0.0, 0
+    while step < max_steps and flops < flops_budget:
+        if step >= max(exact_steps, sparsity.steady_from()):
+            per_step = sparsity.flops_per_sample(step).executed * global_batch
+            return min(max_steps, step + math.ceil((flops_budget - flops) / per_step))
+        flops += sparsity.flops_per_sample(step).executed * global_batch
+        step += 1
+    return step
+
+
+class LRSchedule:
+    """`optim.schedule` for one run: built once (the end step is computed here), then `schedule(step) -> lr`."""
+
+    def __init__(self, cfg: DictConfig, sparsity: SparsitySchedule, global_batch: int):
+        check_schedule(cfg.optim)
+        self.optim = cfg.optim
+        self.decays = (cfg.optim.get("schedule", "constant") or "constant") != "constant"
+        # constant never looks at the end: skip summing the FLOPs of every step
+        self.end_step = (end_step(cfg.train.max_steps, cfg.train.flops_budget, sparsity, global_batch)
+                         if self.decays else None)
+
+    def __call__(self, step: int) -> float:
+        return lr_at(step, self.optim, self.end_step)
+
+    def describe(self) -> str:
+        o = self.optim
+        text = f"lr schedule {o.get('schedule', 'constant') or 'constant'}: peak {o.lr:g}, warm-up {o.warmup_steps} steps"
+        if self.decays:
+            text += f", down to {o.lr * o.min_lr_ratio:g} at step {self.end_step - 1} (run end {self.end_step})"
+        return text

@@ -10,8 +10,8 @@
 The run directory's files belong to vsa_train/rundir.py; saving and restoring the state to vsa_train/checkpoint.py.
 """
 import contextlib
-import hashlib
 import math
+import os
 import statistics
 import time
 from collections import deque
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from omegaconf import DictConfig, OmegaConf
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
@@ -29,16 +29,18 @@ from tqdm.auto import tqdm
 from .analysis.plot import plot_loss_vs_flops
 from .checkpoint import init_weights, load_checkpoint, save_checkpoint
 from .data import Data, build_data, data_spec
-from .diffusion import flow_loss
+from .diffusion import flow_loss, sample_draws
 from .distributed import on_main
 from .evaluation import evaluate, make_eval_set
 from .flops import training_flops_per_sample
-from .metrics import MetricsLog, define_flops_axis
+from .metrics import MetricsLog, define_flops_axis, wandb_init_kwargs, wandb_project
 from .models import build_model
+from .parallel import (Layout, apply_fsdp, apply_sequence_parallel, clip_grad_norm, compile_blocks, gradient_sync,
+                       make_layout, sp_group)
 from .preemption import StopSignals
 from .rundir import Launch, RunDir
 from .sampling import save_samples
-from .schedules import SparsitySchedule, lr_at
+from .schedules import LRSchedule, SparsitySchedule
 
 
 @dataclass
@@ -83,23 +85,26 @@ class Run:
     state: TrainState
     health: LossHealth
     global_batch: int
+    layout: Layout = Layout()
+    lr_schedule: LRSchedule = None  # optim.schedule; its end step is fixed once, in build_run
     train_iter: object = None
     skipped: set = field(default_factory=set)  # bad inputs this rank's data met (skipped, never trained on)
 
     def restart_data(self) -> None:
         """(Re)starts the train stream at `state.position` (resume, rollback); position is a global sample index."""
-        per_batch = self.cfg.train.batch_size * self.accelerator.num_processes
+        per_batch = self.cfg.train.batch_size * self.layout.dp_size
         if self.state.position % per_batch:
             raise ValueError(f"data position {self.state.position} is not a whole number of batches of {per_batch}")
         self.data = build_data(self.cfg.data, batch_size=self.cfg.train.batch_size,
-                               eval_samples=self.cfg.train.eval_samples, rank=self.accelerator.process_index,
-                               world_size=self.accelerator.num_processes, start_batch=self.state.position // per_batch)
+                               eval_samples=self.cfg.train.eval_samples, rank=self.layout.dp_rank,
+                               world_size=self.layout.dp_size, start_batch=self.state.position // per_batch)
         self.train_iter = iter(self.data.train)
 
     def counters(self) -> dict:
         """What a checkpoint stores besides tensors: counters, loss health, layout (checked at resume)."""
         return {**asdict(self.state), "healthy": self.health.healthy(), "recent_losses": list(self.health.losses),
                 "global_batch": self.global_batch, "processes": self.accelerator.num_processes,
+                "strategy": self.layout.strategy, "sp_size": self.layout.sp_size,
                 "seed": self.cfg.train.seed, "ema_updates": int(self.ema.n_averaged) if self.ema is not None else 0}
 
     def restore(self, counters: dict) -> None:
@@ -121,6 +126,9 @@ class StepResult:
 
 def make_accelerator(cfg: DictConfig) -> Accelerator:
     """accelerate for this machine: bf16 on CUDA (auto), gloo DDP on CPUs, collectives that time out."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        raise ValueError("accelerate's FSDP plugin is not used: launch with a multi-GPU accelerate config "
+                         "(configs/accelerate/fsdp.yaml) and set parallel.strategy=fsdp")
     mixed_precision = cfg.train.mixed_precision
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() else "no"
@@ -131,10 +139,16 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
 
 
 def build_run(cfg: DictConfig, accelerator: Accelerator, resume_from: Path | None = None) -> Run:
-    """Model, EMA, optimizer, data and counters, restored from `resume_from` if given. Writes no files."""
+    """Model (laid out by `parallel`), EMA, optimizer, data and counters, restored from `resume_from` if given.
+    Writes no files."""
     tcfg = cfg.train
-    if tcfg.ema is not None and accelerator.distributed_type == DistributedType.FSDP:
-        raise ValueError("train.ema is not supported with FSDP (the EMA copy would hold full, unsharded weights)")
+    layout = make_layout(cfg.parallel, cfg.model, accelerator.num_processes, accelerator.process_index)
+    if tcfg.eval_samples % layout.dp_size:  # equal shards: under FSDP every rank must run the same forwards
+        raise ValueError(f"train.eval_samples={tcfg.eval_samples} must be divisible by the {layout.dp_size} "
+                         f"data-parallel ranks")
+    if tcfg.ema is not None and layout.strategy == "fsdp":
+        raise ValueError("train.ema is not supported with parallel.strategy=fsdp (the EMA copy would hold full, "
+                         "unsharded weights)")
     spec = data_spec(cfg.data)
     set_seed(tcfg.seed)  # the same seed on every rank: identical initial weights
     model = build_model(cfg.model, cfg.attn, in_channels=spec.in_channels, text_dim=spec.text_dim)
@@ -144,23 +158,37 @@ def build_run(cfg: DictConfig, accelerator: Accelerator, resume_from: Path | Non
     if tcfg.ema is not None:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tcfg.ema), use_buffers=True)
         ema = ema.to(accelerator.device)
-    optimizer = _optimizer(model, cfg.optim, fused=accelerator.device.type == "cuda")
-    if tcfg.compile:
-        model.compile()  # in place: parameter names, and so checkpoints, stay those of the plain model
-    model, optimizer = accelerator.prepare(model, optimizer)
-    world = accelerator.num_processes
+    model, optimizer = _lay_out(model, cfg, layout, accelerator)
     run = Run(cfg=cfg, accelerator=accelerator, model=model, ema=ema, optimizer=optimizer, data=None, eval_set=None,
               sparsity=SparsitySchedule(cfg, spec), state=TrainState(), health=LossHealth(tcfg.explode_factor),
-              global_batch=tcfg.batch_size * tcfg.grad_accum * world)
-    # Training noise and timesteps come from the global RNG, seeded per rank here and restored on resume, so a
-    # resumed run draws exactly what an uninterrupted one would have.
-    set_seed(tcfg.seed, device_specific=True)
+              global_batch=tcfg.batch_size * tcfg.grad_accum * layout.dp_size, layout=layout)
+    run.lr_schedule = LRSchedule(cfg, run.sparsity, run.global_batch)
+    # Training noise and timesteps come from the global RNG, seeded per data-parallel rank here (the ranks of a
+    # sequence-parallel group draw the same) and restored on resume, so a resumed run draws exactly what an
+    # uninterrupted one would have.
+    set_seed(tcfg.seed + layout.dp_rank)
     if resume_from is not None:
         run.restore(load_checkpoint(accelerator, resume_from, model, optimizer, ema))
         accelerator.print(f"resumed from {resume_from} (step {run.state.step})")
     run.restart_data()
     run.eval_set = make_eval_set(run.data.eval, tcfg.eval_timesteps, seed=cfg.data.seed)
     return run
+
+
+def _lay_out(model: torch.nn.Module, cfg: DictConfig, layout: Layout, accelerator: Accelerator):
+    """(model, optimizer) laid out for this process: sequence parallel, compiled, then DDP or FSDP2."""
+    if layout.sp_size > 1:
+        apply_sequence_parallel(model, layout, sp_group(layout))
+    if cfg.train.compile in (True, "blocks"):
+        compile_blocks(model)  # in place: parameter names, and so checkpoints, stay those of the plain model
+    elif cfg.train.compile == "model":
+        model.compile()
+    fused = accelerator.device.type == "cuda"
+    if layout.strategy == "fsdp":
+        bf16 = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+        apply_fsdp(model.to(accelerator.device), layout, param_dtype=bf16)
+        return model, _optimizer(model, cfg.optim, fused=fused)  # over the sharded parameters
+    return accelerator.prepare(model, _optimizer(model, cfg.optim, fused=fused))
 
 
 def _optimizer(model: torch.nn.Module, optim_cfg, fused: bool) -> torch.optim.Optimizer:
@@ -178,7 +206,7 @@ def train_step(run: Run, stop_requested: bool = False) -> StepResult:
     loss, its finiteness and any stop request; then AdamW and EMA. A non-finite step updates nothing."""
     cfg, accelerator, model, state = run.cfg, run.accelerator, run.model, run.state
     device = accelerator.device
-    lr = lr_at(state.step, cfg.optim)
+    lr = run.lr_schedule(state.step)
     per_sample = run.sparsity.apply(state.step, accelerator.unwrap_model(model), run.ema and run.ema.module)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
@@ -190,20 +218,23 @@ def train_step(run: Run, stop_requested: bool = False) -> StepResult:
         text = batch["text"].to(device, non_blocking=True)            # [B, L, text_dim]
         text_mask = batch["text_mask"].to(device, non_blocking=True)  # [B, L]
         run.skipped.update(batch.get("skipped", ()))
+        t, noise, u = sample_draws(cfg.train.seed, batch["position"], video.shape[1:], device)  # per sample
         if dropout:  # an all-False mask is the empty caption that guidance samples against
-            text_mask = text_mask & (torch.rand(len(text_mask), device=device) >= dropout)[:, None]
-        # Gradients are all-reduced only on the last micro-step.
-        with contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model):
-            loss = flow_loss(model, video, text, text_mask)
-            accelerator.backward(loss / accum)
+            text_mask = text_mask & (u >= dropout)[:, None]
+        # Gradients are reduced only on the last micro-step. Under sequence parallelism each rank's gradient is its
+        # tokens' part of the group's: x sp_size makes the mean over all ranks the data-parallel mean.
+        with gradient_sync(model, accelerator, micro == accum - 1):
+            with accelerator.autocast():  # the forward only: backward ops keep the dtypes the forward saved
+                loss = flow_loss(model, video, text, text_mask, t=t, noise=noise)
+            accelerator.backward(loss * run.layout.sp_size / accum)
         step_loss += loss.detach() / accum
     # Without clipping, max_norm=inf still returns the global norm, which the finiteness check needs.
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+    grad_norm = clip_grad_norm(model, accelerator, cfg.optim.grad_clip or float("inf"))
     flags = torch.stack([(~torch.isfinite(step_loss)).float(), (~torch.isfinite(grad_norm)).float(),
                          torch.tensor(float(stop_requested), device=device), step_loss.float()])
     bad_loss, bad_grad, stop, loss_sum = accelerator.reduce(flags, reduction="sum").tolist()
     state.position += run.global_batch  # consumed either way: a rollback skips them
-    result = StepResult(ok=not (bad_loss or bad_grad), loss=loss_sum / accelerator.num_processes,
+    result = StepResult(ok=not (bad_loss or bad_grad), loss=loss_sum / accelerator.num_processes,  # sp ranks agree
                         grad_norm=float(grad_norm), lr=lr, stop=stop > 0)
     if not result.ok:  # stopping before optimizer.step keeps the weights as the last step left them
         run.optimizer.zero_grad(set_to_none=True)
@@ -285,8 +316,9 @@ def train(cfg: DictConfig) -> dict:
     accelerator = make_accelerator(cfg)
     world = accelerator.num_processes
     run_dir = RunDir(cfg.run_dir)
-    launch = Launch(cfg=cfg, processes=world, global_batch=tcfg.batch_size * tcfg.grad_accum * world,
-                    resume=tcfg.resume)
+    dp_size = make_layout(cfg.parallel, cfg.model, world, accelerator.process_index).dp_size
+    launch = Launch(cfg=cfg, processes=world, global_batch=tcfg.batch_size * tcfg.grad_accum * dp_size,
+                    resume=tcfg.resume, data_parallel=dp_size)
     # Checked before anything is written: a launch that does not fit the run leaves its directory untouched.
     resume_from = on_main(accelerator, run_dir.check_launch, launch)
     with contextlib.ExitStack() as held:
@@ -299,7 +331,7 @@ def train(cfg: DictConfig) -> dict:
 def _loop(run: Run, run_dir: RunDir, spec, resumed: bool) -> dict:
     cfg, accelerator, state = run.cfg, run.accelerator, run.state
     tcfg, main = cfg.train, accelerator.is_main_process
-    accelerator.init_trackers(cfg.logger.get("project", "vsa_train"), config=OmegaConf.to_container(cfg, resolve=True),
+    accelerator.init_trackers(wandb_project(cfg), config=OmegaConf.to_container(cfg, resolve=True),
                               init_kwargs={"wandb": _wandb_kwargs(cfg, run_dir.path)})
     define_flops_axis(accelerator)
     metrics = MetricsLog(run_dir.metrics, accelerator, resume_step=state.step if resumed else -1)
@@ -312,9 +344,11 @@ def _loop(run: Run, run_dir: RunDir, spec, resumed: bool) -> dict:
     pbar = tqdm(total=tcfg.max_steps, initial=state.step, disable=not main, desc="train", dynamic_ncols=True)
 
     def evaluate_into(row: dict) -> None:
-        row["eval/loss"] = evaluate(run.model, run.eval_set, accelerator, tcfg.eval_batch_size)
+        # eval/loss (mean) and eval/loss_t<t> per timestep; the same under eval/loss_ema for the EMA weights
+        row.update(evaluate(run.model, run.eval_set, accelerator, tcfg.eval_batch_size, run.layout).row())
         if run.ema is not None:
-            row["eval/loss_ema"] = evaluate(run.ema.module, run.eval_set, accelerator, tcfg.eval_batch_size)
+            row.update(evaluate(run.ema.module, run.eval_set, accelerator, tcfg.eval_batch_size,
+                                run.layout).row("eval/loss_ema"))
         pbar.write(f"step {run.state.step}: eval/loss {row['eval/loss']:.5f}") if main else None
 
     if state.step == 0 and not resumed:  # the untrained model's eval loss anchors the curve
@@ -344,8 +378,9 @@ def _loop(run: Run, run_dir: RunDir, spec, resumed: bool) -> dict:
                 row["train/rollbacks"] = state.rollbacks
                 row["data/skipped"] = accelerator.reduce(torch.tensor(len(run.skipped), device=accelerator.device),
                                                          reduction="sum").item()
+                row["TFLOP/s/device"] = row["TFLOP/s"] / accelerator.num_processes  # sharded or not: per sample / devices
                 if accelerator.device.type == "cuda":  # utilisation per device against its dense bf16 peak
-                    row["MFU"] = row["TFLOP/s"] / (accelerator.num_processes * tcfg.peak_tflops)
+                    row["MFU"] = row["TFLOP/s/device"] / tcfg.peak_tflops
                     row["mem/peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
                 pbar.set_postfix(loss=f"{row['train/loss']:.4f}", refresh=False)
             if due.eval:
@@ -423,11 +458,9 @@ def _finish(run: Run, run_dir: RunDir, cadence: Cadence) -> None:
 
 
 def _wandb_kwargs(cfg: DictConfig, run_dir: Path) -> dict:
-    """A run id derived from run_dir, so that a resumed (or requeued) run continues the same wandb run."""
-    run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
-    return {"name": run_dir.name, "id": run_id, "resume": "allow", "dir": str(run_dir),
-            "mode": cfg.logger.get("mode"), "entity": cfg.logger.get("entity"),
-            "tags": list(cfg.logger.get("tags") or [])}
+    """The sweep as group, name and tags from the task overrides, one wandb run per launch whose rows restart
+    from the checkpoint, env over config (vsa_train/metrics.py, `wandb_init_kwargs`)."""
+    return wandb_init_kwargs(cfg, run_dir)
 
 
 # ------------------------------------------------------------------------------------------ checks, dry run

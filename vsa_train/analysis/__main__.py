@@ -1,9 +1,13 @@
-"""`python -m vsa_train.analysis RUN_DIR... --out DIR`: frontiers, fits, FLOPs ratios, plots and summary.md.
+"""`python -m vsa_train.analysis RUN_DIR... --out DIR`: frontiers, fits, FLOPs multipliers with bootstrap
+intervals, isoFLOP parabolas, per-timestep frontiers, plots and summary.md.
 
-RUN_DIR may be a run directory, a sweep directory (every run below it) or a wandb offline-run directory.
+RUN_DIR may be a run directory or a sweep directory (every run below it, found by its metrics.jsonl, which the
+trainer always writes), or `wandb:<entity>/<project>[/<group>]` for online wandb runs (read through wandb's
+public API). Offline wandb runs are read from their run directories' metrics.jsonl.
 """
 import argparse
 import sys
+from pathlib import Path
 
 from .report import analyze
 from .runs import find_runs
@@ -11,21 +15,28 @@ from .runs import find_runs
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vsa_train.analysis", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run, sweep or wandb offline-run directories")
-    parser.add_argument("--out", required=True, help="output directory for frontier.png, curves.png, summary.md")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="run or sweep directories, or wandb:<entity>/<project>[/<group>]")
+    parser.add_argument("--out", required=True, help="output directory for summary.md and the plots")
     parser.add_argument("--baseline", default="dense", help="attention type the FLOPs ratios are taken against")
     parser.add_argument("--fit-from", type=float, default=0.0, metavar="FLOPS",
                         help="fit only frontier points with at least this many FLOPs (drop the warm-up)")
+    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                        help="bootstrap resamples for the multiplier's confidence interval (0: none)")
     args = parser.parse_args(argv)
     try:
         runs = find_runs(args.run_dirs)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     print(f"{len(runs)} runs: " + ", ".join(f"{r.path.name} ({r.attn}, {r.size})" for r in runs))
-    result = analyze(runs, args.out, baseline=args.baseline, fit_from=args.fit_from)
-    for note in result["notes"]:
+    result = analyze(runs, args.out, baseline=args.baseline, fit_from=args.fit_from, resamples=args.bootstrap)
+    for note in dict.fromkeys(result["notes"]):
         print(f"note: {note}", file=sys.stderr)
-    print(f"wrote {args.out}/summary.md, frontier.png, curves.png")
+    out = Path(args.out)
+    print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
+    for line in (out / "summary.md").read_text().splitlines():
+        if line.startswith("**Verdict:**"):
+            print(line)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Plots against cumulative training FLOPs: one run (loss_vs_flops.png), all runs (curves.png), frontiers (frontier.png)."""
+"""Plots against cumulative training FLOPs: one run (loss_vs_flops.png), all runs (curves.png), frontiers
+(frontier.png, per timestep frontier_t.png); and against parameters at fixed budgets (isoflop.png)."""
 import matplotlib
 import matplotlib.ticker
 import numpy as np
@@ -64,6 +65,52 @@ def plot_frontier(frontiers: dict, fits: dict, out_path) -> None:
     ax.set_title("loss-vs-FLOPs frontier per attention type")
     fig.tight_layout()
     fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+
+
+def plot_isoflop(isoflop: dict, out_path) -> None:
+    """isoflop.png: final eval loss against parameters, one colour per FLOPs budget, one marker per attention,
+    with each budget's parabola in log params and its minimum (a star)."""
+    budgets = sorted({b for _, b in isoflop["points"]})
+    attns = sorted({a for a, _ in isoflop["points"]})
+    colors = dict(zip(budgets, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
+    markers = dict(zip(attns, ["o", "s", "^", "D"] * 4))
+    styles = dict(zip(attns, ["-", "--", ":", "-."] * 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (attn, budget), points in isoflop["points"].items():
+        params, loss, _ = zip(*points)
+        ax.plot(params, loss, markers[attn], color=colors[budget], ms=5, label=f"{attn}, {budget:.2g} FLOPs")
+        fit = isoflop["parabolas"].get((attn, budget))
+        if fit is not None:
+            grid = np.geomspace(min(params) / 1.5, max(params) * 1.5, 100)
+            ax.plot(grid, fit.loss(grid), styles[attn], color=colors[budget], lw=1)
+            if fit.inside:
+                ax.plot([fit.params_opt], [fit.loss_opt], "*", color=colors[budget], ms=12, mec="k")
+    _log_axes(ax, "final eval loss")
+    ax.set_xlabel("parameters")
+    ax.set_title("isoFLOP curves (star: fitted optimum)")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+
+
+def plot_timestep_frontiers(frontiers: dict, out_path) -> None:
+    """frontier_t.png: one panel per eval timestep, the frontier of that timestep's loss per attention type."""
+    keys = list(frontiers)
+    cols = min(4, len(keys))
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for (attn, frontier), color in zip(sorted(frontiers[key].items()),
+                                           plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+            flops, loss = zip(*frontier)
+            ax.plot(flops, loss, "o-", color=color, ms=3, lw=1, label=attn)
+        _log_axes(ax, key.replace("eval/loss_", "loss at "))
+        ax.set_xlabel("training FLOPs")
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
     plt.close(fig)
 
 

@@ -1,4 +1,5 @@
-"""Loss-vs-FLOPs frontiers, the power-law fit L(C) = a·C^(-b) + c, and FLOPs ratios at equal loss.
+"""Loss-vs-FLOPs frontiers, the power-law fit L(C) = a·C^(-b) + c, FLOPs ratios at equal loss (with a bootstrap
+interval), and isoFLOP parabolas (loss against log parameters at a fixed budget).
 
 The fit is scipy-free: for a fixed floor c the model is a straight line in log-log space (log(L - c) against
 log C), so c is profiled over a grid below the lowest loss, and the best (a, b, c) is then polished by
@@ -117,3 +118,137 @@ def common_losses(frontiers, levels: int = 4) -> list[float]:
     if low > high:
         return []
     return [float(v) for v in np.exp(np.linspace(math.log(low), math.log(high), levels))] if high > low else [low]
+
+
+def lowest_common_loss(frontiers) -> float:
+    """The lowest loss every frontier reaches (nan when their loss ranges do not overlap)."""
+    low = max(min(l for _, l in f) for f in frontiers)
+    high = min(max(l for _, l in f) for f in frontiers)
+    return float(low) if low <= high else math.nan
+
+
+def flops_multiplier(base_frontier, other_frontier, levels: int = 5) -> tuple[float, float, float]:
+    """(low loss, high loss, multiplier): the loss range both frontiers reach and the geometric mean, over
+    `levels` losses evenly spaced in log strictly inside that range, of base FLOPs / other FLOPs at equal loss
+    (log-log interpolation along each frontier). > 1: the other needs fewer FLOPs.
+
+    The mean over the shared range, rather than the ratio at its lowest loss alone, keeps the estimate off the
+    range's edge, where one frontier ends at a single run's last point: in tests with a known multiplier the
+    edge value was biased by ~5% and its bootstrap interval missed the truth far more often than 5%."""
+    if not base_frontier or not other_frontier:
+        return math.nan, math.nan, math.nan
+    low = lowest_common_loss([base_frontier, other_frontier])
+    if math.isnan(low):
+        return math.nan, math.nan, math.nan
+    high = min(max(l for _, l in f) for f in (base_frontier, other_frontier))
+    losses = [low] if high <= low else np.exp(np.linspace(math.log(low), math.log(high), levels + 2))[1:-1]
+    logs = [math.log(flops_at_loss(base_frontier, l) / flops_at_loss(other_frontier, l)) for l in losses]
+    logs = [v for v in logs if math.isfinite(v)]
+    return float(low), float(high), (math.exp(sum(logs) / len(logs)) if logs else math.nan)
+
+
+class Parabola(NamedTuple):
+    """loss = a·x² + b·x + c in x = log10(parameters), fitted at one FLOPs budget; its minimum is the
+    compute-optimal size (`inside`: the minimum lies within the sizes fitted, else it is an extrapolation)."""
+
+    a: float
+    b: float
+    c: float
+    x_min: float
+    x_max: float
+
+    @property
+    def convex(self) -> bool:
+        return self.a > 0
+
+    @property
+    def params_opt(self) -> float:
+        return 10 ** (-self.b / (2 * self.a)) if self.convex else math.nan
+
+    @property
+    def loss_opt(self) -> float:
+        return self.c - self.b ** 2 / (4 * self.a) if self.convex else math.nan
+
+    @property
+    def inside(self) -> bool:
+        return self.convex and self.x_min <= -self.b / (2 * self.a) <= self.x_max
+
+    def loss(self, params):
+        x = np.log10(np.asarray(params, dtype=np.float64))
+        return self.a * x ** 2 + self.b * x + self.c
+
+
+def fit_parabola(params, loss) -> Parabola:
+    """Least-squares parabola of loss against log10(params); needs 3+ distinct sizes."""
+    x, y = np.log10(np.asarray(params, dtype=np.float64)), np.asarray(loss, dtype=np.float64)
+    if len(set(x.tolist())) < 3:
+        raise ValueError(f"an isoFLOP parabola needs at least 3 model sizes, got {len(set(x.tolist()))}")
+    a, b, c = np.polyfit(x, y, 2)
+    return Parabola(float(a), float(b), float(c), float(x.min()), float(x.max()))
+
+
+def mean_curve(curves: list[list[tuple[float, float]]]) -> list[tuple[float, float]]:
+    """The seed average of runs of one configuration: the mean loss at each FLOPs value all of them logged
+    (runs of one config evaluate at identical FLOPs)."""
+    if len(curves) == 1:
+        return list(curves[0])
+    shared = set.intersection(*({f for f, _ in c} for c in curves))
+    sums = {}
+    for curve in curves:
+        for f, l in curve:
+            if f in shared:
+                sums.setdefault(f, []).append(l)
+    return sorted((f, float(np.mean(v))) for f, v in sums.items())
+
+
+def pooled_seed_sd(groups: list[list[float]]) -> float | None:
+    """The pooled within-group standard deviation of log losses over groups of 2+ seeds (None: no such group)."""
+    ss, dof = 0.0, 0
+    for values in groups:
+        if len(values) >= 2:
+            logs = np.log(np.asarray(values, dtype=np.float64))
+            ss += float(np.sum((logs - logs.mean()) ** 2))
+            dof += len(values) - 1
+    return math.sqrt(ss / dof) if dof else None
+
+
+def bootstrap_multiplier(cells: dict, base: str, other: str, resamples: int = 1000, seed: int = 0,
+                         seed_sd: float | None = None):
+    """Bootstrap of the FLOPs multiplier (`flops_multiplier`: base / other FLOPs at equal loss, geometric mean
+    over the loss range both frontiers reach).
+
+    `cells` maps (attention, size, budget) to the curves of its runs (one per seed; a curve is [(FLOPs, loss)]).
+    Each resample draws, in every cell, as many runs as it has, with replacement (runs are grouped by
+    (size, budget), so every grid point stays represented), averages them, rebuilds both frontiers and takes
+    the multiplier. A cell with a single run has no spread of its own to resample: its curve is scaled by
+    exp(N(0, seed_sd)), the seed-to-seed spread of log loss measured in the cells with several seeds (without
+    any, there is no interval). Returns (2.5th percentile, 97.5th percentile, valid resamples) or None."""
+    if resamples <= 0:
+        return None
+    single = any(len(curves) == 1 for (attn, _, _), curves in cells.items() if attn in (base, other))
+    if single and not seed_sd:
+        return None
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        points = {base: [], other: []}
+        for (attn, _, _), curves in cells.items():
+            if attn not in points:
+                continue
+            if len(curves) == 1:
+                scale = math.exp(rng.normal(0.0, seed_sd))
+                curve = [(f, l * scale) for f, l in curves[0]]
+            else:  # residuals about the cell mean scaled by sqrt(n / (n - 1)): the plain bootstrap of a mean of
+                # n runs has (n - 1) / n of its variance, half with two seeds
+                curve = mean_curve([curves[i] for i in rng.integers(0, len(curves), len(curves))])
+                if len(curves) > 1:
+                    centre, inflate = dict(mean_curve(curves)), math.sqrt(len(curves) / (len(curves) - 1))
+                    curve = [(f, centre[f] * (l / centre[f]) ** inflate) for f, l in curve]
+            points[attn].extend(curve)
+        ratio = flops_multiplier(pareto_frontier(points[base]), pareto_frontier(points[other]))[2]
+        if math.isfinite(ratio):
+            values.append(ratio)
+    if len(values) < max(10, resamples // 2):
+        return None
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high), len(values)

@@ -2,8 +2,10 @@
 
 A source is a module with `build(cfg, *, batch_size, eval_samples, rank, world_size, start_batch)` ->
 (train loader, eval batch dict). Batches are dict(video [B, C, T, H, W] float32 (pixels in [-1, 1], or
-normalised VAE latents), text [B, L, text_dim] float32, text_mask [B, L] bool, caption list[str], and
-optionally skipped list[str]: the bad inputs met while assembling the batch, "name: reason").
+normalised VAE latents), text [B, L, text_dim] float32, text_mask [B, L] bool, caption list[str], position
+[B] int64 (each sample's index in the global training stream: batch b of rank r holds (b * world + r) * B + j;
+the trainer draws each sample's noise from it), and optionally skipped list[str]: the bad inputs met while
+assembling the batch, "name: reason").
 A source may also define `spec(cfg) -> DataSpec` (default: 3 pixel channels at the configured size),
 `text_encoder(cfg)` (what turns prompts into `text`) and `decode(cfg, x) -> pixels` (latents only).
 """

@@ -66,7 +66,8 @@ class ItemStream(IterableDataset):
                         skipped.append(f"{name}: {e}")
                         continue
                     break
-            yield dict(collate(items, self.encoder), skipped=skipped)
+            yield dict(collate(items, self.encoder), skipped=skipped,
+                       position=torch.arange(first, first + self.batch_size))
 
 
 def collate(items: list[dict], encoder) -> dict:

@@ -146,7 +146,8 @@ class SyntheticVideos(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for b in itertools.count(self.start_batch + worker, workers):
             first = (b * self.world_size + self.rank) * self.batch_size
-            yield make_batch(self.cfg, self.encoder, "train", range(first, first + self.batch_size))
+            positions = range(first, first + self.batch_size)
+            yield dict(make_batch(self.cfg, self.encoder, "train", positions), position=torch.tensor(positions))
 
 
 def make_batch(cfg, encoder: CaptionEncoder, split: str, indices) -> dict:

@@ -4,7 +4,9 @@ Self-attention projects tokens to q, k, v [B, S, H, D], applies QK RMSNorm and 3
 its `core`, a module built from the `attn` config by `build_attention` (dense here, VSA in vsa.py). A core is called as
 `core(q, k, v, x, ctx) -> out [B, S, H, D]`: `x` [B, S, d] is the block's (modulated) input, from which a
 sparse core computes its per-token gates, and `ctx` (AttnContext) holds what all layers of one forward
-share: the token grid after patchify and the order in which tokens are kept. A core also says,
+share: the token grid after patchify and the order in which tokens are kept. `core(...)` is
+`core.attend(q, k, v, *core.gates(x, H), ctx)`: the two halves are separate so that sequence parallelism
+(vsa_train/parallel.py) can compute gates on its local tokens and attend over all tokens of some heads. A core also says,
 through `token_order(grid, device)`, in which order it wants the tokens for the whole network (None: raster);
 the model permutes once per forward, and RoPE positions follow the tokens.
 """
@@ -61,6 +63,14 @@ class DenseAttention(nn.Module):
         return None
 
     def forward(self, q, k, v, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        return self.attend(q, k, v, None, None, ctx)  # [B, S, H, D]
+
+    def gates(self, x: torch.Tensor, num_heads: int):
+        """Dense attention has no gates."""
+        return None, None
+
+    def attend(self, q, k, v, gc, gf, ctx: AttnContext) -> torch.Tensor:
+        """Softmax attention over all tokens of the heads given: [B, S, H, D] -> [B, S, H, D]."""
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
         if q.is_cuda:
             with sdpa_kernel(_CUDA_BACKENDS, **_SDPA_PRIORITY):
@@ -104,13 +114,17 @@ class SelfAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.core = build_attention(attn_cfg, dim=dim, num_heads=num_heads)
         self.proj = nn.Linear(dim, dim)
+        self.sequence_parallel = None  # set by vsa_train/parallel.py: runs the core over all tokens of some heads
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         B, S, _ = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.num_heads, self.head_dim).unbind(2)  # [B, S, H, D] each
         q = apply_rope(self.q_norm(q), ctx.cos, ctx.sin)  # [B, S, H, D]
         k = apply_rope(self.k_norm(k), ctx.cos, ctx.sin)  # [B, S, H, D]
-        out = self.core(q, k, v, x, ctx)  # [B, S, H, D]
+        if self.sequence_parallel is None:
+            out = self.core(q, k, v, x, ctx)  # [B, S, H, D]
+        else:
+            out = self.sequence_parallel(self.core, q, k, v, x, ctx)  # [B, S, H, D], S this rank's tokens
         return self.proj(out.reshape(B, S, -1))  # [B, S, d]
 
 

@@ -14,6 +14,12 @@ from .rope import grid_positions, rope_cos_sin
 from .vsa import VSAAttention
 
 
+# Activation checkpointing policies. selective recomputes every other block: about half of full's memory
+# saving for half its recompute (one block forward per two blocks), the cheapest way for dit_1b at 16K tokens
+# to leave room on an 80 GB card.
+CHECKPOINTING = ("none", "full", "selective")
+
+
 @dataclass(frozen=True)
 class DiTConfig:
     """Architecture of one model size: the keys of the `model` config group."""
@@ -25,7 +31,7 @@ class DiTConfig:
     mlp_ratio: float = 4.0
     patch_size: tuple[int, int, int] = (1, 2, 2)
     qk_norm: bool = True
-    grad_checkpointing: bool = False
+    grad_checkpointing: str = "none"  # none | full (every block) | selective (every other block)
     rope_theta: float = 10000.0
     freq_dim: int = 256  # sinusoid channels of the time embedding
 
@@ -37,9 +43,14 @@ class DiTConfig:
         if unknown := set(cfg) - known:
             raise ValueError(f"unknown model config keys {sorted(unknown)}; known keys: {sorted(known)}")
         try:
-            c = cls(**{**cfg, "patch_size": tuple(cfg.get("patch_size", cls.patch_size))})
+            ckpt = cfg.get("grad_checkpointing", "none")
+            ckpt = {True: "full", False: "none"}.get(ckpt, ckpt) if isinstance(ckpt, bool) else ckpt  # older configs
+            c = cls(**{**cfg, "patch_size": tuple(cfg.get("patch_size", cls.patch_size)), "grad_checkpointing": ckpt})
         except TypeError as e:
             raise ValueError(f"bad model config {cfg}: {e}") from None
+        if c.grad_checkpointing not in CHECKPOINTING:
+            raise ValueError(f"model.grad_checkpointing must be one of {', '.join(CHECKPOINTING)}, "
+                             f"got {c.grad_checkpointing!r}")
         if c.hidden_size % c.num_heads:
             raise ValueError(f"hidden_size {c.hidden_size} is not divisible by num_heads {c.num_heads}")
         if c.head_dim % 2 or len(c.patch_size) != 3 or min(c.patch_size) < 1:
@@ -130,6 +141,9 @@ class VideoDiT(nn.Module):
             DiTBlock(cfg, {"name": "dense"} if i in dense_layers else attn_cfg) for i in range(cfg.depth)
         )
         self.final = FinalLayer(d, in_channels * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2])
+        # Sequence parallelism (vsa_train/parallel.py) sets this: it splits tokens over ranks after the
+        # permutation and gathers them before unpatchify. None: all tokens on this device.
+        self.token_shard = None
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -149,6 +163,13 @@ class VideoDiT(nn.Module):
         for m in self.modules():
             if isinstance(m, VSAAttention):
                 m.limit = float(limit)
+
+    def _recompute(self, i: int) -> bool:
+        """Whether block i's activations are recomputed in the backward (model.grad_checkpointing)."""
+        policy = self.cfg.grad_checkpointing
+        if policy == "none" or not (self.training and torch.is_grad_enabled()):
+            return False
+        return policy == "full" or i % 2 == 0
 
     def context(self, grid: tuple[int, int, int], device) -> AttnContext:
         """Token grid, order and RoPE angles shared by all layers of one forward."""
@@ -176,12 +197,16 @@ class VideoDiT(nn.Module):
         t_emb = self.time_embed(t)  # [B, d]
         t_mod = self.time_proj(t_emb).unflatten(1, (6, -1))  # [B, 6, d]
         text = self.text_embed(text)  # [B, L, d]
-        for block in self.blocks:
-            if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
+        if self.token_shard is not None:
+            x, ctx = self.token_shard.split(x, ctx)  # [B, S/N, d]: this rank's tokens
+        for i, block in enumerate(self.blocks):
+            if self._recompute(i):
                 x = checkpoint(block, x, t_mod, text, text_mask, ctx, use_reentrant=False)  # [B, S, d]
             else:
                 x = block(x, t_mod, text, text_mask, ctx)  # [B, S, d]
         x = self.final(x, t_emb)  # [B, S, C*pt*ph*pw]
+        if self.token_shard is not None:
+            x = self.token_shard.gather(x)  # [B, S, C*pt*ph*pw]: all tokens again
         if ctx.order is not None:
             x = torch.empty_like(x).index_copy_(1, ctx.order, x)  # back to raster order
         return unpatchify(x, grid, self.cfg.patch_size, C)  # [B, C, T, H, W]

@@ -161,12 +161,21 @@ class VSAAttention(nn.Module):
         return _tile_order(tuple(grid), self.cfg.tile, torch.device(device or "cpu"))[0]
 
     def forward(self, q, k, v, x: torch.Tensor, ctx) -> torch.Tensor:
+        return self.attend(q, k, v, *self.gates(x, q.shape[2]), ctx)  # [B, S, H, D]
+
+    def gates(self, x: torch.Tensor, num_heads: int):
+        """Per-token, per-channel gates (G_c, G_f) [B, S, H, D] from the block input x [B, S, d] (None: absent)."""
+        B, S, d = x.shape
+        gc = None if self.gate_coarse is None else self.gate_coarse(x).view(B, S, num_heads, d // num_heads)
+        gf = None if self.gate_fine is None else self.gate_fine(x).view(B, S, num_heads, d // num_heads)
+        return gc, gf
+
+    def attend(self, q, k, v, gc, gf, ctx) -> torch.Tensor:
+        """VSA over all tokens of the heads given: q, k, v, gates [B, S, H, D] in tile order -> [B, S, H, D]."""
         B, S, H, D = q.shape
         layout = TileLayout(ctx.grid, self.cfg.tile)
         if ctx.order is None:
             raise ValueError("VSAAttention needs the tokens in its token_order (the model applies it per forward)")
-        gc = None if self.gate_coarse is None else self.gate_coarse(x).view(B, S, H, D)  # [B, S, H, D]
-        gf = None if self.gate_fine is None else self.gate_fine(x).view(B, S, H, D)  # [B, S, H, D]
         # Under CUDA autocast, RMSNorm runs in fp32 (q, k fp32) while v and the gates come out of bf16 linears;
         # SDPA casts by itself, the VSA op (a custom op) takes one dtype: that of autocast, as SDPA would.
         dtype = torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else q.dtype

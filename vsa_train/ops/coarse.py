@@ -42,8 +42,11 @@ def coarse_attention(
     """Attention between pooled tiles: returns (O_c [B, n, H, D], scores A = scale * q_c k_c^T [B, H, n, n])."""
     # Heads-first views: batched matmuls, with no copy when the means are stored [B, H, n, D] (pool.py).
     q_h, k_h, v_h = (x.transpose(1, 2) for x in (q_c, k_c, v_c))  # [B, H, n, D] each
-    scores = torch.matmul(q_h, k_h.transpose(-1, -2)).mul_(scale)  # [B, H, n, n]
-    o_c = torch.matmul(scores.softmax(dim=-1), v_h)  # [B, H, n, D]
+    # In the means' dtype (fp32 from the Triton pooling), not autocast's bf16: bf16 scores flipped ~2% of the
+    # top-k selections on the GPU, and the eager backward (eager.py) expects fp32 probabilities.
+    with torch.autocast(q_c.device.type, enabled=False):
+        scores = torch.matmul(q_h, k_h.transpose(-1, -2)).mul_(scale)  # [B, H, n, n]
+        o_c = torch.matmul(scores.softmax(dim=-1), v_h)  # [B, H, n, D]
     return o_c.transpose(1, 2), scores  # [B, n, H, D], [B, H, n, n]
 
 

@@ -30,9 +30,10 @@ class _VideoSparseAttention(torch.autograd.Function):
         scale = q.shape[-1] ** -0.5
         means = tile_means_fwd(q, k, v, kv_tile_sizes)  # fp32 [3, B, H, n, D]
         q_c, k_c, v_c = means.unbind(0)  # [B, H, n, D] each
-        scores = torch.matmul(q_c, k_c.transpose(-1, -2)).mul_(scale)  # [B, H, n, n]
-        probs = scores.softmax(dim=-1)  # [B, H, n, n]
-        o_coarse = torch.matmul(probs, v_c).transpose(1, 2)  # [B, n, H, D] fp32, channels contiguous
+        with torch.autocast(q.device.type, enabled=False):  # fp32 under autocast too, as the backward expects
+            scores = torch.matmul(q_c, k_c.transpose(-1, -2)).mul_(scale)  # [B, H, n, n]
+            probs = scores.softmax(dim=-1)  # [B, H, n, n]
+            o_coarse = torch.matmul(probs, v_c).transpose(1, 2)  # [B, n, H, D] fp32, channels contiguous
         q2k_index, q2k_count = topk_tiles(scores, topk)  # [B, H, n, K], [B, H, n]
         o_fine, lse = block_sparse_fwd_triton(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale)  # [B, S_pad, H, D]
         out = gated_combine_fwd(o_coarse, o_fine, gate_coarse, gate_fine, raster_tokens, out_len)  # [B, out_len, H, D]

@@ -1,0 +1,55 @@
+"""scripts/bench_train_step.py times the trainer's own step: a CPU smoke run of two rows, and what the script calls."""
+import ast
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from vsa_train import trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "bench_train_step.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("bench_train_step", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_script_uses_the_trainers_run_and_step():
+    bench = _load_script()
+    assert bench.train_step is trainer.train_step
+    assert bench.build_run is trainer.build_run and bench.make_accelerator is trainer.make_accelerator
+    assert "train_step" in bench.steps.__code__.co_names  # the timed (and warm-up, and profiled) loop calls it
+    assert not hasattr(bench, "make_step")
+    # Nothing of a step of its own: no loss, backward, clipping or optimizer in the script.
+    called = {node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+              for node in ast.walk(ast.parse(SCRIPT.read_text())) if isinstance(node, ast.Call)}
+    assert not called & {"flow_loss", "backward", "clip_grad_norm_", "AdamW", "zero_grad", "build_model"}
+
+
+def test_smoke_run_times_two_rows(tmp_path):
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--rows", "dense:eager,vsa:eager",
+                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "FAILED" not in proc.stdout, proc.stdout[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["attn"], r["mode"]) for r in rows] == [("dense", "eager"), ("vsa", "eager")]
+    for r in rows:
+        assert r["samples/s"] > 0 and r["step_ms"] > 0 and r["batch"] == r["global_batch"] == 2
+        # TrainState.step only moves in vsa_train.trainer.train_step: 1 warm-up + 2 timed + 1 profiled step (--smoke)
+        assert r["trainer_steps"] == 1 + 2 + 1
+        assert r["profile"]["total_ms"] > 0
+    dense, vsa = rows
+    assert dense["topk"] is None and dense["flops_per_sample"] == dense["flops_per_sample_dense"]
+    assert 1 <= vsa["topk"] < vsa["tiles"] and vsa["flops_per_sample"] < vsa["flops_per_sample_dense"]
+    assert "## Training step: dense vs VSA (final)" in proc.stdout and "| vsa | eager | 2 |" in proc.stdout

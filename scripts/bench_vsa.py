@@ -1,7 +1,8 @@
 """Benchmark VSA on a CUDA GPU: full op, fine stage, dense cuDNN SDPA and FlexAttention (medians of do_bench).
 
     python scripts/bench_vsa.py                 # the table of docs/benchmarks.md ("VSA op")
-    python scripts/bench_vsa.py --check bf16    # first: errors vs float64 (bf16,fp16,fp32), outputs and grads
+    python scripts/bench_vsa.py --check bf16    # first: errors vs float64 (bf16,fp16,fp32), outputs and grads,
+                                                # and dq with offset keys: Triton centred/uncentred vs dense SDPA
     python scripts/bench_vsa.py --profile 16k   # also: GPU kernel time per full-op fwd+bwd, fine vs the rest
     SMOKE=1 python scripts/bench_vsa.py --check fp32   # CPU (TRITON_INTERPRET=1): tiny sizes, every code path
 
@@ -37,6 +38,7 @@ from vsa_train.ops import (
     video_sparse_attention,
     video_sparse_attention_tiled,
 )
+from vsa_train.ops.block_sparse import op as block_sparse_op  # CENTER_KEYS (issue #12)
 from vsa_train.ops.block_sparse.bwd import (
     block_sparse_bwd_dkv_kernel,
     block_sparse_bwd_dq_kernel,
@@ -128,6 +130,76 @@ def check_full_op(dtype, D, qk_mul, B=2, H=2, video=(7, 10, 13), topk=8):
         results.append([out] + [t.grad for t in args])
     errs = [[rel_err(got, ref) for got, ref in zip(results[0], other)] for other in results[1:]]
     return errs, agree
+
+
+def check_offset_dq(dtype, D, B=1, H=4, video=(8, 16, 16), topk=16, offset=8.0):
+    """Issue #12: dq errors vs float64 when the keys share a large offset, k = randn + offset * u (u a random
+    vector per head, as in trained models). Fine stage (block_sparse_attention, a given selection) and full op
+    (video_sparse_attention) with keys centred in dQ (op.CENTER_KEYS, the default) and uncentred, and dense SDPA
+    (cuDNN on the GPU) on the same q, k, v. Returns {row: (out error, dq error)}."""
+    if SMOKE:
+        B, H, video, topk = 1, 1, (4, 8, 16), 2
+    g = torch.Generator(device=DEVICE).manual_seed(2)
+    S = math.prod(video)
+    layout = TileLayout(video)
+    n_tiles = layout.n_tiles
+    q, k, v = (torch.randn(B, S, H, D, device=DEVICE, generator=g) for _ in range(3))
+    k = (k + offset * torch.randn(H, D, device=DEVICE, generator=g)).to(dtype)
+    q, v = q.to(dtype), v.to(dtype)
+    g_out = torch.randn(B, S, H, D, device=DEVICE, generator=g)
+    sizes = layout.kv_tile_sizes(q.device)
+    K = min(topk, n_tiles)
+    index = torch.rand(B, H, n_tiles, n_tiles, device=DEVICE, generator=g).argsort(-1)[..., :K].int()
+    count = torch.full((B, H, n_tiles), K, device=DEVICE, dtype=torch.int32)
+
+    def fine(q, k, v, backend="triton"):
+        fn = block_sparse_attention_torch if q.dtype == torch.float64 else block_sparse_attention
+        kw = {} if q.dtype == torch.float64 else {"backend": backend}
+        out, _ = fn(*(layout.to_tiles(t) for t in (q, k, v)), index, count, sizes, **kw)
+        return layout.from_tiles(out)
+
+    def full(q, k, v):
+        if q.dtype == torch.float64:
+            return naive_video_sparse_attention(q, k, v, video, topk)
+        return video_sparse_attention(q, k, v, video, topk, backend="triton")
+
+    def dense(q, k, v):
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        if q.dtype == torch.float64 or not q.is_cuda:
+            return F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
+
+    def out_and_dq(fn, run_dtype):
+        args = [t.detach().to(run_dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*args)
+        out.backward(g_out.to(run_dtype))
+        return out.detach(), args[0].grad
+
+    rows = {}
+    for name, fn in (("fine", fine), ("full", full), ("dense SDPA", dense)):
+        ref_out, ref_dq = out_and_dq(fn, torch.float64)
+        centres = (True, False) if name != "dense SDPA" else (None,)
+        for centre in centres:
+            if centre is not None:
+                block_sparse_op.CENTER_KEYS = centre
+            try:
+                out, dq = out_and_dq(fn, dtype)
+            finally:
+                block_sparse_op.CENTER_KEYS = True
+            label = name if centre is None else f"{name}, {'centred' if centre else 'uncentred'}"
+            rows[label] = (rel_err(out, ref_out), rel_err(dq, ref_dq))
+    return rows
+
+
+def run_offset_checks(dtypes):
+    print("## dq with offset keys (k = randn + 8 u per head; issue #12): ||x - ref|| / ||ref|| vs float64")
+    print("| dtype | D | row | out | dq |")
+    print("|---|---|---|---|---|")
+    for dtype in dtypes:
+        for D in (64,) if SMOKE else (64, 128):
+            for label, (e_out, e_dq) in check_offset_dq(dtype, D).items():
+                print(f"| {str(dtype)[6:]} | {D} | {label} | {e_out:.1e} | {e_dq:.1e} |", flush=True)
 
 
 def run_checks(dtypes) -> bool:
@@ -373,6 +445,8 @@ def main():
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     if args.check and not run_checks([dtypes[d] for d in args.check.split(",")]):
         print("continuing to the timings")
+    if args.check:
+        run_offset_checks([dtypes[d] for d in args.check.split(",")])
     for name in args.sizes.split(","):
         start = time.time()
         bench_size(name, name in args.profile.split(","), not args.no_flex, args.rep)

@@ -51,15 +51,38 @@ def test_param_targets_on_meta(name, target):
     assert abs(n / target - 1) <= 0.10, f"{name}: {n:,} params, target {target:,.0f}"
 
 
-def test_grad_checkpointing_gives_same_grads():
+@pytest.mark.parametrize("policy", ["full", "selective", True])
+def test_grad_checkpointing_gives_same_grads(policy):
     x, t, text, mask = inputs()
     grads = []
-    for ckpt in (False, True):
+    for ckpt in ("none", policy):
         model = make(grad_checkpointing=ckpt).train()
         model(x, t, text, mask).square().mean().backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for n, g in grads[0].items():
         torch.testing.assert_close(grads[1][n], g, msg=n)
+    recomputed = [model._recompute(i) for i in range(len(model.blocks))]
+    assert recomputed == ([True, False] * 4)[:len(recomputed)] if policy == "selective" else all(recomputed)
+    with pytest.raises(ValueError, match="model.grad_checkpointing must be one of none, full, selective"):
+        make(grad_checkpointing="some")
+
+
+def test_regional_compile_compiles_one_block_for_all():
+    """train.compile=true compiles DiT blocks in place: one graph serves every block; names and outputs unchanged."""
+    from torch._dynamo.utils import counters
+
+    from vsa_train.parallel import compile_blocks
+
+    model, plain = make(depth=3).eval(), make(depth=3).eval()
+    plain.load_state_dict(model.state_dict())
+    compile_blocks(model)
+    counters.clear()
+    x, t, text, mask = inputs()
+    with torch.no_grad(), torch._dynamo.config.patch(cache_size_limit=8):
+        out = model(x, t, text, mask)
+    assert counters["stats"]["unique_graphs"] == 1
+    torch.testing.assert_close(out, plain(x, t, text, mask))
+    assert list(model.state_dict()) == list(plain.state_dict())
 
 
 def test_padding_text_tokens_do_not_change_output():

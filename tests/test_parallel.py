@@ -59,6 +59,10 @@ def test_fsdp_then_one_process_equals_one_process(tmp_path, attn):
     _train(moved, *attn, "train.batch_size=1", "train.max_steps=3", "parallel.strategy=fsdp", procs=2)
     state = json.loads((RunDir(moved).checkpoint_dirs()[-1] / "state.json").read_text())
     assert (state["strategy"], state["processes"], state["global_batch"]) == ("fsdp", 2, 2)
+    rows = [r for r in read_metrics(moved / "metrics.jsonl") if "TFLOP/s" in r]
+    # FLOPs count per sample (the global batch), throughput per device divides by the devices
+    assert rows and all(r["TFLOP/s/device"] == pytest.approx(r["TFLOP/s"] / 2) for r in rows)
+    assert rows[-1]["samples"] == 3 * 2  # steps x global batch (1 per rank x 2 ranks), not x processes again
     _train(moved, *attn, "train.batch_size=2", "train.max_steps=5")
     _train(single, *attn, "train.batch_size=2", "train.max_steps=5")
     assert _losses(moved) == pytest.approx(_losses(single), rel=1e-5)

@@ -9,11 +9,13 @@ it can trace; both paths launch the same kernels and give the same results.
 """
 import torch
 
+from .block_sparse import op as _block_sparse_op  # CENTER_KEYS, read per call
 from .block_sparse.index import build_k2q_index
 from .block_sparse.op import (
     block_sparse_bwd_triton,
     block_sparse_fwd_triton,
     device_guard,
+    key_shift_from_tile_means,
 )
 from .coarse import topk_tiles
 from .gating import gated_combine_bwd, gated_combine_fwd
@@ -50,10 +52,14 @@ class _VideoSparseAttention(torch.autograd.Function):
         (q, k, v, gate_coarse, gate_fine, kv_tile_sizes, raster_tokens, means, probs,
          o_coarse, o_fine, lse, q2k_index, q2k_count, k2q_offsets, k2q_q_tiles) = ctx.saved_tensors
         scale = ctx.scale
+        # dQ of the fine stage with keys centred by their mean (from the pooled means: no pass over K), for a
+        # well-conditioned dQ when keys share a large offset (block_sparse/op.py, CENTER_KEYS).
+        shift = key_shift_from_tile_means(means[1], kv_tile_sizes) if _block_sparse_op.CENTER_KEYS else None
         d_coarse, d_fine, d_gc, d_gf = gated_combine_bwd(dout, o_coarse, o_fine, gate_coarse, gate_fine,
                                                          raster_tokens)  # fp32 [B, n, H, D], [B, S_pad, H, D], ...
         dq, dk, dv = block_sparse_bwd_triton(d_fine, None, q, k, v, o_fine, lse, q2k_index, q2k_count,
-                                             k2q_offsets, k2q_q_tiles, kv_tile_sizes, scale)  # [B, S_pad, H, D]
+                                             k2q_offsets, k2q_q_tiles, kv_tile_sizes, scale,
+                                             shift)  # [B, S_pad, H, D]
         # Coarse attention backward (O_c = softmax(scale * q_c k_c^T) v_c), into one [3, B, H, n, D] buffer.
         q_c, k_c, v_c = means.unbind(0)  # [B, H, n, D] each
         d_oc = d_coarse.transpose(1, 2)  # [B, H, n, D]

@@ -10,6 +10,8 @@ from numbers import Integral
 import torch
 
 from .block_sparse import block_sparse_attention
+from .block_sparse import op as block_sparse_op  # CENTER_KEYS, read per call
+from .block_sparse.op import key_shift_from_tile_means
 from .block_sparse import resolve_backend as resolve_block_sparse_backend
 from .coarse import coarse_attention, tile_mean, topk_tiles
 from .eager import vsa_triton_eager
@@ -129,7 +131,10 @@ def _attend(q, k, v, layout, topk, backend):
     if backend == "torch":
         o_fine, _ = block_sparse_attention_torch(q, k, v, q2k_index, q2k_count, sizes, scale)
     else:
-        o_fine, _ = block_sparse_attention(q, k, v, q2k_index, q2k_count, sizes, scale, backend="triton")
+        # Keys centred by their mean (issue #12), taken from the pooled means as the eager Function does.
+        shift = key_shift_from_tile_means(k_c.transpose(1, 2), sizes) if block_sparse_op.CENTER_KEYS else None
+        o_fine, _ = block_sparse_attention(q, k, v, q2k_index, q2k_count, sizes, scale, backend="triton",
+                                           key_shift=shift)
     return o_coarse, o_fine  # [B, n, H, D], [B, S_pad, H, D]
 
 

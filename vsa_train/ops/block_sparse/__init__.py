@@ -8,7 +8,8 @@ TILE = 64
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def block_sparse_attention(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale=None, backend="auto"):
+def block_sparse_attention(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale=None, backend="auto",
+                           key_shift=None):
     """Softmax attention of each 64-row query tile to the real rows of its selected 64-row key tiles.
 
     Layout: tokens in padded tile order. Tile i holds rows [64 i, 64 i + 64) of the sequence; its first
@@ -25,6 +26,11 @@ def block_sparse_attention(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale=N
         scale: softmax scale, default 1 / sqrt(D).
         backend: "triton" (CUDA, or CPU tensors when TRITON_INTERPRET=1 was set before triton was imported),
             "torch" (vsa_train.ops.reference), or "auto" = triton on CUDA tensors, torch otherwise.
+        key_shift: Triton only: float [B, H, D], a vector per (batch, head) subtracted from every key in the
+            backward's dq = scale * dS @ K (exact for any shift: each row of dS sums to dLSE, whose term is
+            added back), for a well-conditioned dq when keys share a large offset (issue #12). out, lse, dk
+            and dv do not use it. Default: the mean of the real key rows (op.key_shift) when op.CENTER_KEYS
+            is set, else none. A constant (no gradient). The VSA op passes the mean of its pooled tile means.
 
     Returns:
         out: [B, S_pad, H, D] in q's dtype, out[b, s, h] = sum_j softmax_j(scale * q[b, s, h] . k[b, j, h]) v[b, j, h]
@@ -45,11 +51,23 @@ def block_sparse_attention(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale=N
         return block_sparse_attention_torch(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale=scale)
     if q.dtype == torch.float64:
         raise TypeError("block_sparse_attention: backend='triton' supports fp16, bf16 and fp32, got float64")
-    from .op import block_sparse_fwd
+    from . import op
 
     # The key->query index of the backward is built only when a backward can follow.
     build_k2q = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    out, lse, _, _ = block_sparse_fwd(q, k, v, q2k_index, q2k_count, kv_tile_sizes, float(scale), build_k2q)
+    if not build_k2q:  # only the backward uses it
+        key_shift = None
+    elif key_shift is None and op.CENTER_KEYS:
+        with torch.no_grad():
+            key_shift = op.key_shift(k, kv_tile_sizes)  # [B, H, D] fp32
+    elif key_shift is not None:
+        B, _, H, D = q.shape
+        if tuple(key_shift.shape) != (B, H, D) or key_shift.device != q.device or not key_shift.is_floating_point():
+            raise ValueError(f"block_sparse_attention: key_shift must be a float [B, H, D] = [{B}, {H}, {D}] "
+                             f"tensor on {q.device}, got {key_shift.dtype} {tuple(key_shift.shape)} on {key_shift.device}")
+        key_shift = key_shift.detach().to(torch.float32).contiguous()
+    out, lse, *_ = op.block_sparse_fwd(q, k, v, q2k_index, q2k_count, kv_tile_sizes, float(scale), build_k2q,
+                                       key_shift)
     return out, lse
 
 

@@ -41,6 +41,7 @@ def block_sparse_bwd_preprocess_kernel(
 def block_sparse_bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA,          # [B, S, H, D] x5 (any strides); LSE, DELTA [B, H, S] fp32
     Q2K_INDEX, Q2K_COUNT, KV_TILE_SIZES,  # int32 [B*H, n_tiles, max_k], [B*H, n_tiles], [n_tiles]
+    KSHIFT, DLSE,                         # HAS_SHIFT: fp32 [B*H, D]; HAS_SHIFT and HAS_DLSE: fp32 [B, H, S] contiguous
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -48,8 +49,14 @@ def block_sparse_bwd_dq_kernel(
     stride_dqb, stride_dqs, stride_dqh, stride_dqd,
     n_heads, n_tiles, max_k, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
-    """One program = one query tile: dQ = scale * sum over its key tiles of dS @ K."""
+    """One program = one query tile: dQ = scale * sum over its key tiles of dS @ K.
+
+    HAS_SHIFT (op.py, CENTER_KEYS): dQ = scale * (sum dS @ (K - kshift) + dLSE kshift), exact because each row
+    of dS sums to dLSE (to 0 without an LSE gradient). With keys sharing a large offset, the 16-bit product
+    dS @ K cancels badly and dS @ (K - kshift) does not. The logits still use K as given (exact products).
+    """
     q_tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // n_heads).to(tl.int64)
@@ -72,6 +79,8 @@ def block_sparse_bwd_dq_kernel(
     count = tl.load(Q2K_COUNT + row)
     index_ptr = Q2K_INDEX + row.to(tl.int64) * max_k
     dq = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+    if HAS_SHIFT:
+        shift = tl.load(KSHIFT + bh.to(tl.int64) * HEAD_DIM + offs_d)  # [D] fp32
     for c in range(count):
         kv_tile = tl.load(index_ptr + c)
         size = tl.load(KV_TILE_SIZES + kv_tile)
@@ -83,8 +92,13 @@ def block_sparse_bwd_dq_kernel(
         p = tl.math.exp2(s - lse_log2[:, None])
         dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
+        if HAS_SHIFT:  # centred in fp32, one rounding back to K's dtype; pad rows (any finite value) to 0
+            k_c = tl.where(offs_n[:, None] < size, k.to(tl.float32) - shift[None, :], 0.0)
+            k = k_c.to(K.dtype.element_ty)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
+    if HAS_SHIFT and HAS_DLSE:
+        dq += tl.load(DLSE + row_ptr)[:, None] * shift[None, :]
     # The softmax scale is applied in fp32 here, never folded into low-precision K.
     dq *= sm_scale
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd

@@ -16,6 +16,15 @@ TILE = 64  # rows of a (padded) video tile = rows of one kernel block
 # Tests set this to allocate every kernel output filled with NaN, so that an unwritten element shows up.
 POISON_OUTPUTS = False
 
+# Compute dQ with centred keys (issue #12): dQ = scale * (dS @ (K - k_mean) + dLSE k_mean), exact since each
+# row of dS = P * (dP - delta) sums to dLSE (0 without an LSE gradient). With keys sharing a large offset
+# (common in trained models) the 16-bit dS @ K cancels badly (bf16 dq error 4e-2 on an H200, like cuDNN's);
+# centred, it does not. The dQ kernel centres each K tile in fp32 as it loads it (no extra pass, no copy of K);
+# the logits, O, LSE, dK and dV use K as given and are unchanged. k_mean is over the real key rows of each
+# (batch, head) (key_shift; the VSA op takes it from its pooled tile means). Read when an op is called
+# (block_sparse_attention, both VSA paths); tests clear it for the uncentred baseline.
+CENTER_KEYS = True
+
 
 def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised kernel output (NaN-filled when POISON_OUTPUTS is set)."""
@@ -50,6 +59,25 @@ def launch_tuned(kernel, grid, key, *args, **kwargs):
         kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
 
 
+def key_shift(k: torch.Tensor, kv_tile_sizes: torch.Tensor) -> torch.Tensor:
+    """fp32 [B, H, D] contiguous: the mean of k's real rows per (batch, head); pad rows are left out.
+
+    One matrix-vector product with weights real / n_real in k's dtype; no host synchronisation. Only its
+    conditioning matters, not its exactness: dQ is exact for any shift.
+    """
+    B, S, H, D = k.shape
+    real = (torch.arange(TILE, device=k.device) < kv_tile_sizes[:, None]).reshape(-1)  # [S]
+    weights = (real.to(torch.float32) / kv_tile_sizes.sum().to(torch.float32)).to(k.dtype)  # [S]
+    mean = torch.matmul(weights, k.reshape(B, S, H * D))  # [B, H * D]
+    return mean.view(B, H, D).to(torch.float32).contiguous()
+
+
+def key_shift_from_tile_means(k_means: torch.Tensor, kv_tile_sizes: torch.Tensor) -> torch.Tensor:
+    """fp32 [B, H, D] contiguous: key_shift from the fp32 tile means [B, H, n, D] of the VSA pooling (no pass over K)."""
+    sizes = kv_tile_sizes.to(torch.float32)  # [n]
+    return (torch.matmul(sizes, k_means) / sizes.sum()).contiguous()  # [B, H, D]
+
+
 def block_sparse_fwd_triton(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale: float):
     """Launch the forward kernel. Returns out [B, S, H, D] (contiguous, q's dtype) and lse [B, H, S] fp32."""
     B, S, H, D = q.shape
@@ -69,9 +97,14 @@ def block_sparse_fwd_triton(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale:
 
 
 def block_sparse_bwd_triton(do, dlse, q, k, v, out, lse, q2k_index, q2k_count, k2q_offsets, k2q_q_tiles,
-                            kv_tile_sizes, scale: float):
-    """Launch delta preprocess, dQ and dK/dV kernels. Returns dq, dk, dv ([B, S, H, D], contiguous)."""
+                            kv_tile_sizes, scale: float, shift=None):
+    """Launch delta preprocess, dQ and dK/dV kernels. Returns dq, dk, dv ([B, S, H, D], contiguous).
+
+    shift: None, or fp32 [B, H, D] (key_shift): the dQ kernel multiplies dS by the keys centred by it (CENTER_KEYS).
+    Any shift gives the exact dQ; it is a constant to autograd (dK, dV and the forward do not use it).
+    """
     B, S, H, D = q.shape
+    dlse = dlse.contiguous() if dlse is not None else None
     n_tiles = S // TILE
     grid = (n_tiles, B * H)
     precision = _dot_precision(q.dtype)
@@ -82,16 +115,17 @@ def block_sparse_bwd_triton(do, dlse, q, k, v, out, lse, q2k_index, q2k_count, k
     dv = new_output((B, S, H, D), v.dtype, q.device)
     with device_guard(q):
         block_sparse_bwd_preprocess_kernel[grid](
-            out, do, dlse.contiguous() if dlse is not None else delta, delta,
+            out, do, dlse if dlse is not None else delta, delta,
             *out.stride(), *do.stride(), H, S,
             HEAD_DIM=D, BLOCK=TILE, HAS_DLSE=dlse is not None,
         )
         launch_tuned(
             block_sparse_bwd_dq_kernel, grid, (D, q.dtype),
             q, k, v, do, dq, lse, delta, q2k_index.contiguous(), q2k_count.contiguous(), sizes,
+            shift.contiguous() if shift is not None else delta, dlse if dlse is not None else delta,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
             H, n_tiles, q2k_index.shape[-1], scale,
-            HEAD_DIM=D, BLOCK=TILE, DOT_PRECISION=precision,
+            HEAD_DIM=D, BLOCK=TILE, DOT_PRECISION=precision, HAS_SHIFT=shift is not None, HAS_DLSE=dlse is not None,
         )
         launch_tuned(
             block_sparse_bwd_dkv_kernel, grid, (D, q.dtype),
@@ -107,9 +141,12 @@ def block_sparse_bwd_triton(do, dlse, q, k, v, out, lse, q2k_index, q2k_count, k
 def block_sparse_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q2k_index: torch.Tensor, q2k_count: torch.Tensor, kv_tile_sizes: torch.Tensor,
-    scale: float, build_k2q: bool,
+    scale: float, build_k2q: bool, shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward op: (out, lse, k2q_offsets, k2q_q_tiles); the k2q index is built only when a backward will follow."""
+    """Forward op: (out, lse, k2q_offsets, k2q_q_tiles); the k2q index is built only when a backward will follow.
+
+    shift: None, or the fp32 [B, H, D] key shift the backward's dQ uses (key_shift); a constant to autograd.
+    """
     out, lse = block_sparse_fwd_triton(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale)
     if build_k2q:
         with device_guard(q):
@@ -120,7 +157,7 @@ def block_sparse_fwd(
 
 
 @block_sparse_fwd.register_fake
-def _block_sparse_fwd_fake(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale, build_k2q):
+def _block_sparse_fwd_fake(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale, build_k2q, shift=None):
     B, S, H, D = q.shape
     _, _, n_q_tiles, max_k = q2k_index.shape
     out = q.new_empty(B, S, H, D)
@@ -138,33 +175,34 @@ def block_sparse_bwd(
     do: torch.Tensor, dlse: torch.Tensor | None,
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     q2k_index: torch.Tensor, q2k_count: torch.Tensor, k2q_offsets: torch.Tensor, k2q_q_tiles: torch.Tensor,
-    kv_tile_sizes: torch.Tensor, scale: float,
+    kv_tile_sizes: torch.Tensor, scale: float, shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward op: (dq, dk, dv) from dO (and dLSE, which may be None)."""
+    """Backward op: (dq, dk, dv) from dO (and dLSE, which may be None); dQ with keys centred by shift if given."""
     return block_sparse_bwd_triton(do, dlse, q, k, v, out, lse, q2k_index, q2k_count, k2q_offsets, k2q_q_tiles,
-                                   kv_tile_sizes, scale)
+                                   kv_tile_sizes, scale, shift)
 
 
 @block_sparse_bwd.register_fake
 def _block_sparse_bwd_fake(do, dlse, q, k, v, out, lse, q2k_index, q2k_count, k2q_offsets, k2q_q_tiles,
-                           kv_tile_sizes, scale):
+                           kv_tile_sizes, scale, shift=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale, _ = inputs
+    q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale, _build_k2q, *rest = inputs
+    shift = rest[0] if rest else None
     out, lse, k2q_offsets, k2q_q_tiles = output
-    ctx.save_for_backward(q, k, v, out, lse, q2k_index, q2k_count, k2q_offsets, k2q_q_tiles, kv_tile_sizes)
+    ctx.save_for_backward(q, k, v, out, lse, q2k_index, q2k_count, k2q_offsets, k2q_q_tiles, kv_tile_sizes, shift)
     ctx.scale = scale
 
 
 def _backward(ctx, dout, dlse, _dk2q_offsets, _dk2q_q_tiles):
-    q, k, v, out, lse, q2k_index, q2k_count, k2q_offsets, k2q_q_tiles, kv_tile_sizes = ctx.saved_tensors
+    q, k, v, out, lse, q2k_index, q2k_count, k2q_offsets, k2q_q_tiles, kv_tile_sizes, shift = ctx.saved_tensors
     if k2q_offsets.numel() == 0:
         raise RuntimeError("block_sparse_fwd ran with build_k2q=False, so it cannot be differentiated")
     dq, dk, dv = block_sparse_bwd(dout, dlse, q, k, v, out, lse, q2k_index, q2k_count, k2q_offsets, k2q_q_tiles,
-                                  kv_tile_sizes, ctx.scale)
-    return dq, dk, dv, None, None, None, None, None
+                                  kv_tile_sizes, ctx.scale, shift)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 block_sparse_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,4 +1,4 @@
-"""Generate videos from a trained run (latest checkpoint, EMA weights when present) and write mp4 + GIF.
+r"""Generate videos from a trained run (latest checkpoint, EMA weights when present) and write mp4 + GIF.
 
     python sample.py checkpoint=runs/dit_tiny_dense_videos_s0 prompt="a man talks on a phone" \
         steps=30 cfg_scale=5 out=samples/phone.mp4
@@ -7,6 +7,8 @@
 Keys (key=value): checkpoint (run dir or one checkpoint dir), prompt, steps (30), cfg_scale (5.0),
 out (sample.mp4; num > 1 writes out_0.mp4, out_1.mp4, ...), num (1), seed (0), ema (true), fps (8),
 device (cuda if available, else cpu). Runs trained on latents are decoded through the VAE of their index.
+
+Usage: python sample.py checkpoint=RUN_DIR prompt="..." [key=value ...]     (python sample.py --help: this text)
 """
 import sys
 import time
@@ -24,6 +26,9 @@ DEFAULTS = {"checkpoint": None, "prompt": None, "steps": 30, "cfg_scale": 5.0, "
 
 def parse(argv: list[str]):
     """key=value arguments (as Hydra's) over DEFAULTS; unknown keys and missing required ones fail clearly."""
+    if not argv or {"-h", "--help", "help"} & set(argv):
+        print(__doc__.strip())
+        raise SystemExit(0 if argv else 2)
     bad = [a for a in argv if "=" not in a]
     if bad:
         raise SystemExit(f"arguments must be key=value, got {bad}\n{__doc__}")

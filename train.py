@@ -12,11 +12,16 @@
 Re-running a command resumes from the latest checkpoint in its run_dir (runs/<exp>_<attn>_<data>_s<seed>);
 raise train.max_steps to train further. See README.md.
 """
+import contextlib
 import os
+import sys
+from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from vsa_train.config_schema import ConfigError, check, remove_if_empty
 from vsa_train.trainer import train
 
 
@@ -28,10 +33,53 @@ def _export_slurm_ranks() -> None:
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
+class _Tee:
+    """stdout that also appends to a file (the run's own lines: run_dir, params, eval losses, the end)."""
+
+    def __init__(self, stream, file):
+        self.stream, self.file = stream, file
+
+    def write(self, text: str) -> int:
+        self.file.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.file.flush()
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def _run_log():
+    """Rank 0's stdout also goes to run_dir/train.log, where Hydra's file handler writes every INFO log line;
+    the console shows warnings and errors of libraries only (configs/train.yaml, hydra.job_logging)."""
+    if not HydraConfig.initialized() or int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    hc = HydraConfig.get()
+    with open(Path(hc.runtime.output_dir) / f"{hc.job.name}.log", "a", buffering=1, encoding="utf-8") as file:
+        stdout, sys.stdout = sys.stdout, _Tee(sys.stdout, file)
+        try:
+            yield
+        finally:
+            sys.stdout = stdout
+
+
 @hydra.main(config_path="configs", config_name="train", version_base=None)
 def main(cfg: DictConfig) -> None:
     _export_slurm_ranks()
-    train(cfg)
+    # configs/train.yaml's hydra.callbacks checked a single run before Hydra made its directory; a multirun job
+    # (local or SLURM) is checked here, with its sweep values, and leaves no empty job directory when it fails.
+    try:
+        check(cfg)
+    except ConfigError:
+        if HydraConfig.initialized():
+            remove_if_empty(HydraConfig.get().runtime.output_dir)
+        raise  # the sweep's other jobs still run; Hydra reports this one as failed
+    with _run_log():
+        train(cfg)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,19 @@
     python scripts/encode_latents.py --vae VAE_DIR --out latents/clips data=videos data.frames=17 \
         data.height=128 data.width=128                    # captions through the built-in caption encoder
     python scripts/encode_latents.py --vae VAE_DIR --text-encoder T5_DIR --out latents/hf data=hf data.path=DS
+    python scripts/encode_latents.py --vae Wan-AI/Wan2.1-T2V-1.3B-Diffusers --vae-subfolder vae \
+        --text-encoder Wan-AI/Wan2.1-T2V-1.3B-Diffusers --text-encoder-subfolder text_encoder \
+        --tokenizer-subfolder tokenizer --dtype bf16 --out latents/wan data=videos ...
     accelerate launch --num_processes 4 scripts/encode_latents.py ...   # shards split across processes
     python train.py data=latents data.path=latents/clips
 
 Options go before the Hydra overrides that pick and size the video source (`data=videos` or `data=hf`, as
-for training). VAE_DIR is a diffusers AutoencoderKLWan (`from_pretrained` directory); latents are
-normalised with its config's latents_mean / latents_std. Clips are read with the data source's frame
+for training). The VAE is a diffusers AutoencoderKLWan and the text encoder a transformers T5/UMT5-style
+encoder, each a Hub id or local folder (`from_pretrained(id_or_path, subfolder=..., revision=...,
+torch_dtype=...)`); index.json records them as {path, subfolder, revision, dtype} with Hub ids kept as ids
+(local folders made absolute). Latents are normalised with the VAE config's latents_mean / latents_std.
+The text length is the tokenizer's model_max_length (512 for UMT5; data.text_len when it sets none) unless
+--max-length is given. With --text-encoder builtin and data.text_encoder set, data.text_encoder* is used. Clips are read with the data source's frame
 sampling and resizing at a fixed middle window; bad inputs are skipped, named and recorded in the index.
 Shard k holds clips [k * shard_size, (k + 1) * shard_size) and belongs to process k mod N; a shard file
 that exists is complete (written under a temporary name, then renamed), so a re-run skips finished shards.
@@ -26,14 +33,8 @@ from hydra import compose, initialize_config_dir
 from tqdm.auto import tqdm
 
 from vsa_train.data import hf, videos
-from vsa_train.data.latents import (
-    INDEX,
-    PretrainedTextEncoder,
-    encode_videos,
-    load_vae,
-    shard_info,
-    write_shard,
-)
+from vsa_train.data.encoders import ModelSpec, encoder_max_len, get_text_encoder, given_path
+from vsa_train.data.latents import INDEX, encode_videos, load_vae, shard_info, write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,8 +43,19 @@ log = logging.getLogger("encode_latents")
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vae", required=True, help="local AutoencoderKLWan directory")
-    p.add_argument("--text-encoder", default="builtin", help="'builtin' or a local transformers encoder directory")
+    p.add_argument("--vae", required=True, help="AutoencoderKLWan: Hub id or local folder")
+    p.add_argument("--vae-subfolder", default=None, help="e.g. vae (in a diffusers repo)")
+    p.add_argument("--vae-revision", default=None, help="Hub branch, tag or commit")
+    p.add_argument("--text-encoder", default="builtin",
+                   help="'builtin' or a transformers encoder (T5/UMT5...): Hub id or local folder")
+    p.add_argument("--text-encoder-subfolder", default=None, help="e.g. text_encoder (in a diffusers repo)")
+    p.add_argument("--tokenizer-subfolder", default=None, help="e.g. tokenizer; default: the text encoder's")
+    p.add_argument("--text-encoder-revision", default=None, help="Hub branch, tag or commit")
+    p.add_argument("--dtype", default="fp32", help="weights of both models: fp32 | bf16 | fp16")
+    p.add_argument("--vae-dtype", default=None, help="overrides --dtype for the VAE")
+    p.add_argument("--text-encoder-dtype", default=None, help="overrides --dtype for the text encoder")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="text tokens (default: the tokenizer's model_max_length, else data.text_len)")
     p.add_argument("--out", required=True, help="output directory (index.json + shard_*.safetensors)")
     p.add_argument("--shard-size", type=int, default=256, help="clips per shard")
     p.add_argument("--batch-size", type=int, default=4, help="clips per VAE forward")
@@ -68,15 +80,17 @@ def main(argv=None) -> Path:
     out = Path(args.out)
     clips = hf.load_clips(data_cfg) if data_cfg.source == "hf" else videos.list_clips(data_cfg)
 
-    vae = load_vae(args.vae, state.device)
+    vae_spec, text_spec = model_specs(args, data_cfg)
+    vae = load_vae(vae_spec, state.device)
     t_scale, s_scale = vae.config.scale_factor_temporal, vae.config.scale_factor_spatial
     if (data_cfg.frames - 1) % t_scale or data_cfg.height % s_scale or data_cfg.width % s_scale:
         raise SystemExit(f"the VAE needs data.frames = 1 + {t_scale}k and height, width multiples of {s_scale}; got "
                          f"{data_cfg.frames} x {data_cfg.height} x {data_cfg.width}")
-    if args.text_encoder == "builtin":
+    if text_spec is None:
         encoder = videos.caption_encoder(data_cfg, clips)
     else:
-        encoder = PretrainedTextEncoder(args.text_encoder, max_len=data_cfg.text_len, device=state.device)
+        max_len = args.max_length or encoder_max_len(text_spec, data_cfg.text_len)
+        encoder = get_text_encoder(text_spec, max_len=max_len, device=state.device)
 
     n_shards = math.ceil(len(clips) / args.shard_size)
     mine = [k for k in range(state.process_index, n_shards, state.num_processes)
@@ -111,12 +125,31 @@ def main(argv=None) -> Path:
     pbar.close()
     state.wait_for_everyone()
     if state.is_main_process:
-        write_index(out, args, data_cfg, encoder, n_shards)
+        write_index(out, vae_spec, text_spec, data_cfg, encoder, n_shards)
         print(f"encoded in {time.perf_counter() - start:.1f} s; index: {out / INDEX}", flush=True)
+    if text_spec is not None:
+        encoder.release(drop=True)
     return out / INDEX
 
 
-def write_index(out: Path, args, data_cfg, encoder, n_shards: int) -> None:
+def model_specs(args, data_cfg) -> tuple[ModelSpec, ModelSpec | None]:
+    """The VAE's and the text encoder's spec (None: the built-in caption encoder) from the options."""
+    vae = ModelSpec(given_path(args.vae), subfolder=args.vae_subfolder, revision=args.vae_revision,
+                    dtype=args.vae_dtype or args.dtype)
+    if args.text_encoder == "builtin" and data_cfg.get("text_encoder"):  # as the pixel data would train
+        return vae, ModelSpec(given_path(data_cfg.text_encoder), subfolder=data_cfg.get("text_encoder_subfolder"),
+                              tokenizer_subfolder=data_cfg.get("tokenizer_subfolder"),
+                              revision=data_cfg.get("text_encoder_revision"),
+                              dtype=args.text_encoder_dtype or data_cfg.get("text_encoder_dtype") or args.dtype)
+    if args.text_encoder == "builtin":
+        return vae, None
+    return vae, ModelSpec(given_path(args.text_encoder), subfolder=args.text_encoder_subfolder,
+                          tokenizer_subfolder=args.tokenizer_subfolder, revision=args.text_encoder_revision,
+                          dtype=args.text_encoder_dtype or args.dtype)
+
+
+def write_index(out: Path, vae_spec: ModelSpec, text_spec: ModelSpec | None, data_cfg, encoder,
+                n_shards: int) -> None:
     """index.json from the shard headers: shapes, dtypes, counts, skipped inputs, and how they were made."""
     shards = [shard_info(out / f"shard_{k:05d}.safetensors") for k in range(n_shards)
               if (out / f"shard_{k:05d}.safetensors").exists()]
@@ -129,12 +162,12 @@ def write_index(out: Path, args, data_cfg, encoder, n_shards: int) -> None:
         "count": sum(s["count"] for s in shards),
         "shards": [{"file": s["file"], "count": s["count"]} for s in shards],
         "skipped": [name for s in shards for name in s["skipped"]],
-        "vae": str(Path(args.vae).resolve()),
+        "vae": vae_spec.to_dict(),
         "latent_norm": "(posterior mode - vae.config.latents_mean) / vae.config.latents_std",
-        "text_encoder": "builtin" if args.text_encoder == "builtin" else str(Path(args.text_encoder).resolve()),
+        "text_encoder": "builtin" if text_spec is None else text_spec.to_dict(),
         "video": {k: data_cfg.get(k) for k in ("frames", "height", "width", "stride", "fps")},
     }
-    if args.text_encoder == "builtin":
+    if text_spec is None:
         index.update(vocab=sorted(w for w in encoder.index), text_seed=data_cfg.seed)
     (out / INDEX).write_text(json.dumps(index, indent=1))
 

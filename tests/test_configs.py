@@ -98,3 +98,142 @@ def test_unknown_data_source_lists_the_sources():
     sources = r"\['hf', 'latents', 'synthetic', 'videos'\]"
     with pytest.raises(ValueError, match=r"unknown data.source='webvid'; choices: " + sources):
         data_spec(cfg.data)
+
+
+# ------------------------------------------------------------------------------------ the schema (config_schema)
+
+from vsa_train import config_schema  # noqa: E402
+from vsa_train.config_schema import ConfigError  # noqa: E402
+from vsa_train.data import videos  # noqa: E402
+
+
+def _problems(*overrides) -> list[str]:
+    return config_schema.problems(_compose(*overrides))
+
+
+@pytest.mark.parametrize("overrides,line", [
+    (["attn=vsa", "attn.sparsity=1.5"], "attn.sparsity must be a number in [0, 1), got 1.5"),
+    (["data.frames=0"], "data.frames must be a positive integer, got 0"),
+    (["data.frames=-4"], "data.frames must be a positive integer, got -4"),
+    (["optim.lr=-1"], "optim.lr must be a positive number, got -1"),
+    (["train.batch_size=-1"], "train.batch_size must be a positive integer, got -1"),
+    (["attn=vsa", "attn.topk=1000"], "attn.topk must be at most the 8 tiles of the 8x8x8 token grid"),
+    (["+train.max_step=5"], "unknown key train.max_step; did you mean train.max_steps?"),
+    (["+model.hiden_size=5"], "unknown key model.hiden_size; did you mean model.hidden_size?"),
+    (["attn=vsa", "+attn.sparsty=0.5"], "unknown key attn.sparsty; did you mean attn.sparsity?"),
+    (["+data.folder=x"], "unknown key data.folder"),  # synthetic data has no folder
+    (["+optim.betas2=1"], "unknown key optim.betas2; did you mean optim.betas?"),
+    (["+parallel.sp=2"], "unknown key parallel.sp"),
+    (["parallel.sp_size=3"], "parallel.sp_size=3 must divide model.num_heads=2"),
+    (["train.mixed_precision=fp8"], "train.mixed_precision must be one of auto, no, bf16, fp16, got 'fp8'"),
+    (["data.height=9"], "must be divisible by model.patch_size"),
+    (["data=videos", "data.manifest=a.csv", "data.folder=b"], "set only one of them"),
+    (["data=hf"], "data.path is required"),
+])
+def test_each_bad_value_gets_one_line_naming_key_value_and_allowed(overrides, line):
+    found = _problems(*overrides)
+    assert len(found) == 1 and line in found[0], found
+
+
+def test_all_problems_are_collected_into_one_error():
+    cfg = _compose("attn=vsa", "attn.sparsity=1.5", "data.frames=-4", "optim.lr=-1", "train.batch_size=-1",
+                   "+train.max_step=5")
+    with pytest.raises(ConfigError) as err:
+        config_schema.check(cfg)
+    assert len(err.value.problems) == 5
+    assert str(err.value).startswith("invalid config (5 problems):\n  ")
+    assert isinstance(err.value, ValueError)  # the trainer's callers catch ValueError
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
+def test_every_shipped_option_passes_the_check(group, option):
+    extra = ["data.path=/nonexistent.csv"] if (group, option) == ("data", "hf") else []
+    if (group, option) == ("data", "latents"):  # reading the index is the check: a missing one is named
+        assert any("data.path=" in p and "index" in p for p in _problems("data=latents", "data.path=/nonexistent"))
+        return
+    assert _problems(f"{group}={option}", *extra) == []
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_every_experiment_passes_the_check(experiment):
+    assert _problems(f"experiment={experiment}") == []
+
+
+def _train_py(*args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], check=False, capture_output=True,
+                          text=True, cwd=cwd, timeout=120)
+
+
+def test_a_bad_launch_stops_before_the_run_directory_is_made(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _train_py("data.frames=0", "+train.max_step=5", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "data.frames must be a positive integer, got 0" in proc.stderr
+    assert "unknown key train.max_step; did you mean train.max_steps?" in proc.stderr
+    assert not run_dir.exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_bad_multirun_job_leaves_no_job_directory(tmp_path):
+    """The base config is fine (checked before the sweep); the job's swept value is checked in train.py's main."""
+    sweep = tmp_path / "sweep"
+    proc = _train_py("-m", "data.frames=0,8", "train.dry_run=true", "logger=none", f"hydra.sweep.dir={sweep}",
+                     cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "data.frames must be a positive integer, got 0" in proc.stderr
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["data.frames=8"]  # the good job still ran
+    # a bad value that is not swept is in the base config: refused before the sweep directory is made
+    proc = _train_py("-m", "optim.lr=-1", "logger=none", f"hydra.sweep.dir={tmp_path / 'other'}", cwd=tmp_path)
+    assert proc.returncode != 0 and "optim.lr must be a positive number, got -1" in proc.stderr
+    assert not (tmp_path / "other").exists()
+
+
+def test_remove_if_empty_keeps_a_real_run(tmp_path):
+    (tmp_path / "a" / ".hydra").mkdir(parents=True)
+    (tmp_path / "a" / "train.log").write_text("")
+    assert config_schema.remove_if_empty(tmp_path / "a") and not (tmp_path / "a").exists()
+    (tmp_path / "b" / ".hydra").mkdir(parents=True)
+    (tmp_path / "b" / "metrics.jsonl").write_text("{}\n")
+    assert not config_schema.remove_if_empty(tmp_path / "b") and (tmp_path / "b").exists()
+
+
+def test_help_shows_the_projects_usage(tmp_path):
+    proc = _train_py("--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for text in ("Usage: python train.py", "attn: dense", "model: dit_120m", "Examples:", "Launching",
+                 "hydra/launcher=slurm", "accelerate launch", "torchrun"):
+        assert text in proc.stdout
+    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--help"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0 and "Usage: python sample.py" in proc.stdout and "cfg_scale" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------- data=videos: folder, manifest
+
+def test_videos_folder_wins_and_default_manifest_is_the_projects(tmp_path, monkeypatch):
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "a_man_in_a_car.mp4").write_bytes(b"")  # listing only: not decoded here
+    cfg = _compose("data=videos", f"data.folder={tmp_path / 'clips'}")
+    assert config_schema.problems(cfg) == []
+    clips = videos.list_clips(cfg.data)
+    assert [c.caption for c in clips] == ["a man in a car"]
+    # neither manifest nor folder: the project's data/sample_clips.csv, wherever the command runs from
+    monkeypatch.chdir(tmp_path)
+    cfg = _compose("data=videos")
+    assert cfg.data.manifest is None and config_schema.problems(cfg) == []
+    assert videos.SAMPLE_MANIFEST == ROOT / "data" / "sample_clips.csv" and videos.SAMPLE_MANIFEST.is_file()
+    assert videos.source_name(cfg.data) == str(ROOT / "data" / "sample_clips.csv")
+    assert len(videos.list_clips(cfg.data)) == len((ROOT / "data" / "sample_clips.csv").read_text().splitlines()) - 1
+
+
+def test_run_log_holds_the_runs_lines_and_the_console_no_library_info(tmp_path):
+    cfg = _compose(hydra_cfg=True)
+    assert cfg.hydra.job_logging.handlers.console.level == "WARNING"
+    assert "level" not in cfg.hydra.job_logging.handlers.file  # the file keeps INFO
+    run_dir = tmp_path / "run"
+    proc = _train_py("train.max_steps=1", "data.frames=4", "data.height=8", "data.width=8", "train.batch_size=2",
+                     "train.eval_samples=2", "train.eval_timesteps=1", "train.eval_batch_size=2", "logger=none",
+                     f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = (run_dir / "train.log").read_text()
+    for line in (f"run_dir: {run_dir}", "step 0: eval/loss", "step 1: eval/loss", "finished at step 1"):
+        assert line in log and line in proc.stdout

@@ -13,7 +13,8 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from vsa_train.data import build_data, build_text_encoder, data_spec, decode
+from vsa_train.data import build_data, build_text_encoder, data_spec, decode, encoders, latents
+from vsa_train.data.encoders import ModelSpec, release_text_encoders
 from vsa_train.data.latents import (
     BadInput,
     LatentStore,
@@ -71,7 +72,7 @@ def _load_script():
 encode_latents = _load_script()
 
 
-def _encode(root, vae_dir, *extra, text_encoder="builtin", out="latents"):
+def _encode(root, vae_dir, *extra, text_encoder="builtin", out="latents", options=()):
     """Runs scripts/encode_latents.py in this process (as `python scripts/encode_latents.py ...` would)."""
     manifest = root / "clips.csv"
     if not manifest.exists():
@@ -79,7 +80,7 @@ def _encode(root, vae_dir, *extra, text_encoder="builtin", out="latents"):
         manifest.write_text(f"path,caption\n{PHONE},a man in a car\ncorrupt.mp4,noise\n"
                             f"{CLIPS / 'carphone_distorted.mp4'},a blurry man in a car\n{PHONE},a man talks\n")
     encode_latents.main(["--vae", str(vae_dir), "--out", str(root / out), "--shard-size", "2", "--batch-size", "2",
-                         "--text-encoder", str(text_encoder), "data=videos", f"data.manifest={manifest}",
+                         "--text-encoder", str(text_encoder), *options, "data=videos", f"data.manifest={manifest}",
                          "data.num_workers=0", "data.allow_outside_root=true", *SIZE, *extra])
     return root / out
 
@@ -162,13 +163,95 @@ def test_encode_shards_index_resume_and_train(tmp_path, vae_dir, caplog):
 def test_encode_with_pretrained_text_encoder(tmp_path, vae_dir, text_encoder_dir):
     out = _encode(tmp_path, vae_dir, "data.text_len=8", text_encoder=text_encoder_dir)
     index = json.loads((out / "index.json").read_text())
-    assert index["text_shape"] == [8, 32] and index["text_encoder"] == str(text_encoder_dir.resolve())
+    assert index["text_shape"] == [8, 32]  # the tokenizer sets no max length: data.text_len
+    assert index["text_encoder"] == {"path": str(text_encoder_dir), "subfolder": None, "revision": None,
+                                     "dtype": "fp32"}
+    assert index["vae"] == {"path": str(vae_dir), "subfolder": None, "revision": None, "dtype": "fp32"}
     data_cfg = OmegaConf.create({"source": "latents", "path": str(out)})
-    emb, mask = build_text_encoder(data_cfg).encode(["a man talks"])
+    store = LatentStore(out)
+    item = next(store.load(i) for i in range(len(store)) if store.load(i)["caption"] == "a man talks")
+    for form in ("new", "old"):  # older indexes name both models by a bare local path
+        if form == "old":
+            index.update(text_encoder=str(text_encoder_dir), vae=str(vae_dir))
+            (out / "index.json").write_text(json.dumps(index))
+        emb, mask = build_text_encoder(data_cfg).encode(["a man talks"])
+        torch.testing.assert_close(emb[0], item["text"])
+        assert mask[0].tolist() == item["text_mask"].tolist()
+        assert decode(data_cfg, item["video"][None]).shape == (1, 3, 5, 16, 16)
+
+
+HUB_ID = "tiny-org/wan-tiny"
+
+
+@pytest.fixture(scope="module")
+def hub_cache(tmp_path_factory, vae_dir):
+    """A diffusers-repo-like layout (vae/, text_encoder/: a tiny T5 encoder, tokenizer/: max length 8), stored as
+    the downloaded Hub snapshot of HUB_ID in a Hub cache folder."""
+    from test_text_encoders import save_tiny_t5
+
+    cache = tmp_path_factory.mktemp("hub")
+    repo, commit = cache / f"models--{HUB_ID.replace('/', '--')}", "0" * 40
+    shutil.copytree(vae_dir, repo / "snapshots" / commit / "vae")
+    save_tiny_t5(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return cache
+
+
+@pytest.fixture
+def offline_hub(monkeypatch, hub_cache):
+    """HUB_ID resolvable offline from the cache, as after a download (nothing reaches the network)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    release_text_encoders()
+    latents._cached_vae.cache_clear()
+    yield hub_cache
+    release_text_encoders()
+    latents._cached_vae.cache_clear()
+
+
+WAN_OPTIONS = ["--vae-subfolder", "vae", "--text-encoder-subfolder", "text_encoder", "--tokenizer-subfolder",
+               "tokenizer", "--dtype", "bf16"]
+
+
+def test_encode_from_hub_id_with_subfolders_and_dtype(tmp_path, offline_hub):
+    out = _encode(tmp_path, HUB_ID, text_encoder=HUB_ID, options=WAN_OPTIONS)
+    index = json.loads((out / "index.json").read_text())
+    # ids stay ids (no local path that another machine lacks), with subfolder, revision and dtype
+    assert index["vae"] == {"path": HUB_ID, "subfolder": "vae", "revision": None, "dtype": "bf16"}
+    assert index["text_encoder"] == {"path": HUB_ID, "subfolder": "text_encoder", "revision": None,
+                                     "dtype": "bf16", "tokenizer_subfolder": "tokenizer"}
+    assert index["text_shape"] == [8, 16]  # the T5's width and its tokenizer's max length
+    assert not encoders._MODELS  # the script freed the text encoder
+
+    data_cfg = OmegaConf.create({"source": "latents", "path": str(out)})
+    enc = build_text_encoder(data_cfg)
+    assert build_text_encoder(data_cfg) is enc  # one instance per process
+    emb, mask = enc.encode(["a man talks"])
     store = LatentStore(out)
     item = next(store.load(i) for i in range(len(store)) if store.load(i)["caption"] == "a man talks")
     torch.testing.assert_close(emb[0], item["text"])
-    assert mask[0].tolist() == item["text_mask"].tolist()
+    build_text_encoder(data_cfg).encode(["a car"])
+    assert list(encoders._MODELS) == [enc.spec] and enc.calls == 2  # loaded once, reused
+    assert next(encoders._MODELS[enc.spec].parameters()).dtype == torch.bfloat16
+    assert decode(data_cfg, item["video"][None]).shape == (1, 3, 5, 16, 16)
+    assert latents._cached_vae(ModelSpec.parse(index["vae"]), "cpu").dtype == torch.bfloat16
+
+
+def test_encode_from_local_diffusers_folder(tmp_path, offline_hub):
+    repo = next((offline_hub / f"models--{HUB_ID.replace('/', '--')}" / "snapshots").iterdir())
+    out = _encode(tmp_path, repo, text_encoder=repo, options=WAN_OPTIONS[:6])  # fp32
+    index = json.loads((out / "index.json").read_text())
+    assert index["vae"] == {"path": str(repo), "subfolder": "vae", "revision": None, "dtype": "fp32"}
+    assert index["text_encoder"]["path"] == str(repo) and index["text_encoder"]["dtype"] == "fp32"
+    data_cfg = OmegaConf.create({"source": "latents", "path": str(out)})
+    emb, _ = build_text_encoder(data_cfg).encode(["a man talks"])
+    from test_text_encoders import _direct
+
+    torch.testing.assert_close(emb, _direct(repo, ["a man talks"])[0])
 
 
 def test_bad_latents_are_skipped(tmp_path, encoded):

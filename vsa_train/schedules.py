@@ -48,6 +48,8 @@ def lr_at(step: int, optim_cfg, end_step: int | None = None) -> float:
         start = warmup
     else:  # wsd: decay over the last decay_fraction of the run (not into the warm-up)
         start = max(warmup, end_step - math.ceil(optim_cfg.decay_fraction * end_step))
+    if step >= last:  # the last step (and any after it) gets the floor, however short the decay
+        return low
     if step <= start:
         return lr
     progress = min(1.0, (step - start) / max(1, last - start))

@@ -23,13 +23,20 @@ def main(argv=None) -> int:
                         help="fit only frontier points with at least this many FLOPs (drop the warm-up)")
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                         help="bootstrap resamples for the multiplier's confidence interval (0: none)")
+    parser.add_argument("--all-points", action="store_true",
+                        help="frontiers from every eval point of runs with a decaying schedule too (default: their "
+                             "final point only; earlier points were not annealed)")
     args = parser.parse_args(argv)
     try:
         runs = find_runs(args.run_dirs)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
-    print(f"{len(runs)} runs: " + ", ".join(f"{r.path.name} ({r.attn}, {r.size})" for r in runs))
-    result = analyze(runs, args.out, baseline=args.baseline, fit_from=args.fit_from, resamples=args.bootstrap)
+    counts = {}
+    for run in runs:
+        counts[run.attn] = counts.get(run.attn, 0) + 1
+    print(f"{len(runs)} runs (" + ", ".join(f"{attn}: {n}" for attn, n in sorted(counts.items())) + ")")
+    result = analyze(runs, args.out, baseline=args.baseline, fit_from=args.fit_from, resamples=args.bootstrap,
+                     all_points=args.all_points)
     for note in dict.fromkeys(result["notes"]):
         print(f"note: {note}", file=sys.stderr)
     out = Path(args.out)

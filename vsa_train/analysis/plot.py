@@ -1,6 +1,7 @@
 """Plots against cumulative training FLOPs: one run (loss_vs_flops.png), all runs (curves.png), frontiers
 (frontier.png, per timestep frontier_t.png); and against parameters at fixed budgets (isoflop.png)."""
 import matplotlib
+import matplotlib.lines
 import matplotlib.ticker
 import numpy as np
 
@@ -41,9 +42,13 @@ def plot_curves(runs, out_path) -> None:
     for run in runs:
         points = run.evals()
         if points:
-            ax.plot(*zip(*points), color=colors[run.size], ls=styles[run.attn], marker=".", ms=4, lw=1.2,
-                    label=f"{run.size}, {run.attn}" + (f", budget {run.budget:.2g}" if run.budget else ""))
-    _log_axes(ax, "eval loss")
+            ax.plot(*zip(*points), color=colors[run.size], ls=styles[run.attn], marker=".", ms=4, lw=1.2)
+    _log_axes(ax, "eval loss", legend=False)
+    # one legend entry per size (colour) and per attention (line style), however many runs (budgets, seeds)
+    handles = [matplotlib.lines.Line2D([], [], color=colors[s], lw=2, label=s) for s in sizes]
+    handles += [matplotlib.lines.Line2D([], [], color="0.3", ls=styles[a], label=a) for a in attns]
+    if ax.lines:
+        ax.legend(handles=handles, fontsize=7)
     ax.set_title("eval loss of every run")
     fig.tight_layout()
     fig.savefig(out_path, dpi=120)
@@ -114,7 +119,7 @@ def plot_timestep_frontiers(frontiers: dict, out_path) -> None:
     plt.close(fig)
 
 
-def _log_axes(ax, ylabel: str) -> None:
+def _log_axes(ax, ylabel: str, legend: bool = True) -> None:
     ax.set_xscale("log")
     ax.set_yscale("log")
     # Losses often span less than a decade, where a log axis has no major tick: label the minor ticks then.
@@ -125,5 +130,5 @@ def _log_axes(ax, ylabel: str) -> None:
     ax.set_xlabel("training FLOPs (cumulative, executed)")
     ax.set_ylabel(ylabel)
     ax.grid(True, which="both", alpha=0.3)
-    if ax.lines:
+    if ax.lines and legend:
         ax.legend(fontsize=7)

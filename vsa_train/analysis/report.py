@@ -12,6 +12,7 @@ from .scaling import (
     fit_parabola,
     fit_power_law,
     flops_at_loss,
+    flops_bound,
     flops_multiplier,
     mean_curve,
     pareto_frontier,
@@ -19,11 +20,11 @@ from .scaling import (
 )
 
 
-def cells_of(runs: list[Run], key: str = EVAL) -> dict:
+def cells_of(runs: list[Run], key: str = EVAL, all_points: bool = False) -> dict:
     """(attention, size, budget) -> the frontier points of each of its runs (one curve per seed)."""
     cells = {}
     for run in runs:
-        points = run.frontier_points(key)
+        points = run.frontier_points(key, all_points=all_points)
         if points:
             cells.setdefault((run.attn, run.size, run.budget), []).append(points)
     return cells
@@ -46,25 +47,26 @@ def seed_spread(runs: list[Run]) -> float | None:
     return pooled_seed_sd(list(groups.values()))
 
 
-def analyze(runs: list[Run], out_dir, baseline: str = "dense", fit_from: float = 0.0, resamples: int = 1000) -> dict:
+def analyze(runs: list[Run], out_dir, baseline: str = "dense", fit_from: float = 0.0, resamples: int = 1000,
+            all_points: bool = False) -> dict:
     """Writes summary.md, curves.png, frontier.png (and isoflop.png, frontier_t.png when there is data for
     them) to out_dir; returns frontiers, fits, ratios, multipliers, isoFLOP fits, per-timestep rows and notes.
 
     Frontiers use, per (attention, size, budget), the seed average of its runs' points (every eval point after
     step 0 under a constant learning rate, the final one under a decaying schedule); fits use frontier points
-    with at least `fit_from` FLOPs. Ratios are baseline FLOPs / other FLOPs at equal eval loss (> 1: the other
+    with at least `fit_from` FLOPs. `all_points`: every eval point of decaying runs too (biased: not annealed). Ratios are baseline FLOPs / other FLOPs at equal eval loss (> 1: the other
     attention needs fewer FLOPs); the headline multiplier is their geometric mean over the loss range both
     frontiers reach, with a bootstrap interval over runs (scaling.flops_multiplier, bootstrap_multiplier)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     notes = []
-    cells = cells_of(runs)
+    cells = cells_of(runs, all_points=all_points)
     frontiers = frontiers_of(cells)
     for attn in sorted({r.attn for r in runs} - set(frontiers)):
         notes.append(f"{attn}: no usable eval rows (after step 0; the final row of a finished run under a decaying "
                      f"schedule); left out")
     unfinished = [r.path.name for r in runs if r.decays and not r.finished]
-    if unfinished:
+    if unfinished and not all_points:
         notes.append(f"runs with a decaying schedule that did not reach their end (left out of the frontiers): "
                      f"{', '.join(unfinished)}")
     fits = {}
@@ -86,19 +88,26 @@ def analyze(runs: list[Run], out_dir, baseline: str = "dense", fit_from: float =
             ratios.append({"attn": attn, "loss": loss, "baseline_flops": base_flops, "flops": flops,
                            "interpolated": base_flops / flops,
                            "fit": _ratio(fits.get(baseline), fits.get(attn), loss)})
+        used = [r for r in runs if r.attn in (baseline, attn) and r.frontier_points(all_points=all_points)]
+        counts = {"runs": len(used), "seeds": len({r.seed for r in used})}
         low, high, ratio = flops_multiplier(frontiers[baseline], frontiers[attn])
         if math.isnan(ratio):
-            notes.append(f"{attn} and {baseline} frontiers share no loss range; no ratio")
+            bound = flops_bound(frontiers[baseline], frontiers[attn])
+            multipliers[attn] = {**bound, "ci": None, **counts}
+            notes.append(f"{attn} and {baseline} frontiers share no loss range: the multiplier is only bounded "
+                         f"({bound['bound']} bound {bound['ratio']:.3g}×)")
             continue
         ci = bootstrap_multiplier(cells, baseline, attn, resamples=resamples, seed_sd=spread)
-        used = [r for r in runs if r.attn in (baseline, attn) and r.frontier_points()]
-        multipliers[attn] = {"low": low, "high": high, "ratio": ratio, "ci": ci, "runs": len(used),
-                             "seeds": len({r.seed for r in used})}
+        why = ("no grid point has a second seed" if spread is None else "no bootstrap asked for" if resamples <= 0
+               else "too few bootstrap resamples gave a ratio")
+        multipliers[attn] = {"low": low, "high": high, "ratio": ratio, "ci": ci, "bound": None,
+                             "no_ci": None if ci else why, **counts}
     if others and spread is None:
         notes.append("no grid point has two seeds: the FLOPs multiplier gets no confidence interval")
 
     isoflop = isoflop_fits(runs, notes)
-    per_t = timestep_rows(runs, baseline, others, resamples=max(resamples // 4, 0), seed_sd=spread)
+    per_t = timestep_rows(runs, baseline, others, resamples=max(resamples // 4, 0), seed_sd=spread,
+                          all_points=all_points)
 
     plot_curves(runs, out_dir / "curves.png")
     plot_frontier(frontiers, fits, out_dir / "frontier.png")
@@ -134,12 +143,13 @@ def isoflop_fits(runs: list[Run], notes: list) -> dict:
     return {"points": points, "parabolas": parabolas}
 
 
-def timestep_rows(runs: list[Run], baseline: str, others: list[str], resamples: int, seed_sd) -> dict:
+def timestep_rows(runs: list[Run], baseline: str, others: list[str], resamples: int, seed_sd,
+                  all_points: bool = False) -> dict:
     """Per eval timestep: frontiers per attention and the multiplier over their common loss range (with CI)."""
     keys = sorted({k for r in runs for k in r.timestep_keys()}, key=timestep_of)
     frontiers, rows = {}, []
     for key in keys:
-        cells = cells_of(runs, key)
+        cells = cells_of(runs, key, all_points)
         frontiers[key] = frontiers_of(cells)
         for attn in others:
             if baseline not in frontiers[key] or attn not in frontiers[key]:
@@ -161,8 +171,15 @@ def verdict(attn: str, baseline: str, m: dict) -> str:
     ratio, ci = m["ratio"], m["ci"]
     fewer = ratio >= 1
     value = ratio if fewer else 1 / ratio
+    if m.get("bound"):  # the frontiers do not overlap: one side's every point beats the other's best
+        tail = f" (the frontiers share no loss range: a bound, no interval), from {m['runs']} runs."
+        if m["bound"] == "lower":
+            return (f"{attn} reaches {baseline}'s best eval loss {m['loss']:.4f} already at its cheapest point: at "
+                    f"least {ratio:.2f}× fewer FLOPs than {baseline}" + tail)
+        return (f"{baseline} reaches {attn}'s best eval loss {m['loss']:.4f} already at its cheapest point: {attn} "
+                f"needs at least {1 / ratio:.2f}× more FLOPs than {baseline}" + tail)
     if ci is None:
-        interval = "no confidence interval: no grid point has a second seed"
+        interval = f"no confidence interval: {m.get('no_ci') or 'none computed'}"
     else:
         low, high = (ci[0], ci[1]) if fewer else (1 / ci[1], 1 / ci[0])
         interval = f"95% CI {low:.2f}–{high:.2f}"
@@ -222,6 +239,9 @@ def summary_markdown(runs, result, baseline, fit_from) -> str:
                   "", "| attention | eval loss range | multiplier | 95% CI | bootstrap resamples used | runs |",
                   "|---|---|---|---|---|---|"]
         for attn, m in result["multipliers"].items():
+            if m["bound"]:
+                lines.append(f"| {attn} | — | {m['bound']} bound {m['ratio']:.3f}× | — | — | {m['runs']} |")
+                continue
             ci = f"{m['ci'][0]:.3f}× – {m['ci'][1]:.3f}×" if m["ci"] else "—"
             used = str(m["ci"][2]) if m["ci"] else "—"
             lines.append(f"| {attn} | {m['low']:.5f} – {m['high']:.5f} | {m['ratio']:.3f}× | {ci} | {used} | "

@@ -49,12 +49,12 @@ class Run:
         """A decaying learning rate (cosine, wsd): only the end of the run is what its compute buys."""
         return self.schedule not in ("constant", None)
 
-    def frontier_points(self, key: str = EVAL) -> list[tuple[float, float]]:
+    def frontier_points(self, key: str = EVAL, all_points: bool = False) -> list[tuple[float, float]]:
         """The points this run contributes to a loss-vs-FLOPs frontier: every eval point under a constant
         learning rate; under a decaying one only the final eval of a run that reached its end (its earlier
-        points were taken before the decay, not what a run stopped there would reach)."""
+        points were taken before the decay, not what a run stopped there would reach), unless `all_points`."""
         points = self.evals(key)
-        if not self.decays:
+        if not self.decays or all_points:
             return points
         return points[-1:] if points and self.finished else []
 

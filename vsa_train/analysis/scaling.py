@@ -147,6 +147,19 @@ def flops_multiplier(base_frontier, other_frontier, levels: int = 5) -> tuple[fl
     return float(low), float(high), (math.exp(sum(logs) / len(logs)) if logs else math.nan)
 
 
+def flops_bound(base_frontier, other_frontier) -> dict:
+    """For frontiers that share no loss range: a bound on base FLOPs / other FLOPs at equal loss.
+
+    If the other's every point beats the base's best loss L, the other reaches L with at most its cheapest
+    point's FLOPs: the multiplier is at least base FLOPs(L) / that ("lower" bound). If the base's every point
+    beats the other's best loss L, the base reaches L with at most its cheapest point's FLOPs: the multiplier
+    is at most that / other FLOPs(L) ("upper" bound)."""
+    base_best, other_best = base_frontier[-1], other_frontier[-1]
+    if max(l for _, l in other_frontier) < base_best[1]:
+        return {"bound": "lower", "loss": base_best[1], "ratio": base_best[0] / other_frontier[0][0]}
+    return {"bound": "upper", "loss": other_best[1], "ratio": base_frontier[0][0] / other_best[0]}
+
+
 class Parabola(NamedTuple):
     """loss = a·x² + b·x + c in x = log10(parameters), fitted at one FLOPs budget; its minimum is the
     compute-optimal size (`inside`: the minimum lies within the sizes fitted, else it is an extrapolation)."""

@@ -8,12 +8,14 @@ the trainer draws each sample's noise from it), and optionally skipped list[str]
 assembling the batch, "name: reason").
 A source may also define `spec(cfg) -> DataSpec` (default: 3 pixel channels at the configured size),
 `text_encoder(cfg)` (what turns prompts into `text`) and `decode(cfg, x) -> pixels` (latents only).
+Pixel data with `data.text_encoder` set encodes captions with that pretrained encoder (encoders.py).
 """
 from dataclasses import dataclass
 
 from torch.utils.data import DataLoader
 
 from . import hf, latents, synthetic, videos
+from .encoders import pixel_text_encoder
 from .text import CaptionEncoder
 
 SOURCES = {"synthetic": synthetic, "videos": videos, "hf": hf, "latents": latents}
@@ -43,6 +45,10 @@ def data_spec(cfg) -> DataSpec:
     source = _source(cfg)
     if hasattr(source, "spec"):
         return source.spec(cfg)
+    if cfg.get("text_encoder"):  # pixel data through a pretrained encoder: its width and length (encoders.py)
+        enc = pixel_text_encoder(cfg)
+        return DataSpec(in_channels=3, text_dim=enc.dim, text_len=enc.max_len,
+                        video_shape=(cfg.frames, cfg.height, cfg.width))
     return DataSpec(in_channels=3, text_dim=cfg.text_dim, text_len=cfg.text_len,
                     video_shape=(cfg.frames, cfg.height, cfg.width))
 
@@ -59,6 +65,8 @@ def build_data(cfg, *, batch_size: int, eval_samples: int, rank: int = 0, world_
 def build_text_encoder(cfg):
     """The text encoder the source trains with (`encode(captions) -> (emb, mask)`), for sampling from prompts."""
     source = _source(cfg)
+    if cfg.get("text_encoder") and not hasattr(source, "spec"):  # pixel data: one cached instance per process
+        return pixel_text_encoder(cfg)
     if hasattr(source, "text_encoder"):
         return source.text_encoder(cfg)
     return CaptionEncoder(source.VOCAB, dim=cfg.text_dim, max_len=cfg.text_len, seed=cfg.seed)

@@ -20,15 +20,17 @@ def _row_clip(name: str, video, caption, base: Path, rules: RowRules) -> Clip:
         caption = check_caption(caption, rules)
         if isinstance(video, dict) and video.get("bytes"):
             return Clip(name=name, source=video["bytes"], caption=caption)
-        file, real = check_path((video or {}).get("path"), base, rules, "the dataset's folder")
+        path = video.get("path") if isinstance(video, dict) else video  # a struct, or a path string as it is
+        file, real = check_path(path, base, rules, "the dataset's folder")
     except BadInput as e:
         return Clip.bad(name, str(e))
     return Clip(name=f"{name} {file}", source=str(real), caption=caption)
 
 
 def load_clips(cfg) -> list[Clip]:
-    """The dataset's rows as clips (video column cast to `Video(decode=False)`: a path or the encoded bytes)."""
-    from datasets import Dataset, DatasetDict, Video, load_dataset, load_from_disk
+    """The dataset's rows as clips: a video column of paths as it is, any other cast to `Video(decode=False)`
+    (a path or the encoded bytes)."""
+    from datasets import Dataset, DatasetDict, Value, Video, load_dataset, load_from_disk
 
     path = Path(cfg.path)
     if path.is_dir():
@@ -49,7 +51,11 @@ def load_clips(cfg) -> list[Clip]:
         if column not in ds.column_names:
             raise ValueError(f"{path} has no column {column!r} (columns: {ds.column_names}); "
                              f"set data.video_column / data.caption_column")
-    ds = ds.cast_column(cfg.video_column, Video(decode=False))
+    # A column of file paths (csv and parquet give large_string, which arrow cannot cast to the Video struct) is
+    # read as it is; anything else (a Video or {path, bytes} column) is cast so that rows hold a path or bytes.
+    feature = ds.features[cfg.video_column]
+    if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
+        ds = ds.cast_column(cfg.video_column, Video(decode=False))
     rules = RowRules.from_cfg(cfg)
     clips = [_row_clip(f"{path}[{i}]", row[cfg.video_column], row[cfg.caption_column], base, rules)
              for i, row in enumerate(ds)]

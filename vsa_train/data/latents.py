@@ -1,6 +1,7 @@
 """Precomputed latents: VAE latents and text embeddings in safetensors shards (scripts/encode_latents.py).
 
-`data.path` holds `index.json` (shapes, dtypes, the VAE and text encoder used, the shards and their
+`data.path` holds `index.json` (shapes, dtypes, the VAE and text encoder used as {path, subfolder, revision,
+dtype} dicts -- Hub ids stay ids; older indexes hold bare paths, still read --, the shards and their
 counts, the inputs skipped while encoding) and `shard_<k>.safetensors` files with
 latent [n, C, T, H, W] (normalised with the VAE's latents_mean / latents_std), text [n, L, D],
 text_mask [n, L] and the captions in the metadata. The model's input channels and video shape are the
@@ -20,8 +21,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .text import CaptionEncoder
 from .batching import BadInput, ItemStream, eval_batch, holdout_split, make_loader
+from .encoders import ModelSpec, PretrainedTextEncoder, get_text_encoder, load_vae  # noqa: F401 -- re-exported
+from .text import CaptionEncoder
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +32,7 @@ _TENSORS = ("latent", "text", "text_mask")
 
 
 # ------------------------------------------------------------------------------------------------------ VAE
-
-def load_vae(path, device="cpu"):
-    """A diffusers AutoencoderKLWan from a local directory, in eval mode."""
-    from diffusers import AutoencoderKLWan
-
-    return AutoencoderKLWan.from_pretrained(str(path)).to(device).eval()
-
+# load_vae(spec, device): a diffusers AutoencoderKLWan by Hub id or local folder (vsa_train/data/encoders.py)
 
 def _stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE's latent mean and std as [1, C, 1, 1, 1] tensors."""
@@ -64,44 +60,14 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
 
 # -------------------------------------------------------------------------------------------- text encoders
 
-class PretrainedTextEncoder:
-    """A transformers encoder (T5/UMT5 encoder, BERT, ...) and its tokenizer from a local directory.
-
-    Same interface as the built-in CaptionEncoder: `encode(captions) -> (emb [B, max_len, dim] float32,
-    mask [B, max_len] bool)`, padded positions zeroed.
-    """
-
-    def __init__(self, path, max_len: int, device="cpu"):
-        from transformers import (
-            AutoConfig,
-            AutoModel,
-            AutoTokenizer,
-            T5EncoderModel,
-            UMT5EncoderModel,
-        )
-
-        config = AutoConfig.from_pretrained(str(path))
-        model_cls = {"t5": T5EncoderModel, "umt5": UMT5EncoderModel}.get(config.model_type, AutoModel)
-        self.model = model_cls.from_pretrained(str(path)).to(device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self.max_len, self.device = max_len, device
-        self.dim = getattr(config, "d_model", None) or config.hidden_size
-
-    @torch.no_grad()
-    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_len,
-                                return_tensors="pt").to(self.device)
-        mask = tokens["attention_mask"].bool()
-        emb = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
-        return (emb.float() * mask[..., None]).cpu(), mask.cpu()
-
-
 def encoder_from_index(index: dict, device="cpu"):
-    """The text encoder an index was written with: built-in (vocabulary in the index) or a local directory."""
+    """The text encoder an index was written with: built-in (vocabulary in the index) or pretrained, recorded as
+    a spec dict {path, subfolder, tokenizer_subfolder, revision, dtype} or (older indexes) a bare local path.
+    A pretrained one is the process's shared instance, offloaded to the CPU between calls."""
     L, D = index["text_shape"]
     if index["text_encoder"] == "builtin":
         return CaptionEncoder(index["vocab"], dim=D, max_len=L, seed=index["text_seed"])
-    return PretrainedTextEncoder(index["text_encoder"], max_len=L, device=device)
+    return get_text_encoder(ModelSpec.parse(index["text_encoder"]), max_len=L, device=device, offload=True)
 
 
 # ---------------------------------------------------------------------------------------------------- shards
@@ -265,11 +231,11 @@ def text_encoder(cfg):
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_vae(path: str, device: str):
-    return load_vae(path, device)
+def _cached_vae(spec: ModelSpec, device: str):
+    return load_vae(spec, device)
 
 
 def decode(cfg, x: torch.Tensor) -> torch.Tensor:
-    """Latents -> pixels through the VAE recorded in the index."""
-    vae = _cached_vae(str(read_index(cfg.path)["vae"]), str(x.device))
+    """Latents -> pixels through the VAE recorded in the index (a spec dict, or a bare path in older indexes)."""
+    vae = _cached_vae(ModelSpec.parse(read_index(cfg.path)["vae"]), str(x.device))
     return decode_latents(vae, x)

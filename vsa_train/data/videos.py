@@ -255,17 +255,25 @@ def find_clips(folder, rules: RowRules = RowRules()) -> list[Clip]:
     return checked([_folder_clip(file, folder, rules) for file in files], folder)
 
 
+# data=videos with neither data.manifest nor data.folder: the clips data/README.md sets up, found from the project
+# root (this file is vsa_train/data/videos.py), not from the current folder.
+SAMPLE_MANIFEST = Path(__file__).resolve().parents[2] / "data" / "sample_clips.csv"
+
+
 def source_name(cfg) -> str:
     """The manifest or folder that data=videos reads, for messages."""
-    return str(cfg.get("manifest") or cfg.get("folder"))
+    return str(cfg.get("manifest") or cfg.get("folder") or SAMPLE_MANIFEST)
 
 
 def list_clips(cfg) -> list[Clip]:
-    """The clips named by `data.manifest` or found under `data.folder` (exactly one of them)."""
-    if (cfg.get("manifest") is None) == (cfg.get("folder") is None):
-        raise ValueError("data=videos needs exactly one of data.manifest=FILE (.csv/.jsonl) or data.folder=DIR")
+    """The clips named by `data.manifest` or found under `data.folder` (at most one of them; neither: the
+    project's sample manifest, data/sample_clips.csv, wherever the command runs from)."""
+    if cfg.get("manifest") is not None and cfg.get("folder") is not None:
+        raise ValueError("data=videos takes one of data.manifest=FILE (.csv/.jsonl) or data.folder=DIR, not both")
     rules = RowRules.from_cfg(cfg)
-    return read_manifest(cfg.manifest, rules) if cfg.get("manifest") is not None else find_clips(cfg.folder, rules)
+    if cfg.get("folder") is not None:
+        return find_clips(cfg.folder, rules)
+    return read_manifest(cfg.manifest if cfg.get("manifest") is not None else SAMPLE_MANIFEST, rules)
 
 
 # --------------------------------------------------------------------------------------------------- decoding
@@ -396,7 +404,12 @@ def load_clip(clip: Clip, cfg, start: float) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------- stream
 
 def caption_encoder(cfg, clips: list[Clip]) -> CaptionEncoder:
-    """The built-in caption encoder over the words of all captions (deterministic in the clip list and seed)."""
+    """The built-in caption encoder over the words of all captions (deterministic in the clip list and seed);
+    with data.text_encoder set, that pretrained encoder, the clips' captions encoded once into a disk cache."""
+    if cfg.get("text_encoder"):
+        from .encoders import pixel_text_encoder
+
+        return pixel_text_encoder(cfg, captions=[c.caption for c in clips if not c.error])
     vocab = sorted({w for clip in clips for w in _WORD.findall(clip.caption.lower())})
     return CaptionEncoder(vocab, dim=cfg.text_dim, max_len=cfg.text_len, seed=cfg.seed)
 

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The one-GPU reproduction of the scaling study (NOT RUN YET, docs/study.md): the isoFLOP grid of
+# configs/experiment/scaling_law_h200.yaml (3 sizes x {dense, vsa} x 3 budgets over a decade + a second seed at
+# the middle budget = 24 runs at 16,384 tokens, cosine to each run's own budget), then
+# `python -m vsa_train.analysis` on it, in <= 25 minutes of one H200.
+#
+# The three model sizes run as three concurrent lanes (each a Hydra multirun over its 8 runs; small models
+# leave the GPU idle between kernel launches, so lanes overlap). Training stops at a hard deadline
+# (DEADLINE_S, default 1260 s = 21 min) whatever is left; a run cut short keeps its rows, is marked
+# "not reached" and is left out of the frontiers. Everything reported goes to $OUT/scaling.log (Markdown);
+# $OUT/scaling.tgz holds every run's metrics.jsonl, config.yaml and log, and the analysis (summary.md, plots).
+#
+#   OUT=/tmp/scaling bash scripts/gpu/scaling_h200.sh                  # on the GPU, from the repo root
+#   SMOKE=1 OUT=/tmp/scaling bash scripts/gpu/scaling_h200.sh          # CPU: the same steps on scaling_law_tiny
+set -euo pipefail
+: "${OUT:?set OUT to the output folder}"
+mkdir -p "$OUT"
+LOG="$OUT/scaling.log"
+START=$SECONDS
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export WANDB_MODE=disabled  # logger=none in the experiment; metrics.jsonl is the record
+
+if [ "${SMOKE:-0}" = 1 ]; then
+  EXPERIMENT=scaling_law_tiny DEADLINE_S=${DEADLINE_S:-600} ANALYSIS_S=120 BOOTSTRAP=200
+  export OMP_NUM_THREADS=1
+else
+  EXPERIMENT=scaling_law_h200 DEADLINE_S=${DEADLINE_S:-1260} ANALYSIS_S=150 BOOTSTRAP=1000
+fi
+SIZES=(s m l)
+RUNS=${SCALING_RUNS:-runs/multirun/scaling_h200_reproduction}
+RESULTS="$RUNS/analysis"
+rm -rf "$RUNS"
+mkdir -p "$RUNS"
+
+{
+  echo "# scaling study ($EXPERIMENT) on $(hostname 2>/dev/null || echo "?"), $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '(no git)')"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
+  python -c "import torch, triton; print(f'torch {torch.__version__}, triton {triton.__version__}')" 2>&1 || true
+  echo "lanes: sizes ${SIZES[*]} concurrently; training deadline ${DEADLINE_S}s; analysis limit ${ANALYSIS_S}s"
+} > "$LOG"
+
+# One lane per size: `python train.py experiment=... size=<s>` is a multirun over attn x point for that size.
+pids=()
+for size in "${SIZES[@]}"; do
+  cmd=(python -u train.py "experiment=$EXPERIMENT" "size=$size" "hydra.sweep.dir=$RUNS")
+  echo "lane $size: ${cmd[*]}" >> "$LOG"
+  ( t0=$SECONDS; rc=0; timeout --kill-after=10 "$DEADLINE_S" "${cmd[@]}" || rc=$?
+    printf "\nlane wall time: %s s, exit code %s\n" "$((SECONDS - t0))" "$rc"; exit "$rc" ) > "$RUNS/lane_$size.out" 2>&1 &
+  pids+=("$!:$size")
+done
+
+for entry in "${pids[@]}"; do
+  pid=${entry%%:*} size=${entry#*:}
+  rc=0
+  wait "$pid" || rc=$?
+  {
+    echo
+    echo "## lane $size: exit code $rc$([ "$rc" = 124 ] && echo " (stopped by the ${DEADLINE_S}s deadline)")"
+    grep -E '^(params|flops_per_sample|flops budget|rank 0|lane wall time)' "$RUNS/lane_$size.out" || true
+    [ "$rc" = 0 ] || [ "$rc" = 124 ] || tail -n 40 "$RUNS/lane_$size.out"
+  } >> "$LOG"
+done
+echo "training done at $((SECONDS - START))s" >> "$LOG"
+
+# Per run: steps, FLOPs, budget reached, final eval loss, median throughput (lanes share the GPU: not a speed
+# measurement; docs/benchmarks.md has those).
+python - "$RUNS" >> "$LOG" 2>&1 <<'EOF' || true
+import json, sys
+import yaml
+from pathlib import Path
+print("\n| run | steps | FLOPs | budget | reached | final eval loss | final lr | median samples/s |")
+print("|---|---|---|---|---|---|---|---|")
+for metrics in sorted(Path(sys.argv[1]).rglob("metrics.jsonl")):
+    rows = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()]
+    if not rows:
+        continue
+    cfg = yaml.safe_load((metrics.parent / "config.yaml").read_text())
+    budget, last = cfg["train"]["flops_budget"], rows[-1]
+    evals = [r["eval/loss"] for r in rows if "eval/loss" in r]
+    speeds = sorted(r["samples/s"] for r in rows[2:] if "samples/s" in r)
+    lr = [r["lr"] for r in rows if "lr" in r]
+    print(f"| {metrics.parent.name} | {last['step']} | {last['flops']:.3g} | {budget:.3g} | "
+          f"{'yes' if last['flops'] >= budget else 'NO'} | {evals[-1] if evals else float('nan'):.5f} | "
+          f"{lr[-1] if lr else float('nan'):.3g} | {speeds[len(speeds) // 2] if speeds else float('nan'):.1f} |")
+EOF
+
+rc=0
+timeout "$ANALYSIS_S" python -m vsa_train.analysis "$RUNS" --out "$RESULTS" --bootstrap "$BOOTSTRAP" >> "$LOG" 2>&1 || rc=$?
+echo "analysis exit code: $rc" >> "$LOG"
+if [ -f "$RESULTS/summary.md" ]; then
+  { echo; cat "$RESULTS/summary.md"; } >> "$LOG"
+fi
+# the runs' records and the analysis, without checkpoints
+(cd "$RUNS" && find . \( -name metrics.jsonl -o -name config.yaml -o -name 'lane_*.out' -o -path './analysis/*' \) \
+   -not -path '*/.hydra/*' -type f -print0 | tar --null -czf "$OUT/scaling.tgz" --files-from=-) >> "$LOG" 2>&1 \
+   || echo "archive failed" >> "$LOG"
+echo "scaling_h200.sh finished in $((SECONDS - START))s" >> "$LOG"
+exit 0

@@ -18,3 +18,12 @@ def _fresh_dynamo():
     so shapes seen by one test's compiled model would otherwise make another test's trace symbolic."""
     torch._dynamo.reset()
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny models run fastest so on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -320,7 +320,7 @@ def test_isoflop_parabola_finds_the_compute_optimal_size(tmp_path):
         assert fit.loss_opt == pytest.approx(0.5 / math.log10(budget), rel=1e-6)
     assert {f for f, _ in result["frontiers"]["dense"]} <= set(optimum)  # final points only
     summary = (tmp_path / "out" / "summary.md").read_text()
-    assert f"| dense | 1e+16 | " in summary and f"{optimum[1e16] / 1e6:.2f}M" in summary
+    assert "| dense | 1e+16 | " in summary and f"{optimum[1e16] / 1e6:.2f}M" in summary
     assert (tmp_path / "out" / "isoflop.png").stat().st_size > 10_000
 
 

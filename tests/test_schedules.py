@@ -18,13 +18,7 @@ TINY = ["data.frames=4", "data.height=8", "data.width=8", "train.batch_size=2", 
         "train.eval_timesteps=2", "train.log_every=1", "train.eval_every=100", "logger=none"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these models are tiny, and a shared 2-core machine runs them fastest so."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(*overrides):

@@ -4,7 +4,6 @@ The run-lifecycle cases (config checks, signals, integrity, locks, rollback, hos
 """
 import os
 import re
-import resource
 import subprocess
 import sys
 from pathlib import Path

@@ -27,7 +27,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from .analysis.plot import plot_loss_vs_flops
-from . import config_schema
+from . import config_schema, progress
 from .checkpoint import init_weights, load_checkpoint, save_checkpoint
 from .data import Data, build_data, data_spec
 from .diffusion import flow_loss, sample_draws
@@ -41,7 +41,7 @@ from .parallel import (Layout, apply_fsdp, apply_sequence_parallel, clip_grad_no
 from .preemption import StopSignals
 from .rundir import Launch, RunDir
 from .sampling import save_samples
-from .schedules import LRSchedule, SparsitySchedule
+from .schedules import LRSchedule, SparsitySchedule, end_step
 
 
 @dataclass
@@ -317,13 +317,15 @@ def train(cfg: DictConfig) -> dict:
     accelerator = make_accelerator(cfg)
     world = accelerator.num_processes
     run_dir = RunDir(cfg.run_dir)
-    dp_size = make_layout(cfg.parallel, cfg.model, world, accelerator.process_index).dp_size
+    layout = make_layout(cfg.parallel, cfg.model, world, accelerator.process_index)
+    dp_size = layout.dp_size
     launch = Launch(cfg=cfg, processes=world, global_batch=tcfg.batch_size * tcfg.grad_accum * dp_size,
                     resume=tcfg.resume, data_parallel=dp_size)
     # Checked before anything is written: a launch that does not fit the run leaves its directory untouched.
     resume_from = on_main(accelerator, run_dir.check_launch, launch)
     with contextlib.ExitStack() as held:
         on_main(accelerator, lambda: held.enter_context(run_dir.lock(tcfg.lock_stale_s)))
+        _announce_build(cfg, spec, accelerator, layout)
         run = build_run(cfg, accelerator, resume_from)
         on_main(accelerator, run_dir.record_launch, launch, resume_from)
         last = _loop(run, run_dir, spec, resumed=resume_from is not None)
@@ -331,6 +333,25 @@ def train(cfg: DictConfig) -> dict:
         accelerator.wait_for_everyone()
         torch.distributed.destroy_process_group()
     return last
+
+
+def _announce_build(cfg: DictConfig, spec, accelerator: Accelerator, layout: Layout) -> None:
+    """Before the model is built (main process): its size, a rough training-memory estimate (vsa_train/progress.py)
+    and a warning when this machine has less memory than that."""
+    if not accelerator.is_main_process:
+        return
+    with torch.device("meta"):  # counts parameters without allocating them
+        n_params = sum(p.numel() for p in build_model(cfg.model, cfg.attn, in_channels=spec.in_channels,
+                                                      text_dim=spec.text_dim).parameters())
+    tokens = math.prod(n // p for n, p in zip(spec.video_shape, cfg.model.patch_size))
+    est = progress.memory_estimate(n_params, cfg, tokens, dp_size=layout.dp_size, sp_size=layout.sp_size,
+                                   strategy=layout.strategy, precision=accelerator.mixed_precision)
+    print(f"building the model: {cfg.model.name}, {n_params:,} parameters, {accelerator.device.type} ...\n"
+          f"{progress.describe_memory(est)}", flush=True)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or 1)
+    warning = progress.memory_warning(est, accelerator.device, local_processes=local)
+    if warning:
+        print(warning, flush=True)
 
 
 def _loop(run: Run, run_dir: RunDir, spec, resumed: bool) -> dict:
@@ -346,7 +367,21 @@ def _loop(run: Run, run_dir: RunDir, spec, resumed: bool) -> dict:
                       f"flops_per_sample: {per_sample.executed:.4e} (dense {per_sample.dense:.4e})\nglobal batch: "
                       f"{run.global_batch} ({accelerator.num_processes} processes, {accelerator.mixed_precision} "
                       f"precision)")
-    pbar = tqdm(total=tcfg.max_steps, initial=state.step, disable=not main, desc="train", dynamic_ncols=True)
+    note = progress.vsa_flops_note(run.sparsity)
+    if note:
+        accelerator.print(note)
+    # A run the FLOPs budget ends gets a bar in FLOPs (total = the budget), not in steps of train.max_steps.
+    by_flops = tcfg.flops_budget is not None and end_step(tcfg.max_steps, tcfg.flops_budget, run.sparsity,
+                                                          run.global_batch, exact_steps=100_000) < tcfg.max_steps
+    if by_flops:
+        pbar = tqdm(total=tcfg.flops_budget, initial=state.flops, unit="FLOP", unit_scale=True, disable=not main,
+                    desc="train", dynamic_ncols=True)
+    else:
+        pbar = tqdm(total=tcfg.max_steps, initial=state.step, disable=not main, desc="train", dynamic_ncols=True)
+    say = lambda message: pbar.write(message) if main else None  # noqa: E731  (tqdm.write: also once closed)
+    if tcfg.compile and not Cadence(tcfg).finished(state):  # torch.compile compiles at the first call
+        say(f"compiling (train.compile={tcfg.compile}): the first step takes longer"
+            f"{' (and the step-0 eval)' if state.step == 0 and not resumed else ''}")
 
     def evaluate_into(row: dict) -> None:
         # eval/loss (mean) and eval/loss_t<t> per timestep; the same under eval/loss_ema for the EMA weights
@@ -358,6 +393,8 @@ def _loop(run: Run, run_dir: RunDir, spec, resumed: bool) -> dict:
 
     if state.step == 0 and not resumed:  # the untrained model's eval loss anchors the curve
         run.sparsity.apply(0, accelerator.unwrap_model(run.model), run.ema and run.ema.module)
+        say(f"evaluating {tcfg.eval_samples} videos x {tcfg.eval_timesteps} timesteps"
+            f"{' (weights and EMA)' if run.ema is not None else ''} ...")
         row = {"step": 0, "flops": 0.0, "flops_dense": 0.0, **run.sparsity.row(0)}
         evaluate_into(row)
         metrics.log(row)
@@ -374,7 +411,8 @@ def _loop(run: Run, run_dir: RunDir, spec, resumed: bool) -> dict:
                 continue
             state = run.state
             window.add(run.global_batch, state.flops - flops_before, result.loss)
-            pbar.update(1)
+            # In FLOPs the bar stops at the budget; the end line says by how much the last step overshot it.
+            pbar.update(min(state.flops - flops_before, max(0.0, pbar.total - pbar.n)) if by_flops else 1)
             due = cadence.due(state, flops_before, stopping=result.stop)
             row = {}
             if due.log:
@@ -387,7 +425,8 @@ def _loop(run: Run, run_dir: RunDir, spec, resumed: bool) -> dict:
                 if accelerator.device.type == "cuda":  # utilisation per device against its dense bf16 peak
                     row["MFU"] = row["TFLOP/s/device"] / tcfg.peak_tflops
                     row["mem/peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
-                pbar.set_postfix(loss=f"{row['train/loss']:.4f}", refresh=False)
+                pbar.set_postfix(**({"step": state.step} if by_flops else {}), loss=f"{row['train/loss']:.4f}",
+                                 refresh=False)
             if due.eval:
                 evaluate_into(row)
             if row:
@@ -397,7 +436,7 @@ def _loop(run: Run, run_dir: RunDir, spec, resumed: bool) -> dict:
                 last.update(row)
                 on_main(accelerator, run_dir.touch_lock)
             if due.ckpt:
-                ckpt = _save(run, run_dir)
+                ckpt = _save(run, run_dir, say)
             if due.sample:  # after saving: a failure here cannot cost the weights
                 model = run.ema.module if run.ema is not None else accelerator.unwrap_model(run.model)
                 save_samples(model, cfg, run.eval_set["caption"][: tcfg.sample_count], state.step, accelerator)
@@ -408,18 +447,28 @@ def _loop(run: Run, run_dir: RunDir, spec, resumed: bool) -> dict:
             if row or due.ckpt or due.sample:  # eval, saving and sampling are not throughput
                 window.reset()
     pbar.close()
-    _save(run, run_dir)  # no-op if this step is saved
+    _save(run, run_dir, say)  # no-op if this step is saved
     _finish(run, run_dir, cadence)
     return last
 
 
-def _save(run: Run, run_dir: RunDir) -> Path:
+def _save(run: Run, run_dir: RunDir, say=None) -> Path:
+    """Saves the current step; `say` (the main process's printer) announces it and its duration."""
+    say = say if run.accelerator.is_main_process and say is not None else None
+    if say is not None and run_dir.step_dir(run.state.step).exists():
+        say = None  # already saved: save_checkpoint returns at once
+    if say is not None:
+        say(f"saving checkpoint step {run.state.step} ...")
+    start = time.perf_counter()
     if not run.health.healthy():
         run.accelerator.print(f"warning: saving step {run.state.step} while the loss is not healthy "
                               f"({run.health.losses[-1]:.4g}, recent median {statistics.median(run.health.losses):.4g}); "
                               f"it will not be used as a rollback point")
-    return save_checkpoint(run.accelerator, run_dir, run.model, run.optimizer, run.ema, run.counters(),
+    path = save_checkpoint(run.accelerator, run_dir, run.model, run.optimizer, run.ema, run.counters(),
                            run.cfg.train.keep_checkpoints)
+    if say is not None:
+        say(f"saved checkpoint step {run.state.step} in {progress.seconds(time.perf_counter() - start)}")
+    return path
 
 
 def _on_nonfinite(run: Run, run_dir: RunDir, result: StepResult, metrics: MetricsLog) -> MetricsLog:
@@ -451,8 +500,12 @@ def _finish(run: Run, run_dir: RunDir, cadence: Cadence) -> None:
     if run.skipped:
         print(f"rank {accelerator.process_index}: skipped {len(run.skipped)} bad inputs:\n  "
               + "\n  ".join(sorted(run.skipped)), flush=True)
+    budget = run.cfg.train.flops_budget
     if cadence.budget_spent(run.state):
-        accelerator.print(f"flops budget {run.cfg.train.flops_budget:.3e} reached at step {run.state.step}")
+        accelerator.print(progress.budget_line(budget, run.state.step, run.state.flops))
+    elif budget is not None:
+        accelerator.print(f"train.max_steps={run.cfg.train.max_steps} ended the run before the flops budget "
+                          f"{budget:.3e}: {run.state.flops:.3e} executed ({100 * run.state.flops / budget:.3g}%)")
     accelerator.end_training()
     if accelerator.is_main_process:
         plot_loss_vs_flops(run_dir.metrics, run_dir.path / "loss_vs_flops.png", title=run_dir.path.name)
@@ -488,6 +541,11 @@ def dry_run(cfg: DictConfig) -> dict:
     print(f"params: {n_params}")
     print(f"flops_per_sample: {flops.executed:.6e}")
     print(f"flops_per_sample_dense: {flops.dense:.6e}")
+    precision = cfg.train.mixed_precision
+    precision = ("bf16" if torch.cuda.is_available() else "no") if precision == "auto" else precision
+    tokens = math.prod(n // p for n, p in zip(spec.video_shape, cfg.model.patch_size))
+    print(progress.describe_memory(progress.memory_estimate(n_params, cfg, tokens, precision=precision),
+                                   "one process, unsharded"))
     result = {"params": n_params, "flops_per_sample": flops.executed, "flops_per_sample_dense": flops.dense}
     schedule = SparsitySchedule(cfg, spec)
     if schedule.vsa is not None:  # executed FLOPs above are at the target topk; a ramp starts denser
@@ -496,4 +554,7 @@ def dry_run(cfg: DictConfig) -> dict:
               f"schedule {schedule.vsa.schedule}, step 0: topk {schedule.topk(0)}, "
               f"flops_per_sample {schedule.flops_per_sample(0).executed:.6e}")
         result.update(topk=target, tiles=schedule.tiles)
+        note = progress.vsa_flops_note(schedule)
+        if note:
+            print(note)
     return result

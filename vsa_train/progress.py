@@ -1,0 +1,117 @@
+"""What a long job tells its user while it runs (issue #14, "honest progress"): the training-memory estimate and
+the warning when the machine has less, the VSA-costs-more-than-dense note, the FLOPs budget's end line.
+
+Pure functions returning text (or None); vsa_train/trainer.py prints them on the main process.
+
+Memory estimate (per process, a rough one, labelled so wherever it is printed):
+
+- fp32 weights + gradients + AdamW's two states: 16 bytes per parameter (divided over the data-parallel ranks
+  under parallel.strategy=fsdp, which shards all four);
+- the EMA copy (train.ema): 4 bytes per parameter;
+- activations kept for the backward: ~24 values per video token per hidden unit per block (norms and AdaLN
+  modulations, q/k/v and attention output, cross-attention, the 4x-wide MLP before and after its activation),
+  times train.batch_size, times 2 bytes under bf16/fp16 autocast or 4 in fp32; tokens divided by
+  parallel.sp_size; with model.grad_checkpointing=full only each block's input (1 value) plus one block's
+  activations are kept, with selective every other block is recomputed. Attention score matrices (materialised by
+  non-fused attention paths), the eval batch, the allocator's slack and framework overhead are not counted.
+"""
+import math
+import os
+
+import torch
+
+GiB = 2**30
+VALUES_PER_TOKEN_DIM = 24  # activations kept per video token, per hidden unit, per block (see the docstring)
+
+
+def memory_estimate(n_params: int, cfg, tokens: int, *, dp_size: int = 1, sp_size: int = 1,
+                    strategy: str = "ddp", precision: str = "no") -> dict:
+    """Bytes per process: {"states", "ema", "activations", "total"} (see the module docstring)."""
+    shard = dp_size if strategy == "fsdp" else 1
+    states = 16 * n_params / shard
+    ema = 4 * n_params if cfg.train.ema is not None else 0
+    value_bytes = 2 if precision in ("bf16", "fp16") else 4
+    d, depth = cfg.model.hidden_size, cfg.model.depth
+    per_block = VALUES_PER_TOKEN_DIM * math.ceil(tokens / sp_size) * d * value_bytes * cfg.train.batch_size
+    ckpt = cfg.model.get("grad_checkpointing", "none") or "none"
+    if ckpt == "full":  # block inputs kept, one block's activations live during its recompute
+        activations = per_block * (depth / VALUES_PER_TOKEN_DIM + 1)
+    elif ckpt == "selective":  # every other block recomputed
+        activations = per_block * (math.ceil(depth / 2) + 1)
+    else:
+        activations = per_block * depth
+    return {"states": states, "ema": ema, "activations": activations, "total": states + ema + activations}
+
+
+def size(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
+
+
+def describe_memory(est: dict, scope: str = "per process") -> str:
+    ema = f" + EMA {size(est['ema'])}" if est["ema"] else ""
+    return (f"training memory estimate (rough, {scope}): {size(est['total'])} = weights+grads+AdamW "
+            f"{size(est['states'])}{ema} + activations ~{size(est['activations'])} (how: vsa_train/progress.py)")
+
+
+def total_memory(device: torch.device) -> tuple[int, str] | None:
+    """(bytes, what) of the memory the run lives in: the GPU's, or the machine's RAM; None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device.index or 0).total_memory, "GPU memory"
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total), "RAM"
+    except ImportError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def memory_warning(est: dict, device: torch.device, local_processes: int = 1) -> str | None:
+    """A warning when the device (a GPU per process, or the RAM all of this node's processes share) holds less
+    than the estimate."""
+    have = total_memory(device)
+    if have is None:
+        return None
+    total, what = have
+    need = est["total"] * (1 if device.type == "cuda" else max(1, local_processes))
+    if need <= total:
+        return None
+    who = "per process" if device.type == "cuda" or local_processes <= 1 else f"for {local_processes} processes"
+    return (f"warning: this machine has {size(total)} of {what}, less than the {size(need)} "
+            f"estimated {who}: the run may run out of memory (lower train.batch_size, set "
+            f"model.grad_checkpointing=full, or shard with parallel.strategy=fsdp)")
+
+
+def vsa_flops_note(sparsity) -> str | None:
+    """One line when VSA at this size executes more FLOPs per sample than dense attention (few tiles: the top-k
+    fine stage plus the coarse stage and the gates), at the target topk or, for a ramp, at its first step."""
+    if sparsity.vsa is None:
+        return None
+    target = sparsity.vsa.topk_in_force(sparsity.tiles)
+    at_target = sparsity.flops_per_sample(sparsity.steady_from())  # the target topk, once any ramp is done
+    first = sparsity.flops_per_sample(0)
+    if at_target.executed > at_target.dense:
+        return (f"note: VSA here executes more FLOPs than dense: {at_target.executed:.4e} vs {at_target.dense:.4e} "
+                f"per sample (+{100 * (at_target.executed / at_target.dense - 1):.1f}%; topk {target} of "
+                f"{sparsity.tiles} tiles, plus the coarse stage and gates)")
+    if first.executed > first.dense:
+        return (f"note: VSA's ramp starts above dense: {first.executed:.4e} vs {first.dense:.4e} FLOPs per sample "
+                f"at step 0 (topk {sparsity.topk(0)} of {sparsity.tiles} tiles), {at_target.executed:.4e} at the "
+                f"target topk {target}")
+    return None
+
+
+def budget_line(budget: float, step: int, executed: float) -> str:
+    """The end of a run stopped by train.flops_budget: met exactly, or by how much the last step overshot it."""
+    over = executed - budget
+    if over <= 0:
+        return f"flops budget {budget:.3e} reached exactly at step {step}: {executed:.3e} executed"
+    return (f"flops budget {budget:.3e} reached at step {step}: {executed:.3e} executed "
+            f"({100 * over / budget:+.3g}%, the last step crosses it)")
+
+
+def seconds(s: float) -> str:
+    return f"{s:.1f}s" if s < 120 else f"{s / 60:.1f} min"

@@ -73,3 +73,17 @@ def test_classifier_free_guidance_mixes_conditional_and_null():
     out = euler_sample(model, noise, text, mask, steps=4, cfg_scale=3.0)
     torch.testing.assert_close(out, torch.full_like(noise, -(-1 + 2 * 3.0)))  # x(0) = x(1) - v over unit time
     torch.testing.assert_close(euler_sample(model, noise, text, mask, steps=4), torch.full_like(noise, -1.0))
+
+
+def test_sample_draws_depend_on_seed_and_position_only():
+    """Each training sample's (t, noise, u) is a function of (seed, stream position): the same sample gets the
+    same draws in any batch split, and seeds never share a draw (seed 1's position 0 is not seed 0's 2^20)."""
+    from vsa_train.diffusion import sample_draws
+
+    t, noise, u = sample_draws(0, torch.arange(4), (3, 2, 4, 4), "cpu")
+    t2, noise2, u2 = sample_draws(0, torch.tensor([2, 3]), (3, 2, 4, 4), "cpu")
+    assert torch.equal(t[2:], t2) and torch.equal(noise[2:], noise2) and torch.equal(u[2:], u2)
+    assert ((t > 0) & (t < 1)).all() and ((u >= 0) & (u < 1)).all() and len(set(t.tolist())) == 4
+    other, far = sample_draws(1, torch.tensor([0]), (3, 2, 4, 4), "cpu"), sample_draws(0, torch.tensor([2**20]),
+                                                                                      (3, 2, 4, 4), "cpu")
+    assert not torch.equal(other[1], noise[:1]) and not torch.equal(other[1], far[1])

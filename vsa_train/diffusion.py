@@ -14,11 +14,20 @@ def sample_draws(seed: int, positions: torch.Tensor, shape, device) -> tuple[tor
     processes, the per-process batch or the sequence-parallel layout (elastic restarts stay exact)."""
     ts, noises, us = [], [], []
     for p in positions.tolist():
-        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + p)
+        g = torch.Generator(device=device).manual_seed(_mix(seed, p))
         ts.append(sample_timesteps(1, generator=g, device=device))
         noises.append(torch.randn((1, *shape), generator=g, device=device))
         us.append(torch.rand(1, generator=g, device=device))
     return torch.cat(ts), torch.cat(noises), torch.cat(us)
+
+
+def _mix(seed: int, position: int) -> int:
+    """A well-mixed 64-bit seed for (seed, position) (splitmix64): the CPU generator keeps only its low 32 bits,
+    so a plain seed * K + position would give seed 1's first samples the noise of seed 0's later ones."""
+    z = ((seed & 0xFFFFFF) << 40 | (position & (2**40 - 1))) + 0x9E3779B97F4A7C15
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 2**64 - 1
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 2**64 - 1
+    return (z ^ (z >> 31)) & (2**63 - 1)
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,6 +3,7 @@
 Files are portable: full (unsharded) weights and optimizer state gathered on the main process, each rank's RNG
 state in its own file. Saving is collective (every rank calls it); loading reads files on every rank.
 """
+import shutil
 import warnings
 from pathlib import Path
 
@@ -12,20 +13,17 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from .distributed import on_main
-from .models.vsa import VSAAttention
 from .files import disk_error
-from .rundir import (STATE, RunDir, RunDirError, load_tensors, optimizer_from_files, optimizer_to_files, read_state, resolve_checkpoint,
-                     rng_file, rng_problem, rng_state, save_tensors, set_rng_state, verify, write_json)
+from .models.vsa import VSAAttention
+from .rundir import (STATE, RunDir, RunDirError, load_tensors, optimizer_from_files, optimizer_to_files, read_state,
+                     resolve_checkpoint, rng_file, rng_problem, rng_state, save_tensors, set_rng_state, write_json)
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: RunDir, model, optimizer, ema, counters: dict,
                     keep: int) -> Path:
     """Writes step `counters["step"]` as run_dir/checkpoints/step_<N> (atomic; manifest last); collective."""
     step = counters["step"]
-    final = run_dir.step_dir(step)
-    if on_main(accelerator, lambda: final.exists() and verify(final) is None):
-        return final  # this exact state is already saved (a resumed run that had nothing left to do)
-    tmp = run_dir.tmp_dir(step)
+    tmp = run_dir.tmp_dir(step)  # publish replaces a damaged step_<N> of the same step
     # Full (unsharded) states keyed by parameter name, on the main process: the same files from one process,
     # DDP or FSDP, so a checkpoint resumes under any strategy and world size. Collective under FSDP.
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -33,8 +31,6 @@ def save_checkpoint(accelerator: Accelerator, run_dir: RunDir, model, optimizer,
     optim_state = get_optimizer_state_dict(model, optimizer, options=full)
 
     def write_main():
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:

@@ -206,30 +206,33 @@ class RunDir:
         found = [(int(m.group(1)), p) for p in self.checkpoints.iterdir() if (m := _STEP_DIR.match(p.name))]
         return [p for _, p in sorted(found)]
 
-    def verified_checkpoints(self, warn: bool = True) -> list[Path]:
-        """Checkpoints whose manifest verifies, oldest first; the others are named in a warning."""
-        good = []
-        for ckpt in self.checkpoint_dirs():
+    def newest_verified(self, warn: bool = True):
+        """Checkpoints whose manifest verifies, newest first, hashed one at a time as the caller asks for them (a
+        resume hashes only the newest good one); each one that does not verify is named in a warning."""
+        for ckpt in reversed(self.checkpoint_dirs()):
             problem = verify(ckpt)
             if problem is None:
-                good.append(ckpt)
+                yield ckpt
             elif warn:
                 warnings.warn(f"skipping checkpoint {ckpt}: {problem}", stacklevel=2)
-        return good
+
+    def verified_checkpoints(self, warn: bool = True) -> list[Path]:
+        """Every checkpoint whose manifest verifies, oldest first."""
+        return list(reversed(list(self.newest_verified(warn))))
 
     def resume_checkpoint(self) -> "Path | None":
         """The newest verified checkpoint; RunDirError if checkpoints exist but none verifies."""
         if not self.checkpoint_dirs():
             return None
-        good = self.verified_checkpoints()
-        if not good:
+        newest = next(self.newest_verified(), None)
+        if newest is None:
             raise RunDirError(f"no checkpoint under {self.checkpoints} verifies (see the warnings above); refusing "
                               f"to start the run over. Move them away to start fresh.")
-        return good[-1]
+        return newest
 
     def last_healthy(self, check: bool = True) -> "Path | None":
         """The newest checkpoint saved while the loss was healthy (finite, not exploding); `check`: verified."""
-        for ckpt in reversed(self.verified_checkpoints() if check else self.checkpoint_dirs()):
+        for ckpt in self.newest_verified() if check else reversed(self.checkpoint_dirs()):
             try:
                 if read_state(ckpt).get("healthy"):
                     return ckpt

@@ -148,10 +148,3 @@ class LRSchedule:
 
     def __call__(self, step: int) -> float:
         return lr_at(step, self.optim, self.end_step)
-
-    def describe(self) -> str:
-        o = self.optim
-        text = f"lr schedule {o.get('schedule', 'constant') or 'constant'}: peak {o.lr:g}, warm-up {o.warmup_steps} steps"
-        if self.decays:
-            text += f", down to {o.lr * o.min_lr_ratio:g} at step {self.end_step - 1} (run end {self.end_step})"
-        return text

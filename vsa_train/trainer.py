@@ -89,6 +89,7 @@ class Run:
     layout: Layout = Layout()
     lr_schedule: LRSchedule = None  # optim.schedule; its end step is fixed once, in build_run
     train_iter: object = None
+    saved_step: int = -1  # the step whose checkpoint this run holds (saved or resumed from): not saved again
     skipped: set = field(default_factory=set)  # bad inputs this rank's data met (skipped, never trained on)
 
     def restart_data(self) -> None:
@@ -110,6 +111,7 @@ class Run:
 
     def restore(self, counters: dict) -> None:
         self.state = TrainState(**{k: counters[k] for k in asdict(TrainState()) if k in counters})
+        self.saved_step = self.state.step
         self.health.losses.clear()
         self.health.losses.extend(counters.get("recent_losses", []))
 
@@ -164,9 +166,8 @@ def build_run(cfg: DictConfig, accelerator: Accelerator, resume_from: Path | Non
               sparsity=SparsitySchedule(cfg, spec), state=TrainState(), health=LossHealth(tcfg.explode_factor),
               global_batch=tcfg.batch_size * tcfg.grad_accum * layout.dp_size, layout=layout)
     run.lr_schedule = LRSchedule(cfg, run.sparsity, run.global_batch)
-    # Training noise and timesteps come from the global RNG, seeded per data-parallel rank here (the ranks of a
-    # sequence-parallel group draw the same) and restored on resume, so a resumed run draws exactly what an
-    # uninterrupted one would have.
+    # Training noise, timesteps and caption dropout are drawn per sample (diffusion.sample_draws); the global RNG,
+    # seeded per data-parallel rank here and restored on resume, only serves anything else that draws from it.
     set_seed(tcfg.seed + layout.dp_rank)
     if resume_from is not None:
         run.restore(load_checkpoint(accelerator, resume_from, model, optimizer, ema))
@@ -389,7 +390,7 @@ def _loop(run: Run, run_dir: RunDir, spec, resumed: bool) -> dict:
         if run.ema is not None:
             row.update(evaluate(run.ema.module, run.eval_set, accelerator, tcfg.eval_batch_size,
                                 run.layout).row("eval/loss_ema"))
-        pbar.write(f"step {run.state.step}: eval/loss {row['eval/loss']:.5f}") if main else None
+        say(f"step {run.state.step}: eval/loss {row['eval/loss']:.5f}")
 
     if state.step == 0 and not resumed:  # the untrained model's eval loss anchors the curve
         run.sparsity.apply(0, accelerator.unwrap_model(run.model), run.ema and run.ema.module)
@@ -401,7 +402,7 @@ def _loop(run: Run, run_dir: RunDir, spec, resumed: bool) -> dict:
 
     cadence, window, last = Cadence(tcfg), Window(), {"step": state.step}
     run.model.train()
-    with StopSignals(announce=lambda m: pbar.write(m) if main else None) as signals:
+    with StopSignals(announce=say) as signals:
         while not cadence.finished(run.state):
             flops_before = run.state.flops
             result = train_step(run, stop_requested=signals.requested())
@@ -434,7 +435,8 @@ def _loop(run: Run, run_dir: RunDir, spec, resumed: bool) -> dict:
                            **row)
                 metrics.log(row)
                 last.update(row)
-                on_main(accelerator, run_dir.touch_lock)
+                if main:  # a file time stamp: no collective needed
+                    run_dir.touch_lock()
             if due.ckpt:
                 ckpt = _save(run, run_dir, say)
             if due.sample:  # after saving: a failure here cannot cost the weights
@@ -447,7 +449,8 @@ def _loop(run: Run, run_dir: RunDir, spec, resumed: bool) -> dict:
             if row or due.ckpt or due.sample:  # eval, saving and sampling are not throughput
                 window.reset()
     pbar.close()
-    _save(run, run_dir, say)  # no-op if this step is saved
+    if run.saved_step != run.state.step:  # the loop saves its last step; this covers a run with nothing left to do
+        _save(run, run_dir, say)
     _finish(run, run_dir, cadence)
     return last
 
@@ -455,8 +458,6 @@ def _loop(run: Run, run_dir: RunDir, spec, resumed: bool) -> dict:
 def _save(run: Run, run_dir: RunDir, say=None) -> Path:
     """Saves the current step; `say` (the main process's printer) announces it and its duration."""
     say = say if run.accelerator.is_main_process and say is not None else None
-    if say is not None and run_dir.step_dir(run.state.step).exists():
-        say = None  # already saved: save_checkpoint returns at once
     if say is not None:
         say(f"saving checkpoint step {run.state.step} ...")
     start = time.perf_counter()
@@ -466,6 +467,7 @@ def _save(run: Run, run_dir: RunDir, say=None) -> Path:
                               f"it will not be used as a rollback point")
     path = save_checkpoint(run.accelerator, run_dir, run.model, run.optimizer, run.ema, run.counters(),
                            run.cfg.train.keep_checkpoints)
+    run.saved_step = run.state.step
     if say is not None:
         say(f"saved checkpoint step {run.state.step} in {progress.seconds(time.perf_counter() - start)}")
     return path

@@ -43,13 +43,19 @@ def parse_args():
     p.add_argument("--model", default="dit_120m")
     p.add_argument("--data", default="synthetic_16k")
     p.add_argument("--rows", default="dense:eager,vsa:eager,vsa:compile,dense:compile",
-                   help="attn:mode pairs in the order run (the most wanted compiled row first, in case time runs out)")
+                   help="attn:mode[:override...] in the order run (the most wanted row first, in case time runs "
+                        "out); a row's own Hydra overrides follow its mode, e.g. "
+                        "vsa:compile:model.grad_checkpointing=full:train.batch_size=8")
     p.add_argument("--baseline", default="dense", help="the attn config speed-ups are relative to")
     p.add_argument("--batch", type=int, default=4, help="train.batch_size (per process, per micro-step)")
     p.add_argument("--steps", type=int, default=25, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per row (compilation happens here)")
     p.add_argument("--budget", type=float, default=1e9, help="seconds; a row that may not fit is skipped")
     p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument("--memory-cap-gib", type=float, default=None,
+                   help="caps this process's CUDA memory (torch.cuda.set_per_process_memory_fraction), e.g. 80 "
+                        "to ask whether a row fits an 80 GB H100 on a larger card; a row that does not fit fails")
+    p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler step after each row")
     p.add_argument("--out", type=Path, default=None, help="writes results.json here")
     p.add_argument("--smoke", action="store_true", help="CPU check: dit_tiny, 4x16x16 video, 2 steps")
     p.add_argument("override", nargs="*", help="extra Hydra overrides of the train config, e.g. attn.sparsity=0.9")
@@ -60,13 +66,13 @@ def parse_args():
     return args
 
 
-def load_cfg(args, attn: str, compiled: bool):
-    """The `train` config a row's run is built from; the user's overrides come last and win."""
+def load_cfg(args, attn: str, compiled: bool, row_overrides=()):
+    """The `train` config a row's run is built from; the user's overrides, then the row's own, come last and win."""
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
         return compose(config_name="train", overrides=[
             f"model={args.model}", f"data={args.data}", f"attn={attn}", f"train.batch_size={args.batch}",
             f"train.compile={str(compiled).lower()}", "logger=none", f"train.eval_samples={args.batch}",
-            "train.eval_timesteps=1", *args.override])
+            "train.eval_timesteps=1", *args.override, *row_overrides])
 
 
 def sync(device):
@@ -104,21 +110,25 @@ def steps(run, n: int) -> None:
 def measure(cfg, args) -> dict:
     """Builds the row's run, warms up, times, profiles one step, frees the run."""
     check_config(cfg, data_spec(cfg.data))
+    t0 = time.perf_counter()
     run = build_run(cfg, make_accelerator(cfg))
     try:
-        return _measure(run, args)
+        return _measure(run, args, build_s=time.perf_counter() - t0)
     finally:
         free(run)
 
 
-def _measure(run, args) -> dict:
+def _measure(run, args, build_s: float) -> dict:
     device, cfg = run.accelerator.device, run.cfg
     fixed_batch(run)
     run.model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    steps(run, args.warmup)
+    steps(run, 1)  # compilation happens here: the time a user waits for the first step once the model is built
+    sync(device)
+    first_step_s = time.perf_counter() - t0
+    steps(run, args.warmup - 1)
     sync(device)
     warmup_s = time.perf_counter() - t0
     before = (run.state.samples, run.state.flops, run.state.flops_dense)
@@ -127,17 +137,25 @@ def _measure(run, args) -> dict:
     steps(run, args.steps)
     sync(device)
     elapsed = time.perf_counter() - t0
+    # Between steps (gradients freed): weights, optimizer state, EMA. With one set of gradients, what a step
+    # holds whatever its batch; the rest of the peak grows with the batch.
+    static_gib = torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else None
+    grad_gib = sum(p.numel() * p.element_size() for p in run.model.parameters() if p.requires_grad) / 2**30
     samples = run.state.samples - before[0]
     samples_per_s = samples / elapsed
     flops, flops_dense = (run.state.flops - before[1]) / samples, (run.state.flops_dense - before[2]) / samples
     row = {"attn": cfg.attn.name, "mode": "compile" if cfg.train.compile else "eager", "batch": cfg.train.batch_size,
            "global_batch": run.global_batch, "precision": run.accelerator.mixed_precision, "steps": args.steps,
-           "warmup_s": warmup_s, "step_ms": 1e3 * elapsed / args.steps, "samples/s": samples_per_s,
+           "build_s": build_s, "first_step_s": first_step_s, "warmup_s": warmup_s, "step_ms": 1e3 * elapsed / args.steps, "samples/s": samples_per_s,
            "flops_per_sample": flops, "flops_per_sample_dense": flops_dense, "TFLOP/s": samples_per_s * flops / 1e12,
            "topk": topk, "tiles": run.sparsity.tiles}
     row["MFU"] = row["TFLOP/s"] / args.peak_tflops if device.type == "cuda" else None
     row["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    row["profile"] = profile_step(lambda: steps(run, 1), device)
+    row["reserved_GiB"] = torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else None
+    row["static_GiB"], row["grad_GiB"] = static_gib, grad_gib
+    row["grad_checkpointing"] = cfg.model.get("grad_checkpointing", "none")
+    row["compile"] = str(cfg.train.compile)
+    row["profile"] = None if args.no_profile else profile_step(lambda: steps(run, 1), device)
     row["trainer_steps"] = run.state.step  # optimizer steps taken by vsa_train.trainer.train_step: warm-up + timed + 1
     return row
 
@@ -147,9 +165,14 @@ def free(run) -> None:
     run.accelerator.free_memory()
     run.model = run.optimizer = run.ema = run.train_iter = run.data = run.eval_set = None
     torch._dynamo.reset()  # the next row compiles from scratch, its shapes unmarked by this row's
+    free_cache()
+
+
+def free_cache() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def profile_step(step, device, rows: int = 15) -> dict:
@@ -181,24 +204,35 @@ def fmt(x, spec):
     return "n/a" if x is None else format(x, spec)
 
 
+def _setting(r: dict) -> tuple:
+    """What a row shares with its baseline: the mode and the row's own overrides."""
+    return r["mode"], tuple(r.get("overrides", ()))
+
+
 def table(results: list[dict], baseline: str) -> str:
-    lines = [("| attention | mode | batch | step ms | samples/s | speed-up vs dense (same mode) | TFLOP/s executed "
-              "| MFU % | FLOPs/sample executed (dense) | topk / tiles | peak GiB | warm-up s |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    base = {r["mode"]: r for r in results if r["attn"] == baseline}
+    lines = [("| attention | mode | row overrides | batch | step ms | samples/s | speed-up vs dense (same setting) "
+              "| TFLOP/s executed | MFU % | FLOPs/sample executed (dense) | topk / tiles | peak GiB (reserved) "
+              "| build s | first step s | warm-up s |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = {_setting(r): r for r in results if r["attn"] == baseline}
     for r in results:
-        b = base.get(r["mode"])
+        b = base.get(_setting(r))
         speedup = b["step_ms"] / r["step_ms"] if b else None
         sel = "all" if r["topk"] is None else f"{r['topk']} / {r['tiles']}"
-        lines.append(f"| {r['attn']} | {r['mode']} | {r['batch']} | {r['step_ms']:.1f} | {r['samples/s']:.2f} | "
-                     f"{fmt(speedup, '.2f')}× | {r['TFLOP/s']:.3g} | {fmt(r['MFU'] and 100 * r['MFU'], '.1f')} | "
+        reserved = f" ({r['reserved_GiB']:.1f})" if r.get("reserved_GiB") is not None else ""
+        lines.append(f"| {r['attn']} | {r['mode']} | {' '.join(r.get('overrides', ())) or '-'} | {r['batch']} | "
+                     f"{r['step_ms']:.1f} | {r['samples/s']:.2f} | {fmt(speedup, '.2f') + '×' if speedup else 'n/a'} | {r['TFLOP/s']:.3g} | "
+                     f"{fmt(r['MFU'] and 100 * r['MFU'], '.1f')} | "
                      f"{r['flops_per_sample']:.3e} ({r['flops_per_sample_dense']:.3e}) | {sel} | "
-                     f"{fmt(r['peak_GiB'], '.1f')} | {r['warmup_s']:.0f} |")
+                     f"{fmt(r['peak_GiB'], '.1f')}{reserved} | {r.get('build_s', 0):.0f} | "
+                     f"{r.get('first_step_s', 0):.0f} | {r['warmup_s']:.0f} |")
     return "\n".join(lines)
 
 
 def profile_tables(r: dict) -> str:
     p = r["profile"]
+    if p is None:
+        return "(no profile: --no-profile)"
     out = [f"### {r['attn']}, {r['mode']}: one step, {p['total_ms']:.1f} ms of {p['clock']} kernel time",
            "", "| kernel | ms | share | calls |", "|---|---|---|---|"]
     out += [f"| `{k['name'][:110]}` | {k['ms']:.2f} | {100 * k['share']:.1f}% | {k['calls']} |" for k in p["kernels"]]
@@ -213,26 +247,37 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    rows = [tuple(r.split(":")) for r in args.rows.split(",")]
-    if any(len(r) != 2 or r[1] not in ("eager", "compile") for r in rows):
-        raise SystemExit(f"--rows must be attn:mode pairs with mode eager or compile, got {args.rows!r}")
+    if args.warmup < 1:
+        raise SystemExit(f"--warmup must be at least 1 (the first step compiles), got {args.warmup}")
+    if args.memory_cap_gib is not None and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total))
+    rows = [r.strip().split(":") for r in args.rows.split(",") if r.strip()]
+    if not rows or any(len(r) < 2 or r[1] not in ("eager", "compile") or not all("=" in o for o in r[2:])
+                       for r in rows):
+        raise SystemExit(f"--rows must be attn:mode[:key=value...] with mode eager or compile, got {args.rows!r}")
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
           f"model {args.model}, data {args.data}, batch {args.batch}, {args.warmup} warm-up + {args.steps} timed "
           f"steps per row, overrides {args.override}", flush=True)
     results = []
-    for attn, mode in rows:
+    for attn, mode, *extra in rows:
+        name = " ".join([attn, mode, *extra])
         spent = time.perf_counter() - start
         if spent + (45 if mode == "compile" else 15) > args.budget:  # rather skip than be killed mid-row
-            print(f"skipped {attn} {mode}: {spent:.0f} s of the {args.budget:.0f} s budget spent", flush=True)
+            print(f"skipped {name}: {spent:.0f} s of the {args.budget:.0f} s budget spent", flush=True)
             continue
         t0 = time.perf_counter()
         try:
-            row = measure(load_cfg(args, attn, compiled=mode == "compile"), args)
+            row = measure(load_cfg(args, attn, compiled=mode == "compile", row_overrides=extra), args)
         except Exception as e:  # noqa: BLE001 (one failing row must not lose the others; its error is printed)
-            print(f"FAILED {attn} {mode}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+            oom = isinstance(e, torch.OutOfMemoryError)
+            print(f"FAILED {name}: {type(e).__name__}: {str(e)[:300 if oom else 2000]}", flush=True)
+            del e
+            free_cache()  # the failed row's tensors were held by the traceback until now
             continue
+        row["overrides"] = extra
         results.append(row)
-        print(f"\ndone {attn} {mode}: {row['samples/s']:.2f} samples/s, {row['step_ms']:.1f} ms/step "
+        print(f"\ndone {name}: {row['samples/s']:.2f} samples/s, {row['step_ms']:.1f} ms/step "
               f"(trainer step, {row['precision']} precision, global batch {row['global_batch']}), warm-up "
               f"{row['warmup_s']:.0f} s, row {time.perf_counter() - t0:.0f} s\n\n{profile_tables(row)}\n\n"
               f"Table so far:\n\n{table(results, args.baseline)}", flush=True)

@@ -38,7 +38,7 @@ def test_smoke_run_times_two_rows(tmp_path):
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--rows", "dense:eager,vsa:eager",
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--rows", "dense:eager,vsa:eager:model.grad_checkpointing=full",
                            "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "FAILED" not in proc.stdout, proc.stdout[-3000:]
@@ -49,7 +49,17 @@ def test_smoke_run_times_two_rows(tmp_path):
         # TrainState.step only moves in vsa_train.trainer.train_step: 1 warm-up + 2 timed + 1 profiled step (--smoke)
         assert r["trainer_steps"] == 1 + 2 + 1
         assert r["profile"]["total_ms"] > 0
+        assert r["first_step_s"] > 0 and r["build_s"] > 0 and r["warmup_s"] >= r["first_step_s"]
     dense, vsa = rows
+    # a row's own overrides reach its config (and only its config)
+    assert (dense["overrides"], dense["grad_checkpointing"]) == ([], "none")
+    assert (vsa["overrides"], vsa["grad_checkpointing"]) == (["model.grad_checkpointing=full"], "full")
     assert dense["topk"] is None and dense["flops_per_sample"] == dense["flops_per_sample_dense"]
     assert 1 <= vsa["topk"] < vsa["tiles"] and vsa["flops_per_sample"] < vsa["flops_per_sample_dense"]
-    assert "## Training step: dense vs VSA (final)" in proc.stdout and "| vsa | eager | 2 |" in proc.stdout
+    assert "## Training step: dense vs VSA (final)" in proc.stdout and "| vsa | eager | model.grad_checkpointing=full | 2 |" in proc.stdout
+
+
+def test_bad_rows_are_refused():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--rows", "vsa:fast"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--rows must be attn:mode" in proc.stderr

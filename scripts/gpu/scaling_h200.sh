@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The one-GPU reproduction of the scaling study (NOT RUN YET, docs/study.md): the isoFLOP grid of
+# The one-GPU reproduction of the scaling study (docs/study.md): the isoFLOP grid of
 # configs/experiment/scaling_law_h200.yaml (3 sizes x {dense, vsa} x 3 budgets over a decade + a second seed at
 # the middle budget = 24 runs at 16,384 tokens, cosine to each run's own budget), then
-# `python -m vsa_train.analysis` on it, in <= 25 minutes of one H200.
+# `python -m vsa_train.analysis` on it, inside one 10-minute call on one H200.
 #
-# The three model sizes run as three concurrent lanes (each a Hydra multirun over its 8 runs; small models
-# leave the GPU idle between kernel launches, so lanes overlap). Training stops at a hard deadline
-# (DEADLINE_S, default 1260 s = 21 min) whatever is left; a run cut short keeps its rows, is marked
+# The six size x attention pairs run as six concurrent lanes (each a Hydra multirun over its 4 runs; small
+# models leave the GPU idle between kernel launches, so lanes overlap). Training stops at a hard deadline
+# (DEADLINE_S, default 420 s) whatever is left; a run cut short keeps its rows, is marked
 # "not reached" and is left out of the frontiers. Everything reported goes to $OUT/scaling.log (Markdown);
 # $OUT/scaling.tgz holds every run's metrics.jsonl, config.yaml and log, and the analysis (summary.md, plots).
 #
@@ -24,9 +24,10 @@ if [ "${SMOKE:-0}" = 1 ]; then
   EXPERIMENT=scaling_law_tiny DEADLINE_S=${DEADLINE_S:-600} ANALYSIS_S=120 BOOTSTRAP=200
   export OMP_NUM_THREADS=1
 else
-  EXPERIMENT=scaling_law_h200 DEADLINE_S=${DEADLINE_S:-1260} ANALYSIS_S=150 BOOTSTRAP=1000
+  EXPERIMENT=scaling_law_h200 DEADLINE_S=${DEADLINE_S:-420} ANALYSIS_S=90 BOOTSTRAP=1000
 fi
 SIZES=(s m l)
+ATTNS=(dense vsa)
 RUNS=${SCALING_RUNS:-runs/multirun/scaling_h200_reproduction}
 RESULTS="$RUNS/analysis"
 rm -rf "$RUNS"
@@ -36,28 +37,31 @@ mkdir -p "$RUNS"
   echo "# scaling study ($EXPERIMENT) on $(hostname 2>/dev/null || echo "?"), $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '(no git)')"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
   python -c "import torch, triton; print(f'torch {torch.__version__}, triton {triton.__version__}')" 2>&1 || true
-  echo "lanes: sizes ${SIZES[*]} concurrently; training deadline ${DEADLINE_S}s; analysis limit ${ANALYSIS_S}s"
+  echo "lanes: sizes ${SIZES[*]} x attention ${ATTNS[*]} concurrently; training deadline ${DEADLINE_S}s; analysis limit ${ANALYSIS_S}s"
 } > "$LOG"
 
-# One lane per size: `python train.py experiment=... size=<s>` is a multirun over attn x point for that size.
+# One lane per size and attention: `python train.py experiment=... size=<s> attn=<a>` is a multirun over the points.
 pids=()
 for size in "${SIZES[@]}"; do
-  cmd=(python -u train.py "experiment=$EXPERIMENT" "size=$size" "hydra.sweep.dir=$RUNS")
-  echo "lane $size: ${cmd[*]}" >> "$LOG"
-  ( t0=$SECONDS; rc=0; timeout --kill-after=10 "$DEADLINE_S" "${cmd[@]}" || rc=$?
-    printf "\nlane wall time: %s s, exit code %s\n" "$((SECONDS - t0))" "$rc"; exit "$rc" ) > "$RUNS/lane_$size.out" 2>&1 &
-  pids+=("$!:$size")
+  for attn in "${ATTNS[@]}"; do
+    lane="${size}_$attn"
+    cmd=(python -u train.py "experiment=$EXPERIMENT" "size=$size" "attn=$attn" "hydra.sweep.dir=$RUNS")
+    echo "lane $lane: ${cmd[*]}" >> "$LOG"
+    ( t0=$SECONDS; rc=0; timeout --kill-after=10 "$DEADLINE_S" "${cmd[@]}" || rc=$?
+      printf "\nlane wall time: %s s, exit code %s\n" "$((SECONDS - t0))" "$rc"; exit "$rc" ) > "$RUNS/lane_$lane.out" 2>&1 &
+    pids+=("$!:$lane")
+  done
 done
 
 for entry in "${pids[@]}"; do
-  pid=${entry%%:*} size=${entry#*:}
+  pid=${entry%%:*} lane=${entry#*:}
   rc=0
   wait "$pid" || rc=$?
   {
     echo
-    echo "## lane $size: exit code $rc$([ "$rc" = 124 ] && echo " (stopped by the ${DEADLINE_S}s deadline)")"
-    grep -E '^(params|flops_per_sample|flops budget|rank 0|lane wall time)' "$RUNS/lane_$size.out" || true
-    [ "$rc" = 0 ] || [ "$rc" = 124 ] || tail -n 40 "$RUNS/lane_$size.out"
+    echo "## lane $lane: exit code $rc$([ "$rc" = 124 ] && echo " (stopped by the ${DEADLINE_S}s deadline)")"
+    grep -E '^(params|flops_per_sample|flops budget|rank 0|lane wall time)' "$RUNS/lane_$lane.out" || true
+    [ "$rc" = 0 ] || [ "$rc" = 124 ] || tail -n 40 "$RUNS/lane_$lane.out"
   } >> "$LOG"
 done
 echo "training done at $((SECONDS - START))s" >> "$LOG"

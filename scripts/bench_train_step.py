@@ -20,6 +20,7 @@ time limit still leaves complete tables.
 
     python scripts/bench_train_step.py --out DIR                        # dit_120m, synthetic_16k, batch 4
     python scripts/bench_train_step.py --smoke --out DIR                # CPU: dit_tiny on a small video
+    python scripts/bench_train_step.py --model wan --rows dense:compile,vsa:compile --out DIR   # diffusers Wan, 120M
 """
 import argparse
 import gc
@@ -40,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="dit_120m")
+    p.add_argument("--model", default=None, help="model config: dit_120m (dit_tiny with --smoke), wan, ...")
     p.add_argument("--data", default="synthetic_16k")
     p.add_argument("--rows", default="dense:eager,vsa:eager,vsa:compile,dense:compile",
                    help="attn:mode[:override...] in the order run (the most wanted row first, in case time runs "
@@ -57,11 +58,12 @@ def parse_args():
                         "to ask whether a row fits an 80 GB H100 on a larger card; a row that does not fit fails")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler step after each row")
     p.add_argument("--out", type=Path, default=None, help="writes results.json here")
-    p.add_argument("--smoke", action="store_true", help="CPU check: dit_tiny, 4x16x16 video, 2 steps")
+    p.add_argument("--smoke", action="store_true", help="CPU check: dit_tiny (or --model), 4x16x16 video, 2 steps")
     p.add_argument("override", nargs="*", help="extra Hydra overrides of the train config, e.g. attn.sparsity=0.9")
     args = p.parse_args()
+    args.model = args.model or ("dit_tiny" if args.smoke else "dit_120m")  # --smoke keeps an explicit --model
     if args.smoke:
-        args.model, args.data, args.batch, args.steps, args.warmup = "dit_tiny", "synthetic", 2, 2, 1
+        args.data, args.batch, args.steps, args.warmup = "synthetic", 2, 2, 1
         args.override = [*args.override, "data.frames=4", "data.height=16", "data.width=16"]
     return args
 

@@ -117,6 +117,7 @@ def init_weights(model: torch.nn.Module, source) -> str:
     missing, unexpected = model.load_state_dict(state, strict=False)
     new = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, VSAAttention)
            for p, _ in m.named_parameters()}
+    new |= {name for name, _ in model.named_parameters() if ".vsa_gate_coarse." in name}  # model=wan's gates
     if unexpected or set(missing) - new:
         raise ValueError(f"train.init_from={source}: weights do not fit this model: missing "
                          f"{sorted(set(missing) - new)}, unexpected {sorted(unexpected)}")

@@ -15,8 +15,8 @@ fails leaves no empty job directory). `vsa_train.trainer.check_config` calls `ch
 
 Known keys are those of the config files themselves (configs/train.yaml for train and parallel, the group's
 files for optim and data, where data keys are those of the files with the same data.source) and the config
-dataclasses (`DiTConfig` for model, `VSAConfig` for sparse attention), so a key added to a config file is known
-without touching this module.
+dataclasses (`DiTConfig` for model, `WanConfig` for model=wan, `VSAConfig` for sparse attention), so a key added
+to a config file is known without touching this module.
 """
 from __future__ import annotations
 
@@ -74,8 +74,9 @@ def known_keys(section: str, cfg: DictConfig) -> set[str]:
         from dataclasses import fields
 
         from .models.dit import DiTConfig
+        from .models.wan import WanConfig, is_wan
 
-        return {f.name for f in fields(DiTConfig)}
+        return WanConfig.keys() if is_wan(cfg.model) else {f.name for f in fields(DiTConfig)}
     if section == "attn":
         from dataclasses import fields
 
@@ -199,7 +200,10 @@ def _train(c: _Checker) -> None:
 
 def _model(c: _Checker) -> None:
     from .models.dit import CHECKPOINTING
+    from .models.wan import is_wan
 
+    if is_wan(c.cfg.get("model") or {}):
+        return _wan(c)
     c.ints("model", ("hidden_size", "depth", "num_heads", "freq_dim"))
     c.positive("model", ("mlp_ratio", "rope_theta"))
     c.rule("model.patch_size", lambda v: _int_list(v, 3, 1), "3 positive integers [t, h, w]")
@@ -213,6 +217,56 @@ def _model(c: _Checker) -> None:
             c.bad(f"model.hidden_size={hidden} must be divisible by model.num_heads={heads}")
         elif (hidden // heads) % 2:
             c.bad(f"model.hidden_size / model.num_heads = {hidden // heads} must be even (rotary embedding)")
+
+
+def _wan(c: _Checker) -> None:
+    """model=wan (vsa_train/models/wan.py): its shape keys, the folder of `path`, what it does not support."""
+    from .models.wan import CHECKPOINTING, WanConfig
+
+    c.ints("model", ("num_layers", "num_attention_heads", "attention_head_dim", "ffn_dim", "freq_dim",
+                     "rope_max_seq_len"))
+    c.positive("model", ("eps",))
+    c.rule("model.patch_size", lambda v: _int_list(v, 3, 1), "3 positive integers [t, h, w]")
+    c.rule("model.attention_head_dim", lambda v: not _is_int(v) or v % 2 == 0, "even (rotary embedding)")
+    c.rule("model.grad_checkpointing", lambda v: v in CHECKPOINTING,
+           "one of none, full for model=wan (diffusers checkpoints every block or none)")
+    c.strings("model", ("path", "subfolder"), optional=True)
+    m = c.cfg.model
+    if m.get("path") is None or any(p.startswith("model.") for p in c.problems):
+        return
+    try:
+        folder = WanConfig.from_cfg(m)
+    except (OSError, ValueError) as e:
+        c.bad(f"model.path={_show(m.path)}: {e}")
+        return
+    if tuple(m.patch_size) != folder.patch_size:
+        c.bad(f"model.patch_size={_show(m.patch_size)} differs from the patch size {list(folder.patch_size)} of "
+              f"model.path={m.path}: set model.patch_size={list(folder.patch_size)}")
+
+
+def _wan_fits(c: _Checker, spec) -> None:
+    """model=wan: a folder's input channels and text width against the data; attention and layout limits."""
+    from .models.wan import WanConfig, attn_problems, is_wan
+
+    m = c.cfg.get("model") or {}
+    if not is_wan(m):
+        return
+    try:
+        for line in attn_problems(c.cfg.attn) if c.cfg.get("attn") is not None else ():
+            c.bad(line)
+    except (TypeError, ValueError):  # a bad attn value, reported by _attn
+        pass
+    sp = (c.cfg.get("parallel") or {}).get("sp_size")
+    if _is_int(sp) and sp > 1:
+        c.bad(f"parallel.sp_size={sp} is not supported with model=wan (Ulysses hooks into VideoDiT's attention): "
+              f"allowed: 1")
+    if spec is None or m.get("path") is None or any(p.startswith("model.") for p in c.problems):
+        return
+    folder = WanConfig.from_cfg(m)
+    if (folder.in_channels, folder.text_dim) != (spec.in_channels, spec.text_dim):
+        c.bad(f"model.path={m.path} takes {folder.in_channels} input channels and text of width {folder.text_dim}; "
+              f"data={c.cfg.data.get('name')} gives {spec.in_channels} and {spec.text_dim} (for a pretrained Wan "
+              f"train on its VAE latents and text encoder: data=latents)")
 
 
 def _grid(c: _Checker, spec):
@@ -341,6 +395,7 @@ def problems(cfg: DictConfig) -> list[str]:
     _parallel(c)
     spec = _data(c)
     _attn(c, _grid(c, spec))
+    _wan_fits(c, spec)
     return c.problems
 
 

@@ -10,11 +10,16 @@ VSA layers (not those in `dense_layers`) count S_att = the real keys of the `top
 tile size; exact for tile_window's fixed pattern), the coarse stage's tile-level matmuls (2·tiles²·d each: the
 scores, and P·V_c when the coarse output is used, so 4·tiles²·d for VSA) and the gate projections (2·S·d² each).
 Tile means, top-k and the index building are not counted. `dense` is the same model with dense attention.
+
+model=wan (a diffusers WanTransformer3DModel) has the same matmuls under other names, so the same count: Conv3d
+patch embedding, time MLP (freq_dim -> d -> d) and its 6·d projection, two-layer text projection, per block
+q/k/v/out of attn1, q/out of attn2 per video token and its k/v per text token, the FFN (d -> ffn_dim -> d) and
+proj_out; ffn_dim is `mlp_hidden`. VSA on Wan is the op (coarse + fine, top-k, one coarse gate per block).
 """
 import math
 from typing import NamedTuple
 
-from .models import DiTConfig, vsa_config
+from .models import DiTConfig, WanConfig, model_config, vsa_config
 from .models.vsa import VSAConfig
 
 
@@ -25,7 +30,7 @@ class FlopsCount(NamedTuple):
     dense: float
 
 
-def forward_flops(cfg: DiTConfig, *, in_channels: int, text_dim: int, video_shape, text_len: int,
+def forward_flops(cfg: DiTConfig | WanConfig, *, in_channels: int, text_dim: int, video_shape, text_len: int,
                   keys_per_query: float | None = None) -> float:
     """Forward FLOPs of one sample; keys_per_query is S_att of self-attention (None: all S tokens, dense)."""
     d, depth = cfg.hidden_size, cfg.depth
@@ -60,7 +65,7 @@ def training_flops_per_sample(model_cfg, attn_cfg, *, in_channels: int, text_dim
 
     topk: key tiles per query tile in force (VSA); None = the config's target.
     """
-    cfg = DiTConfig.from_cfg(model_cfg)
+    cfg = model_config(model_cfg)  # a DiTConfig or a WanConfig
     vcfg = vsa_config(attn_cfg)  # None for dense; an unknown name fails listing the choices
     dense_fwd = forward_flops(cfg, in_channels=in_channels, text_dim=text_dim, video_shape=video_shape,
                               text_len=text_len)

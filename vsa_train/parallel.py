@@ -21,6 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.nn.functional import all_to_all_single
 
+from .models import is_wan
+
 STRATEGIES = ("ddp", "fsdp")
 
 
@@ -54,7 +56,10 @@ def make_layout(parallel_cfg, model_cfg, world: int, rank: int) -> Layout:
         raise ValueError(f"parallel.strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if not isinstance(sp, int) or sp < 1 or world % sp:
         raise ValueError(f"parallel.sp_size={sp!r} must be a positive divisor of the {world} processes")
-    if model_cfg.num_heads % sp:
+    if sp > 1 and is_wan(model_cfg):
+        raise ValueError(f"parallel.sp_size={sp} is not supported with model=wan (Ulysses hooks into VideoDiT's "
+                         f"attention): allowed: 1")
+    if sp > 1 and model_cfg.num_heads % sp:
         raise ValueError(f"parallel.sp_size={sp} must divide model.num_heads={model_cfg.num_heads} (Ulysses splits "
                          f"heads over the group)")
     return Layout(world=world, rank=rank, sp_size=sp, strategy=strategy,

@@ -20,6 +20,8 @@ import os
 
 import torch
 
+from .models import is_wan, model_config
+
 GiB = 2**30
 VALUES_PER_TOKEN_DIM = 24  # activations kept per video token, per hidden unit, per block (see the docstring)
 
@@ -31,7 +33,8 @@ def memory_estimate(n_params: int, cfg, tokens: int, *, dp_size: int = 1, sp_siz
     states = 16 * n_params / shard
     ema = 4 * n_params if cfg.train.ema is not None else 0
     value_bytes = 2 if precision in ("bf16", "fp16") else 4
-    d, depth = cfg.model.hidden_size, cfg.model.depth
+    shape = model_config(cfg.model) if is_wan(cfg.model) else cfg.model  # Wan: its folder's shape with a path
+    d, depth = shape.hidden_size, shape.depth
     per_block = VALUES_PER_TOKEN_DIM * math.ceil(tokens / sp_size) * d * value_bytes * cfg.train.batch_size
     ckpt = cfg.model.get("grad_checkpointing", "none") or "none"
     if ckpt == "full":  # block inputs kept, one block's activations live during its recompute

@@ -38,7 +38,8 @@ def load_model(checkpoint, device="cpu", ema: bool = True):
     run_dir, ckpt = resolve_checkpoint(checkpoint)
     cfg = load_run_config(run_dir)
     spec = data_spec(cfg.data)
-    model = build_model(cfg.model, cfg.attn, in_channels=spec.in_channels, text_dim=spec.text_dim)
+    model = build_model(cfg.model, cfg.attn, in_channels=spec.in_channels, text_dim=spec.text_dim,
+                        load_weights=False)  # the checkpoint's weights replace a Wan folder's
     state, counters = load_weights(ckpt, ema=ema and cfg.train.get("ema") is not None)
     model.load_state_dict(state)
     if (vsa := vsa_config(cfg.attn)) is not None:  # the sparsity the run had reached (a ramp may not be done)

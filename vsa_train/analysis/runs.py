@@ -115,6 +115,8 @@ def _run(path: Path, cfg: DictConfig, rows: list[dict]) -> Run:
     # each value on its own, an unresolvable one counting as absent, so one odd entry cannot sink the run
     value = {key: OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
              for key in (*_NEEDED, "train.flops_budget", "train.seed", "optim.schedule", "train.max_steps")}
+    if value["model.name"] is not None and value["model.hidden_size"] is None:  # model=wan: diffusers' names
+        value["model.hidden_size"], value["model.depth"] = _wan_shape(cfg)
     missing = [key for key in _NEEDED if value[key] is None]
     if missing:
         raise ValueError(f"{path}: its config lacks {', '.join(missing)} (model name, width, depth and attn.name "
@@ -124,6 +126,17 @@ def _run(path: Path, cfg: DictConfig, rows: list[dict]) -> Run:
                rows=sorted(rows, key=lambda r: r["step"]), seed=value["train.seed"] or 0,
                params=model_params(cfg), schedule=value["optim.schedule"] or "constant",
                max_steps=value["train.max_steps"])
+
+
+def _wan_shape(cfg: DictConfig) -> tuple[int | None, int | None]:
+    """(width, depth) of a model=wan run (its folder's when model.path is still there), else (None, None)."""
+    from ..models import WanConfig, is_wan
+
+    try:
+        shape = WanConfig.from_cfg(OmegaConf.to_container(cfg.model, resolve=True))
+    except Exception:  # noqa: BLE001  (not a Wan, or its folder is gone)
+        return None, None
+    return (shape.hidden_size, shape.depth) if is_wan(cfg.model) else (None, None)
 
 
 def model_params(cfg: DictConfig) -> int | None:

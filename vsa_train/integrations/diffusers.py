@@ -26,7 +26,8 @@ saves what rebuilds it: vocabulary, width, length and seed (JSON) plus the table
 Runs on latents (data=latents) are exported without text encoder: pass `prompt_embeds`/`prompt_mask` from the
 encoder recorded in the latent index and take output_type="latent" (decode with that index's VAE).
 
-The Wan half (apply_vsa, VSAWanAttnProcessor, VSAWanTransformer3DModel, set_sparsity_limit) lives in wan.py.
+The Wan half (apply_vsa, VSAWanAttnProcessor, VSAWanTransformer3DModel, set_sparsity_limit) lives in wan.py; a
+run of model=wan (vsa_train/models/wan.py) exports its diffusers transformer alone, OUT_DIR/transformer/.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.utils import BaseOutput
 
 from ..data.text import CaptionEncoder
-from ..models import DiTConfig, VideoDiT
+from ..models import DiTConfig, VideoDiT, is_wan
 from .wan import VSAWanAttnProcessor, VSAWanTransformer3DModel, apply_vsa, set_sparsity_limit
 
 __all__ = ["CaptionTextEncoder", "VSAVideoPipeline", "VSAVideoPipelineOutput", "VSAWanAttnProcessor",
@@ -189,7 +190,8 @@ class VSAVideoPipeline(DiffusionPipeline):
 def export_run(run_dir, out_dir, ema: bool = True) -> Path:
     """Writes run `run_dir` (newest verified checkpoint, or a checkpoint dir) as a diffusers folder `out_dir`.
 
-    EMA weights when the run kept them and `ema` is true (as sample.py). Returns out_dir.
+    EMA weights when the run kept them and `ema` is true (as sample.py). Returns out_dir. A model=wan run writes
+    out_dir/transformer alone (WanTransformer3DModel, or VSAWanTransformer3DModel with its gates and VSA settings).
     """
     from omegaconf import OmegaConf
 
@@ -198,6 +200,10 @@ def export_run(run_dir, out_dir, ema: bool = True) -> Path:
     from ..sampling import load_model
 
     model, cfg, ckpt = load_model(run_dir, device="cpu", ema=ema)
+    out = Path(out_dir)
+    if is_wan(cfg.model):  # the trained diffusers transformer alone, for a Wan pipeline folder (VAE, T5 are theirs)
+        model.transformer.save_pretrained(out / "transformer")
+        return _provenance(out, run_dir, ckpt, cfg, ema)
     spec = data_spec(cfg.data)
     limits = {m.limit for m in model.modules() if isinstance(m, VSAAttention)}
     transformer = VideoDiTTransformer(
@@ -211,10 +217,16 @@ def export_run(run_dir, out_dir, ema: bool = True) -> Path:
         if isinstance(enc, CaptionEncoder):
             text_encoder = CaptionTextEncoder.from_encoder(enc, seed=int(cfg.data.seed))
     pipe = VSAVideoPipeline(transformer=transformer.eval(), scheduler=make_scheduler(), text_encoder=text_encoder)
-    out = Path(out_dir)
     pipe.save_pretrained(out)
+    return _provenance(out, run_dir, ckpt, cfg, ema)
+
+
+def _provenance(out: Path, run_dir, ckpt: Path, cfg, ema: bool) -> Path:
+    """out/vsa_train_export.json: which run, checkpoint and weights (not read by the pipeline)."""
+    from omegaconf import OmegaConf
+
     used_ema = ema and cfg.train.get("ema") is not None and (ckpt / "ema.safetensors").is_file()
-    with open(out / "vsa_train_export.json", "w") as f:  # provenance, not read by the pipeline
+    with open(out / "vsa_train_export.json", "w") as f:
         json.dump({"run_dir": str(Path(run_dir).resolve()), "checkpoint": str(ckpt), "ema": used_ema,
                    "data": OmegaConf.to_container(cfg.data, resolve=True)}, f, indent=2)
     return out

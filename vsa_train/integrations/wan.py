@@ -97,7 +97,10 @@ class VSAWanAttnProcessor:
             query = _apply_rotary_emb(query, *rotary_emb)
             key = _apply_rotary_emb(key, *rotary_emb)
         gate = getattr(attn, GATE)(hidden_states).unflatten(2, (attn.heads, -1))  # [B, S, H, D]
-        dtype = query.dtype  # the op takes one dtype (norms may run in fp32 while v is half)
+        # The op takes one dtype. Under CUDA autocast the RMSNorms return fp32 while v and the gate come out of bf16
+        # linears: the autocast dtype then, as SDPA (dense Wan) would cast them; else the query's.
+        device = query.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
         out = video_sparse_attention(query, key.to(dtype), value.to(dtype), grid, self.state.topk(grid),
                                      gate_coarse=gate.to(dtype), tile=self.state.cfg.tile,
                                      backend=self.state.cfg.backend)  # [B, S, H, D], raster order

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -256,20 +257,28 @@ def test_a_live_writer_keeps_the_run_and_a_dead_one_does_not(tmp_path):
 
 # ------------------------------------------------------------------------------------- processes and signals
 
-def _launch(run_dir, *args, torchrun=0):
+def _launch(run_dir, *args, torchrun=0, log=None):
+    """train.py (or torchrun) in the background; its output in a pipe, or in the file `log` (several processes at once:
+    a pipe nobody reads fills up and stops its writer)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun)] if torchrun else \
         [sys.executable]
-    return subprocess.Popen([*launcher, str(ROOT / "train.py"), *TINY, f"hydra.run.dir={run_dir}", *args], cwd=run_dir.parent,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    out = subprocess.PIPE if log is None else open(log, "w")
+    try:
+        return subprocess.Popen([*launcher, str(ROOT / "train.py"), *TINY, f"hydra.run.dir={run_dir}", *args],
+                                cwd=run_dir.parent, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    finally:
+        if log is not None:
+            out.close()  # the child holds its own copy
 
 
-def _wait_for_step(run_dir, step, proc, timeout=120):
+def _wait_for_step(run_dir, step, proc, timeout=120, log=None):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"exited early:\n{proc.stdout.read()[-3000:]}")
+            out = Path(log).read_text(errors="replace") if log else proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"exited early (status {proc.returncode}):\n{out[-3000:]}")
         try:
             if any(r["step"] >= step for r in read_metrics(run_dir / "metrics.jsonl")):
                 return
@@ -279,29 +288,114 @@ def _wait_for_step(run_dir, step, proc, timeout=120):
     raise AssertionError(f"no step {step} within {timeout} s")
 
 
+def _finish(proc, timeout, log=None):
+    """Waits for a process started with `log`; returns its exit status and output (killed on a time-out)."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return proc.returncode, Path(log).read_text(errors="replace") if log else ""
+
+
+def _alive(pid):
+    """The process exists and has not exited (a zombie, not yet reaped by its parent, has exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+class _Lines:
+    """A process's output (text pipe) read by a thread as it comes, so that a test can wait for a line."""
+
+    def __init__(self, proc):
+        self.proc, self.lines = proc, []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def wait_for(self, text, timeout=120):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if any(text in line for line in list(self.lines)):
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.01)
+        raise AssertionError(f"no {text!r} in the output within {timeout} s:\n{self.text()[-3000:]}")
+
+    def text(self):
+        if self.proc.poll() is not None:
+            self._thread.join(timeout=10)
+        return "".join(self.lines)
+
+
 def _children(pid):
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     return [int(p) for p in out]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT])
-def test_stop_signal_saves_and_the_resume_is_exact(tmp_path, sig):
-    run, straight = tmp_path / "run", tmp_path / "straight"
-    run.mkdir()
-    proc = _launch(run, "train.max_steps=100000", "train.ckpt_every=100000")
-    _wait_for_step(run, 3, proc)
-    proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 75, out[-3000:]
-    stopped = max(r["step"] for r in read_metrics(run / "metrics.jsonl"))
-    assert _steps(run) == [f"step_{stopped:08d}"]  # saved at the step it stopped, nothing lost
-    n = stopped + 2
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+
+
+@pytest.fixture(scope="module")
+def stopped_runs(tmp_path_factory):
+    """One run per stop signal, all started at once (the processes share the cores instead of waiting for each other):
+    each gets its signal after step 3 and exits; then all are resumed to one end step next to one uninterrupted run
+    to that step. Returns, per signal: the first part's exit status and output, its checkpoints, its last step, and
+    the resumed part's exit status and output; and the uninterrupted run's."""
+    base = tmp_path_factory.mktemp("stop_signals")
+    runs = {sig: base / sig.name for sig in STOP_SIGNALS}
+    procs = {}
+    for sig, run in runs.items():
+        run.mkdir()
+        procs[sig] = _launch(run, "train.max_steps=100000", "train.ckpt_every=100000", log=f"{run}.first.log")
+    results = {}
+    try:
+        for sig, proc in procs.items():
+            try:
+                _wait_for_step(runs[sig], 3, proc, log=f"{runs[sig]}.first.log")
+            except AssertionError as err:  # this signal's test fails with it; the others go on
+                results[sig] = {"error": str(err)}
+                continue
+            proc.send_signal(sig)
+        for sig, proc in procs.items():
+            code, out = _finish(proc, 120, f"{runs[sig]}.first.log")
+            metrics = runs[sig] / "metrics.jsonl"
+            rows = read_metrics(metrics) if metrics.is_file() else []
+            results.setdefault(sig, {}).update(code=code, out=out, checkpoints=_steps(runs[sig]),
+                                               stopped=max((r["step"] for r in rows), default=0))
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    n = max((r["stopped"] for r in results.values() if r.get("code") == 75), default=0) + 2
+    straight = base / "straight"
     straight.mkdir()
-    for proc in (_launch(run, f"train.max_steps={n}", "train.ckpt_every=100000"),  # same threads as the first part
-                 _launch(straight, f"train.max_steps={n}")):
-        out, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0, out[-3000:]
+    again = {sig: _launch(run, f"train.max_steps={n}", "train.ckpt_every=100000",  # same threads as the first part
+                          log=f"{run}.again.log") for sig, run in runs.items() if results[sig].get("code") == 75}
+    reference = _launch(straight, f"train.max_steps={n}", log=f"{straight}.log")
+    for sig, proc in again.items():
+        results[sig]["again"] = _finish(proc, 120, f"{runs[sig]}.again.log")
+    return runs, results, straight, _finish(reference, 120, f"{straight}.log")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", STOP_SIGNALS, ids=lambda sig: sig.name)
+def test_stop_signal_saves_and_the_resume_is_exact(stopped_runs, sig):
+    runs, results, straight, (code, out) = stopped_runs
+    run, result = runs[sig], results[sig]
+    assert "error" not in result, result["error"]
+    assert result["code"] == 75, result["out"][-3000:]
+    assert result["checkpoints"] == [f"step_{result['stopped']:08d}"]  # saved at the step it stopped, nothing lost
+    assert code == 0, out[-3000:]
+    code, out = result["again"]
+    assert code == 0, out[-3000:]
     assert _losses(run) == _losses(straight)  # bit for bit
 
 
@@ -309,14 +403,22 @@ def test_stop_signal_saves_and_the_resume_is_exact(tmp_path, sig):
 def test_second_sigint_exits_at_once(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    # steps of ~1 s, so that both signals arrive within one step: the second must not wait for the checkpoint
-    proc = _launch(run, "train.max_steps=100000", "train.ckpt_every=100000", "train.batch_size=32",
-                   "data.frames=8", "data.height=32", "data.width=32")
-    _wait_for_step(run, 1, proc)
-    os.kill(proc.pid, signal.SIGINT)
-    time.sleep(0.1)  # two pending SIGINTs would be delivered as one
-    os.kill(proc.pid, signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
+    # Steps of ~2 s made of 50 tiny micro-batches: the second SIGINT arrives within the step of the first, and
+    # the main thread is back in Python within milliseconds to run the handler. (Two SIGINTs that arrive during
+    # one long C++ op reach Python as one, and the run would just save and exit 75.)
+    proc = _launch(run, "train.max_steps=100000", "train.ckpt_every=100000", "train.grad_accum=50")
+    try:
+        _wait_for_step(run, 1, proc)
+        lines = _Lines(proc)  # from here on the output is read as it comes (before it, it waits in the pipe)
+        os.kill(proc.pid, signal.SIGINT)
+        lines.wait_for("received SIGINT")  # the first was handled: the second is a second
+        os.kill(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    out = lines.text()
     assert proc.returncode not in (0, 75), out[-2000:]
     assert "second SIGINT" in out and not _steps(run)
 
@@ -355,21 +457,33 @@ def test_elastic_restart_one_process_to_two(tmp_path):
 
 @pytest.mark.slow
 def test_frozen_rank_ends_the_job_within_the_timeout(tmp_path):
+    """A rank stops answering (SIGSTOP): the other one's collective times out after train.dist_timeout_s and it
+    exits with an error, and torchrun fails the job. (torchrun itself gives a stopped rank 30 s after its SIGTERM
+    before it sends SIGKILL; that wait is torchrun's, so the test sends the SIGKILL once the live rank is gone.)"""
     run = tmp_path / "run"
     run.mkdir()
     proc = _launch(run, "train.max_steps=100000", "train.ckpt_every=100000", "train.dist_timeout_s=10", torchrun=2)
     _wait_for_step(run, 2, proc)
-    frozen = _children(proc.pid)[1]
+    ranks = _children(proc.pid)
+    assert len(ranks) == 2
+    live, frozen = ranks
     os.kill(frozen, signal.SIGSTOP)
     start = time.time()
     try:
-        proc.communicate(timeout=150)
+        while _alive(live) and time.time() - start < 120:
+            time.sleep(0.1)
+        waited = time.time() - start
+        os.kill(frozen, signal.SIGKILL)
+        proc.communicate(timeout=60)
     finally:
-        with_children = [frozen, *_children(proc.pid)]
-        for pid in with_children:
+        for pid in [frozen, *_children(proc.pid)]:
             with __import__("contextlib").suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-    assert proc.returncode != 0 and time.time() - start < 120
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert waited < 120, "the live rank still runs 120 s after the other one froze"
+    assert proc.returncode != 0
 
 
 @pytest.mark.slow

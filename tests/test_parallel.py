@@ -19,15 +19,34 @@ VSA = ["attn=vsa", "attn.backend=torch"]
 pytestmark = pytest.mark.slow
 
 
-def _train(run_dir, *args, procs=1):
-    """train.py in a subprocess (one thread per process, so float sums are ordered alike), asserting success."""
+def _start(run_dir, *args, procs=1):
+    """train.py in the background (one thread per process, so float sums are ordered alike); output: <run_dir>.log.
+    Runs that do not depend on each other start together: one-process runs leave a core idle otherwise."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs)] if procs > 1 else \
         [sys.executable]
-    proc = subprocess.run([*launcher, str(ROOT / "train.py"), *TINY, f"hydra.run.dir={run_dir}", *args],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return proc.stdout + proc.stderr
+    with open(f"{run_dir}.log", "w") as log:
+        proc = subprocess.Popen([*launcher, str(ROOT / "train.py"), *TINY, f"hydra.run.dir={run_dir}", *args],
+                                stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    proc.log = Path(f"{run_dir}.log")
+    return proc
+
+
+def _done(proc):
+    """Waits for a process from _start, asserting success; returns its output."""
+    try:
+        proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    out = proc.log.read_text(errors="replace")
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _train(run_dir, *args, procs=1):
+    """train.py in a subprocess, asserting success; returns its output."""
+    return _done(_start(run_dir, *args, procs=procs))
 
 
 def _losses(run_dir):
@@ -63,8 +82,9 @@ def test_fsdp_then_one_process_equals_one_process(tmp_path, attn):
     # FLOPs count per sample (the global batch), throughput per device divides by the devices
     assert rows and all(r["TFLOP/s/device"] == pytest.approx(r["TFLOP/s"] / 2) for r in rows)
     assert rows[-1]["samples"] == 3 * 2  # steps x global batch (1 per rank x 2 ranks), not x processes again
-    _train(moved, *attn, "train.batch_size=2", "train.max_steps=5")
-    _train(single, *attn, "train.batch_size=2", "train.max_steps=5")
+    for proc in [_start(moved, *attn, "train.batch_size=2", "train.max_steps=5"),  # at once: one process each
+                 _start(single, *attn, "train.batch_size=2", "train.max_steps=5")]:
+        _done(proc)
     assert _losses(moved) == pytest.approx(_losses(single), rel=1e-5)
     assert len(_losses(moved)) == 5
 
@@ -72,16 +92,17 @@ def test_fsdp_then_one_process_equals_one_process(tmp_path, attn):
 def test_one_process_then_fsdp_and_sequence_parallel(tmp_path):
     """One process for 2 steps, then 2-process FSDP with sp_size=2 (one data-parallel group, batch 2) to 4."""
     moved, single = tmp_path / "moved", tmp_path / "single"
-    _train(moved, *VSA, "train.batch_size=2", "train.max_steps=2")
+    for proc in [_start(moved, *VSA, "train.batch_size=2", "train.max_steps=2"),  # at once: one process each
+                 _start(single, *VSA, "train.batch_size=2", "train.max_steps=4")]:
+        _done(proc)
     _train(moved, *VSA, "train.batch_size=2", "train.max_steps=4", "parallel.strategy=fsdp",
            "parallel.sp_size=2", procs=2)
-    _train(single, *VSA, "train.batch_size=2", "train.max_steps=4")
     assert _losses(moved) == pytest.approx(_losses(single), rel=1e-5)
     # an FSDP run's checkpoint serves sample.py and train.init_from like any other
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = tmp_path / "s.mp4"
+    init = _start(tmp_path / "init", *VSA, "train.max_steps=1", f"train.init_from={moved}")
     proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"checkpoint={moved}", "prompt=a red circle",
                            "steps=2", f"out={out}"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0 and out.stat().st_size > 0, proc.stderr[-3000:]
-    log = _train(tmp_path / "init", *VSA, "train.max_steps=1", f"train.init_from={moved}")
-    assert "initialised from" in log
+    assert "initialised from" in _done(init)

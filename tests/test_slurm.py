@@ -5,13 +5,15 @@ DDP run, `scontrol requeue` and `scancel` of a running job, and a time limit tha
 Marked `slurm`. Needs root (SLURM's daemons run as root) and a cluster that `local_cluster.sh up` can install
 (apt) and start; otherwise every test here skips, naming why. The fixture brings the cluster up if it is not
 running and down again afterwards (a cluster that was already up, e.g. by .ci/run, is left up). CPU, tiny model,
-OMP_NUM_THREADS=1 everywhere, so that a run under SLURM and a local one compute the same floats. About 3-5
+OMP_NUM_THREADS=1 everywhere, so that a run under SLURM and a local one compute the same floats. About 2-3
 minutes on 2 cores, most of it the 1-minute time limit and SLURM's fixed delays (it checks time limits every
-30 s; a requeued job waits ~12 s before it starts again).
+30 s; a requeued job waits ~6 s before it starts again). Where a test decides a run's end only once the run has
+stopped, the part after the resume is 10 steps on any machine.
 """
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -35,6 +37,11 @@ CLUSTER = ROOT / "scripts" / "slurm" / "local_cluster.sh"
 TINY = ["data.frames=4", "data.height=8", "data.width=8", "train.batch_size=2", "train.eval_samples=4",
         "train.eval_timesteps=2", "train.log_every=1", "train.eval_every=1000000", "logger=none"]
 NO_CKPT = "train.ckpt_every=1000000"  # checkpoints only where a run stops (signal) or ends
+# The end of a run that the test decides once the run has stopped (so that the part after a resume is short whatever
+# this machine's speed): train.max_steps from the environment, which a file sets at the start of each allocation
+# (_end_from_file) or the test sets for a local run.
+MAX_STEPS_FROM_ENV = "train.max_steps='${oc.decode:${oc.env:VSA_TEST_MAX_STEPS}}'"
+UNBOUNDED = "1000000000"
 # Job names carry this pytest process's id: a test cancels its own jobs when it ends, and the fixture cancels those
 # of sessions that are gone. Several sessions (several developers' pytest runs) can share one local cluster.
 PREFIX = f"vsa_test_{os.getpid()}_"
@@ -145,9 +152,16 @@ def _multirun(slurm: Cluster, sweep: Path, name: str, *overrides, tasks=1, timeo
     return proc
 
 
-def _local(slurm: Cluster, run_dir: Path, *overrides) -> subprocess.Popen:
+def _end_from_file(end: Path) -> list[str]:
+    """Overrides for a sweep whose train.max_steps is read from the file `end` at the start of every allocation
+    (the launcher's `setup` lines run in the job script, before the task starts); the file starts unbounded."""
+    end.write_text(UNBOUNDED)
+    return [f'hydra.launcher.setup=["export VSA_TEST_MAX_STEPS=$(cat {end})"]', MAX_STEPS_FROM_ENV]
+
+
+def _local(slurm: Cluster, run_dir: Path, *overrides, env: dict | None = None) -> subprocess.Popen:
     """The same training locally (no SLURM), with the same thread count; output: <run_dir>.log."""
-    env = {k: v for k, v in slurm.env.items() if k != "SLURM_CONF"}
+    env = {k: v for k, v in slurm.env.items() if k != "SLURM_CONF"} | (env or {})
     with open(f"{run_dir}.log", "w") as log:
         proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, f"hydra.run.dir={run_dir}",
                                  *overrides], cwd=run_dir.parent, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -272,24 +286,29 @@ def test_two_tasks_per_node_are_one_ddp_run(slurm, tmp_path):
 
 def test_scontrol_requeue_saves_and_the_job_resumes_exactly(slurm, tmp_path):
     """`scontrol requeue`: SLURM sends SIGTERM (submitit bypasses it), the trainer saves and exits 75, SLURM
-    starts the job again and it resumes: steps 0..N once each, the losses of an uninterrupted run."""
-    n = 400
-    straight = tmp_path / "straight"
-    straight.mkdir()
-    reference = _local(slurm, straight, f"train.max_steps={n}", NO_CKPT)
+    starts the job again and it resumes: steps 0..N once each, the losses of an uninterrupted run. The first
+    allocation trains without an end; once it has stopped, the test sets the end N (10 steps on) that the requeued
+    allocation reaches."""
     sweep, log = tmp_path / "sweep", tmp_path / "requeue_driver.log"
-    driver = _multirun(slurm, sweep, "requeue", f"train.max_steps={n}", NO_CKPT)
+    driver = _multirun(slurm, sweep, "requeue", *_end_from_file(tmp_path / "max_steps"), NO_CKPT)
     run = _wait(lambda: _one_run(sweep), 240, "run directory", driver, log)
     _wait(lambda: len(_steps(run)) > 5, 240, "step 5", driver, log)
     (job,) = slurm.jobs(f"{PREFIX}requeue")
     slurm.run("scontrol", "requeue", job)
+    # the checkpoint of the stop is written before the job ends; SLURM starts it again seconds later
+    ckpt = _wait(lambda: (RunDir(run).checkpoint_dirs() or [None])[-1], 120, "checkpoint of the requeue", driver, log)
+    n = int(ckpt.name.split("_")[1]) + 10
+    (tmp_path / "max_steps").write_text(str(n))
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    reference = _local(slurm, straight, f"train.max_steps={n}", NO_CKPT)
     _finish(driver, 300, "the requeued job", log)
     _finish(reference, 300, "the local reference run", Path(f"{straight}.log"))
 
     first, second = _history(run)
     assert first["slurm_job"] == second["slurm_job"] == job  # the same job, run again
     stop = int(second["resumed_from"].split("_")[1])
-    assert 0 < stop < n
+    assert 0 < stop < n and second["resumed_from"] == ckpt.name
     logs = _job_logs(sweep)
     assert "received SIGTERM" in logs and "Bypassing signal SIGTERM" in logs
     assert "Exited with exit code 75" in logs, logs[-3000:]
@@ -300,15 +319,16 @@ def test_scontrol_requeue_saves_and_the_job_resumes_exactly(slurm, tmp_path):
 
 def test_scancel_leaves_a_consistent_run_that_resumes_locally(slurm, tmp_path):
     """`scancel` of a job started with plain sbatch (no submitit): SIGTERM, the trainer saves and exits 75, the job
-    stays cancelled; the run directory verifies, and re-running the same command locally resumes and completes."""
-    n = 400
+    stays cancelled; the run directory verifies, and re-running the same command locally resumes and completes.
+    (The job trains without an end, VSA_TEST_MAX_STEPS unbounded; the local re-run's environment ends it 10 steps
+    after the step it stopped at.)"""
     run = tmp_path / "run"
-    args = [*TINY, f"hydra.run.dir={run}", f"train.max_steps={n}", NO_CKPT]
-    command = " ".join(["exec", sys.executable, str(ROOT / "train.py"), *args])
+    args = [*TINY, f"hydra.run.dir={run}", MAX_STEPS_FROM_ENV, NO_CKPT]
+    command = shlex.join(["exec", sys.executable, str(ROOT / "train.py"), *args])
     log = tmp_path / "job.log"
     job = slurm.run("sbatch", "--parsable", f"--partition={slurm.partition}", f"--job-name={PREFIX}scancel",
                     "--time=5", "--cpus-per-task=1", f"--output={log}", f"--chdir={tmp_path}",
-                    f"--wrap={command}").strip().split(";")[0]
+                    f"--export=ALL,VSA_TEST_MAX_STEPS={UNBOUNDED}", f"--wrap={command}").strip().split(";")[0]
     _wait(lambda: len(_steps(run)) > 5, 240, "step 5", log=log)
     slurm.run("scancel", job)
     _wait(lambda: not slurm.jobs(f"{PREFIX}scancel"), 60, "job to leave the queue", log=log)
@@ -322,7 +342,8 @@ def test_scancel_leaves_a_consistent_run_that_resumes_locally(slurm, tmp_path):
     assert steps == list(range(len(steps))) and ckpt.name == f"step_{steps[-1]:08d}"  # saved where it stopped
     assert not (run / LOCK).exists()
 
-    again = _local(slurm, run, f"train.max_steps={n}", NO_CKPT)  # the same overrides, no SLURM
+    n = steps[-1] + 10
+    again = _local(slurm, run, MAX_STEPS_FROM_ENV, NO_CKPT, env={"VSA_TEST_MAX_STEPS": str(n)})  # no SLURM
     _finish(again, 300, "the local re-run", Path(f"{run}.log"))
     first, second = _history(run)
     assert first["slurm_job"] == job and second["slurm_job"] is None
@@ -341,23 +362,26 @@ def test_time_limit_requeues_and_the_run_resumes_exactly(slurm, tmp_path):
     limits every 30 s and signals at the check before `limit - signal_delay_s`, so with signal_delay_s=10 USR2
     arrives 20-50 s into a 60 s allocation (a larger delay could signal before Python has started)."""
     end = tmp_path / "max_steps"
-    end.write_text("1000000000")
     sweep, log = tmp_path / "sweep", tmp_path / "timeout_driver.log"
     driver = _multirun(slurm, sweep, "timeout", "hydra.launcher.signal_delay_s=10", "hydra.launcher.max_num_timeout=5",
-                       f'hydra.launcher.setup=["export VSA_TEST_MAX_STEPS=$(cat {end})"]',
-                       "train.max_steps='${oc.decode:${oc.env:VSA_TEST_MAX_STEPS}}'", NO_CKPT, timeout_min=1)
+                       *_end_from_file(end), NO_CKPT, timeout_min=1)
+    # The uninterrupted reference trains next to the job from the start, without an end, and is stopped once it has
+    # passed N (a reference started after the stop would have to catch up ~1000 steps).
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    reference = _local(slurm, straight, MAX_STEPS_FROM_ENV, NO_CKPT, env={"VSA_TEST_MAX_STEPS": UNBOUNDED})
     run = _wait(lambda: _one_run(sweep), 240, "run directory", driver, log)
-    # the checkpoint of the stop is written before submitit requeues; the next allocation starts >= 10 s later
+    # the checkpoint of the stop is written before submitit requeues; the next allocation starts seconds later
     ckpt = _wait(lambda: (RunDir(run).checkpoint_dirs() or [None])[-1], 300, "checkpoint from SLURM's USR2",
                  driver, log)
     stop = int(ckpt.name.split("_")[1])
     n = stop + 10
     end.write_text(str(n))
-    straight = tmp_path / "straight"
-    straight.mkdir()
-    reference = _local(slurm, straight, f"train.max_steps={n}", NO_CKPT)
+    _wait(lambda: max(_steps(straight), default=-1) >= n, 300, f"step {n} of the local reference run", reference,
+          Path(f"{straight}.log"))
+    os.killpg(reference.pid, signal.SIGKILL)
+    reference.wait()
     _finish(driver, 300, "the requeued job", log)
-    _finish(reference, 300, "the local reference run", Path(f"{straight}.log"))
 
     history = _history(run)
     assert len(history) >= 2 and len({h["slurm_job"] for h in history}) == 1, history  # one job, requeued
@@ -368,5 +392,5 @@ def test_time_limit_requeues_and_the_run_resumes_exactly(slurm, tmp_path):
     logs = _job_logs(sweep)
     assert "received SIGUSR2" in logs and "this job is timed-out" in logs and "Requeued job" in logs, logs[-3000:]
     _assert_continuous(run, n)
-    assert _losses(run) == _losses(straight)
+    assert _losses(run) == {step: loss for step, loss in _losses(straight).items() if step <= n}
     assert verify(RunDir(run).checkpoint_dirs()[-1]) is None

@@ -71,8 +71,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-# cred_expire (default 120 s) is also how long a requeued job waits before it may start again
-AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
+# cred_expire (default 120 s; 5 is the least SLURM accepts) is also how long a requeued job waits before it may
+# start again; a job step must start within it of its credential being issued (milliseconds on one node)
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=5
 StateSaveLocation=$H/state
 SlurmdSpoolDir=$H/spool/slurmd
 SlurmctldPidFile=$H/run/slurmctld.pid

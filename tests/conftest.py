@@ -27,3 +27,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def die_in_step(monkeypatch):
+    """die_in_step(n): the n-th trainer.train_step call from now raises KeyboardInterrupt (a process killed in that
+    step); returns a function that puts the real step back (for a resume in the same test)."""
+    from vsa_train import trainer
+
+    real_step = trainer.train_step
+
+    def arm(n: int):
+        calls = []
+
+        def dies(run, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt(f"killed in step {n}")
+            return real_step(run, *args, **kwargs)
+
+        monkeypatch.setattr(trainer, "train_step", dies)
+        return lambda: monkeypatch.setattr(trainer, "train_step", real_step)
+
+    return arm

@@ -77,7 +77,7 @@ def test_budget_end_sums_the_flops_of_a_sparsity_ramp():
     assert all(abs(n - 37) > 3 for n in naive)
 
 
-def test_run_decays_to_its_budget_and_resumes_exactly(tmp_path, monkeypatch):
+def test_run_decays_to_its_budget_and_resumes_exactly(tmp_path, die_in_step):
     """A cosine run to a FLOPs budget: its last step is the one that reaches the budget and gets the floor rate;
     a crash and resume gives the same rates and losses as the uninterrupted run."""
     cfg = [*TINY, "optim.schedule=cosine", "optim.warmup_steps=2", "optim.min_lr_ratio=0.25",
@@ -92,18 +92,11 @@ def test_run_decays_to_its_budget_and_resumes_exactly(tmp_path, monkeypatch):
     assert rows[-1]["lr"] == pytest.approx(6e-4 * 0.25) and rows[1]["lr"] == pytest.approx(6e-4)
     assert rows[2]["lr"] == rows[1]["lr"] and all(a["lr"] > b["lr"] for a, b in zip(rows[2:], rows[3:]))
 
-    split, real_step, calls = tmp_path / "split", trainer.train_step, []
-
-    def dies_in_step_5(run_, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt("killed")
-        return real_step(run_, *args, **kwargs)
-
-    monkeypatch.setattr(trainer, "train_step", dies_in_step_5)
+    split = tmp_path / "split"
+    restore = die_in_step(5)
     with pytest.raises(KeyboardInterrupt):
         trainer.train(_cfg(*run, f"run_dir={split}"))
-    monkeypatch.undo()
+    restore()
     trainer.train(_cfg(*run, f"run_dir={split}"))  # resumes from step 3
     again = [r for r in read_metrics(split / "metrics.jsonl") if "lr" in r]
     straight_rows = [r for r in read_metrics(straight / "metrics.jsonl") if "lr" in r]

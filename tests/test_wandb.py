@@ -96,24 +96,16 @@ def test_environment_wins_over_the_logger_config(monkeypatch, tmp_path):
     assert wandb_project(cfg) == "from_env" and wandb_init_kwargs(cfg, tmp_path, [])["mode"] == "disabled"
 
 
-def test_resume_starts_a_new_wandb_run_without_the_crashed_tail(tmp_path, spy, monkeypatch):
+def test_resume_starts_a_new_wandb_run_without_the_crashed_tail(tmp_path, spy, die_in_step):
     """Launch 1 checkpoints at step 2, logs step 3 and dies in step 4; launch 2 resumes from step 2. Its wandb
     run holds metrics.jsonl's rows exactly (steps 0..5, each once, in order): none of launch 1's step-3 row."""
-    real_step, calls = trainer.train_step, []
-
-    def dies_in_step_4(run, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt("killed in step 4")
-        return real_step(run, *args, **kwargs)
-
-    monkeypatch.setattr(trainer, "train_step", dies_in_step_4)
+    restore = die_in_step(4)
     cfg = ("train.max_steps=5", "train.ckpt_every=2", "train.eval_every=2", "train.sample_every=5",
            "train.sample_steps=1", "train.sample_count=1")
     with pytest.raises(KeyboardInterrupt):
         trainer.train(_compose(*TINY, f"run_dir={tmp_path}", *cfg))
     wandb.run.finish()  # the process would have died here; finish what wandb buffered
-    monkeypatch.setattr(trainer, "train_step", real_step)
+    restore()
     trainer.train(_compose(*TINY, f"run_dir={tmp_path}", *cfg))
 
     first, second = [kw["id"] for kw in spy["init"]]

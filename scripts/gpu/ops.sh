@@ -9,14 +9,14 @@
 #   OUT=/tmp/ops bash scripts/gpu/ops.sh                  # on the GPU, from the repo root
 #   SMOKE=1 OUT=/tmp/ops bash scripts/gpu/ops.sh          # CPU smoke run: Triton interpreter, tiny sizes
 set -euo pipefail
+source "$(dirname "$0")/header.sh"
 : "${OUT:?set OUT to the output folder}"
 mkdir -p "$OUT"
 LOG="$OUT/ops.log"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 {
-  echo "# ops: VSA op on $(hostname), $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '(no git)')"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
+  log_header "ops: VSA op"
 } > "$LOG"
 
 if [ "${SMOKE:-0}" = 1 ]; then

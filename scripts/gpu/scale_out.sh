@@ -13,14 +13,13 @@
 #   OUT=/tmp/so bash scripts/gpu/scale_out.sh            # on the GPU, from the repo root (about 9 minutes)
 #   SMOKE=1 OUT=/tmp/so bash scripts/gpu/scale_out.sh    # CPU smoke run: dit_tiny at a small video, 2 steps
 set -euo pipefail
+source "$(dirname "$0")/header.sh"
 : "${OUT:?set OUT to the output folder}"
 mkdir -p "$OUT"
 LOG="$OUT/scale_out.log"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=disabled
 {
-  echo "# scale_out on $(hostname), $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '(no git)')"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
-  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  log_header scale_out
 } > "$LOG" 2>&1
 
 CK=model.grad_checkpointing

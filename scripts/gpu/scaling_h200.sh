@@ -13,6 +13,7 @@
 #   OUT=/tmp/scaling bash scripts/gpu/scaling_h200.sh                  # on the GPU, from the repo root
 #   SMOKE=1 OUT=/tmp/scaling bash scripts/gpu/scaling_h200.sh          # CPU: the same steps on scaling_law_tiny
 set -euo pipefail
+source "$(dirname "$0")/header.sh"
 : "${OUT:?set OUT to the output folder}"
 mkdir -p "$OUT"
 LOG="$OUT/scaling.log"
@@ -37,9 +38,7 @@ rm -rf "$RUNS"
 mkdir -p "$RUNS"
 
 {
-  echo "# scaling study ($EXPERIMENT) on $(hostname 2>/dev/null || echo "?"), $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '(no git)')"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
-  python -c "import torch, triton; print(f'torch {torch.__version__}, triton {triton.__version__}')" 2>&1 || true
+  log_header "scaling study ($EXPERIMENT)"
   echo "lanes: ${#LANES[@]} concurrently (size attention points); training deadline ${DEADLINE_S}s; analysis limit ${ANALYSIS_S}s"
 } > "$LOG"
 

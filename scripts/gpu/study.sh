@@ -9,6 +9,7 @@
 #   OUT=/tmp/study bash scripts/gpu/study.sh              # on the GPU, from the repo root
 #   SMOKE=1 OUT=/tmp/study bash scripts/gpu/study.sh      # CPU smoke run: tiny widths and videos, same steps
 set -euo pipefail
+source "$(dirname "$0")/header.sh"
 : "${OUT:?set OUT to the output folder}"
 mkdir -p "$OUT"
 LOG="$OUT/study.log"
@@ -34,9 +35,7 @@ rm -rf "$RUNS"
 mkdir -p "$RUNS"
 
 {
-  echo "# study: loss vs FLOPs on $(hostname 2>/dev/null || echo "?"), $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '(no git)')"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
-  python -c "import torch, triton; print(f'torch {torch.__version__}, triton {triton.__version__}')" 2>&1 || true
+  log_header "study: loss vs FLOPs"
   echo "budget $BUDGET FLOPs per run, eval every $EVAL_EVERY FLOPs, batch $BATCH, warm-up $WARMUP steps, deadline ${DEADLINE}s"
 } > "$LOG"
 

@@ -10,14 +10,13 @@
 #   OUT=/tmp/ts bash scripts/gpu/train_step.sh            # on the GPU, from the repo root
 #   SMOKE=1 OUT=/tmp/ts bash scripts/gpu/train_step.sh    # CPU smoke run: dit_tiny, small video, 2 steps
 set -euo pipefail
+source "$(dirname "$0")/header.sh"
 : "${OUT:?set OUT to the output folder}"
 mkdir -p "$OUT"
 LOG="$OUT/train_step.log"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 {
-  echo "# train_step on $(hostname), $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '(no git)')"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
-  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  log_header train_step
 } > "$LOG" 2>&1
 
 if [ "${SMOKE:-0}" = 1 ]; then

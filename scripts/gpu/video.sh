@@ -8,6 +8,7 @@
 #   OUT=/tmp/v bash scripts/gpu/video.sh            # on the GPU, from the repo root
 #   SMOKE=1 OUT=/tmp/v bash scripts/gpu/video.sh    # CPU smoke run: dit_tiny, 5 frames of 32 x 32, 4 steps
 set -euo pipefail
+source "$(dirname "$0")/header.sh"
 : "${OUT:?set OUT to the output folder}"
 mkdir -p "$OUT"
 LOG="$OUT/video.log"
@@ -23,8 +24,7 @@ else
   T_VAE=60 T_ENC=60 T_TRAIN=150 T_SAMPLE=45  # generous: each process pays cold imports (diffusers: ~15 s)
 fi
 {
-  echo "# video pass on $(hostname), $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '(no git)')"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
+  log_header "video pass"
 } > "$LOG" 2>&1
 
 ROWS=()

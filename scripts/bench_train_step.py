@@ -148,7 +148,8 @@ def _measure(run, args, build_s: float) -> dict:
     flops, flops_dense = (run.state.flops - before[1]) / samples, (run.state.flops_dense - before[2]) / samples
     row = {"attn": cfg.attn.name, "mode": "compile" if cfg.train.compile else "eager", "batch": cfg.train.batch_size,
            "global_batch": run.global_batch, "precision": run.accelerator.mixed_precision, "steps": args.steps,
-           "build_s": build_s, "first_step_s": first_step_s, "warmup_s": warmup_s, "step_ms": 1e3 * elapsed / args.steps, "samples/s": samples_per_s,
+           "build_s": build_s, "first_step_s": first_step_s, "warmup_s": warmup_s,
+           "step_ms": 1e3 * elapsed / args.steps, "samples/s": samples_per_s,
            "flops_per_sample": flops, "flops_per_sample_dense": flops_dense, "TFLOP/s": samples_per_s * flops / 1e12,
            "topk": topk, "tiles": run.sparsity.tiles}
     row["MFU"] = row["TFLOP/s"] / args.peak_tflops if device.type == "cuda" else None
@@ -223,7 +224,8 @@ def table(results: list[dict], baseline: str) -> str:
         sel = "all" if r["topk"] is None else f"{r['topk']} / {r['tiles']}"
         reserved = f" ({r['reserved_GiB']:.1f})" if r.get("reserved_GiB") is not None else ""
         lines.append(f"| {r['attn']} | {r['mode']} | {' '.join(r.get('overrides', ())) or '-'} | {r['batch']} | "
-                     f"{r['step_ms']:.1f} | {r['samples/s']:.2f} | {fmt(speedup, '.2f') + '×' if speedup else 'n/a'} | {r['TFLOP/s']:.3g} | "
+                     f"{r['step_ms']:.1f} | {r['samples/s']:.2f} | {fmt(speedup, '.2f') + '×' if speedup else 'n/a'} | "
+                     f"{r['TFLOP/s']:.3g} | "
                      f"{fmt(r['MFU'] and 100 * r['MFU'], '.1f')} | "
                      f"{r['flops_per_sample']:.3e} ({r['flops_per_sample_dense']:.3e}) | {sel} | "
                      f"{fmt(r['peak_GiB'], '.1f')}{reserved} | {r.get('build_s', 0):.0f} | "

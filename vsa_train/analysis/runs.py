@@ -132,11 +132,13 @@ def _wan_shape(cfg: DictConfig) -> tuple[int | None, int | None]:
     """(width, depth) of a model=wan run (its folder's when model.path is still there), else (None, None)."""
     from ..models import WanConfig, is_wan
 
+    if not is_wan(cfg.model):
+        return None, None
     try:
         shape = WanConfig.from_cfg(OmegaConf.to_container(cfg.model, resolve=True))
-    except Exception:  # noqa: BLE001  (not a Wan, or its folder is gone)
+    except Exception:  # noqa: BLE001  (its folder is gone, or the config no longer parses)
         return None, None
-    return (shape.hidden_size, shape.depth) if is_wan(cfg.model) else (None, None)
+    return shape.hidden_size, shape.depth
 
 
 def model_params(cfg: DictConfig) -> int | None:

@@ -126,10 +126,12 @@ def _measure(run, args, build_s: float) -> dict:
     run.model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    compile_phases(reset=True)
     t0 = time.perf_counter()
     steps(run, 1)  # compilation happens here: the time a user waits for the first step once the model is built
     sync(device)
     first_step_s = time.perf_counter() - t0
+    phases = compile_phases()
     steps(run, args.warmup - 1)
     sync(device)
     warmup_s = time.perf_counter() - t0
@@ -158,9 +160,30 @@ def _measure(run, args, build_s: float) -> dict:
     row["static_GiB"], row["grad_GiB"] = static_gib, grad_gib
     row["grad_checkpointing"] = cfg.model.get("grad_checkpointing", "none")
     row["compile"] = str(cfg.train.compile)
+    row["compile_phases"] = phases
     row["profile"] = None if args.no_profile else profile_step(lambda: steps(run, 1), device)
     row["trainer_steps"] = run.state.step  # optimizer steps taken by vsa_train.trainer.train_step: warm-up + timed + 1
     return row
+
+
+# torch.compile's phases in the first step (dynamo's timers, seconds summed over compiles): tracing plus everything
+# below it, AOTAutograd's joint trace, inductor's forward and backward compiles, and the wait for their Triton
+# kernels (async_compile.wait). What is left of the first step is running it, and our own Triton kernels'
+# first-use compile and autotuning (TRITON_PRINT_AUTOTUNING=1 prints those).
+PHASES = {"dynamo": "_compile.compile_inner", "aot_joint": "aot_trace_joint_graph",
+          "inductor_fwd": "compile_fx.<locals>.fw_compiler_base", "inductor_bwd": "compile_fx.<locals>.bw_compiler",
+          "triton_wait": "async_compile.wait"}
+
+
+def compile_phases(reset: bool = False) -> dict:
+    """Seconds per PHASES entry since the last reset (torch._dynamo.utils' process-wide timers)."""
+    from torch._dynamo import utils
+
+    if reset:
+        utils.compilation_time_metrics.clear()
+        return {}
+    times = utils.compilation_time_metrics
+    return {name: round(sum(times.get(key, [])), 2) for name, key in PHASES.items()}
 
 
 def free(run) -> None:
@@ -283,7 +306,9 @@ def main():
         results.append(row)
         print(f"\ndone {name}: {row['samples/s']:.2f} samples/s, {row['step_ms']:.1f} ms/step "
               f"(trainer step, {row['precision']} precision, global batch {row['global_batch']}), warm-up "
-              f"{row['warmup_s']:.0f} s, row {time.perf_counter() - t0:.0f} s\n\n{profile_tables(row)}\n\n"
+              f"{row['warmup_s']:.0f} s, row {time.perf_counter() - t0:.0f} s\n"
+              f"first step {row['first_step_s']:.1f} s after a {row['build_s']:.1f} s build; compile phases (s): "
+              f"{row['compile_phases']}\n\n{profile_tables(row)}\n\n"
               f"Table so far:\n\n{table(results, args.baseline)}", flush=True)
         if args.out:  # after every row, so that a timeout keeps what was measured
             args.out.mkdir(parents=True, exist_ok=True)

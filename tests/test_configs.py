@@ -125,6 +125,7 @@ def _problems(*overrides) -> list[str]:
     (["+optim.betas2=1"], "unknown key optim.betas2; did you mean optim.betas?"),
     (["+parallel.sp=2"], "unknown key parallel.sp"),
     (["parallel.sp_size=3"], "parallel.sp_size=3 must divide model.num_heads=2"),
+    (["train.compile_cache=3"], "train.compile_cache must be a non-empty string or null, got 3"),
     (["train.mixed_precision=fp8"], "train.mixed_precision must be one of auto, no, bf16, fp16, got 'fp8'"),
     (["data.height=9"], "must be divisible by model.patch_size"),
     (["data=videos", "data.manifest=a.csv", "data.folder=b"], "set only one of them"),

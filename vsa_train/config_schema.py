@@ -195,7 +195,7 @@ def _train(c: _Checker) -> None:
     c.choice("train.on_nonfinite", ("stop", "rollback"))
     c.rule("train.compile", lambda v: v in (True, False, "blocks", "model"), "one of true, false, blocks, model")
     c.bools("train", ("dry_run",))
-    c.strings("train", ("init_from",), optional=True)
+    c.strings("train", ("init_from", "compile_cache"), optional=True)
 
 
 def _model(c: _Checker) -> None:

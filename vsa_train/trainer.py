@@ -35,7 +35,7 @@ from .distributed import on_main
 from .evaluation import evaluate, make_eval_set
 from .flops import training_flops_per_sample
 from .metrics import MetricsLog, define_flops_axis, wandb_init_kwargs, wandb_project
-from .models import build_model
+from .models import build_model, is_wan
 from .parallel import (Layout, apply_fsdp, apply_sequence_parallel, clip_grad_norm, compile_blocks, gradient_sync,
                        make_layout, sp_group)
 from .preemption import StopSignals
@@ -153,8 +153,12 @@ def build_run(cfg: DictConfig, accelerator: Accelerator, resume_from: Path | Non
         raise ValueError("train.ema is not supported with parallel.strategy=fsdp (the EMA copy would hold full, "
                          "unsharded weights)")
     spec = data_spec(cfg.data)
+    use_compile_cache(tcfg.get("compile_cache"))
     set_seed(tcfg.seed)  # the same seed on every rank: identical initial weights
-    model = build_model(cfg.model, cfg.attn, in_channels=spec.in_channels, text_dim=spec.text_dim)
+    # A VideoDiT is built and initialised on the device: dit_1b's 1.4B weights take seconds there, not ~10 s on the
+    # host plus a copy. (A Wan folder is loaded by diffusers, which places its weights itself.)
+    with contextlib.nullcontext() if is_wan(cfg.model) else torch.device(accelerator.device):
+        model = build_model(cfg.model, cfg.attn, in_channels=spec.in_channels, text_dim=spec.text_dim)
     if tcfg.init_from is not None and resume_from is None:  # a resumed run has its own weights
         accelerator.print(init_weights(model, tcfg.init_from))
     ema = None
@@ -175,6 +179,17 @@ def build_run(cfg: DictConfig, accelerator: Accelerator, resume_from: Path | Non
     run.restart_data()
     run.eval_set = make_eval_set(run.data.eval, tcfg.eval_timesteps, seed=cfg.data.seed)
     return run
+
+
+def use_compile_cache(folder: str | None) -> None:
+    """Points inductor's and Triton's kernel caches into `folder` (train.compile_cache), if set. Both read these
+    variables when they look a kernel up, so this works as long as nothing has compiled yet in this process;
+    their on-disk caches are safe for several processes writing at once (each entry lands by an atomic rename)."""
+    if not folder:
+        return
+    root = Path(folder).expanduser().absolute()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
+    os.environ["TRITON_CACHE_DIR"] = str(root / "triton")  # our own kernels (inductor's go under its folder)
 
 
 def _lay_out(model: torch.nn.Module, cfg: DictConfig, layout: Layout, accelerator: Accelerator):

@@ -5,6 +5,7 @@
                                                 # and dq with offset keys: Triton centred/uncentred vs dense SDPA
     python scripts/bench_vsa.py --profile 16k   # also: GPU kernel time per full-op fwd+bwd, fine vs the rest
     SMOKE=1 python scripts/bench_vsa.py --check fp32   # CPU (TRITON_INTERPRET=1): tiny sizes, every code path
+    python scripts/bench_vsa.py --pairs 0,1     # the Triton rows (and checks) for both kernel loop variants
 
 Rows per size (B=1, 12 heads, bf16, 87.5% sparsity): "VSA full op" (raster order in and out: tiling,
 coarse stage, top-k, fine stage, coarse gate, untiling), "VSA full op, tiled" (tokens kept in tile order,
@@ -13,8 +14,12 @@ as a model that permutes once would), "VSA fine stage" (block_sparse_attention o
 Effective TFLOP/s count 4*S*S_att*D*H for a forward (S_att = attended keys per query) and 2.5x that for a
 backward; speed-up is dense cuDNN's time over the row's time, fwd and fwd+bwd separately. Eager columns
 include Python and launch overhead; "graphed" columns replay one CUDA graph of the same call (GPU time).
+--pairs runs the Triton rows (and --check, --profile) once per op.TILE_PAIRS setting given (0: one 64-row tile
+per kernel loop iteration, 1: two), each row labelled "(TILE_PAIRS=0)" or "(TILE_PAIRS=1)"; without it, the
+op's default, unlabelled.
 """
 import argparse
+import contextlib
 import math
 import os
 import statistics
@@ -38,12 +43,7 @@ from vsa_train.ops import (
     video_sparse_attention,
     video_sparse_attention_tiled,
 )
-from vsa_train.ops.block_sparse import op as block_sparse_op  # CENTER_KEYS (issue #12)
-from vsa_train.ops.block_sparse.bwd import (
-    block_sparse_bwd_dkv_kernel,
-    block_sparse_bwd_dq_kernel,
-)
-from vsa_train.ops.block_sparse.fwd import block_sparse_fwd_kernel
+from vsa_train.ops.block_sparse import op as block_sparse_op  # CENTER_KEYS (issue #12), TILE_PAIRS
 from vsa_train.ops.pool import tile_means
 
 SIZES = {  # name: (video shape (T, H, W) in tokens, head dim)
@@ -59,6 +59,22 @@ DEVICE = "cpu" if SMOKE else "cuda"
 # The fine-stage kernels; every other GPU kernel of the op is "non-fine" in the profile.
 FINE_KERNELS = ("block_sparse_fwd_kernel", "block_sparse_bwd_preprocess_kernel", "block_sparse_bwd_dq_kernel",
                 "block_sparse_bwd_dkv_kernel")
+
+
+@contextlib.contextmanager
+def tile_pairs(setting: bool):
+    """op.TILE_PAIRS = setting for the op calls inside (it is read per call), then back to what it was."""
+    before = block_sparse_op.TILE_PAIRS
+    block_sparse_op.TILE_PAIRS = setting
+    try:
+        yield
+    finally:
+        block_sparse_op.TILE_PAIRS = before
+
+
+def pairs_label(setting: bool, labelled: bool) -> str:
+    """The suffix that tells a row's TILE_PAIRS setting apart ("" when --pairs was not given)."""
+    return f" (TILE_PAIRS={int(setting)})" if labelled else ""
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -132,11 +148,11 @@ def check_full_op(dtype, D, qk_mul, B=2, H=2, video=(7, 10, 13), topk=8):
     return errs, agree
 
 
-def check_offset_dq(dtype, D, B=1, H=4, video=(8, 16, 16), topk=16, offset=8.0):
+def check_offset_dq(dtype, D, B=1, H=4, video=(8, 16, 16), topk=16, offset=8.0, dense_row=True):
     """Issue #12: dq errors vs float64 when the keys share a large offset, k = randn + offset * u (u a random
     vector per head, as in trained models). Fine stage (block_sparse_attention, a given selection) and full op
     (video_sparse_attention) with keys centred in dQ (op.CENTER_KEYS, the default) and uncentred, and dense SDPA
-    (cuDNN on the GPU) on the same q, k, v. Returns {row: (out error, dq error)}."""
+    (cuDNN on the GPU) on the same q, k, v (unless dense_row is False). Returns {row: (out error, dq error)}."""
     if SMOKE:
         B, H, video, topk = 1, 1, (4, 8, 16), 2
     g = torch.Generator(device=DEVICE).manual_seed(2)
@@ -177,7 +193,7 @@ def check_offset_dq(dtype, D, B=1, H=4, video=(8, 16, 16), topk=16, offset=8.0):
         return out.detach(), args[0].grad
 
     rows = {}
-    for name, fn in (("fine", fine), ("full", full), ("dense SDPA", dense)):
+    for name, fn in (("fine", fine), ("full", full)) + ((("dense SDPA", dense),) if dense_row else ()):
         ref_out, ref_dq = out_and_dq(fn, torch.float64)
         centres = (True, False) if name != "dense SDPA" else (None,)
         for centre in centres:
@@ -192,17 +208,21 @@ def check_offset_dq(dtype, D, B=1, H=4, video=(8, 16, 16), topk=16, offset=8.0):
     return rows
 
 
-def run_offset_checks(dtypes):
+def run_offset_checks(dtypes, settings, labelled):
     print("## dq with offset keys (k = randn + 8 u per head; issue #12): ||x - ref|| / ||ref|| vs float64")
     print("| dtype | D | row | out | dq |")
     print("|---|---|---|---|---|")
     for dtype in dtypes:
         for D in (64,) if SMOKE else (64, 128):
-            for label, (e_out, e_dq) in check_offset_dq(dtype, D).items():
-                print(f"| {str(dtype)[6:]} | {D} | {label} | {e_out:.1e} | {e_dq:.1e} |", flush=True)
+            for i, setting in enumerate(settings):
+                with tile_pairs(setting):  # the dense row does not depend on it: once
+                    rows = check_offset_dq(dtype, D, dense_row=i == len(settings) - 1)
+                for label, (e_out, e_dq) in rows.items():
+                    label += pairs_label(setting, labelled) if label != "dense SDPA" else ""
+                    print(f"| {str(dtype)[6:]} | {D} | {label} | {e_out:.1e} | {e_dq:.1e} |", flush=True)
 
 
-def run_checks(dtypes) -> bool:
+def run_checks(dtypes, settings, labelled) -> bool:
     print("## correctness vs float64: ||x - ref|| / ||ref||")
     print("(fine: block_sparse_attention vs float64 reference; full: video_sparse_attention vs float64 on the same "
           "tile selection; the naive row's columns are out, dq, dk, dv, dgate_c, dgate_f)")
@@ -213,20 +233,25 @@ def run_checks(dtypes) -> bool:
         limit = 1e-3 if dtype == torch.float32 else 1e-2
         for D in (64,) if SMOKE else (64, 128):
             for qk_mul in (1.0, 4.0):
-                for name, check in (("fine", check_fine_stage), ("full", check_full_op)):
-                    if name == "full":
-                        (naive_errs, errs), agree = check(dtype, D, qk_mul)
-                        cells, sel = errs[:1] + [None] + errs[1:], f"same selection as float64 coarse: {agree:.1%}"
-                        naive = " | ".join(f"{e:.1e}" for e in naive_errs[:1] + naive_errs[1:])
-                        naive = naive.replace(" | ", " | - | ", 1)  # no lse column for the full op
-                        print(f"| full vs naive float64 (own selection) | {str(dtype)[6:]} | {D} | x{qk_mul:g} | "
-                              f"{naive} | float64's own |")
-                    else:
-                        errs = check(dtype, D, qk_mul)
-                        cells, sel = errs + [None, None], "(given)"
-                    ok &= all(e < limit for e in errs)
-                    cells = " | ".join("-" if e is None else f"{e:.1e}" for e in cells)
-                    print(f"| {name} | {str(dtype)[6:]} | {D} | x{qk_mul:g} | {cells} | {sel} |", flush=True)
+                for setting in settings:
+                    suffix = pairs_label(setting, labelled)
+                    for name, check in (("fine", check_fine_stage), ("full", check_full_op)):
+                        with tile_pairs(setting):
+                            result = check(dtype, D, qk_mul)
+                        if name == "full":
+                            (naive_errs, errs), agree = result
+                            cells, sel = errs[:1] + [None] + errs[1:], f"same selection as float64 coarse: {agree:.1%}"
+                            naive = " | ".join(f"{e:.1e}" for e in naive_errs[:1] + naive_errs[1:])
+                            naive = naive.replace(" | ", " | - | ", 1)  # no lse column for the full op
+                            print(f"| full vs naive float64 (own selection){suffix} | {str(dtype)[6:]} | {D} | "
+                                  f"x{qk_mul:g} | {naive} | float64's own |")
+                        else:
+                            errs = result
+                            cells, sel = errs + [None, None], "(given)"
+                        ok &= all(e < limit for e in errs)
+                        cells = " | ".join("-" if e is None else f"{e:.1e}" for e in cells)
+                        print(f"| {name}{suffix} | {str(dtype)[6:]} | {D} | x{qk_mul:g} | {cells} | {sel} |",
+                              flush=True)
     print("all within limits (fp32 < 1e-3, fp16/bf16 < 1e-2)" if ok else "SOME ERRORS OVER THE LIMIT")
     return ok
 
@@ -350,7 +375,7 @@ def kernel_profile(label: str, fn, inputs):
           f"{total - fine:.0f} us = {(total - fine) / total:.1%} non-fine", flush=True)
 
 
-def bench_size(name: str, profile: bool, flex: bool, rep_ms: int):
+def bench_size(name: str, profile: bool, flex: bool, rep_ms: int, settings=(True,), labelled=False):
     video, D = SIZES[name]
     heads = 1 if SMOKE else HEADS
     dtype = torch.float32 if SMOKE else torch.bfloat16  # the interpreter's bf16 dot is not trustworthy
@@ -375,7 +400,7 @@ def bench_size(name: str, profile: bool, flex: bool, rep_ms: int):
     def full_tiled():
         return video_sparse_attention_tiled(*tiled[:3], layout, topk, gate_coarse=tiled[3], backend="triton")
 
-    rows = [
+    rows = [  # the Triton rows: one per TILE_PAIRS setting
         ("VSA full op", fine_flops, full, inputs),
         ("VSA full op, tiled", fine_flops, full_tiled, tiled),
         ("VSA fine stage", fine_flops,
@@ -389,8 +414,12 @@ def bench_size(name: str, profile: bool, flex: bool, rep_ms: int):
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             return F.scaled_dot_product_attention(qh, kh, vh)
 
-    rows.append(("dense cuDNN SDPA", dense_flops, dense, [qh, kh, vh]))
-    times = {label: time_fwd_bwd(fn, ins, rep_ms) + (flops,) for label, flops, fn, ins in rows}
+    times = {}
+    for label, flops, fn, ins in rows:
+        for setting in settings:  # the setting is read per call: eager runs and graph capture alike
+            with tile_pairs(setting):
+                times[label + pairs_label(setting, labelled)] = time_fwd_bwd(fn, ins, rep_ms) + (flops,)
+    times["dense cuDNN SDPA"] = time_fwd_bwd(dense, [qh, kh, vh], rep_ms) + (dense_flops,)
     if flex:
         try:
             with torch.no_grad():
@@ -417,13 +446,16 @@ def bench_size(name: str, profile: bool, flex: bool, rep_ms: int):
         cells += [t if isinstance(t, str) else f"{t:.3f}" for t in ms[2:]]
         cells.append(f"{dense[3] / ms[3]:.2f}x" if not isinstance(ms[3], str) and not isinstance(dense[3], str) else "-")
         print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
-    if not SMOKE:
-        for kernel in (block_sparse_fwd_kernel, block_sparse_bwd_dq_kernel, block_sparse_bwd_dkv_kernel):
-            print(f"autotuned {kernel.fn.__name__}: {kernel.best_config}")
+    if not SMOKE:  # the autotuner's picks for this head dim and dtype, per TILE_PAIRS setting (op.launch_tuned's)
+        for (kernel, (D_key, dtype_key, pair)), config in block_sparse_op._TUNED.items():
+            if D_key == D and dtype_key == dtype:
+                print(f"autotuned {kernel.fn.__name__}{pairs_label(pair, labelled)}: {config}")
 
     if profile:
-        kernel_profile(f"{name} VSA full op (raster order)", full, inputs)
-        kernel_profile(f"{name} VSA full op, tiled", full_tiled, tiled)
+        for setting in settings:
+            with tile_pairs(setting):
+                kernel_profile(f"{name} VSA full op (raster order){pairs_label(setting, labelled)}", full, inputs)
+                kernel_profile(f"{name} VSA full op, tiled{pairs_label(setting, labelled)}", full_tiled, tiled)
 
 
 def main():
@@ -433,7 +465,14 @@ def main():
     parser.add_argument("--profile", default="", help="sizes to profile the full op at (comma-separated)")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compilation takes minutes)")
     parser.add_argument("--rep", type=int, default=200, help="ms of timed runs per measurement (do_bench rep)")
+    parser.add_argument("--pairs", default="", help="op.TILE_PAIRS settings to run the Triton rows and checks with, "
+                        f"comma-separated 0 (one tile per iteration) / 1 (two), e.g. 0,1; default: the op's "
+                        f"({block_sparse_op.TILE_PAIRS!r}), rows unlabelled")
     args = parser.parse_args()
+    if args.pairs and not set(args.pairs.split(",")) <= {"0", "1"}:
+        parser.error(f"--pairs takes a comma-separated list of 0 and 1, got {args.pairs!r}")
+    settings = [p == "1" for p in args.pairs.split(",")] if args.pairs else [block_sparse_op.TILE_PAIRS]
+    labelled = bool(args.pairs)
     if not SMOKE and not torch.cuda.is_available():
         sys.exit("bench_vsa.py needs a CUDA GPU (or SMOKE=1 with TRITON_INTERPRET=1 for a CPU smoke run)")
     if SMOKE and os.environ.get("TRITON_INTERPRET") != "1":
@@ -443,13 +482,13 @@ def main():
     card = "CPU smoke run (Triton interpreter)" if SMOKE else torch.cuda.get_device_name()
     print(f"{card}, torch {torch.__version__}, triton {triton.__version__}")
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if args.check and not run_checks([dtypes[d] for d in args.check.split(",")]):
+    if args.check and not run_checks([dtypes[d] for d in args.check.split(",")], settings, labelled):
         print("continuing to the timings")
     if args.check:
-        run_offset_checks([dtypes[d] for d in args.check.split(",")])
+        run_offset_checks([dtypes[d] for d in args.check.split(",")], settings, labelled)
     for name in args.sizes.split(","):
         start = time.time()
-        bench_size(name, name in args.profile.split(","), not args.no_flex, args.rep)
+        bench_size(name, name in args.profile.split(","), not args.no_flex, args.rep, settings, labelled)
         print(f"({name} took {time.time() - start:.0f} s including autotuning and compilation)", flush=True)
 
 

@@ -1,4 +1,8 @@
-"""Triton block-sparse kernels (under TRITON_INTERPRET=1 on CPU) against the float64 naive mask reference."""
+"""Triton block-sparse kernels (under TRITON_INTERPRET=1 on CPU) against the float64 naive mask reference.
+
+Tests taking the `tile_pairs` fixture (conftest.py) run both loop variants of the kernels: one 64-row tile per
+iteration and two (op.TILE_PAIRS), whose odd counts leave an empty second slot in the last iteration.
+"""
 import math
 
 import pytest
@@ -58,7 +62,7 @@ CASES = [  # B, H, n_tiles, K, D, dtype, qk_mul, ragged, odd_sizes, strided
 
 
 @pytest.mark.parametrize("B,H,n_tiles,K,D,dtype,qk_mul,ragged,odd_sizes,strided", CASES)
-def test_triton_matches_float64(B, H, n_tiles, K, D, dtype, qk_mul, ragged, odd_sizes, strided):
+def test_triton_matches_float64(B, H, n_tiles, K, D, dtype, qk_mul, ragged, odd_sizes, strided, tile_pairs):
     q, k, v, index, count, sizes = make_problem(B, H, n_tiles, K, D, dtype, qk_mul, ragged, odd_sizes, strided)
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     scale = 1 / math.sqrt(D)
@@ -80,6 +84,82 @@ def test_triton_matches_float64(B, H, n_tiles, K, D, dtype, qk_mul, ragged, odd_
     # Pad key rows receive no gradient at all.
     pad_key = (torch.arange(TILE)[None, :] >= sizes[:, None]).reshape(-1)
     assert (k.grad[:, pad_key] == 0).all() and (v.grad[:, pad_key] == 0).all()
+
+
+def edge_problem(D, dtype, qk_mul=1.0):
+    """A hand-made selection with every edge case of the tile loops, B = 1, H = 2, 5 tiles, K = 3.
+
+    Query tiles choose 3, 2, 1, 2 and 3 key tiles (odd counts, even ones, one, and K = 3 in the last row, so a
+    read past an odd count would pass the end of q2k_index). Key tile 0 is chosen by 3 query tiles, tile 1 by 2,
+    tile 2 by all 5, tile 3 (1 real row) by exactly one, tile 4 by none. Head 1 takes each row in another order
+    (which tiles share an iteration). Pad rows of k and v hold large finite values: any leak shows.
+    """
+    rows = ([0, 1, 2], [1, 2], [2], [2, 0], [3, 0, 2]), ([2, 1, 0], [2, 1], [2], [0, 2], [0, 3, 2])
+    index = torch.full((1, 2, 5, 3), -7, dtype=torch.int32)  # garbage past the count is never read
+    count = torch.zeros(1, 2, 5, dtype=torch.int32)
+    for h, head in enumerate(rows):
+        for i, row in enumerate(head):
+            index[0, h, i, :len(row)] = torch.tensor(row)
+            count[0, h, i] = len(row)
+    sizes = torch.tensor([64, 17, 64, 1, 40], dtype=torch.int32)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 5 * TILE, 2, D, generator=g) * m for m in (qk_mul, qk_mul, 1.0))
+    pad = (torch.arange(TILE)[None, :] >= sizes[:, None]).reshape(-1)
+    k[:, pad], v[:, pad] = 1e4, -1e4
+    return q.to(dtype), k.to(dtype), v.to(dtype), index, count, sizes
+
+
+def triton_outputs_and_grads(q, k, v, index, count, sizes, seed=5):
+    """Triton out, lse, dq, dk, dv (backpropagated through out and lse), and the cotangents used."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out, lse = block_sparse_attention(q, k, v, index, count, sizes, backend="triton")
+    g = torch.Generator().manual_seed(seed)
+    g_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    g_lse = torch.randn(lse.shape, generator=g, dtype=torch.float64)
+    ((out.double() * g_out).sum() + (lse.double() * g_lse).sum()).backward()
+    return [out.detach(), lse.detach(), q.grad, k.grad, v.grad], (g_out, g_lse)
+
+
+@pytest.mark.parametrize("D,dtype,qk_mul", [(64, torch.float32, 4.0), (128, torch.float16, 1.0)])
+def test_edge_selection_matches_float64(D, dtype, qk_mul, tile_pairs):
+    q, k, v, index, count, sizes = edge_problem(D, dtype, qk_mul)
+    got, (g_out, g_lse) = triton_outputs_and_grads(q, k, v, index, count, sizes)
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = naive_block_sparse_attention(*ref_in, index, count, sizes, 1 / math.sqrt(D))
+    ((ref_out * g_out).sum() + (ref_lse * g_lse).sum()).backward()
+    tol = 1e-5 if dtype == torch.float32 else 5e-3
+    for name, x, ref in zip(("out", "lse", "dq", "dk", "dv"), got, [ref_out, ref_lse] + [t.grad for t in ref_in]):
+        assert torch.isfinite(x).all(), name  # also: every element written (outputs start as NaN)
+        assert rel_err(x, ref) < tol, (name, rel_err(x, ref))
+    # Key tile 4 (chosen by no query tile) and every pad key row receive no gradient at all.
+    no_grad = (torch.arange(TILE)[None, :] >= sizes[:, None]).reshape(-1)
+    no_grad[4 * TILE:] = True
+    assert (got[3][:, no_grad] == 0).all() and (got[4][:, no_grad] == 0).all()
+
+
+@pytest.mark.parametrize("problem", ["edge", "random"])
+def test_tile_pairs_equal_one_tile(problem, monkeypatch):
+    """fp32: the two loop variants differ by rounding only (another summation order)."""
+    if problem == "edge":
+        inputs = edge_problem(64, torch.float32, qk_mul=4.0)
+    else:
+        inputs = make_problem(1, 1, 5, 5, 128, torch.float32, qk_mul=4.0, strided=True)  # odd counts, K = 5
+    results = {}
+    for pairs in (False, True):
+        monkeypatch.setattr(bs_op, "TILE_PAIRS", pairs)
+        results[pairs] = triton_outputs_and_grads(*inputs)[0]
+    for name, got, ref in zip(("out", "lse", "dq", "dk", "dv"), results[True], results[False]):
+        assert rel_err(got, ref.double()) < 2e-6, (name, rel_err(got, ref.double()))
+
+
+def test_tile_pairs_auto_pairs_head_dim_64_only(monkeypatch):
+    """The default: pairs where they were measured faster (D=64), one tile where they spill (D=128)."""
+    assert bs_op.TILE_PAIRS == "auto"
+    assert bs_op.tile_pairs(64) and not bs_op.tile_pairs(128)
+    monkeypatch.setattr(bs_op, "TILE_PAIRS", False)
+    assert not bs_op.tile_pairs(64)
+    monkeypatch.setattr(bs_op, "TILE_PAIRS", True)
+    assert bs_op.tile_pairs(128)
 
 
 def test_forward_without_grad():

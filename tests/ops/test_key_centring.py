@@ -4,7 +4,8 @@ Keys sharing a large offset (k = randn + 8 u, u a fixed random vector per head, 
 16-bit dS @ K of dQ cancel badly; dS @ (K - mean) is exact (each row of dS sums to dLSE, whose term is added
 back) and well conditioned. Checked against the float64 naive references, against the uncentred kernels
 (CENTER_KEYS cleared: the forward, dK and dV must be bitwise unchanged, dQ at least twice as accurate in fp16),
-on edge tiles, with the LSE gradient, for the fine stage and for the whole op on both of its paths.
+on edge tiles, with the LSE gradient, for the fine stage (both kernel loop variants: the `tile_pairs` fixture of
+conftest.py) and for the whole op on both of its paths (default loop variant).
 """
 import math
 
@@ -84,7 +85,7 @@ def _fine_stage(dtype, D, qk_mul, center, monkeypatch):
     (torch.float16, 128, 4.0),  # 16x logits
     (torch.float32, 64, 4.0),
 ])
-def test_fine_stage_offset_keys(dtype, D, qk_mul, monkeypatch):
+def test_fine_stage_offset_keys(dtype, D, qk_mul, monkeypatch, tile_pairs):
     base, base_err = _fine_stage(dtype, D, qk_mul, False, monkeypatch)
     got, err = _fine_stage(dtype, D, qk_mul, True, monkeypatch)
     # Only dQ changes: the forward, dK and dV are the same kernels on the same inputs.
@@ -99,7 +100,7 @@ def test_fine_stage_offset_keys(dtype, D, qk_mul, monkeypatch):
         assert err["dq"] <= base_err["dq"], (err["dq"], base_err["dq"])
 
 
-def test_fine_stage_explicit_shift_any_vector(monkeypatch):
+def test_fine_stage_explicit_shift_any_vector(monkeypatch, tile_pairs):
     """dQ is exact for any shift (here a random one, with an LSE gradient): fp32 matches the reference."""
     B, H, n, D = 1, 1, 3, 64
     x = offset_inputs(B, n * TILE, H, D)

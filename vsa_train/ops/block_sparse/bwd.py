@@ -2,6 +2,9 @@
 
 No atomics: dQ sums over a query tile's key tiles (q2k index), dK/dV over the query tiles that selected a
 key tile (the k2q index of index.py), each in one program, so results are deterministic.
+
+PAIR (op.TILE_PAIRS): the dQ and dK/dV loops take two tiles per iteration (two key tiles, resp. two query tiles
+of the k2q list), gathered into one block of 128 rows: 64 x 128 products, half the iterations; else one tile.
 """
 import triton
 import triton.language as tl
@@ -36,7 +39,7 @@ def block_sparse_bwd_preprocess_kernel(
     tl.store(DELTA + row_ptr, delta)
 
 
-@triton.autotune(configs=bwd_configs(), key=["HEAD_DIM", "DOT_PRECISION"])
+@triton.autotune(configs=bwd_configs(), key=["HEAD_DIM", "DOT_PRECISION", "PAIR"])
 @triton.jit(do_not_specialize=["n_heads", "n_tiles", "max_k"])
 def block_sparse_bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA,          # [B, S, H, D] x5 (any strides); LSE, DELTA [B, H, S] fp32
@@ -49,9 +52,10 @@ def block_sparse_bwd_dq_kernel(
     stride_dqb, stride_dqs, stride_dqh, stride_dqd,
     n_heads, n_tiles, max_k, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, HAS_DLSE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, HAS_DLSE: tl.constexpr, PAIR: tl.constexpr,
 ):
-    """One program = one query tile: dQ = scale * sum over its key tiles of dS @ K.
+    """One program = one query tile: dQ = scale * sum over its key tiles of dS @ K (PAIR: two key tiles per
+    iteration, entries c and c + 1 of its index, as in the forward).
 
     HAS_SHIFT (op.py, CENTER_KEYS): dQ = scale * (sum dS @ (K - kshift) + dLSE kshift), exact because each row
     of dS sums to dLSE (to 0 without an LSE gradient). With keys sharing a large offset, the 16-bit product
@@ -63,17 +67,23 @@ def block_sparse_bwd_dq_kernel(
     h = bh % n_heads
     qk_scale_log2 = sm_scale * LOG2E
 
+    # Annotated: tl.arange needs a constexpr size (the interpreter makes a plain assignment a tensor).
+    STEP: tl.constexpr = 2 if PAIR else 1  # key tiles per iteration
+    BLOCK_N: tl.constexpr = BLOCK * STEP  # key rows per iteration
     offs_m = q_tile * BLOCK + tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, BLOCK)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod)
     row_ptr = bh.to(tl.int64) * n_tiles * BLOCK + offs_m
     lse_log2 = tl.load(LSE + row_ptr) * LOG2E
     delta = tl.load(DELTA + row_ptr)
-    # K and V are loaded transposed ([D, BLOCK]) for the logits and dP; K row-major again for dS @ K.
+    # K and V are loaded transposed ([D, BLOCK_N]) for the logits and dP; K row-major again for dS @ K.
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
+    if PAIR:
+        second = offs_n >= BLOCK                        # [BLOCK_N]: row of the pair's second tile
+        col = tl.where(second, offs_n - BLOCK, offs_n)  # [BLOCK_N]: row within its key tile
 
     row = bh * n_tiles + q_tile
     count = tl.load(Q2K_COUNT + row)
@@ -81,19 +91,26 @@ def block_sparse_bwd_dq_kernel(
     dq = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     if HAS_SHIFT:
         shift = tl.load(KSHIFT + bh.to(tl.int64) * HEAD_DIM + offs_d)  # [D] fp32
-    for c in range(count):
+    for c in range(0, count, STEP):
         kv_tile = tl.load(index_ptr + c)
         size = tl.load(KV_TILE_SIZES + kv_tile)
-        offs_kv = kv_tile * BLOCK + offs_n
-        k = tl.load(k_base + offs_kv[:, None] * stride_ks + offs_d[None, :] * stride_kd)  # [BLOCK, D]
-        vt = tl.load(v_base + offs_kv[None, :] * stride_vs + offs_d[:, None] * stride_vd)  # [D, BLOCK]
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        s = tl.where(offs_n[None, :] < size, s, float("-inf"))
-        p = tl.math.exp2(s - lse_log2[:, None])
-        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        if HAS_SHIFT:  # centred in fp32, one rounding back to K's dtype; pad rows (any finite value) to 0
-            k_c = tl.where(offs_n[:, None] < size, k.to(tl.float32) - shift[None, :], 0.0)
+        if PAIR:  # an odd count's empty last slot: the first tile again, with 0 real rows (as in the forward)
+            kv_tile2 = tl.load(index_ptr + tl.minimum(c + 1, count - 1))
+            size2 = tl.where(c + 1 < count, tl.load(KV_TILE_SIZES + kv_tile2), 0)
+            offs_kv = tl.where(second, kv_tile2, kv_tile) * BLOCK + col  # [BLOCK_N] gathered key rows
+            real = col < tl.where(second, size2, size)                  # [BLOCK_N]
+        else:
+            offs_kv = kv_tile * BLOCK + offs_n  # [BLOCK_N]
+            real = offs_n < size                # [BLOCK_N]
+        k = tl.load(k_base + offs_kv[:, None] * stride_ks + offs_d[None, :] * stride_kd)  # [BLOCK_N, D]
+        vt = tl.load(v_base + offs_kv[None, :] * stride_vs + offs_d[:, None] * stride_vd)  # [D, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2  # [BLOCK, BLOCK_N]
+        s = tl.where(real[None, :], s, float("-inf"))
+        p = tl.math.exp2(s - lse_log2[:, None])  # 0 at pad and empty-slot columns
+        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)  # [BLOCK, BLOCK_N]
+        ds = p * (dp - delta[:, None])  # 0 where p is (dp is finite)
+        if HAS_SHIFT:  # centred in fp32, one rounding back to K's dtype; pad, empty-slot rows (any finite) to 0
+            k_c = tl.where(real[:, None], k.to(tl.float32) - shift[None, :], 0.0)
             k = k_c.to(K.dtype.element_ty)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
@@ -105,7 +122,7 @@ def block_sparse_bwd_dq_kernel(
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty))
 
 
-@triton.autotune(configs=bwd_configs(), key=["HEAD_DIM", "DOT_PRECISION"])
+@triton.autotune(configs=bwd_configs(), key=["HEAD_DIM", "DOT_PRECISION", "PAIR"])
 @triton.jit(do_not_specialize=["n_heads", "n_tiles", "k2q_width"])
 def block_sparse_bwd_dkv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA,          # [B, S, H, D] x6 (any strides); LSE, DELTA [B, H, S] fp32
@@ -117,17 +134,20 @@ def block_sparse_bwd_dkv_kernel(
     stride_dkb, stride_dks, stride_dkh, stride_dkd,
     stride_dvb, stride_dvs, stride_dvh, stride_dvd,
     n_heads, n_tiles, k2q_width, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr, PAIR: tl.constexpr,
 ):
-    """One program = one key tile: dV = sum P^T @ dO, dK = scale * sum dS^T @ Q over the query tiles that chose it."""
+    """One program = one key tile: dV = sum P^T @ dO, dK = scale * sum dS^T @ Q over the query tiles that chose it
+    (PAIR: two of them per iteration, entries c and c + 1 of its k2q list, gathered into one block of 2 * BLOCK)."""
     kv_tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // n_heads).to(tl.int64)
     h = bh % n_heads
     qk_scale_log2 = sm_scale * LOG2E
 
+    STEP: tl.constexpr = 2 if PAIR else 1  # query tiles per iteration
+    BLOCK_M: tl.constexpr = BLOCK * STEP  # query rows per iteration
     offs_kv = kv_tile * BLOCK + tl.arange(0, BLOCK)
-    offs_m = tl.arange(0, BLOCK)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     k = tl.load(K + b * stride_kb + h * stride_kh + offs_kv[:, None] * stride_ks + offs_d[None, :] * stride_kd)
     v = tl.load(V + b * stride_vb + h * stride_vh + offs_kv[:, None] * stride_vs + offs_d[None, :] * stride_vd)
@@ -136,24 +156,37 @@ def block_sparse_bwd_dkv_kernel(
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_dob + h * stride_doh
     row_base = bh.to(tl.int64) * n_tiles * BLOCK
+    if PAIR:
+        second = offs_m >= BLOCK                        # [BLOCK_M]: row of the pair's second query tile
+        col = tl.where(second, offs_m - BLOCK, offs_m)  # [BLOCK_M]: row within its query tile
 
     start = tl.load(K2Q_OFFSETS + bh * (n_tiles + 1) + kv_tile)
     end = tl.load(K2Q_OFFSETS + bh * (n_tiles + 1) + kv_tile + 1)
     q_tiles_ptr = K2Q_Q_TILES + bh.to(tl.int64) * k2q_width
     dk = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
-    for c in range(start, end):
+    for c in range(start, end, STEP):
         q_tile = tl.load(q_tiles_ptr + c)
-        offs_q = q_tile * BLOCK + offs_m
-        qt = tl.load(q_base + offs_q[None, :] * stride_qs + offs_d[:, None] * stride_qd)  # [D, BLOCK]
-        do = tl.load(do_base + offs_q[:, None] * stride_dos + offs_d[None, :] * stride_dod)  # [BLOCK, D]
-        lse_log2 = tl.load(LSE + row_base + offs_q) * LOG2E
-        delta = tl.load(DELTA + row_base + offs_q)
-        st = tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale_log2  # [keys, queries]
+        if PAIR:
+            # An odd count's last pair has an empty second slot: it reloads the first query tile (in bounds:
+            # entries past `end` may be unwritten) and masks its logits to -inf; with that tile's finite lse,
+            # its probabilities are exactly 0, so it adds nothing to dK or dV.
+            q_tile2 = tl.load(q_tiles_ptr + tl.minimum(c + 1, end - 1))
+            offs_q = tl.where(second, q_tile2, q_tile) * BLOCK + col  # [BLOCK_M] gathered query rows
+            used = ~second | (c + 1 < end)                            # [BLOCK_M]
+        else:
+            offs_q = q_tile * BLOCK + offs_m  # [BLOCK_M]
+        qt = tl.load(q_base + offs_q[None, :] * stride_qs + offs_d[:, None] * stride_qd)  # [D, BLOCK_M]
+        do = tl.load(do_base + offs_q[:, None] * stride_dos + offs_d[None, :] * stride_dod)  # [BLOCK_M, D]
+        lse_log2 = tl.load(LSE + row_base + offs_q) * LOG2E  # [BLOCK_M]
+        delta = tl.load(DELTA + row_base + offs_q)  # [BLOCK_M]
+        st = tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale_log2  # [keys, queries] = [BLOCK, BLOCK_M]
         st = tl.where(real_key[:, None], st, float("-inf"))
+        if PAIR:
+            st = tl.where(used[None, :], st, float("-inf"))
         pt = tl.math.exp2(st - lse_log2[None, :])
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BLOCK, BLOCK_M]
         dst = pt * (dpt - delta[None, :])
         dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PRECISION)
 

@@ -25,6 +25,21 @@ POISON_OUTPUTS = False
 # (block_sparse_attention, both VSA paths); tests clear it for the uncentred baseline.
 CENTER_KEYS = True
 
+# Two 64-row tiles per loop iteration in all three attention kernels (forward: two key tiles of the query tile;
+# dQ: the same; dK/dV: two of the query tiles that chose the key tile), gathered into one 128-row block: the
+# tensor cores get 64 x 128 products instead of 64 x 64 and the loops half the iterations. An odd count's last
+# iteration has an empty second slot (masked: probability 0). "auto": pairs at head dim 64 only. Measured on an
+# H200 (docs/benchmarks.md, "Faster"): at D=64 pairs cut dQ by 14%, dK/dV by 10%, the forward by 3%; at D=128 they
+# spill registers in the backward and halve the blocks per SM in the forward (fwd+bwd 1.7x slower). True / False
+# force either. Read when an op is called (block_sparse_attention, both VSA paths), passed to the kernels as PAIR;
+# each setting is autotuned and compiled separately. The two differ only by rounding (another summation order).
+TILE_PAIRS = "auto"
+
+
+def tile_pairs(head_dim: int) -> bool:
+    """Whether the kernels take two tiles per iteration at this head dim (TILE_PAIRS)."""
+    return head_dim == 64 if TILE_PAIRS == "auto" else bool(TILE_PAIRS)
+
 
 def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised kernel output (NaN-filled when POISON_OUTPUTS is set)."""
@@ -44,13 +59,14 @@ def device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-# Config picked by the autotuner per (kernel, head dim, dtype): later launches skip its per-call key building.
+# Config picked by the autotuner per (kernel, head dim, dtype, TILE_PAIRS): later launches skip its per-call
+# key building.
 _TUNED: dict = {}
 
 
 def launch_tuned(kernel, grid, key, *args, **kwargs):
     """kernel[grid](*args, **kwargs) for a @triton.autotune kernel; after its first launch per key, the autotuner's
-    pick is launched directly (the autotune key here is head dim and dtype, both fixed by `key`)."""
+    pick is launched directly (the autotune key here is head dim, dtype and PAIR, all fixed by `key`)."""
     config = _TUNED.get((kernel, key))
     if config is None:
         kernel[grid](*args, **kwargs)
@@ -85,13 +101,14 @@ def block_sparse_fwd_triton(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale:
     out = new_output((B, S, H, D), q.dtype, q.device)
     lse = new_output((B, H, S), torch.float32, q.device)
     q2k_index, q2k_count = q2k_index.contiguous(), q2k_count.contiguous()
+    pair = tile_pairs(D)
     with device_guard(q):
         launch_tuned(
-            block_sparse_fwd_kernel, (n_tiles, B * H), (D, q.dtype),
+            block_sparse_fwd_kernel, (n_tiles, B * H), (D, q.dtype, pair),
             q, k, v, out, lse, q2k_index, q2k_count, kv_tile_sizes.contiguous(),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             H, n_tiles, q2k_index.shape[-1], scale,
-            HEAD_DIM=D, BLOCK=TILE, DOT_PRECISION=_dot_precision(q.dtype),
+            HEAD_DIM=D, BLOCK=TILE, DOT_PRECISION=_dot_precision(q.dtype), PAIR=pair,
         )
     return out, lse
 
@@ -108,6 +125,7 @@ def block_sparse_bwd_triton(do, dlse, q, k, v, out, lse, q2k_index, q2k_count, k
     n_tiles = S // TILE
     grid = (n_tiles, B * H)
     precision = _dot_precision(q.dtype)
+    pair = tile_pairs(D)
     sizes = kv_tile_sizes.contiguous()
     delta = new_output((B, H, S), torch.float32, q.device)
     dq = new_output((B, S, H, D), q.dtype, q.device)
@@ -120,19 +138,20 @@ def block_sparse_bwd_triton(do, dlse, q, k, v, out, lse, q2k_index, q2k_count, k
             HEAD_DIM=D, BLOCK=TILE, HAS_DLSE=dlse is not None,
         )
         launch_tuned(
-            block_sparse_bwd_dq_kernel, grid, (D, q.dtype),
+            block_sparse_bwd_dq_kernel, grid, (D, q.dtype, pair),
             q, k, v, do, dq, lse, delta, q2k_index.contiguous(), q2k_count.contiguous(), sizes,
             shift.contiguous() if shift is not None else delta, dlse if dlse is not None else delta,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
             H, n_tiles, q2k_index.shape[-1], scale,
             HEAD_DIM=D, BLOCK=TILE, DOT_PRECISION=precision, HAS_SHIFT=shift is not None, HAS_DLSE=dlse is not None,
+            PAIR=pair,
         )
         launch_tuned(
-            block_sparse_bwd_dkv_kernel, grid, (D, q.dtype),
+            block_sparse_bwd_dkv_kernel, grid, (D, q.dtype, pair),
             q, k, v, do, dk, dv, lse, delta, k2q_offsets.contiguous(), k2q_q_tiles.contiguous(), sizes,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
             H, n_tiles, k2q_q_tiles.shape[-1], scale,
-            HEAD_DIM=D, BLOCK=TILE, DOT_PRECISION=precision,
+            HEAD_DIM=D, BLOCK=TILE, DOT_PRECISION=precision, PAIR=pair,
         )
     return dq, dk, dv
 

@@ -128,6 +128,10 @@ def test_memory_estimate_terms():
     assert est["activations"] == progress.VALUES_PER_TOKEN_DIM * 64 * 128 * 4 * 2 * 2  # fp32, batch 2, 2 blocks
     assert progress.memory_estimate(1000, cfg, 64, precision="bf16")["activations"] == est["activations"] / 2
     assert progress.memory_estimate(1000, cfg, 64, dp_size=4, strategy="fsdp")["states"] == 4_000
-    cfg.model.grad_checkpointing = "full"
-    assert progress.memory_estimate(1000, cfg, 64)["activations"] < est["activations"]
+    cfg.model.grad_checkpointing = "full"  # 2 fp32 block inputs + one block's activations (bf16 or not)
+    per_block, inputs = progress.VALUES_PER_TOKEN_DIM * 64 * 128 * 2, 2 * 64 * 128 * 2 * 4
+    assert progress.memory_estimate(1000, cfg, 64)["activations"] == inputs + per_block * 4
+    assert progress.memory_estimate(1000, cfg, 64, precision="bf16")["activations"] == inputs + per_block * 2
+    cfg.model.grad_checkpointing = "selective"  # block 0 recomputed (its input kept), block 1 kept whole
+    assert progress.memory_estimate(1000, cfg, 64)["activations"] == 64 * 128 * 2 * 4 + 2 * per_block * 4
     assert progress.total_memory(__import__("torch").device("cpu"))[0] > 0

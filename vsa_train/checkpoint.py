@@ -14,7 +14,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from .distributed import on_main
 from .files import disk_error
-from .models.vsa import VSAAttention
+from .models.vsa import WAN_GATE, VSAAttention
 from .rundir import (STATE, RunDir, RunDirError, load_tensors, optimizer_from_files, optimizer_to_files, read_state,
                      resolve_checkpoint, rng_file, rng_problem, rng_state, save_tensors, set_rng_state, write_json)
 
@@ -117,7 +117,7 @@ def init_weights(model: torch.nn.Module, source) -> str:
     missing, unexpected = model.load_state_dict(state, strict=False)
     new = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, VSAAttention)
            for p, _ in m.named_parameters()}
-    new |= {name for name, _ in model.named_parameters() if ".vsa_gate_coarse." in name}  # model=wan's gates
+    new |= {name for name, _ in model.named_parameters() if f".{WAN_GATE}." in name}  # model=wan's gates
     if unexpected or set(missing) - new:
         raise ValueError(f"train.init_from={source}: weights do not fit this model: missing "
                          f"{sorted(set(missing) - new)}, unexpected {sorted(unexpected)}")

@@ -31,7 +31,7 @@ import torch.nn as nn
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
-from ..models.vsa import VSAConfig
+from ..models.vsa import WAN_GATE, VSAConfig
 from ..ops import TileLayout, video_sparse_attention
 
 try:  # private helper of diffusers (handles fused projections); the fallback covers versions without it
@@ -41,8 +41,6 @@ except ImportError:  # pragma: no cover
         if getattr(attn, "fused_projections", False):
             return attn.to_qkv(hidden_states).chunk(3, dim=-1)
         return attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-
-GATE = "vsa_gate_coarse"  # attribute (and state-dict name) of the coarse gate on each attn1
 
 
 @dataclass
@@ -96,7 +94,7 @@ class VSAWanAttnProcessor:
         if rotary_emb is not None:
             query = _apply_rotary_emb(query, *rotary_emb)
             key = _apply_rotary_emb(key, *rotary_emb)
-        gate = getattr(attn, GATE)(hidden_states).unflatten(2, (attn.heads, -1))  # [B, S, H, D]
+        gate = getattr(attn, WAN_GATE)(hidden_states).unflatten(2, (attn.heads, -1))  # [B, S, H, D]
         # The op takes one dtype. Under CUDA autocast the RMSNorms return fp32 while v and the gate come out of bf16
         # linears: the autocast dtype then, as SDPA (dense Wan) would cast them; else the query's.
         device = query.device.type
@@ -125,13 +123,13 @@ def _install(transformer, cfg: VSAConfig) -> None:
     transformer._vsa_hook = transformer.register_forward_pre_hook(_record_grid, with_kwargs=True)
     for block in transformer.blocks:
         attn = block.attn1
-        if getattr(attn, GATE, None) is None:
+        if getattr(attn, WAN_GATE, None) is None:
             ref = attn.to_q if hasattr(attn, "to_q") else attn.to_qkv
             gate = nn.Linear(ref.in_features, attn.heads * (attn.inner_dim // attn.heads), bias=True,
                              device=ref.weight.device, dtype=ref.weight.dtype)
             nn.init.zeros_(gate.weight)
             nn.init.zeros_(gate.bias)
-            attn.add_module(GATE, gate)
+            attn.add_module(WAN_GATE, gate)
         attn.set_processor(VSAWanAttnProcessor(state))
 
 
@@ -185,14 +183,14 @@ class VSAWanTransformer3DModel(WanTransformer3DModel):
         model = super().from_pretrained(*args, **kwargs)
         for block in model.blocks:
             attn = block.attn1
-            gate = getattr(attn, GATE)
+            gate = getattr(attn, WAN_GATE)
             if gate.weight.is_meta or gate.bias.is_meta:
                 ref = attn.to_q if hasattr(attn, "to_q") else attn.to_qkv
                 new = nn.Linear(gate.in_features, gate.out_features, device=ref.weight.device, dtype=ref.weight.dtype)
                 nn.init.zeros_(new.weight)
                 nn.init.zeros_(new.bias)
                 new.requires_grad_(gate.weight.requires_grad)
-                attn.add_module(GATE, new)
+                attn.add_module(WAN_GATE, new)
         return model
 
 

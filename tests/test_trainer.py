@@ -144,6 +144,13 @@ def test_compile_cache_holds_the_compiled_kernels(tmp_path, monkeypatch):
     assert not (tmp_path / "elsewhere").exists()
 
 
+def test_compile_cache_that_is_a_file_fails_early(tmp_path):
+    (tmp_path / "cache").write_text("not a folder")
+    with pytest.raises(ValueError, match=r"train.compile_cache=.*cache: cannot use it as a folder"):
+        _run(tmp_path / "run", f"train.compile_cache={tmp_path / 'cache'}")
+    assert not list_checkpoints(tmp_path / "run")
+
+
 def test_bad_values_fail_early(tmp_path):
     with pytest.raises(ValueError, match="train.batch_size must be a positive integer"):
         _run(tmp_path, "train.batch_size=0")

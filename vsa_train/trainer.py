@@ -188,6 +188,12 @@ def use_compile_cache(folder: str | None) -> None:
     if not folder:
         return
     root = Path(folder).expanduser().absolute()
+    try:  # every rank: exist_ok makes the race harmless
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file in the way, a read-only disk, no permission
+        raise ValueError(f"train.compile_cache={folder}: cannot use it as a folder ({err.strerror})") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise ValueError(f"train.compile_cache={folder}: the folder is not writable by this user")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
     os.environ["TRITON_CACHE_DIR"] = str(root / "triton")  # our own kernels (inductor's go under its folder)
 

@@ -39,7 +39,8 @@ from vsa_train.trainer import build_run, check_config, make_accelerator, train_s
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def parse_args():
+def parse_args(argv=None):
+    """The command line's options (or argv's: scripts/bench_faster.py builds its rows' options so)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model config: dit_120m (dit_tiny with --smoke), wan, ...")
     p.add_argument("--data", default="synthetic_16k")
@@ -60,7 +61,7 @@ def parse_args():
     p.add_argument("--out", type=Path, default=None, help="writes results.json here")
     p.add_argument("--smoke", action="store_true", help="CPU check: dit_tiny (or --model), 4x16x16 video, 2 steps")
     p.add_argument("override", nargs="*", help="extra Hydra overrides of the train config, e.g. attn.sparsity=0.9")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.model = args.model or ("dit_tiny" if args.smoke else "dit_120m")  # --smoke keeps an explicit --model
     if args.smoke:
         args.data, args.batch, args.steps, args.warmup = "synthetic", 2, 2, 1

@@ -208,18 +208,23 @@ def check_offset_dq(dtype, D, B=1, H=4, video=(8, 16, 16), topk=16, offset=8.0, 
     return rows
 
 
-def run_offset_checks(dtypes, settings, labelled):
+def run_offset_checks(dtypes, settings, labelled, dims=None) -> dict:
+    """Prints the offset-keys table; returns {(dtype name, D, row label): (out error, dq error)}. dims: the head
+    dims (default 64 and 128; 64 alone under SMOKE)."""
     print("## dq with offset keys (k = randn + 8 u per head; issue #12): ||x - ref|| / ||ref|| vs float64")
     print("| dtype | D | row | out | dq |")
     print("|---|---|---|---|---|")
+    results = {}
     for dtype in dtypes:
-        for D in (64,) if SMOKE else (64, 128):
+        for D in dims or ((64,) if SMOKE else (64, 128)):
             for i, setting in enumerate(settings):
                 with tile_pairs(setting):  # the dense row does not depend on it: once
                     rows = check_offset_dq(dtype, D, dense_row=i == len(settings) - 1)
                 for label, (e_out, e_dq) in rows.items():
                     label += pairs_label(setting, labelled) if label != "dense SDPA" else ""
+                    results[(str(dtype)[6:], D, label)] = (e_out, e_dq)
                     print(f"| {str(dtype)[6:]} | {D} | {label} | {e_out:.1e} | {e_dq:.1e} |", flush=True)
+    return results
 
 
 def run_checks(dtypes, settings, labelled) -> bool:
@@ -375,7 +380,11 @@ def kernel_profile(label: str, fn, inputs):
           f"{total - fine:.0f} us = {(total - fine) / total:.1%} non-fine", flush=True)
 
 
-def bench_size(name: str, profile: bool, flex: bool, rep_ms: int, settings=(True,), labelled=False):
+def bench_size(name: str, profile: bool, flex: bool, rep_ms: int, settings=None, labelled=False) -> dict:
+    """Prints the size's timing table (and profiles) for each op.TILE_PAIRS setting (default: the op's); returns its rows, {label: {fwd_ms, fwd_bwd_ms, graphed_fwd_ms,
+    graphed_fwd_bwd_ms, fwd_flops, and where timed: fwd_speedup, fwd_tflops, fwd_bwd_speedup, fwd_bwd_tflops,
+    graphed_fwd_bwd_speedup}} (speed-ups over dense cuDNN SDPA; TFLOP/s effective, the table's count)."""
+    settings = [block_sparse_op.TILE_PAIRS] if settings is None else settings
     video, D = SIZES[name]
     heads = 1 if SMOKE else HEADS
     dtype = torch.float32 if SMOKE else torch.bfloat16  # the interpreter's bf16 dot is not trustworthy
@@ -436,15 +445,22 @@ def bench_size(name: str, profile: bool, flex: bool, rep_ms: int, settings=(True
     print("| row | fwd ms | fwd speed-up | fwd TFLOP/s | fwd+bwd ms | fwd+bwd speed-up | fwd+bwd TFLOP/s "
           "| graphed fwd ms | graphed fwd+bwd ms | graphed fwd+bwd speed-up |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    results = {}  # what the table shows, as numbers (a cell that is text stays text)
     for label, (*ms, flops) in times.items():
         cells = []
-        for t, base, mult in ((ms[0], dense[0], 1.0), (ms[1], dense[1], 3.5)):
+        row = results[label] = {"fwd_ms": ms[0], "fwd_bwd_ms": ms[1], "graphed_fwd_ms": ms[2],
+                                "graphed_fwd_bwd_ms": ms[3], "fwd_flops": flops}
+        for key, t, base, mult in (("fwd", ms[0], dense[0], 1.0), ("fwd_bwd", ms[1], dense[1], 3.5)):
             if isinstance(t, str):
                 cells += [t, "-", "-"]
             else:
+                row[f"{key}_speedup"], row[f"{key}_tflops"] = base / t, flops * mult / t / 1e9
                 cells += [f"{t:.3f}", f"{base / t:.2f}x", f"{flops * mult / t / 1e9:.0f}"]
         cells += [t if isinstance(t, str) else f"{t:.3f}" for t in ms[2:]]
-        cells.append(f"{dense[3] / ms[3]:.2f}x" if not isinstance(ms[3], str) and not isinstance(dense[3], str) else "-")
+        graphed = not isinstance(ms[3], str) and not isinstance(dense[3], str)
+        if graphed:
+            row["graphed_fwd_bwd_speedup"] = dense[3] / ms[3]
+        cells.append(f"{dense[3] / ms[3]:.2f}x" if graphed else "-")
         print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
     if not SMOKE:  # the autotuner's picks for this head dim and dtype, per TILE_PAIRS setting (op.launch_tuned's)
         for (kernel, (D_key, dtype_key, pair)), config in block_sparse_op._TUNED.items():
@@ -456,6 +472,7 @@ def bench_size(name: str, profile: bool, flex: bool, rep_ms: int, settings=(True
             with tile_pairs(setting):
                 kernel_profile(f"{name} VSA full op (raster order){pairs_label(setting, labelled)}", full, inputs)
                 kernel_profile(f"{name} VSA full op, tiled{pairs_label(setting, labelled)}", full_tiled, tiled)
+    return results
 
 
 def main():

@@ -90,9 +90,7 @@ def op_unit(size: str, args, cache: dict) -> dict:
     """bench_size's rows at `size` (tiny under SMOKE: both sizes share one run)."""
     name = "tiny" if SMOKE else size
     if name not in cache:
-        # The op's own TILE_PAIRS setting ("auto"): bench_size's default (True) would force pairs at D=128 too.
-        cache[name] = bench_vsa.bench_size(name, profile=False, flex=False, rep_ms=args.rep,
-                                           settings=[block_sparse_op.TILE_PAIRS])
+        cache[name] = bench_vsa.bench_size(name, profile=False, flex=False, rep_ms=args.rep)  # op's TILE_PAIRS
     return cache[name]
 
 

@@ -66,6 +66,8 @@ def test_run_dir_is_deterministic_from_choices():
     assert cfg.hydra.sweep.dir == "runs/multirun/dit120m_16k_synthetic_16k"
     # the run length is not part of a sweep job's directory, so extending a run resumes it
     assert "train.max_steps" in cfg.hydra.job.config.override_dirname.exclude_keys
+    # where compiled kernels are cached moves no run either (a relaunch with or without it resumes)
+    assert "train.compile_cache" in cfg.hydra.job.config.override_dirname.exclude_keys
 
 
 def test_slurm_launcher_preset_composes():

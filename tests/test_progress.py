@@ -132,6 +132,9 @@ def test_memory_estimate_terms():
     per_block, inputs = progress.VALUES_PER_TOKEN_DIM * 64 * 128 * 2, 2 * 64 * 128 * 2 * 4
     assert progress.memory_estimate(1000, cfg, 64)["activations"] == inputs + per_block * 4
     assert progress.memory_estimate(1000, cfg, 64, precision="bf16")["activations"] == inputs + per_block * 2
+    full = progress.memory_estimate(1000, cfg, 64)["activations"]
+    cfg.model.grad_checkpointing = True  # older configs' spelling of full
+    assert progress.memory_estimate(1000, cfg, 64)["activations"] == full
     cfg.model.grad_checkpointing = "selective"  # block 0 recomputed (its input kept), block 1 kept whole
     assert progress.memory_estimate(1000, cfg, 64)["activations"] == 64 * 128 * 2 * 4 + 2 * per_block * 4
     assert progress.total_memory(__import__("torch").device("cpu"))[0] > 0

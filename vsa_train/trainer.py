@@ -182,8 +182,9 @@ def build_run(cfg: DictConfig, accelerator: Accelerator, resume_from: Path | Non
 
 
 def use_compile_cache(folder: str | None) -> None:
-    """Points inductor's and Triton's kernel caches into `folder` (train.compile_cache), if set. Both read these
-    variables when they look a kernel up, so this works as long as nothing has compiled yet in this process;
+    """Points inductor's and Triton's kernel caches into `folder` (train.compile_cache), if set; the config wins over
+    TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR already in the environment. Both read these variables when they
+    look a kernel up, so this works as long as nothing has compiled yet in this process;
     their on-disk caches are safe for several processes writing at once (each entry lands by an atomic rename)."""
     if not folder:
         return
@@ -195,7 +196,7 @@ def use_compile_cache(folder: str | None) -> None:
     if not os.access(root, os.W_OK | os.X_OK):
         raise ValueError(f"train.compile_cache={folder}: the folder is not writable by this user")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
-    os.environ["TRITON_CACHE_DIR"] = str(root / "triton")  # our own kernels (inductor's go under its folder)
+    os.environ["TRITON_CACHE_DIR"] = str(root / "triton")  # our own kernels' and inductor's compiled Triton
 
 
 def _lay_out(model: torch.nn.Module, cfg: DictConfig, layout: Layout, accelerator: Accelerator):

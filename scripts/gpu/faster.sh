@@ -34,7 +34,7 @@ else
   budget="${BUDGET:-480}"
   policy="${DIT1B_POLICY:-}"
   if [ -z "$policy" ]; then
-    mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 | tr -d ' ')
+    mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 | tr -d ' ' || true)
     policy=$([ "${mib:-0}" -ge 100000 ] && echo none || echo selective)
     echo "dit_1b policy: $policy (card memory ${mib:-unknown} MiB; none needs ~87 GiB)" >> "$LOG"
   fi

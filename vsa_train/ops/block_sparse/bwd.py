@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from .configs import bwd_configs
+from .fwd import key_rows
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -67,11 +68,9 @@ def block_sparse_bwd_dq_kernel(
     h = bh % n_heads
     qk_scale_log2 = sm_scale * LOG2E
 
-    # Annotated: tl.arange needs a constexpr size (the interpreter makes a plain assignment a tensor).
+    # Annotated: the loop step must stay a constexpr (the interpreter makes a plain assignment a tensor).
     STEP: tl.constexpr = 2 if PAIR else 1  # key tiles per iteration
-    BLOCK_N: tl.constexpr = BLOCK * STEP  # key rows per iteration
     offs_m = q_tile * BLOCK + tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod)
@@ -81,9 +80,6 @@ def block_sparse_bwd_dq_kernel(
     # K and V are loaded transposed ([D, BLOCK_N]) for the logits and dP; K row-major again for dS @ K.
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    if PAIR:
-        second = offs_n >= BLOCK                        # [BLOCK_N]: row of the pair's second tile
-        col = tl.where(second, offs_n - BLOCK, offs_n)  # [BLOCK_N]: row within its key tile
 
     row = bh * n_tiles + q_tile
     count = tl.load(Q2K_COUNT + row)
@@ -92,16 +88,7 @@ def block_sparse_bwd_dq_kernel(
     if HAS_SHIFT:
         shift = tl.load(KSHIFT + bh.to(tl.int64) * HEAD_DIM + offs_d)  # [D] fp32
     for c in range(0, count, STEP):
-        kv_tile = tl.load(index_ptr + c)
-        size = tl.load(KV_TILE_SIZES + kv_tile)
-        if PAIR:  # an odd count's empty last slot: the first tile again, with 0 real rows (as in the forward)
-            kv_tile2 = tl.load(index_ptr + tl.minimum(c + 1, count - 1))
-            size2 = tl.where(c + 1 < count, tl.load(KV_TILE_SIZES + kv_tile2), 0)
-            offs_kv = tl.where(second, kv_tile2, kv_tile) * BLOCK + col  # [BLOCK_N] gathered key rows
-            real = col < tl.where(second, size2, size)                  # [BLOCK_N]
-        else:
-            offs_kv = kv_tile * BLOCK + offs_n  # [BLOCK_N]
-            real = offs_n < size                # [BLOCK_N]
+        offs_kv, real = key_rows(index_ptr, c, count, KV_TILE_SIZES, BLOCK, PAIR)  # as the forward walks them
         k = tl.load(k_base + offs_kv[:, None] * stride_ks + offs_d[None, :] * stride_kd)  # [BLOCK_N, D]
         vt = tl.load(v_base + offs_kv[None, :] * stride_vs + offs_d[:, None] * stride_vd)  # [D, BLOCK_N]
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2  # [BLOCK, BLOCK_N]

@@ -12,6 +12,30 @@ LN2 = tl.constexpr(0.6931471805599453)
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
+@triton.jit
+def key_rows(index_ptr, c, count, KV_TILE_SIZES, BLOCK: tl.constexpr, PAIR: tl.constexpr):
+    """The key rows of loop iteration c over a query tile's selected key tiles, and which are real: ([BLOCK_N]
+    row offsets, [BLOCK_N] mask), BLOCK_N = BLOCK (index entry c) or 2 * BLOCK with PAIR (entries c and c + 1,
+    gathered). Shared by the forward and the dQ kernel, so both walk the selection the same way."""
+    kv_tile = tl.load(index_ptr + c)
+    size = tl.load(KV_TILE_SIZES + kv_tile)
+    if PAIR:
+        # An odd count's last pair has an empty second slot: it reloads the first tile (in bounds, any
+        # finite values) and counts 0 real rows, so its columns get logits -inf and probability 0.
+        offs_n = tl.arange(0, 2 * BLOCK)
+        second = offs_n >= BLOCK                        # [BLOCK_N]: row of the pair's second tile
+        col = tl.where(second, offs_n - BLOCK, offs_n)  # [BLOCK_N]: row within its key tile
+        kv_tile2 = tl.load(index_ptr + tl.minimum(c + 1, count - 1))
+        size2 = tl.where(c + 1 < count, tl.load(KV_TILE_SIZES + kv_tile2), 0)
+        offs_kv = tl.where(second, kv_tile2, kv_tile) * BLOCK + col  # [BLOCK_N] gathered key rows
+        real = col < tl.where(second, size2, size)                  # [BLOCK_N]
+    else:
+        offs_n = tl.arange(0, BLOCK)
+        offs_kv = kv_tile * BLOCK + offs_n  # [BLOCK_N]
+        real = offs_n < size                # [BLOCK_N]
+    return offs_kv, real
+
+
 # Size arguments are not specialised on (== 1, divisible by 16): one compile serves every video size.
 @triton.autotune(configs=fwd_configs(), key=["HEAD_DIM", "DOT_PRECISION", "PAIR"])
 @triton.jit(do_not_specialize=["n_heads", "n_tiles", "max_k"])
@@ -33,20 +57,15 @@ def block_sparse_fwd_kernel(
     h = bh % n_heads
     qk_scale_log2 = sm_scale * LOG2E  # exp(x) = exp2(x * log2 e): the scale and log2 e fold into one multiply
 
-    # Annotated: tl.arange needs a constexpr size (the interpreter makes a plain assignment a tensor).
+    # Annotated: the loop step must stay a constexpr (the interpreter makes a plain assignment a tensor).
     STEP: tl.constexpr = 2 if PAIR else 1  # key tiles per iteration
-    BLOCK_N: tl.constexpr = BLOCK * STEP  # key columns per iteration
     offs_m = q_tile * BLOCK + tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs)  # [BLOCK, D]
     # K is loaded transposed ([D, BLOCK_N]) so that q @ k needs no in-register transpose.
     k_base = K + b * stride_kb + h * stride_kh + offs_d[:, None] * stride_kd
     v_base = V + b * stride_vb + h * stride_vh + offs_d[None, :] * stride_vd
-    if PAIR:
-        second = offs_n >= BLOCK                        # [BLOCK_N]: column of the pair's second tile
-        col = tl.where(second, offs_n - BLOCK, offs_n)  # [BLOCK_N]: row within its key tile
 
     row = bh * n_tiles + q_tile
     count = tl.load(Q2K_COUNT + row)
@@ -56,18 +75,7 @@ def block_sparse_fwd_kernel(
     l_i = tl.zeros([BLOCK], tl.float32)                 # running softmax denominator
     acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     for c in range(0, count, STEP):
-        kv_tile = tl.load(index_ptr + c)
-        size = tl.load(KV_TILE_SIZES + kv_tile)
-        if PAIR:
-            # An odd count's last pair has an empty second slot: it reloads the first tile (in bounds, any
-            # finite values) and counts 0 real rows, so its columns get logits -inf and probability 0.
-            kv_tile2 = tl.load(index_ptr + tl.minimum(c + 1, count - 1))
-            size2 = tl.where(c + 1 < count, tl.load(KV_TILE_SIZES + kv_tile2), 0)
-            offs_kv = tl.where(second, kv_tile2, kv_tile) * BLOCK + col  # [BLOCK_N] gathered key rows
-            real = col < tl.where(second, size2, size)                  # [BLOCK_N]
-        else:
-            offs_kv = kv_tile * BLOCK + offs_n  # [BLOCK_N]
-            real = offs_n < size                # [BLOCK_N]
+        offs_kv, real = key_rows(index_ptr, c, count, KV_TILE_SIZES, BLOCK, PAIR)  # [BLOCK_N] each
         k = tl.load(k_base + offs_kv[None, :] * stride_ks)  # [D, BLOCK_N]
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale_log2  # [BLOCK, BLOCK_N]
         # Pad rows of a key tile are never attended: their logits are -inf before the max.

@@ -187,12 +187,10 @@ def op_speedup(rows: dict, target: float):
 
 def fine_tflops(rows: dict, key: str, target: float):
     fine = rows["VSA fine stage"]
-    eager, graphed_ms = fine.get(f"{key}_tflops"), fine[f"graphed_{key}_ms"]
+    eager, graphed = fine.get(f"{key}_tflops"), fine.get(f"graphed_{key}_tflops")
     if eager is None:
         return f"eager: {fine[f'{key}_ms']}", None
-    # bench_vsa's count: a backward is 2.5 forwards
-    graphed = (f"{fine['fwd_flops'] * (1 if key == 'fwd' else 3.5) / graphed_ms / 1e9:.0f}"
-               if not isinstance(graphed_ms, str) else graphed_ms)
+    graphed = f"{graphed:.0f}" if graphed is not None else fine[f"graphed_{key}_ms"]  # bench_vsa's count
     return f"{eager:.0f} TFLOP/s eager (graphed: {graphed})", eager >= target
 
 

@@ -383,7 +383,7 @@ def kernel_profile(label: str, fn, inputs):
 def bench_size(name: str, profile: bool, flex: bool, rep_ms: int, settings=None, labelled=False) -> dict:
     """Prints the size's timing table (and profiles) for each op.TILE_PAIRS setting (default: the op's); returns its rows, {label: {fwd_ms, fwd_bwd_ms, graphed_fwd_ms,
     graphed_fwd_bwd_ms, fwd_flops, and where timed: fwd_speedup, fwd_tflops, fwd_bwd_speedup, fwd_bwd_tflops,
-    graphed_fwd_bwd_speedup}} (speed-ups over dense cuDNN SDPA; TFLOP/s effective, the table's count)."""
+    graphed_fwd_tflops, graphed_fwd_bwd_tflops, graphed_fwd_bwd_speedup}} (speed-ups over dense cuDNN SDPA; TFLOP/s effective, the table's count)."""
     settings = [block_sparse_op.TILE_PAIRS] if settings is None else settings
     video, D = SIZES[name]
     heads = 1 if SMOKE else HEADS
@@ -450,12 +450,15 @@ def bench_size(name: str, profile: bool, flex: bool, rep_ms: int, settings=None,
         cells = []
         row = results[label] = {"fwd_ms": ms[0], "fwd_bwd_ms": ms[1], "graphed_fwd_ms": ms[2],
                                 "graphed_fwd_bwd_ms": ms[3], "fwd_flops": flops}
-        for key, t, base, mult in (("fwd", ms[0], dense[0], 1.0), ("fwd_bwd", ms[1], dense[1], 3.5)):
+        for key, t, graphed_t, base, mult in (("fwd", ms[0], ms[2], dense[0], 1.0),
+                                              ("fwd_bwd", ms[1], ms[3], dense[1], 3.5)):  # a backward: 2.5 forwards
+            if not isinstance(graphed_t, str):
+                row[f"graphed_{key}_tflops"] = flops * mult / graphed_t / 1e9
             if isinstance(t, str):
                 cells += [t, "-", "-"]
             else:
                 row[f"{key}_speedup"], row[f"{key}_tflops"] = base / t, flops * mult / t / 1e9
-                cells += [f"{t:.3f}", f"{base / t:.2f}x", f"{flops * mult / t / 1e9:.0f}"]
+                cells += [f"{t:.3f}", f"{base / t:.2f}x", f"{row[f'{key}_tflops']:.0f}"]
         cells += [t if isinstance(t, str) else f"{t:.3f}" for t in ms[2:]]
         graphed = not isinstance(ms[3], str) and not isinstance(dense[3], str)
         if graphed:

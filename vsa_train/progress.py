@@ -24,6 +24,7 @@ import os
 import torch
 
 from .models import is_wan, model_config
+from .models.dit import checkpointing_policy
 
 GiB = 2**30
 VALUES_PER_TOKEN_DIM = 28  # activations kept per video token, per hidden unit, per block (see the docstring)
@@ -40,8 +41,7 @@ def memory_estimate(n_params: int, cfg, tokens: int, *, dp_size: int = 1, sp_siz
     d, depth = shape.hidden_size, shape.depth
     values = math.ceil(tokens / sp_size) * d * cfg.train.batch_size  # one [B, S/sp, d] tensor
     per_block = VALUES_PER_TOKEN_DIM * values * value_bytes
-    ckpt = cfg.model.get("grad_checkpointing", "none") or "none"
-    ckpt = {True: "full", False: "none"}.get(ckpt, ckpt) if isinstance(ckpt, bool) else ckpt  # older configs
+    ckpt = checkpointing_policy(cfg.model.get("grad_checkpointing", "none")) or "none"
     recomputed = {"full": depth, "selective": math.ceil(depth / 2)}.get(ckpt, 0)  # blocks i % 2 == 0 for selective
     # A recomputed block keeps its fp32 input; while it is recomputed, one block's activations live again.
     activations = (depth - recomputed) * per_block + recomputed * (4 * values) + (per_block if recomputed else 0)

@@ -20,6 +20,11 @@ from .vsa import VSAAttention
 CHECKPOINTING = ("none", "full", "selective")
 
 
+def checkpointing_policy(value) -> str:
+    """model.grad_checkpointing as a policy name: older configs' booleans read as full (true) and none (false)."""
+    return {True: "full", False: "none"}[value] if isinstance(value, bool) else value
+
+
 @dataclass(frozen=True)
 class DiTConfig:
     """Architecture of one model size: the keys of the `model` config group."""
@@ -43,8 +48,7 @@ class DiTConfig:
         if unknown := set(cfg) - known:
             raise ValueError(f"unknown model config keys {sorted(unknown)}; known keys: {sorted(known)}")
         try:
-            ckpt = cfg.get("grad_checkpointing", "none")
-            ckpt = {True: "full", False: "none"}.get(ckpt, ckpt) if isinstance(ckpt, bool) else ckpt  # older configs
+            ckpt = checkpointing_policy(cfg.get("grad_checkpointing", "none"))
             c = cls(**{**cfg, "patch_size": tuple(cfg.get("patch_size", cls.patch_size)), "grad_checkpointing": ckpt})
         except TypeError as e:
             raise ValueError(f"bad model config {cfg}: {e}") from None

@@ -1,4 +1,5 @@
 """VSA inside the DiT: dense equivalence at the start of adaptation, tile-order path, variants, schedule, init_from."""
+import contextlib
 import itertools
 import os
 from pathlib import Path
@@ -233,3 +234,72 @@ def test_triton_eager_path_trains_under_autocast():
     out.float().square().mean().backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+class _LaunchRecorder:
+    """Records each interpreted Triton launch as what its compile depends on: kernel, constexpr and config kwargs,
+    tensor dtypes, and which stride arguments are divisible by 16 (Triton specialises on that, not on sizes)."""
+
+    def __init__(self, monkeypatch):
+        from triton.runtime.interpreter import InterpretedFunction
+
+        self.launches = set()
+        run = InterpretedFunction.run
+
+        def recording_run(fn, *args, grid, warmup, **kwargs):
+            named = dict(zip(fn.arg_names, args))
+            self.launches.add((
+                fn.fn.__name__,
+                tuple(sorted((k, v) for k, v in kwargs.items() if not isinstance(v, torch.Tensor))),
+                tuple(str(v.dtype) for v in args if isinstance(v, torch.Tensor)),
+                tuple(v % 16 == 0 for k, v in named.items() if k.startswith("stride")),
+            ))
+            return run(fn, *args, grid=grid, warmup=warmup, **kwargs)
+
+        monkeypatch.setattr(InterpretedFunction, "run", recording_run)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="records launches in the Triton interpreter")
+def test_kernel_warm_up_launches_what_a_compiled_model_launches(monkeypatch):
+    """ops.vsa.warm_up (one head, 4 tiles) compiles exactly the kernels a compiled VSA DiT's forward and backward
+    launch at another size (here 2 heads, 16 tiles, 2 videos): same kernels, constexprs, dtypes, stride divisibility;
+    so the model's first step finds them compiled (on a GPU: one compiled variant per kernel, docs/benchmarks.md)."""
+    from vsa_train.ops.vsa import warm_up
+
+    recorder = _LaunchRecorder(monkeypatch)
+    model = make({"name": "vsa", "topk": 3, "backend": "triton"}, depth=1)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x, t, text, mask = inputs(T=4, H=16, W=32)
+    compiled(x, t, text, mask).square().mean().backward()
+    model_launches, recorder.launches = recorder.launches, set()
+    rng = torch.get_rng_state()
+    warm_up(64, torch.float32, "cpu", gate_coarse=True, gate_fine=False)
+    assert torch.equal(torch.get_rng_state(), rng)  # it runs beside training: the global RNG is the training's
+    kernels = {launch[0] for launch in model_launches}
+    assert {"block_sparse_fwd_kernel", "block_sparse_bwd_dq_kernel", "block_sparse_bwd_dkv_kernel",
+            "tile_means_fwd_kernel", "gated_combine_bwd_kernel", "mark_selected_kernel"} <= kernels
+    assert recorder.launches == model_launches
+
+
+def test_kernel_warm_up_thread_takes_each_sparse_head_dim_once(monkeypatch):
+    """One warm-up per (head dim, gates) of the Triton-backed sparse layers, in a thread; a failure only warns."""
+    from vsa_train.models import vsa as vsa_model
+
+    calls = []
+    monkeypatch.setattr(vsa_model, "warm_up", lambda *args: calls.append(args))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    cuda = torch.device("cuda")
+    model = make({"name": "vsa", "dense_layers": [0], "gate_fine": True}, depth=3)
+    vsa_model.warm_up_kernels(model, torch.bfloat16, cuda).join()
+    assert calls == [(64, torch.bfloat16, cuda, True, True)]
+    # Nothing to compile: no GPU, only dense or torch-backed layers, no fine stage.
+    assert vsa_model.warm_up_kernels(model, torch.bfloat16, torch.device("cpu")) is None
+    for attn in ({"name": "dense"}, {"name": "vsa", "backend": "torch"}, {"name": "vsa_coarse_only", "fine": False}):
+        assert vsa_model.warm_up_kernels(make(attn), torch.bfloat16, cuda) is None, attn
+
+    def fail(*args):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(vsa_model, "warm_up", fail)
+    with pytest.warns(UserWarning, match="VSA kernel warm-up failed .*no compiler.*first use"):
+        vsa_model.warm_up_kernels(model, torch.bfloat16, cuda).join()

@@ -5,7 +5,8 @@
 # sweep, when the caches sit on a shared disk: train.compile_cache). Each row prints the build time, the first
 # step's time and torch.compile's phases in it. TRITON_PRINT_AUTOTUNING=1 prints the VSA kernels' autotuning
 # (compilation included) only where a kernel has several configs (VSA_AUTOTUNE=full); with the default one config
-# their compilation is in the first step's time, not shown apart. Everything goes to $OUT/first_step.log.
+# they compile in a background thread started by build_run (models/vsa.py warm_up_kernels), overlapping the
+# first step's torch.compile, and are not shown apart. Everything goes to $OUT/first_step.log.
 #
 #   OUT=/tmp/fs bash scripts/gpu/first_step.sh                   # dit_1b VSA, batch 2 (about 2 minutes)
 #   ROW=dense:compile OUT=/tmp/fs bash scripts/gpu/first_step.sh

@@ -12,6 +12,8 @@ tiles are selected and whether the coarse output is added:
 """
 from __future__ import annotations
 
+import threading
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
@@ -27,6 +29,7 @@ from ..ops import (
     topk_tiles,
     video_sparse_attention_tiled,
 )
+from ..ops.vsa import warm_up
 
 SCHEDULES = ("constant", "ramp")
 # Attribute (and state-dict name) of the coarse gate VSA adds to each self-attention of a diffusers Wan
@@ -146,7 +149,7 @@ class VSAAttention(nn.Module):
     def __init__(self, attn_cfg, dim: int, num_heads: int):
         super().__init__()
         self.cfg = VSAConfig.from_cfg(attn_cfg)
-        self.num_heads = num_heads
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.limit = 1.0  # the schedule's sparsity limit in force (set_sparsity_limit); 1 = the target
         self.gate_coarse = nn.Linear(dim, dim) if self.cfg.gate_coarse and self.cfg.coarse else None
         self.gate_fine = nn.Linear(dim, dim) if self.cfg.gate_fine and self.cfg.fine else None
@@ -216,6 +219,36 @@ class VSAAttention(nn.Module):
             o_f = o_f if gf is None else o_f * gf  # [B, S_pad, H, D]
             out = o_f if out is None else out + o_f
         return out
+
+
+def warm_up_kernels(model: nn.Module, dtype: torch.dtype, device: torch.device) -> threading.Thread | None:
+    """Start compiling the Triton kernels of `model`'s VSA layers in a background thread; None if none will run them.
+
+    For torch.compile (train.compile): the compiled blocks launch these kernels only once inductor is done, so
+    their compiles (seconds) were serial in the first step; here they overlap with tracing (Triton's compiler and
+    ptxas release the GIL). One tiny forward and backward per (head dim, gates) in `dtype` (ops.vsa.warm_up); the
+    kernels serve every video size. A failure only warns: the kernels then compile at their first use. Join the
+    thread before forking (data-loader workers).
+    """
+    if torch.device(device).type != "cuda":
+        return None
+    keys = {(m.head_dim, m.gate_coarse is not None, m.gate_fine is not None) for m in model.modules()
+            if isinstance(m, VSAAttention) and m.cfg.fine and m.cfg.backend in ("auto", "triton")}
+    if not keys:
+        return None
+
+    def compile_all():
+        try:
+            with torch.cuda.device(device):
+                for head_dim, gate_coarse, gate_fine in sorted(keys):
+                    warm_up(head_dim, dtype, device, gate_coarse, gate_fine)
+        except Exception as err:  # noqa: BLE001 - a warm-up must never stop training
+            warnings.warn(f"VSA kernel warm-up failed ({type(err).__name__}: {err}); they compile at first use",
+                          stacklevel=1)
+
+    thread = threading.Thread(target=compile_all, name="vsa-kernel-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def _pad(x: torch.Tensor, rows: torch.Tensor, padded_len: int) -> torch.Tensor:

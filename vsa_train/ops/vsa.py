@@ -20,7 +20,7 @@ from .pool import tile_means
 from .reference import block_sparse_attention_torch
 from .tiling import TileLayout
 
-__all__ = ["combine", "video_sparse_attention", "video_sparse_attention_tiled"]
+__all__ = ["combine", "video_sparse_attention", "video_sparse_attention_tiled", "warm_up"]
 
 BACKENDS = ("auto", "triton", "torch")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -108,6 +108,26 @@ def combine(
         o_c = o_c * gate_coarse.view(B, n, -1, H, D)  # [B, n, block, H, D]
     o_f = o_fine if gate_fine is None else o_fine * gate_fine  # [B, S_pad, H, D]
     return (o_f.view(B, n, -1, H, D) + o_c).view(B, S_pad, H, D)  # [B, S_pad, H, D]
+
+
+def warm_up(head_dim: int, dtype: torch.dtype, device, gate_coarse: bool = True, gate_fine: bool = False) -> None:
+    """Compile the Triton kernels of the op's traced path (the custom ops torch.compile calls) for one head dim, dtype
+    and set of gates, by one forward and backward on a tiny input: one head, four 64-token tiles.
+
+    The kernels do not specialise on sizes, so these compiles serve every video size and head count; a compiled
+    model's first step then finds them compiled (models/vsa.py runs this in a background thread while torch.compile
+    traces). Launches on `device`; raises what the op raises on an unsupported head dim or dtype.
+    """
+    layout = TileLayout((4, 8, 8), (4, 4, 4))  # 4 full tiles
+    shape = (1, layout.padded_len, 1, head_dim)
+    rng = torch.Generator(device).manual_seed(0)  # its own: the device's default RNG is the training's
+    with torch.enable_grad():
+        q, k, v, gc, gf = (torch.randn(shape, generator=rng, device=device, dtype=dtype).requires_grad_() if use
+                           else None for use in (True, True, True, gate_coarse, gate_fine))
+        _check_inputs(q, k, v, gc, gf, 2, "triton", layout, tiled=True)
+        o_coarse, o_fine = _attend(q, k, v, layout, 2, "triton")  # [1, 4, 1, D], [1, 256, 1, D]
+        out = gated_combine(o_coarse, o_fine, gc, gf)  # [1, 256, 1, D]
+        out.float().square().sum().backward()
 
 
 def _eager() -> bool:

@@ -203,27 +203,25 @@ def test_ddp_two_cpu_processes_agree(tmp_path):
 
 
 def test_compiled_run_warms_up_vsa_kernels_after_forking_and_joins_before_forking_again(tmp_path, monkeypatch):
-    """train.compile starts the VSA kernel warm-up thread once the data workers exist; restarting the data (a
-    rollback) joins it first, as forking while another thread runs can deadlock the children."""
+    """train.compile starts the VSA kernel warm-up once the data workers exist (not for a run with nothing left to
+    do); restarting the data (a rollback) waits for it first, as forking while another thread runs can deadlock the
+    children."""
     events = []
-
-    class Thread:
-        def join(self):
-            events.append("join")
-
-    def warm_up_kernels(model, dtype, device):
-        events.append(("warm up", type(model).__name__, dtype, device.type))
-        return Thread()
-
-    monkeypatch.setattr(trainer, "warm_up_kernels", warm_up_kernels)
+    monkeypatch.setattr(trainer, "warm_up_kernels",
+                        lambda model, dtype, device: events.append(("warm up", type(model).__name__, dtype, device.type)))
+    monkeypatch.setattr(trainer.warm, "wait", lambda grad=True: events.append(("wait", grad)))
     build_data = trainer.build_data  # where the data-loader workers come from
     monkeypatch.setattr(trainer, "build_data", lambda *a, **k: (events.append("fork"), build_data(*a, **k))[1])
     cfg = _cfg(tmp_path / "eager", "attn=vsa")
     trainer.build_run(cfg, trainer.make_accelerator(cfg))
-    assert events == ["fork"]  # no warm-up without train.compile
+    assert events == [("wait", True), "fork"]  # no warm-up without train.compile
     events.clear()
     cfg = _cfg(tmp_path / "compiled", "attn=vsa", "train.compile=true")
     run = trainer.build_run(cfg, trainer.make_accelerator(cfg))
-    assert events == ["fork", ("warm up", "VideoDiT", torch.float32, "cpu")]  # CPU: no mixed precision
+    assert events == [("wait", True), "fork", ("warm up", "VideoDiT", torch.float32, "cpu")]  # CPU: no mixed precision
     run.restart_data()
-    assert events[2:] == ["join", "fork"]
+    assert events[3:] == [("wait", True), "fork"]
+    events.clear()
+    cfg = _cfg(tmp_path / "done", "attn=vsa", "train.compile=true", "train.max_steps=0")
+    trainer.build_run(cfg, trainer.make_accelerator(cfg))
+    assert events == [("wait", True), "fork"]  # nothing will run: nothing to compile

@@ -260,44 +260,60 @@ class _LaunchRecorder:
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="records launches in the Triton interpreter")
-def test_kernel_warm_up_launches_what_a_compiled_model_launches(monkeypatch):
-    """ops.vsa.warm_up (one head, 4 tiles) compiles exactly the kernels a compiled VSA DiT's forward and backward
-    launch at another size (here 2 heads, 16 tiles, 2 videos): same kernels, constexprs, dtypes, stride divisibility;
-    so the model's first step finds them compiled (on a GPU: one compiled variant per kernel, docs/benchmarks.md)."""
+@pytest.mark.parametrize("attn", [{"name": "vsa", "topk": 3}, {"name": "tile_window", "select": "window",
+                                                                "coarse": False}])
+def test_kernel_warm_up_launches_what_a_model_launches(monkeypatch, attn):
+    """ops.vsa.warm_up (one head, 4 tiles) compiles exactly the kernels a VSA DiT launches at another size (here 2
+    heads, 16 tiles, 2 videos): same kernels, constexprs, dtypes, stride divisibility. grad=True: what a compiled
+    training step launches; grad=False: an eval's forward (eager, no gradient); op=False: the variants' fine stage.
+    So the model finds them compiled (on a GPU: one compiled variant per kernel, docs/benchmarks.md)."""
     from vsa_train.ops.vsa import warm_up
 
     recorder = _LaunchRecorder(monkeypatch)
-    model = make({"name": "vsa", "topk": 3, "backend": "triton"}, depth=1)
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    model = make({**attn, "backend": "triton"}, depth=1)
     x, t, text, mask = inputs(T=4, H=16, W=32)
+    with torch.no_grad():
+        model.eval()(x, t, text, mask)
+    eval_launches, recorder.launches = recorder.launches, set()
+    compiled = torch.compile(model.train(), backend="aot_eager", fullgraph=True)
     compiled(x, t, text, mask).square().mean().backward()
-    model_launches, recorder.launches = recorder.launches, set()
+    train_launches, recorder.launches = recorder.launches, set()
+    op = attn["name"] == "vsa"
     rng = torch.get_rng_state()
-    warm_up(64, torch.float32, "cpu", gate_coarse=True, gate_fine=False)
+    warm_up(64, torch.float32, "cpu", gate_coarse=True, gate_fine=False, op=op, grad=False)
+    assert recorder.launches == eval_launches
+    recorder.launches = set()
+    warm_up(64, torch.float32, "cpu", gate_coarse=True, gate_fine=False, op=op, grad=True)
+    assert recorder.launches == train_launches
     assert torch.equal(torch.get_rng_state(), rng)  # it runs beside training: the global RNG is the training's
-    kernels = {launch[0] for launch in model_launches}
+    kernels = {launch[0] for launch in train_launches}
     assert {"block_sparse_fwd_kernel", "block_sparse_bwd_dq_kernel", "block_sparse_bwd_dkv_kernel",
-            "tile_means_fwd_kernel", "gated_combine_bwd_kernel", "mark_selected_kernel"} <= kernels
-    assert recorder.launches == model_launches
+            "mark_selected_kernel"} <= kernels
+    assert op == ("tile_means_fwd_kernel" in kernels and "gated_combine_bwd_kernel" in kernels)
 
 
-def test_kernel_warm_up_thread_takes_each_sparse_head_dim_once(monkeypatch):
-    """One warm-up per (head dim, gates) of the Triton-backed sparse layers, in a thread; a failure only warns."""
+def test_kernel_warm_up_thread_takes_each_sparse_layer_kind_once(monkeypatch):
+    """One warm-up per (head dim, op or fine stage, gates) of the Triton-backed sparse layers, in a thread: every
+    eval forward first, then forward and backward; a failure only warns."""
     from vsa_train.models import vsa as vsa_model
 
     calls = []
-    monkeypatch.setattr(vsa_model, "warm_up", lambda *args: calls.append(args))
+    monkeypatch.setattr(vsa_model, "warm_up", lambda *args, **kwargs: calls.append((*args, kwargs)))
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     cuda = torch.device("cuda")
     model = make({"name": "vsa", "dense_layers": [0], "gate_fine": True}, depth=3)
+    model.blocks[2].attn.core = VSAAttention({"name": "tile_window", "select": "window", "coarse": False}, 128, 2)
     vsa_model.warm_up_kernels(model, torch.bfloat16, cuda).join()
-    assert calls == [(64, torch.bfloat16, cuda, True, True)]
+    assert calls == [(64, torch.bfloat16, cuda, False, False, {"op": False, "grad": False}),
+                     (64, torch.bfloat16, cuda, True, True, {"op": True, "grad": False}),
+                     (64, torch.bfloat16, cuda, False, False, {"op": False, "grad": True}),
+                     (64, torch.bfloat16, cuda, True, True, {"op": True, "grad": True})]
     # Nothing to compile: no GPU, only dense or torch-backed layers, no fine stage.
     assert vsa_model.warm_up_kernels(model, torch.bfloat16, torch.device("cpu")) is None
     for attn in ({"name": "dense"}, {"name": "vsa", "backend": "torch"}, {"name": "vsa_coarse_only", "fine": False}):
         assert vsa_model.warm_up_kernels(make(attn), torch.bfloat16, cuda) is None, attn
 
-    def fail(*args):
+    def fail(*args, **kwargs):
         raise RuntimeError("no compiler")
 
     monkeypatch.setattr(vsa_model, "warm_up", fail)

@@ -13,7 +13,6 @@ import contextlib
 import math
 import os
 import statistics
-import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -38,6 +37,7 @@ from .flops import training_flops_per_sample
 from .metrics import MetricsLog, define_flops_axis, wandb_init_kwargs, wandb_project
 from .models import build_model, is_wan
 from .models.vsa import warm_up_kernels
+from .ops import warm
 from .parallel import (Layout, apply_fsdp, apply_sequence_parallel, clip_grad_norm, compile_blocks, gradient_sync,
                        make_layout, sp_group)
 from .preemption import StopSignals
@@ -93,12 +93,10 @@ class Run:
     train_iter: object = None
     saved_step: int = -1  # the step whose checkpoint this run holds (saved or resumed from): not saved again
     skipped: set = field(default_factory=set)  # bad inputs this rank's data met (skipped, never trained on)
-    kernel_warm_up: threading.Thread | None = None  # compiling the VSA kernels in the background (train.compile)
 
     def restart_data(self) -> None:
         """(Re)starts the train stream at `state.position` (resume, rollback); position is a global sample index."""
-        if self.kernel_warm_up is not None:  # no fork while another thread may hold a lock the workers need
-            self.kernel_warm_up.join()
+        warm.wait()  # no fork while the kernel warm-up's thread may hold a lock the workers need
         per_batch = self.cfg.train.batch_size * self.layout.dp_size
         if self.state.position % per_batch:
             raise ValueError(f"data position {self.state.position} is not a whole number of batches of {per_batch}")
@@ -182,9 +180,8 @@ def build_run(cfg: DictConfig, accelerator: Accelerator, resume_from: Path | Non
         run.restore(load_checkpoint(accelerator, resume_from, model, optimizer, ema))
         accelerator.print(f"resumed from {resume_from} (step {run.state.step})")
     run.restart_data()
-    if tcfg.compile:  # started after the data workers forked (restart_data joins it before forking again)
-        run.kernel_warm_up = warm_up_kernels(accelerator.unwrap_model(model), half_dtype(accelerator) or torch.float32,
-                                             accelerator.device)
+    if tcfg.compile and not Cadence(tcfg).finished(run.state):  # after the data workers forked (restart_data waits)
+        warm_up_kernels(accelerator.unwrap_model(model), half_dtype(accelerator) or torch.float32, accelerator.device)
     run.eval_set = make_eval_set(run.data.eval, tcfg.eval_timesteps, seed=cfg.data.seed)
     return run
 

@@ -29,6 +29,7 @@ from ..ops import (
     topk_tiles,
     video_sparse_attention_tiled,
 )
+from ..ops import warm
 from ..ops.vsa import warm_up
 
 SCHEDULES = ("constant", "ramp")
@@ -225,30 +226,33 @@ def warm_up_kernels(model: nn.Module, dtype: torch.dtype, device: torch.device) 
     """Start compiling the Triton kernels of `model`'s VSA layers in a background thread; None if none will run them.
 
     For torch.compile (train.compile): the compiled blocks launch these kernels only once inductor is done, so
-    their compiles (seconds) were serial in the first step; here they overlap with tracing (Triton's compiler and
-    ptxas release the GIL). One tiny forward and backward per (head dim, gates) in `dtype` (ops.vsa.warm_up); the
-    kernels serve every video size. A failure only warns: the kernels then compile at their first use. Join the
-    thread before forking (data-loader workers).
+    their compiles (~10 s for dit_1b on an H200) were serial in the first step; here they overlap with tracing
+    (Triton's compiler and ptxas release the GIL). Per (head dim, op or fine stage only, gates) of the sparse
+    layers, in `dtype`: first a forward without gradient (an eval's kernels), then forward and backward
+    (ops.vsa.warm_up); the kernels serve every video size. Other threads' launches wait for it (ops/warm.py). A
+    failure only warns: the kernels then compile at their first use. VideoDiT layers only (diffusers Wan's attention
+    processors compile theirs at first use).
     """
     if torch.device(device).type != "cuda":
         return None
-    keys = {(m.head_dim, m.gate_coarse is not None, m.gate_fine is not None) for m in model.modules()
+    keys = {(m.head_dim, m.cfg.uses_op, m.gate_coarse is not None, m.gate_fine is not None) for m in model.modules()
             if isinstance(m, VSAAttention) and m.cfg.fine and m.cfg.backend in ("auto", "triton")}
     if not keys:
         return None
 
-    def compile_all():
+    def compile_all(forward_ready):
         try:
             with torch.cuda.device(device):
-                for head_dim, gate_coarse, gate_fine in sorted(keys):
-                    warm_up(head_dim, dtype, device, gate_coarse, gate_fine)
+                for grad in (False, True):
+                    for head_dim, op, gate_coarse, gate_fine in sorted(keys):
+                        warm_up(head_dim, dtype, device, gate_coarse, gate_fine, op=op, grad=grad)
+                    if not grad:
+                        forward_ready()
         except Exception as err:  # noqa: BLE001 - a warm-up must never stop training
             warnings.warn(f"VSA kernel warm-up failed ({type(err).__name__}: {err}); they compile at first use",
                           stacklevel=1)
 
-    thread = threading.Thread(target=compile_all, name="vsa-kernel-warm-up", daemon=True)
-    thread.start()
-    return thread
+    return warm.start(compile_all)
 
 
 def _pad(x: torch.Tensor, rows: torch.Tensor, padded_len: int) -> torch.Tensor:

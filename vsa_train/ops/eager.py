@@ -9,6 +9,7 @@ it can trace; both paths launch the same kernels and give the same results.
 """
 import torch
 
+from . import warm
 from .block_sparse import op as _block_sparse_op  # CENTER_KEYS, read per call
 from .block_sparse.index import build_k2q_index
 from .block_sparse.op import (
@@ -82,4 +83,6 @@ def vsa_triton_eager(q, k, v, gate_coarse, gate_fine, kv_tile_sizes, raster_toke
     q, k, v: [B, S_pad, H, D]; gates like the output ([B, out_len, H, D]) or None; kv_tile_sizes int32 [n];
     raster_tokens: int32 [S_pad] (TileLayout.raster_tokens) or None for tile order out. Not for torch.compile.
     """
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, gate_coarse, gate_fine))
+    warm.wait(grad=grad)  # not while a warm-up compiles these kernels (ops/warm.py)
     return _VideoSparseAttention.apply(q, k, v, gate_coarse, gate_fine, kv_tile_sizes, raster_tokens, out_len, topk)

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import warm
 from .block_sparse import (
     op as _launch,  # device_guard, and new_output (NaN-filled under test)
 )
@@ -130,6 +131,7 @@ def tile_means_bwd(dmeans: torch.Tensor, kv_tile_sizes: torch.Tensor, seq_len: i
 @torch.library.custom_op("vsa_train::tile_means", mutates_args=())
 def tile_means_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_tile_sizes: torch.Tensor) -> torch.Tensor:
     """fp32 [3, B, H, n, D]: the means of q, k, v over the real rows of each tile."""
+    warm.wait(grad=False)  # the traced VSA op's first launch: not while a warm-up compiles it (block_sparse waits for all)
     return tile_means_fwd(q, k, v, kv_tile_sizes)
 
 

@@ -110,24 +110,34 @@ def combine(
     return (o_f.view(B, n, -1, H, D) + o_c).view(B, S_pad, H, D)  # [B, S_pad, H, D]
 
 
-def warm_up(head_dim: int, dtype: torch.dtype, device, gate_coarse: bool = True, gate_fine: bool = False) -> None:
+def warm_up(head_dim: int, dtype: torch.dtype, device, gate_coarse: bool = True, gate_fine: bool = False, *,
+            op: bool = True, grad: bool = True) -> None:
     """Compile the Triton kernels of the op's traced path (the custom ops torch.compile calls) for one head dim, dtype
-    and set of gates, by one forward and backward on a tiny input: one head, four 64-token tiles.
+    and set of gates, by one call on a tiny input: one head, four 64-token tiles.
 
-    The kernels do not specialise on sizes, so these compiles serve every video size and head count; a compiled
-    model's first step then finds them compiled (models/vsa.py runs this in a background thread while torch.compile
-    traces). Launches on `device`; raises what the op raises on an unsupported head dim or dtype.
+    op=False: only the fine stage (`block_sparse_attention`, what the sparse variants call). grad=False: a forward
+    without gradient (the kernels an eval launches); grad=True: forward and backward. The kernels do not specialise
+    on sizes, so these compiles serve every video size and head count (models/vsa.py runs this in a background
+    thread while torch.compile traces). Launches on `device`; raises what the op raises on an unsupported head dim
+    or dtype.
     """
     layout = TileLayout((4, 8, 8), (4, 4, 4))  # 4 full tiles
     shape = (1, layout.padded_len, 1, head_dim)
     rng = torch.Generator(device).manual_seed(0)  # its own: the device's default RNG is the training's
-    with torch.enable_grad():
-        q, k, v, gc, gf = (torch.randn(shape, generator=rng, device=device, dtype=dtype).requires_grad_() if use
-                           else None for use in (True, True, True, gate_coarse, gate_fine))
+    with torch.set_grad_enabled(grad):
+        q, k, v, gc, gf = (torch.randn(shape, generator=rng, device=device, dtype=dtype).requires_grad_(grad) if use
+                           else None for use in (True, True, True, gate_coarse and op, gate_fine and op))
         _check_inputs(q, k, v, gc, gf, 2, "triton", layout, tiled=True)
-        o_coarse, o_fine = _attend(q, k, v, layout, 2, "triton")  # [1, 4, 1, D], [1, 256, 1, D]
-        out = gated_combine(o_coarse, o_fine, gc, gf)  # [1, 256, 1, D]
-        out.float().square().sum().backward()
+        if op:
+            o_coarse, o_fine = _attend(q, k, v, layout, 2, "triton")  # [1, 4, 1, D], [1, 256, 1, D]
+            out = gated_combine(o_coarse, o_fine, gc, gf)  # [1, 256, 1, D]
+        else:  # each query tile attends to itself and the next
+            tiles = torch.arange(4, device=device, dtype=torch.int32)
+            index = torch.stack([tiles, (tiles + 1) % 4], dim=-1)[None, None]  # [1, 1, 4, 2]
+            count = torch.full((1, 1, 4), 2, device=device, dtype=torch.int32)
+            out, _ = block_sparse_attention(q, k, v, index, count, layout.kv_tile_sizes(device), backend="triton")
+        if grad:
+            out.float().square().sum().backward()
 
 
 def _eager() -> bool:

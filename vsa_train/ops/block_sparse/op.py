@@ -3,6 +3,7 @@ import contextlib
 
 import torch
 
+from .. import warm
 from .bwd import (
     block_sparse_bwd_dkv_kernel,
     block_sparse_bwd_dq_kernel,
@@ -166,6 +167,7 @@ def block_sparse_fwd(
 
     shift: None, or the fp32 [B, H, D] key shift the backward's dQ uses (key_shift); a constant to autograd.
     """
+    warm.wait(grad=build_k2q)  # not while a warm-up compiles these kernels (ops/warm.py)
     out, lse = block_sparse_fwd_triton(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale)
     if build_k2q:
         with device_guard(q):

@@ -433,10 +433,15 @@ def _loop(run: Run, run_dir: RunDir, spec, resumed: bool) -> dict:
 
     cadence, window, last = Cadence(tcfg), Window(), {"step": state.step}
     run.model.train()
+    first_step = True  # of this launch: its time, compilation included, is worth a line
     with StopSignals(announce=say) as signals:
         while not cadence.finished(run.state):
-            flops_before = run.state.flops
+            flops_before, started = run.state.flops, time.perf_counter()
             result = train_step(run, stop_requested=signals.requested())
+            if first_step:
+                first_step = False
+                say(f"first step: {time.perf_counter() - started:.1f} s"
+                    f"{' (torch.compile and kernel compilation included)' if tcfg.compile else ''}")
             if not result.ok:
                 metrics = _on_nonfinite(run, run_dir, result, metrics)
                 window.reset()

@@ -190,7 +190,7 @@ def compile_phases(reset: bool = False) -> dict:
 
 def free(run) -> None:
     """Releases a row's model, optimizer, EMA and batch before the next row is built."""
-    warm.wait()  # a row that failed before its first step may leave the kernel warm-up running
+    warm.join()  # a row that failed before its first step may leave the kernel warm-up running
     run.accelerator.free_memory()
     run.model = run.optimizer = run.ema = run.train_iter = run.data = run.eval_set = None
     torch._dynamo.reset()  # the next row compiles from scratch, its shapes unmarked by this row's

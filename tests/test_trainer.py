@@ -209,19 +209,19 @@ def test_compiled_run_warms_up_vsa_kernels_after_forking_and_joins_before_forkin
     events = []
     monkeypatch.setattr(trainer, "warm_up_kernels",
                         lambda model, dtype, device: events.append(("warm up", type(model).__name__, dtype, device.type)))
-    monkeypatch.setattr(trainer.warm, "wait", lambda grad=True: events.append(("wait", grad)))
+    monkeypatch.setattr(trainer.warm, "join", lambda: events.append("join"))
     build_data = trainer.build_data  # where the data-loader workers come from
     monkeypatch.setattr(trainer, "build_data", lambda *a, **k: (events.append("fork"), build_data(*a, **k))[1])
     cfg = _cfg(tmp_path / "eager", "attn=vsa")
     trainer.build_run(cfg, trainer.make_accelerator(cfg))
-    assert events == [("wait", True), "fork"]  # no warm-up without train.compile
+    assert events == ["join", "fork"]  # no warm-up without train.compile
     events.clear()
     cfg = _cfg(tmp_path / "compiled", "attn=vsa", "train.compile=true")
     run = trainer.build_run(cfg, trainer.make_accelerator(cfg))
-    assert events == [("wait", True), "fork", ("warm up", "VideoDiT", torch.float32, "cpu")]  # CPU: no mixed precision
+    assert events == ["join", "fork", ("warm up", "VideoDiT", torch.float32, "cpu")]  # CPU: no mixed precision
     run.restart_data()
-    assert events[3:] == [("wait", True), "fork"]
+    assert events[3:] == ["join", "fork"]
     events.clear()
     cfg = _cfg(tmp_path / "done", "attn=vsa", "train.compile=true", "train.max_steps=0")
     trainer.build_run(cfg, trainer.make_accelerator(cfg))
-    assert events == [("wait", True), "fork"]  # nothing will run: nothing to compile
+    assert events == ["join", "fork"]  # nothing will run: nothing to compile

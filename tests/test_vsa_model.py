@@ -280,10 +280,10 @@ def test_kernel_warm_up_launches_what_a_model_launches(monkeypatch, attn):
     train_launches, recorder.launches = recorder.launches, set()
     op = attn["name"] == "vsa"
     rng = torch.get_rng_state()
-    warm_up(64, torch.float32, "cpu", gate_coarse=True, gate_fine=False, op=op, grad=False)
+    assert warm_up(64, torch.float32, "cpu", gate_coarse=True, gate_fine=False, op=op, grad=False) is None
     assert recorder.launches == eval_launches
     recorder.launches = set()
-    warm_up(64, torch.float32, "cpu", gate_coarse=True, gate_fine=False, op=op, grad=True)
+    warm_up(64, torch.float32, "cpu", gate_coarse=True, gate_fine=False, op=op, grad=True).backward()
     assert recorder.launches == train_launches
     assert torch.equal(torch.get_rng_state(), rng)  # it runs beside training: the global RNG is the training's
     kernels = {launch[0] for launch in train_launches}
@@ -294,11 +294,18 @@ def test_kernel_warm_up_launches_what_a_model_launches(monkeypatch, attn):
 
 def test_kernel_warm_up_thread_takes_each_sparse_layer_kind_once(monkeypatch):
     """One warm-up per (head dim, op or fine stage, gates) of the Triton-backed sparse layers, in a thread: every
-    eval forward first, then forward and backward; a failure only warns."""
+    eval forward first, then forward and backward, the backward in that thread; a failure only warns."""
     from vsa_train.models import vsa as vsa_model
 
     calls = []
-    monkeypatch.setattr(vsa_model, "warm_up", lambda *args, **kwargs: calls.append((*args, kwargs)))
+
+    def warm_up(*args, grad, **kwargs):
+        calls.append((*args, {**kwargs, "grad": grad}))
+        # Its backward runs in this thread, not on the autograd engine's device threads.
+        assert not torch._C._is_multithreading_enabled()
+        return torch.zeros((), requires_grad=True) if grad else None  # what the backward starts from
+
+    monkeypatch.setattr(vsa_model, "warm_up", warm_up)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     cuda = torch.device("cuda")
     model = make({"name": "vsa", "dense_layers": [0], "gate_fine": True}, depth=3)

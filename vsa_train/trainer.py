@@ -96,7 +96,7 @@ class Run:
 
     def restart_data(self) -> None:
         """(Re)starts the train stream at `state.position` (resume, rollback); position is a global sample index."""
-        warm.wait()  # no fork while the kernel warm-up's thread may hold a lock the workers need
+        warm.join()  # no fork while the kernel warm-up's thread may hold a lock the workers need
         per_batch = self.cfg.train.batch_size * self.layout.dp_size
         if self.state.position % per_batch:
             raise ValueError(f"data position {self.state.position} is not a whole number of batches of {per_batch}")
@@ -440,8 +440,7 @@ def _loop(run: Run, run_dir: RunDir, spec, resumed: bool) -> dict:
             result = train_step(run, stop_requested=signals.requested())
             if first_step:
                 first_step = False
-                say(f"first step: {time.perf_counter() - started:.1f} s"
-                    f"{' (torch.compile and kernel compilation included)' if tcfg.compile else ''}")
+                say(f"first step: {time.perf_counter() - started:.1f} s (compilation and the first batch included)")
             if not result.ok:
                 metrics = _on_nonfinite(run, run_dir, result, metrics)
                 window.reset()

@@ -1,7 +1,7 @@
 """ops/warm.py: while the kernel warm-up thread runs, other threads' VSA launches wait for it (first launches of a
-Triton kernel from two threads at once are not safe); the op's entry points ask with the right gradient flag."""
-import math
+Triton kernel from two threads at once are not safe); the op's entry points wait before their first launch."""
 import threading
+import warnings
 
 import pytest
 import torch
@@ -9,36 +9,43 @@ from ops_utils import random_inputs
 
 from vsa_train.ops import TileLayout, block_sparse_attention, video_sparse_attention_tiled, vsa, warm
 
+LONG = 30.0  # seconds: what a call that should return may take on a loaded machine (it returns as soon as done)
+
 
 def _blocked(fn, seconds=0.3) -> bool:
-    """Whether fn() is still running after `seconds` (it is left to finish in its thread)."""
+    """Whether fn() is still running after `seconds` (it is left to finish in its daemon thread)."""
     thread = threading.Thread(target=fn, daemon=True)
     thread.start()
     thread.join(seconds)
     return thread.is_alive()
 
 
-def test_wait_blocks_until_the_warm_up_compiled_what_the_caller_needs():
-    forward_done, finish = threading.Event(), threading.Event()
-    inside = []
+def _returns(fn) -> bool:
+    return not _blocked(fn, LONG)
+
+
+def _staged_warm_up():
+    """A warm-up whose stages the test releases: (thread, [forward, end] events)."""
+    stages = [threading.Event() for _ in range(2)]
 
     def compile_all(forward_ready):
         warm.wait(grad=True)  # its own thread never waits for itself
-        forward_done.wait(5)
+        stages[0].wait(LONG)
         forward_ready()
-        finish.wait(5)
-        inside.append("done")
+        stages[1].wait(LONG)
 
-    thread = warm.start(compile_all)
-    assert _blocked(lambda: warm.wait(grad=False))
-    assert _blocked(lambda: warm.wait(grad=True))
-    forward_done.set()
-    assert not _blocked(lambda: warm.wait(grad=False))  # an eval's forward may go
-    assert _blocked(lambda: warm.wait(grad=True))  # training still waits
-    finish.set()
-    warm.wait(grad=True)
-    assert not thread.is_alive() and inside == ["done"]
-    warm.wait(grad=True)  # none running: returns at once
+    return warm.start(compile_all), stages
+
+
+def test_waits_block_until_the_warm_up_compiled_what_the_caller_needs():
+    thread, stages = _staged_warm_up()
+    assert _blocked(lambda: warm.wait(grad=False)) and _blocked(lambda: warm.wait(grad=True)) and _blocked(warm.join)
+    stages[0].set()
+    assert _returns(lambda: warm.wait(grad=False))  # an eval's forward may go
+    assert _blocked(lambda: warm.wait(grad=True)) and _blocked(warm.join)  # training and forks still wait
+    stages[1].set()
+    assert _returns(lambda: warm.wait(grad=True)) and _returns(warm.join) and not thread.is_alive()
+    assert _returns(warm.join) and _returns(lambda: warm.wait(grad=True))  # none running: at once
 
 
 def test_a_failed_warm_up_releases_the_waiters(monkeypatch):
@@ -46,29 +53,48 @@ def test_a_failed_warm_up_releases_the_waiters(monkeypatch):
     monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_value))
 
     def compile_all(forward_ready):
-        raise RuntimeError("boom")  # the thread dies before saying its forward kernels are ready
+        raise RuntimeError("boom")  # before saying its forward kernels are ready
 
     warm.start(compile_all)
-    assert not _blocked(lambda: warm.wait(grad=False))
-    warm.wait(grad=True)
+    assert _returns(lambda: warm.wait(grad=False)) and _returns(lambda: warm.wait(grad=True)) and _returns(warm.join)
     assert [str(e) for e in died] == ["boom"]
 
 
-def test_a_hung_warm_up_is_given_up_on(monkeypatch):
+def test_a_hung_warm_up_is_given_up_on_once(monkeypatch):
     monkeypatch.setattr(warm, "JOIN_TIMEOUT_S", 0.2)
-    release = threading.Event()
-    warm.start(lambda forward_ready: (forward_ready(), release.wait(5)))
-    with pytest.warns(UserWarning, match="not waiting for it any more"):
-        warm.wait(grad=True)
-    release.set()
+    thread, stages = _staged_warm_up()
+    with pytest.warns(UserWarning, match="not waiting for it any more") as record:
+        warm.wait(grad=False)
+    assert len(record) == 1
+    monkeypatch.setattr(warm, "JOIN_TIMEOUT_S", 3600.0)  # a wait that still waited would now block for an hour
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        for wait in (lambda: warm.wait(grad=False), lambda: warm.wait(grad=True), warm.join):
+            assert not _blocked(wait, 5.0)  # given up: no more waiting, for any kind of wait
+    assert again == []  # and no second warning
+    # A new warm-up is not released by the stale one ending: each has its own events.
+    monkeypatch.setattr(warm, "JOIN_TIMEOUT_S", LONG)
+    thread2, stages2 = _staged_warm_up()  # the stale thread was given up on: start() does not wait for it
+    for event in stages:
+        event.set()
+    thread.join(LONG)
+    assert _blocked(lambda: warm.wait(grad=False))
+    for event in stages2:
+        event.set()
+    assert _returns(warm.join) and not thread2.is_alive()
 
 
 @pytest.mark.parametrize("path", ["eager", "custom_ops", "block_sparse"])
 def test_entry_points_wait_before_launching(monkeypatch, path):
-    """Each entry point waits once per call before its first launch: for the forward kernels without gradient,
-    for everything with it (the custom-op path's pooling asks for the forward ones, its fine stage for all)."""
-    calls = []
-    monkeypatch.setattr(warm, "wait", lambda grad=True: calls.append(grad))
+    """Each entry point waits before its first launch: for the forward kernels without gradient, for all with it
+    (the custom-op path's pooling asks for the forward ones, its fine stage for all); the backward adds no wait."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launched, calls = [], []
+    run = InterpretedFunction.run
+    monkeypatch.setattr(InterpretedFunction, "run", lambda fn, *a, **k: (launched.append(fn.fn.__name__),
+                                                                         run(fn, *a, **k))[1])
+    monkeypatch.setattr(warm, "wait", lambda grad=True: calls.append((grad, list(launched))))
     monkeypatch.setattr(vsa, "EAGER_FUNCTION", path == "eager")
     layout = TileLayout((4, 8, 8))
     x = {n: t.float() for n, t in random_inputs(1, layout.padded_len, 1, 64, ("q", "k", "v"), seed=2).items()}
@@ -82,12 +108,14 @@ def test_entry_points_wait_before_launching(monkeypatch, path):
                                           backend="triton")[0]
         return video_sparse_attention_tiled(**t, layout=layout, topk=2, backend="triton")
 
-    with torch.no_grad():
-        op(**x)
-    expected = {"eager": [False], "custom_ops": [False, False], "block_sparse": [False]}[path]
-    assert calls == expected
-    calls.clear()
-    out = op(**{n: t.requires_grad_() for n, t in x.items()})
-    assert calls == {"eager": [True], "custom_ops": [False, True], "block_sparse": [True]}[path]
-    out.sum().backward()  # the backward needs no wait of its own: its forward waited for everything
-    assert len(calls) == len(expected) and math.isfinite(x["q"].grad.sum().item())
+    # The custom-op path pools (tile_means_fwd_kernel) before its fine stage waits.
+    before = {"eager": [[]], "custom_ops": [[], ["tile_means_fwd_kernel"]], "block_sparse": [[]]}[path]
+    for grad in (False, True):
+        launched.clear()
+        calls.clear()
+        with torch.set_grad_enabled(grad):
+            out = op(**{n: t.detach().requires_grad_(grad) for n, t in x.items()})
+        flags = {"custom_ops": [False, grad]}.get(path, [grad])
+        assert calls == list(zip(flags, before)), calls
+    out.sum().backward()
+    assert len(calls) == len(flags)  # the backward added no wait

@@ -242,12 +242,13 @@ def warm_up_kernels(model: nn.Module, dtype: torch.dtype, device: torch.device) 
 
     def compile_all(forward_ready):
         try:
-            with torch.cuda.device(device):
-                for grad in (False, True):
-                    for head_dim, op, gate_coarse, gate_fine in sorted(keys):
-                        warm_up(head_dim, dtype, device, gate_coarse, gate_fine, op=op, grad=grad)
-                    if not grad:
-                        forward_ready()
+            # The backward in this thread, not on the autograd engine's device thread, which may be waiting for it.
+            with torch.cuda.device(device), torch.autograd.set_multithreading_enabled(False):
+                for key in sorted(keys):
+                    warm_up(key[0], dtype, device, *key[2:], op=key[1], grad=False)
+                forward_ready()  # an eval may run
+                for key in sorted(keys):
+                    warm_up(key[0], dtype, device, *key[2:], op=key[1], grad=True).backward()
         except Exception as err:  # noqa: BLE001 - a warm-up must never stop training
             warnings.warn(f"VSA kernel warm-up failed ({type(err).__name__}: {err}); they compile at first use",
                           stacklevel=1)

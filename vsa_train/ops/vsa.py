@@ -111,12 +111,13 @@ def combine(
 
 
 def warm_up(head_dim: int, dtype: torch.dtype, device, gate_coarse: bool = True, gate_fine: bool = False, *,
-            op: bool = True, grad: bool = True) -> None:
+            op: bool = True, grad: bool = True) -> torch.Tensor | None:
     """Compile the Triton kernels of the op's traced path (the custom ops torch.compile calls) for one head dim, dtype
     and set of gates, by one call on a tiny input: one head, four 64-token tiles.
 
     op=False: only the fine stage (`block_sparse_attention`, what the sparse variants call). grad=False: a forward
-    without gradient (the kernels an eval launches); grad=True: forward and backward. The kernels do not specialise
+    without gradient (the kernels an eval launches); grad=True: a forward with gradient, returning a scalar whose
+    backward launches the backward kernels (the caller runs it). The kernels do not specialise
     on sizes, so these compiles serve every video size and head count (models/vsa.py runs this in a background
     thread while torch.compile traces). Launches on `device`; raises what the op raises on an unsupported head dim
     or dtype.
@@ -136,8 +137,7 @@ def warm_up(head_dim: int, dtype: torch.dtype, device, gate_coarse: bool = True,
             index = torch.stack([tiles, (tiles + 1) % 4], dim=-1)[None, None]  # [1, 1, 4, 2]
             count = torch.full((1, 1, 4), 2, device=device, dtype=torch.int32)
             out, _ = block_sparse_attention(q, k, v, index, count, layout.kv_tile_sizes(device), backend="triton")
-        if grad:
-            out.float().square().sum().backward()
+        return out.float().square().sum() if grad else None
 
 
 def _eager() -> bool:

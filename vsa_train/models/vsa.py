@@ -235,8 +235,9 @@ def warm_up_kernels(model: nn.Module, dtype: torch.dtype, device: torch.device) 
     """
     if torch.device(device).type != "cuda":
         return None
-    keys = {(m.head_dim, m.cfg.uses_op, m.gate_coarse is not None, m.gate_fine is not None) for m in model.modules()
-            if isinstance(m, VSAAttention) and m.cfg.fine and m.cfg.backend in ("auto", "triton")}
+    keys = sorted({(m.head_dim, m.cfg.uses_op, m.gate_coarse is not None, m.gate_fine is not None)
+                   for m in model.modules()
+                   if isinstance(m, VSAAttention) and m.cfg.fine and m.cfg.backend in ("auto", "triton")})
     if not keys:
         return None
 
@@ -244,11 +245,11 @@ def warm_up_kernels(model: nn.Module, dtype: torch.dtype, device: torch.device) 
         try:
             # The backward in this thread, not on the autograd engine's device thread, which may be waiting for it.
             with torch.cuda.device(device), torch.autograd.set_multithreading_enabled(False):
-                for key in sorted(keys):
-                    warm_up(key[0], dtype, device, *key[2:], op=key[1], grad=False)
+                for head_dim, op, gate_coarse, gate_fine in keys:
+                    warm_up(head_dim, dtype, device, gate_coarse, gate_fine, op=op, grad=False)
                 forward_ready()  # an eval may run
-                for key in sorted(keys):
-                    warm_up(key[0], dtype, device, *key[2:], op=key[1], grad=True).backward()
+                for head_dim, op, gate_coarse, gate_fine in keys:
+                    warm_up(head_dim, dtype, device, gate_coarse, gate_fine, op=op, grad=True).backward()
         except Exception as err:  # noqa: BLE001 - a warm-up must never stop training
             warnings.warn(f"VSA kernel warm-up failed ({type(err).__name__}: {err}); they compile at first use",
                           stacklevel=1)

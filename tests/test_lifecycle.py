@@ -1,7 +1,6 @@
 """The run lifecycle as a cluster and a careless user treat it: changed flags, hostile files, damaged checkpoints,
 torn metrics, non-finite losses, two writers, full disks and stop signals. CPU, tiny model (64 tokens)."""
 import errno
-import hashlib
 import json
 import os
 import pickle
@@ -20,7 +19,7 @@ from omegaconf import OmegaConf
 
 from vsa_train import checkpoint, trainer
 from vsa_train.metrics import read_metrics
-from vsa_train.rundir import LOCK, RunDir, RunDirError, verify
+from vsa_train.rundir import LOCK, RunDir, RunDirError, verify, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.frames=4", "data.height=8", "data.width=8", "train.batch_size=2", "train.eval_samples=4",
@@ -46,10 +45,8 @@ def _steps(run_dir):
 
 def _rewrite_manifest(ckpt: Path) -> None:
     """What an attacker who controls the run directory can do: make the manifest match the planted files."""
-    manifest = json.loads((ckpt / "manifest.json").read_text())
-    manifest["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-                         for p in ckpt.iterdir() if p.name != "manifest.json"}
-    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(ckpt, json.loads((ckpt / "manifest.json").read_text())["step"])
+    assert verify(ckpt) is None
 
 
 # --------------------------------------------------------------------------------------- hostile run directories

@@ -1,10 +1,16 @@
 """Saving and restoring the whole training state through the run directory's files (vsa_train/rundir.py).
 
 Files are portable: full (unsharded) weights and optimizer state gathered on the main process, each rank's RNG
-state in its own file. Saving is collective (every rank calls it); loading reads files on every rank.
+state in its own file. A save first copies the state into host memory (the only part that holds training up),
+then writes, checksums and publishes the files, in a background thread when asked (`Checkpointer`). Saving is
+collective (every rank calls it); loading reads files on every rank.
 """
+import copy
 import shutil
+import threading
+import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -19,42 +25,156 @@ from .rundir import (STATE, RunDir, RunDirError, load_tensors, optimizer_from_fi
                      resolve_checkpoint, rng_file, rng_problem, rng_state, save_tensors, set_rng_state, write_json)
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: RunDir, model, optimizer, ema, counters: dict,
-                    keep: int) -> Path:
-    """Writes step `counters["step"]` as run_dir/checkpoints/step_<N> (atomic; manifest last); collective."""
-    step = counters["step"]
-    tmp = run_dir.tmp_dir(step)  # publish replaces a damaged step_<N> of the same step
-    # Full (unsharded) states keyed by parameter name, on the main process: the same files from one process,
-    # DDP or FSDP, so a checkpoint resumes under any strategy and world size. Collective under FSDP.
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=full)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=full)
+class HostBuffers:
+    """Host copies of the state's tensors, in buffers kept from one save to the next (pinned under CUDA, so the
+    device-to-host copy runs at full speed and allocation is paid once)."""
 
-    def write_main():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            save_tensors(model_state, tmp / "model.safetensors")
-            if ema is not None:
-                save_tensors(ema.module.state_dict(), tmp / "ema.safetensors")
-            optimizer_to_files(optim_state, tmp)
-            write_json(counters, tmp / STATE)
+    def __init__(self):
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def copy(self, tree, prefix: str = "", tensors: bool = True):
+        """`tree` (dicts, lists, tuples, tensors, plain values) with every tensor copied to the host (kept as it is
+        with `tensors=False`) and every other value deep-copied (param_groups' lr changes in place each step)."""
+        if isinstance(tree, torch.Tensor):
+            return self._copy(prefix, tree.detach()) if tensors else tree
+        if isinstance(tree, dict):
+            return {k: self.copy(v, f"{prefix}/{k}", tensors) for k, v in tree.items()}
+        if isinstance(tree, (list, tuple)):
+            return type(tree)(self.copy(v, f"{prefix}/{i}", tensors) for i, v in enumerate(tree))
+        return copy.deepcopy(tree)
+
+    def _copy(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            try:
+                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+            except RuntimeError:  # no page-locked memory left: an ordinary buffer, copied at pageable speed
+                buf = torch.empty(t.shape, dtype=t.dtype)
+            self._buffers[key] = buf
+        buf.copy_(t, non_blocking=t.is_cuda)  # synchronised once, by `Checkpointer.save`
+        return buf
+
+
+class Checkpointer:
+    """Writes step_<N> checkpoints: `save` copies the state to the host and, with `background`, returns while a
+    thread writes, checksums and publishes the files; one save is in flight at a time, and `wait` (collective)
+    ends it and raises its error on every rank."""
+
+    def __init__(self, accelerator: Accelerator, run_dir: RunDir, keep: int, announce=None):
+        self.accelerator, self.run_dir, self.keep = accelerator, run_dir, keep
+        self.announce = announce or (lambda message: None)  # the main process's printer
+        self._host = HostBuffers()
+        self._thread: threading.Thread | None = None
+        self._outcome: tuple[Path | None, BaseException | None] = (None, None)
+
+    def save(self, model, optimizer, ema, counters: dict, background: bool = False) -> Path | None:
+        """Saves step `counters["step"]`; returns its directory, or None while it is written in the background."""
+        self.wait()
+        accelerator, step, started = self.accelerator, counters["step"], time.perf_counter()
+        tmp = self.run_dir.tmp_dir(step)  # publish replaces a damaged step_<N> of the same step
+        state = self._snapshot(model, optimizer, ema, counters)
+        on_main(accelerator, _fresh_dir, tmp)
+        error = None
+        try:  # every rank its own RNG state
+            save_tensors(rng_state(), rng_file(tmp, accelerator.process_index))
         except OSError as err:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise disk_error(err, tmp) from err
+            error = disk_error(err, tmp)
+        failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum").item()
+        if failed:
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise error or RuntimeError(f"another rank could not write its RNG state into {tmp}")
+        if not accelerator.is_main_process:
+            return None if background else self.wait()
+        held = time.perf_counter() - started
 
-    on_main(accelerator, write_main)
-    error = None
-    try:  # every rank its own RNG state
-        save_tensors(rng_state(), rng_file(tmp, accelerator.process_index))
+        def write() -> None:
+            try:
+                _write_files(state, tmp)
+                path = self.run_dir.publish(step, self.keep)
+                self._outcome = (path, None)
+                self.announce(f"saved checkpoint step {step} in {time.perf_counter() - started:.1f} s"
+                              + (f" (training held for {held:.1f} s)" if background else ""))
+            except BaseException as err:  # noqa: BLE001 (raised by `wait`, on every rank)
+                self._outcome = (None, err)
+                if background:
+                    self.announce(f"checkpoint step {step} failed: {err} (the run stops at its next save)")
+
+        self._outcome = (None, None)
+        if not background:
+            write()
+            return self.wait()
+        # Not a daemon: a crash in the main thread still lets the interpreter finish and publish the files.
+        self._thread = threading.Thread(target=write, name=f"checkpoint-step-{step}")
+        self._thread.start()
+        return None
+
+    def wait(self) -> Path | None:
+        """Ends the save in flight (collective): its directory on every rank, or its error raised on every rank."""
+        return on_main(self.accelerator, self.join)
+
+    def join(self) -> Path | None:
+        """This process's part of `wait`, without the collective (for a crash path: other ranks may be gone)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        (path, error), self._outcome = self._outcome, (None, None)
+        if error is not None:
+            raise error
+        return path
+
+    def close(self) -> None:
+        """On the way out of a crash: lets the save in flight finish (inside the run's lock); its error is printed,
+        not raised over the one being handled."""
+        try:
+            self.join()
+        except KeyboardInterrupt:
+            print("interrupted while a checkpoint was written: it may not be published", flush=True)
+        except BaseException as err:  # noqa: BLE001
+            print(f"the checkpoint being written failed too: {err}", flush=True)
+
+    def _snapshot(self, model, optimizer, ema, counters: dict) -> dict | None:
+        """The state to write, in host memory the training does not touch (None off the main process)."""
+        sharded = _is_sharded(model)
+        # FSDP: full tensors gathered one by one onto the main process's host (fresh copies: kept as they are).
+        # Otherwise this process's own tensors, copied into the host buffers.
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True) if sharded else StateDictOptions()
+        if sharded or self.accelerator.is_main_process:
+            model_state = get_model_state_dict(model, options=options)  # collective under FSDP
+            optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+        if not self.accelerator.is_main_process:
+            return None
+        state = self._host.copy({"model": model_state, "optimizer": optim_state}, tensors=not sharded)
+        state["ema"] = self._host.copy(ema.module.state_dict(), "ema") if ema is not None else None
+        state["counters"] = copy.deepcopy(counters)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the non-blocking copies have landed
+        return state
+
+
+def _fresh_dir(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
     except OSError as err:
-        error = disk_error(err, tmp)
-    failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum").item()
-    if error is not None:
-        raise error
-    if failed:
-        raise RuntimeError(f"another rank could not write its RNG state into {tmp}")
-    return on_main(accelerator, run_dir.publish, step, keep)
+        raise disk_error(err, tmp) from err
+
+
+def _write_files(state: dict, tmp: Path) -> None:
+    """The main process's files of a checkpoint, the large ones written by threads at once (safetensors releases
+    the GIL); on an error the folder is removed."""
+    jobs = [lambda: save_tensors(state["model"], tmp / "model.safetensors"),
+            lambda: optimizer_to_files(state["optimizer"], tmp)]
+    if state.get("ema") is not None:
+        jobs.append(lambda: save_tensors(state["ema"], tmp / "ema.safetensors"))
+    try:
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+            for future in [pool.submit(job) for job in jobs]:
+                future.result()
+        write_json(state["counters"], tmp / STATE)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise disk_error(err, tmp) from err
 
 
 def load_checkpoint(accelerator: Accelerator, ckpt: Path, model, optimizer, ema) -> dict:

@@ -194,7 +194,7 @@ def _train(c: _Checker) -> None:
     c.choice("train.resume", ("auto", "never", "force"))
     c.choice("train.on_nonfinite", ("stop", "rollback"))
     c.rule("train.compile", lambda v: v in (True, False, "blocks", "model"), "one of true, false, blocks, model")
-    c.bools("train", ("dry_run",))
+    c.bools("train", ("dry_run", "ckpt_background"))
     c.strings("train", ("init_from", "compile_cache"), optional=True)
 
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .analysis.plot import plot_loss_vs_flops
 from . import config_schema, progress
-from .checkpoint import init_weights, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpointer, init_weights, load_checkpoint
 from .data import Data, build_data, data_spec
 from .diffusion import flow_loss, sample_draws
 from .distributed import on_main
@@ -360,7 +360,11 @@ def train(cfg: DictConfig) -> dict:
         _announce_build(cfg, spec, accelerator, layout)
         run = build_run(cfg, accelerator, resume_from)
         on_main(accelerator, run_dir.record_launch, launch, resume_from)
-        last = _loop(run, run_dir, spec, resumed=resume_from is not None)
+        ckpts = Checkpointer(accelerator, run_dir, tcfg.keep_checkpoints)
+        try:
+            last = _loop(run, run_dir, ckpts, spec, resumed=resume_from is not None)
+        finally:  # a crash still lets a checkpoint being written in the background finish, inside the lock
+            ckpts.close()
     if torch.distributed.is_initialized():  # leave together: under srun, rank 0 hosts the rendezvous store
         accelerator.wait_for_everyone()
         torch.distributed.destroy_process_group()
@@ -386,7 +390,7 @@ def _announce_build(cfg: DictConfig, spec, accelerator: Accelerator, layout: Lay
         print(warning, flush=True)
 
 
-def _loop(run: Run, run_dir: RunDir, spec, resumed: bool) -> dict:
+def _loop(run: Run, run_dir: RunDir, ckpts: Checkpointer, spec, resumed: bool) -> dict:
     cfg, accelerator, state = run.cfg, run.accelerator, run.state
     tcfg, main = cfg.train, accelerator.is_main_process
     accelerator.init_trackers(wandb_project(cfg), config=OmegaConf.to_container(cfg, resolve=True),
@@ -411,6 +415,7 @@ def _loop(run: Run, run_dir: RunDir, spec, resumed: bool) -> dict:
     else:
         pbar = tqdm(total=tcfg.max_steps, initial=state.step, disable=not main, desc="train", dynamic_ncols=True)
     say = lambda message: pbar.write(message) if main else None  # noqa: E731  (tqdm.write: also once closed)
+    ckpts.announce = say
     if tcfg.compile and not Cadence(tcfg).finished(state):  # torch.compile compiles at the first call
         say(f"compiling (train.compile={tcfg.compile}): the first step takes longer"
             f"{' (and the step-0 eval)' if state.step == 0 and not resumed else ''}")
@@ -442,7 +447,7 @@ def _loop(run: Run, run_dir: RunDir, spec, resumed: bool) -> dict:
                 first_step = False
                 say(f"first step: {time.perf_counter() - started:.1f} s (compilation and the first batch included)")
             if not result.ok:
-                metrics = _on_nonfinite(run, run_dir, result, metrics)
+                metrics = _on_nonfinite(run, run_dir, ckpts, result, metrics)
                 window.reset()
                 continue
             state = run.state
@@ -472,8 +477,8 @@ def _loop(run: Run, run_dir: RunDir, spec, resumed: bool) -> dict:
                 last.update(row)
                 if main:  # a file time stamp: no collective needed
                     run_dir.touch_lock()
-            if due.ckpt:
-                ckpt = _save(run, run_dir, say)
+            if due.ckpt:  # a periodic save writes its files while training goes on; a stop waits for them
+                ckpt = _save(run, ckpts, say, background=tcfg.ckpt_background and not result.stop)
             if due.sample:  # after saving: a failure here cannot cost the weights
                 model = run.ema.module if run.ema is not None else accelerator.unwrap_model(run.model)
                 save_samples(model, cfg, run.eval_set["caption"][: tcfg.sample_count], state.step, accelerator)
@@ -485,33 +490,33 @@ def _loop(run: Run, run_dir: RunDir, spec, resumed: bool) -> dict:
                 window.reset()
     pbar.close()
     if run.saved_step != run.state.step:  # the loop saves its last step; this covers a run with nothing left to do
-        _save(run, run_dir, say)
+        _save(run, ckpts, say)
+    ckpts.wait()  # the last checkpoint is on disk before the run reports itself finished
     _finish(run, run_dir, cadence)
     return last
 
 
-def _save(run: Run, run_dir: RunDir, say=None) -> Path:
-    """Saves the current step; `say` (the main process's printer) announces it and its duration."""
+def _save(run: Run, ckpts: Checkpointer, say=None, background: bool = False) -> Path | None:
+    """Saves the current step (its directory, or None while written in the background); `say` (the main process's
+    printer) announces it, and the checkpointer its end and duration."""
     say = say if run.accelerator.is_main_process and say is not None else None
     if say is not None:
         say(f"saving checkpoint step {run.state.step} ...")
-    start = time.perf_counter()
     if not run.health.healthy():
         run.accelerator.print(f"warning: saving step {run.state.step} while the loss is not healthy "
                               f"({run.health.losses[-1]:.4g}, recent median {statistics.median(run.health.losses):.4g}); "
                               f"it will not be used as a rollback point")
-    path = save_checkpoint(run.accelerator, run_dir, run.model, run.optimizer, run.ema, run.counters(),
-                           run.cfg.train.keep_checkpoints)
+    path = ckpts.save(run.model, run.optimizer, run.ema, run.counters(), background=background)
     run.saved_step = run.state.step
-    if say is not None:
-        say(f"saved checkpoint step {run.state.step} in {progress.seconds(time.perf_counter() - start)}")
     return path
 
 
-def _on_nonfinite(run: Run, run_dir: RunDir, result: StepResult, metrics: MetricsLog) -> MetricsLog:
+def _on_nonfinite(run: Run, run_dir: RunDir, ckpts: Checkpointer, result: StepResult,
+                  metrics: MetricsLog) -> MetricsLog:
     """train.on_nonfinite: stop (the weights stay as the last finite step left them), or roll back to the last
     healthy checkpoint, skip the batches that led here and go on (at most train.max_rollbacks times)."""
     tcfg, accelerator = run.cfg.train, run.accelerator
+    ckpts.wait()  # a checkpoint still being written may be the one to roll back to
     good = on_main(accelerator, run_dir.last_healthy)
     what = (f"non-finite training loss ({result.loss}) or gradient norm ({result.grad_norm}) at step "
             f"{run.state.step + 1}; this update was not applied")

@@ -1,0 +1,215 @@
+"""Checkpoint writing: block checksums (parallel, format 2; format 1 still read), hostile manifests, and saves in the
+background: the files hold the state of the step saved, not of the steps that ran while they were written; an
+error reaches the run; a kill mid-write leaves the previous checkpoint as the resume point."""
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+from vsa_train import checkpoint, trainer
+from vsa_train.checkpoint import Checkpointer
+from vsa_train.rundir import RunDir, digest, optimizer_from_files, read_json, verify, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["data.frames=4", "data.height=8", "data.width=8", "train.batch_size=2", "train.eval_samples=2",
+        "train.eval_timesteps=1", "train.log_every=1", "train.eval_every=100", "logger=none"]
+
+
+def _cfg(run_dir, *overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        return compose(config_name="train", overrides=[*TINY, f"run_dir={run_dir}", *overrides])
+
+
+# ------------------------------------------------------------------------------------------------ checksums
+
+@pytest.mark.parametrize("size", [0, 1, 65535, 65536, 65537, 3 * 65536 + 7])
+def test_digest_is_the_sha256_of_the_block_sha256s(tmp_path, size):
+    data = os.urandom(size)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    blocks = b"".join(hashlib.sha256(data[i:i + 65536]).digest() for i in range(0, size, 65536))
+    assert digest(path, 65536) == hashlib.sha256(blocks).hexdigest()
+    if size:
+        flipped = bytearray(data)
+        flipped[size // 2] ^= 1
+        path.write_bytes(bytes(flipped))
+        assert digest(path, 65536) != hashlib.sha256(blocks).hexdigest()
+
+
+def _tiny_checkpoint(tmp_path) -> Path:
+    trainer.train(_cfg(tmp_path / "run", "train.max_steps=1"))
+    return RunDir(tmp_path / "run").checkpoint_dirs()[-1]
+
+
+def test_format_1_checkpoints_still_verify_and_hostile_block_sizes_are_refused(tmp_path):
+    ckpt = _tiny_checkpoint(tmp_path)
+    manifest = read_json(ckpt / "manifest.json")
+    assert manifest["format"] == 2 and verify(ckpt) is None
+    # What an earlier vsa_train wrote: one SHA-256 per file.
+    old = {"format": 1, "step": manifest["step"],
+           "files": {name: {"bytes": e["bytes"], "sha256": hashlib.sha256((ckpt / name).read_bytes()).hexdigest()}
+                     for name, e in manifest["files"].items()}}
+    write_json(old, ckpt / "manifest.json")
+    assert verify(ckpt) is None
+    weights = ckpt / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # same size, one bit off
+    weights.write_bytes(bytes(data))
+    assert verify(ckpt) == "model.safetensors does not match its checksum"
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    for block in (0, -1, 1 << 40, "64", None):
+        write_json({**manifest, "block_bytes": block}, ckpt / "manifest.json")
+        assert "block_bytes" in verify(ckpt)
+    write_json({**manifest, "files": {**manifest["files"], "state.json": "junk"}}, ckpt / "manifest.json")
+    assert "no size and checksum for state.json" in verify(ckpt)
+    write_json({**manifest, "format": 3}, ckpt / "manifest.json")
+    assert "this vsa_train reads 1 or 2" in verify(ckpt)
+
+
+# ---------------------------------------------------------------------------------------- background saves
+
+class _Held:
+    """Holds checkpoint._write_files until released, so that the test can change the state meanwhile."""
+
+    def __init__(self, monkeypatch):
+        self.started, self.release, real = threading.Event(), threading.Event(), checkpoint._write_files
+
+        def held(state, tmp):
+            self.started.set()
+            assert self.release.wait(30)
+            real(state, tmp)
+
+        monkeypatch.setattr(checkpoint, "_write_files", held)
+
+
+def _state(model, optimizer):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {k: v.clone() for k, v in optimizer.state_dict()["state"][0].items()})
+
+
+def test_a_background_save_holds_the_state_of_its_step(tmp_path, monkeypatch):
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    weights, moments = _state(model, optimizer)
+    held = _Held(monkeypatch)
+    ckpts = Checkpointer(accelerator, RunDir(tmp_path), keep=2)
+    counters = {"step": 1, "note": ["kept"]}
+    assert ckpts.save(model, optimizer, None, counters, background=True) is None
+    assert held.started.wait(30)
+    for _ in range(3):  # training goes on while the files are written
+        model(torch.randn(2, 4)).sum().backward()
+        optimizer.step()
+    optimizer.param_groups[0]["lr"] = 0.5
+    counters["note"].append("changed later")
+    held.release.set()
+    ckpt = ckpts.wait()
+    assert ckpt == RunDir(tmp_path).step_dir(1) and verify(ckpt) is None
+    saved = load_file(str(ckpt / "model.safetensors"))
+    assert all(torch.equal(saved[k], weights[k]) for k in weights)
+    assert not torch.equal(saved["weight"], model.weight.detach())
+    optim = optimizer_from_files(ckpt)
+    assert torch.equal(optim["state"]["weight"]["exp_avg"], moments["exp_avg"])
+    assert optim["param_groups"][0]["lr"] == 0.1
+    assert read_json(ckpt / "state.json")["note"] == ["kept"]
+    assert ckpts.wait() is None  # nothing in flight
+
+
+def test_a_background_error_reaches_the_run_and_publishes_nothing(tmp_path, monkeypatch):
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    real = checkpoint.save_tensors
+
+    def full(tensors, path):
+        if Path(path).name == "model.safetensors":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, path)
+
+    monkeypatch.setattr(checkpoint, "save_tensors", full)
+    said = []
+    ckpts = Checkpointer(accelerator, RunDir(tmp_path), keep=2, announce=said.append)
+    ckpts.save(model, optimizer, None, {"step": 3}, background=True)
+    with pytest.raises(OSError, match=r"cannot write .*tmp-step_00000003.*disk full"):
+        ckpts.wait()
+    assert any("checkpoint step 3 failed" in line for line in said)
+    assert RunDir(tmp_path).checkpoint_dirs() == [] and not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    ckpts.save(model, optimizer, None, {"step": 3}, background=True)  # the next save also fails...
+    ckpts.close()  # ...and on a crash path its error is printed, not raised
+
+
+def _files(ckpt: Path) -> dict:
+    return {name: load_file(str(ckpt / name)) for name in ("model.safetensors", "ema.safetensors",
+                                                           "optimizer.safetensors")}
+
+
+def test_background_and_foreground_saves_write_the_same_run(tmp_path, capsys):
+    runs = {}
+    for background in (True, False):
+        run_dir = tmp_path / str(background)
+        trainer.train(_cfg(run_dir, "train.max_steps=4", "train.ckpt_every=1", "train.keep_checkpoints=4",
+                           "train.ema=0.9", f"train.ckpt_background={str(background).lower()}"))
+        ckpts = RunDir(run_dir).checkpoint_dirs()
+        assert [verify(c) for c in ckpts] == [None] * 4
+        runs[background] = [_files(c) for c in ckpts]
+    for a, b in zip(runs[True], runs[False]):
+        assert all(torch.equal(a[f][k], b[f][k]) for f in a for k in a[f])
+    out = capsys.readouterr().out
+    assert out.count("(training held for") == 4  # the background saves only (the first run)
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from vsa_train import checkpoint
+real, marker = checkpoint._write_files, Path(sys.argv[1])
+def slow(state, tmp):
+    if state["counters"]["step"] == 4:  # the second save: the kill comes while its files are written
+        marker.write_text("writing")
+        time.sleep(120)
+    real(state, tmp)
+checkpoint._write_files = slow
+sys.argv = ["train.py", *sys.argv[2:]]
+import runpy
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_a_kill_during_a_background_write_resumes_from_the_previous_checkpoint(tmp_path):
+    run_dir, marker = tmp_path / "run", tmp_path / "writing"
+    script = tmp_path / "slow_writer.py"
+    script.write_text(WRITER)
+    args = [*TINY, f"run_dir={run_dir}", "train.ckpt_every=2", "train.max_steps=8"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(script), str(marker), *args], cwd=ROOT, env=env,
+                            stdout=open(tmp_path / "out.txt", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        for _ in range(600):
+            if marker.exists() or proc.poll() is not None:
+                break
+            threading.Event().wait(0.1)
+        assert marker.exists(), "the second save never started"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert [p.name for p in RunDir(run_dir).checkpoint_dirs()] == ["step_00000002"]
+    assert list((run_dir / "checkpoints").glob(".tmp-step_00000004"))  # the torn one, never published
+    with pytest.warns(UserWarning, match="taking over the stale lock"):  # the killed process's
+        trainer.train(_cfg(run_dir, "train.ckpt_every=2", "train.max_steps=4"))
+    assert [p.name for p in RunDir(run_dir).checkpoint_dirs()] == ["step_00000002", "step_00000004"]
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    assert json.loads((RunDir(run_dir).checkpoint_dirs()[-1] / "state.json").read_text())["step"] == 4

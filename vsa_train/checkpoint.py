@@ -32,15 +32,16 @@ class HostBuffers:
     def __init__(self):
         self._buffers: dict[str, torch.Tensor] = {}
 
-    def copy(self, tree, prefix: str = "", tensors: bool = True):
-        """`tree` (dicts, lists, tuples, tensors, plain values) with every tensor copied to the host (kept as it is
-        with `tensors=False`) and every other value deep-copied (param_groups' lr changes in place each step)."""
+    def copy(self, tree, prefix: str = "", only=None):
+        """`tree` (dicts, lists, tuples, tensors, plain values) with every tensor copied to the host (those for
+        which `only(tensor)` is true, if given; the others kept as they are) and every other value deep-copied
+        (param_groups' lr changes in place each step)."""
         if isinstance(tree, torch.Tensor):
-            return self._copy(prefix, tree.detach()) if tensors else tree
+            return self._copy(prefix, tree.detach()) if only is None or only(tree) else tree
         if isinstance(tree, dict):
-            return {k: self.copy(v, f"{prefix}/{k}", tensors) for k, v in tree.items()}
+            return {k: self.copy(v, f"{prefix}/{k}", only) for k, v in tree.items()}
         if isinstance(tree, (list, tuple)):
-            return type(tree)(self.copy(v, f"{prefix}/{i}", tensors) for i, v in enumerate(tree))
+            return type(tree)(self.copy(v, f"{prefix}/{i}", only) for i, v in enumerate(tree))
         return copy.deepcopy(tree)
 
     def _copy(self, key: str, t: torch.Tensor) -> torch.Tensor:
@@ -67,23 +68,30 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
         self._outcome: tuple[Path | None, BaseException | None] = (None, None)
 
-    def save(self, model, optimizer, ema, counters: dict, background: bool = False) -> Path | None:
-        """Saves step `counters["step"]`; returns its directory, or None while it is written in the background."""
-        self.wait()
+    def save(self, model, optimizer, ema, counters: dict, background: bool = False, stop: bool = False) -> Path | None:
+        """Saves step `counters["step"]`; returns its directory, or None while it is written in the background.
+        A `stop` save (a signal's) is tried even when the save before it failed: that error is printed instead."""
+        try:
+            self.wait()
+        except Exception as err:  # noqa: BLE001 (raised on every rank alike, so every rank goes on alike)
+            if not stop:
+                raise
+            self.announce(f"the previous checkpoint failed ({err}); saving this one anyway")
         accelerator, step, started = self.accelerator, counters["step"], time.perf_counter()
         tmp = self.run_dir.tmp_dir(step)  # publish replaces a damaged step_<N> of the same step
-        state = self._snapshot(model, optimizer, ema, counters)
-        on_main(accelerator, _fresh_dir, tmp)
-        error = None
+        state, error = None, None
+        try:  # the host copy (rank 0; collective under FSDP), then the folder: a failure is every rank's
+            state = self._snapshot(model, optimizer, ema, counters)
+            if accelerator.is_main_process:
+                _fresh_dir(tmp)
+        except Exception as err:  # noqa: BLE001 (host memory, disk): raised below, after every rank knows
+            error = err
+        self._agree(error, tmp, "could not copy the state or make the checkpoint folder")
         try:  # every rank its own RNG state
             save_tensors(rng_state(), rng_file(tmp, accelerator.process_index))
         except OSError as err:
             error = disk_error(err, tmp)
-        failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum").item()
-        if failed:
-            if accelerator.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise error or RuntimeError(f"another rank could not write its RNG state into {tmp}")
+        self._agree(error, tmp, f"could not write its RNG state into {tmp}")
         if not accelerator.is_main_process:
             return None if background else self.wait()
         held = time.perf_counter() - started
@@ -96,7 +104,8 @@ class Checkpointer:
                 self.announce(f"saved checkpoint step {step} in {time.perf_counter() - started:.1f} s"
                               + (f" (training held for {held:.1f} s)" if background else ""))
             except BaseException as err:  # noqa: BLE001 (raised by `wait`, on every rank)
-                self._outcome = (None, err)
+                # `on_main` shares an Exception with the other ranks; anything else would leave them waiting.
+                self._outcome = (None, err if isinstance(err, Exception) else RuntimeError(f"interrupted: {err!r}"))
                 if background:
                     self.announce(f"checkpoint step {step} failed: {err} (the run stops at its next save)")
 
@@ -104,10 +113,20 @@ class Checkpointer:
         if not background:
             write()
             return self.wait()
-        # Not a daemon: a crash in the main thread still lets the interpreter finish and publish the files.
+        # The trainer's `close` waits for this thread on a crash, inside the run's lock: at interpreter shutdown
+        # it could no longer start the threads that write and hash the files.
         self._thread = threading.Thread(target=write, name=f"checkpoint-step-{step}")
         self._thread.start()
         return None
+
+    def _agree(self, error: Exception | None, tmp: Path, what: str) -> None:
+        """Raises on every rank if any rank failed (collective), after rank 0 removed the partial folder."""
+        failed = self.accelerator.reduce(torch.tensor(float(error is not None), device=self.accelerator.device),
+                                         "sum").item()
+        if failed:
+            if self.accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise error or RuntimeError(f"another rank {what}")
 
     def wait(self) -> Path | None:
         """Ends the save in flight (collective): its directory on every rank, or its error raised on every rank."""
@@ -144,12 +163,29 @@ class Checkpointer:
             optim_state = get_optimizer_state_dict(model, optimizer, options=options)
         if not self.accelerator.is_main_process:
             return None
-        state = self._host.copy({"model": model_state, "optimizer": optim_state}, tensors=not sharded)
+        # Under FSDP the gathered tensors are fresh, except CPU tensors that DCP hands back as they are (AdamW's
+        # `step` off CUDA; a shard that is the whole tensor): those, like everything of an unsharded model, are
+        # copied.
+        live = {_storage(t) for t in [*model.parameters(), *_tensors(optimizer.state)] if t.device.type == "cpu"}
+        state = self._host.copy({"model": model_state, "optimizer": optim_state},
+                                only=(lambda t: _storage(t) in live) if sharded else None)
         state["ema"] = self._host.copy(ema.module.state_dict(), "ema") if ema is not None else None
         state["counters"] = copy.deepcopy(counters)
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the non-blocking copies have landed
         return state
+
+
+def _tensors(optimizer_state) -> list[torch.Tensor]:
+    """The tensors of an optimizer's per-parameter state."""
+    return [v for per_param in optimizer_state.values() for v in per_param.values() if isinstance(v, torch.Tensor)]
+
+
+def _storage(t: torch.Tensor) -> int:
+    """The address of the memory under a tensor (a DTensor's local shard)."""
+    from torch.distributed.tensor import DTensor
+
+    return (t.to_local() if isinstance(t, DTensor) else t).untyped_storage().data_ptr()
 
 
 def _fresh_dir(tmp: Path) -> None:

@@ -41,6 +41,7 @@ STATE = "state.json"
 FORMAT = 2  # checkpoint layout version, in every manifest (2: checksums of 64 MiB blocks, hashed in parallel)
 READS = (1, 2)  # the formats this version loads
 BLOCK_BYTES = 64 << 20
+_READ_BYTES = 16 << 20
 _HASH_THREADS = min(8, os.cpu_count() or 1)
 
 # Config sections that decide the training trajectory; a resume must match them (train.resume=force overrides).
@@ -375,18 +376,33 @@ def set_rng_state(state: dict) -> None:
 
 def digest(path: Path, block_bytes: int = BLOCK_BYTES) -> str:
     """SHA-256 of the SHA-256s of the file's `block_bytes` blocks: a checksum hashed by several threads at once
-    (hashlib releases the GIL), since one SHA-256 stream runs at ~1.5 GB/s and dit_1b's checkpoint is 23 GB."""
+    (hashlib releases the GIL), since one SHA-256 stream runs at ~1.5 GB/s and dit_1b's checkpoint is 17.5 GB.
+    Each thread reads its block 16 MiB at a time, so memory stays small whatever block size a manifest names."""
     size = Path(path).stat().st_size
     fd = os.open(path, os.O_RDONLY)
     try:
-        def block(offset: int) -> bytes:
-            return hashlib.sha256(os.pread(fd, block_bytes, offset)).digest()
+        def block(start: int) -> bytes:
+            h, at, end = hashlib.sha256(), start, min(start + block_bytes, size)
+            while at < end:
+                chunk = os.pread(fd, min(_READ_BYTES, end - at), at)
+                if not chunk:  # the file shrank while being read: the checksum cannot match
+                    break
+                h.update(chunk)
+                at += len(chunk)  # a short read (network file systems) goes on where it stopped
+            return h.digest()
 
         with ThreadPoolExecutor(max_workers=_HASH_THREADS) as pool:
             blocks = b"".join(pool.map(block, range(0, size, block_bytes)))
     finally:
         os.close(fd)
     return hashlib.sha256(blocks).hexdigest()
+
+
+def _block_bytes(manifest: dict) -> int | None:
+    """A format-2 manifest's block size if it is one this version hashes with (64 KiB to 1 GiB), else None."""
+    block = manifest.get("block_bytes")
+    ok = isinstance(block, int) and not isinstance(block, bool) and 1 << 16 <= block <= 1 << 30
+    return block if ok else None
 
 
 def _whole_file_sha256(path: Path) -> str:
@@ -407,7 +423,8 @@ def _entry_problem(path: Path, entry: dict, manifest: dict) -> str | None:
     if manifest.get("format") == 1:
         ok = _whole_file_sha256(path) == entry.get("sha256")
     else:
-        ok = digest(path, manifest["block_bytes"]) == entry.get("blocks_sha256")
+        block = _block_bytes(manifest)
+        ok = block is not None and digest(path, block) == entry.get("blocks_sha256")
     return None if ok else f"{path.name} does not match its checksum"
 
 
@@ -427,13 +444,12 @@ def verify(ckpt: Path) -> str | None:
         if (ckpt / "model.safetensors").is_file() and any(ckpt.glob("*.pkl")):
             return "written by an earlier vsa_train (accelerate pickles); not loaded, nothing is unpickled"
         return f"no {MANIFEST} (incomplete)"
-    except (OSError, ValueError) as err:
-        return f"unreadable {MANIFEST}: {err}"
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: JSON nested beyond the parser's depth
+        return f"unreadable {MANIFEST}: {type(err).__name__}: {err}"
     if manifest.get("format") not in READS or not isinstance(manifest.get("files"), dict):
         return f"{MANIFEST} has format {manifest.get('format')!r}, this vsa_train reads {' or '.join(map(str, READS))}"
-    block = manifest.get("block_bytes")
-    if manifest["format"] != 1 and not (isinstance(block, int) and 1 << 16 <= block <= 1 << 30):
-        return f"{MANIFEST} has block_bytes {block!r}, not a block size between 64 KiB and 1 GiB"
+    if manifest["format"] != 1 and _block_bytes(manifest) is None:
+        return f"{MANIFEST} has block_bytes {manifest.get('block_bytes')!r}, not a block size between 64 KiB and 1 GiB"
     for name in ("model.safetensors", STATE):
         if name not in manifest["files"]:
             return f"{MANIFEST} lists no {name}"

@@ -477,8 +477,9 @@ def _loop(run: Run, run_dir: RunDir, ckpts: Checkpointer, spec, resumed: bool) -
                 last.update(row)
                 if main:  # a file time stamp: no collective needed
                     run_dir.touch_lock()
-            if due.ckpt:  # a periodic save writes its files while training goes on; a stop waits for them
-                ckpt = _save(run, ckpts, say, background=tcfg.ckpt_background and not result.stop)
+            if due.ckpt:  # a periodic save writes its files while training goes on; a stop's and the last do not
+                last_one = result.stop or cadence.finished(state)  # inside StopSignals: a SIGTERM cannot cut it
+                ckpt = _save(run, ckpts, say, background=tcfg.ckpt_background and not last_one, stop=result.stop)
             if due.sample:  # after saving: a failure here cannot cost the weights
                 model = run.ema.module if run.ema is not None else accelerator.unwrap_model(run.model)
                 save_samples(model, cfg, run.eval_set["caption"][: tcfg.sample_count], state.step, accelerator)
@@ -491,12 +492,12 @@ def _loop(run: Run, run_dir: RunDir, ckpts: Checkpointer, spec, resumed: bool) -
     pbar.close()
     if run.saved_step != run.state.step:  # the loop saves its last step; this covers a run with nothing left to do
         _save(run, ckpts, say)
-    ckpts.wait()  # the last checkpoint is on disk before the run reports itself finished
+    ckpts.wait()  # nothing should be in flight here (the last save is in the foreground); if it is, it ends now
     _finish(run, run_dir, cadence)
     return last
 
 
-def _save(run: Run, ckpts: Checkpointer, say=None, background: bool = False) -> Path | None:
+def _save(run: Run, ckpts: Checkpointer, say=None, background: bool = False, stop: bool = False) -> Path | None:
     """Saves the current step (its directory, or None while written in the background); `say` (the main process's
     printer) announces it, and the checkpointer its end and duration."""
     say = say if run.accelerator.is_main_process and say is not None else None
@@ -506,7 +507,7 @@ def _save(run: Run, ckpts: Checkpointer, say=None, background: bool = False) -> 
         run.accelerator.print(f"warning: saving step {run.state.step} while the loss is not healthy "
                               f"({run.health.losses[-1]:.4g}, recent median {statistics.median(run.health.losses):.4g}); "
                               f"it will not be used as a rollback point")
-    path = ckpts.save(run.model, run.optimizer, run.ema, run.counters(), background=background)
+    path = ckpts.save(run.model, run.optimizer, run.ema, run.counters(), background=background, stop=stop)
     run.saved_step = run.state.step
     return path
 

@@ -1,7 +1,28 @@
-"""Test setup: without a GPU, Triton kernels run in its interpreter (must be set before triton is imported)."""
+"""Test setup: without a GPU, Triton kernels run in its interpreter (must be set before triton is imported).
+
+pyproject.toml's addopts run the suite on 2 pytest-xdist workers (`-n 2 --dist loadgroup`; `-n 0` runs it in this
+process, as before). In a worker:
+- one intra-op thread (OMP_NUM_THREADS=1, inherited by the subprocesses a test starts without a thread count of its
+  own): two workers of 2 threads each would oversubscribe 2 cores;
+- torchrun is --standalone (PET_STANDALONE=1): a rendezvous on a free port. Without a port torch 2.13 picks a free
+  one too, but torch 2.11 (the low end of the range, .ci/torch_range) takes 127.0.0.1:29500, where two workers'
+  runs at once would collide.
+Tests that must share one process, or one thing outside it, carry an `xdist_group` mark: the SLURM tests (one local
+cluster with a CPU per core), the README commands (a run family's later commands use its first one's run), and tests
+sharing an expensive module-scoped fixture (which each worker would otherwise build again)."""
 import os
 
-import torch
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+ONE_THREAD_PER_WORKER = bool(WORKER) and "OMP_NUM_THREADS" not in os.environ
+if ONE_THREAD_PER_WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
+if WORKER:
+    os.environ.setdefault("PET_STANDALONE", "1")
+
+import torch  # noqa: E402
+
+if ONE_THREAD_PER_WORKER:
+    torch.set_num_threads(1)  # in case torch was imported before this file
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

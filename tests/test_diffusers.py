@@ -20,6 +20,7 @@ from vsa_train.rundir import RunDir
 from vsa_train.sampling import generate, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.xdist_group("diffusers")  # one xdist worker: the module-scoped exported built once
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "tests"))
 import export_diffusers  # noqa: E402

@@ -383,6 +383,7 @@ def stopped_runs(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("stop_signals")  # one worker builds stopped_runs for all four
 @pytest.mark.parametrize("sig", STOP_SIGNALS, ids=lambda sig: sig.name)
 def test_stop_signal_saves_and_the_resume_is_exact(stopped_runs, sig):
     runs, results, straight, (code, out) = stopped_runs

@@ -71,6 +71,8 @@ def skip_reason(command: str) -> str | None:
 
 
 COMMANDS = readme_commands()
+# in README order, in one process (one xdist worker): a run family's later commands use its first one's run
+pytestmark = pytest.mark.xdist_group("readme")
 
 
 def test_readme_has_the_commands_it_should():

@@ -14,6 +14,7 @@ from vsa_train.data.text import CaptionEncoder
 from vsa_train.sampling import generate, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.xdist_group("sample")  # one xdist worker: the module-scoped run_dir built once
 PIXELS = ["data.frames=4", "data.height=8", "data.width=8"]
 TINY = ["train.batch_size=2", "train.eval_samples=2", "train.eval_timesteps=1", "logger=none"]
 

@@ -29,7 +29,9 @@ from omegaconf import OmegaConf
 from vsa_train.metrics import read_metrics
 from vsa_train.rundir import LOCK, RunDir, verify
 
-pytestmark = pytest.mark.slurm
+# One xdist worker runs them all, one after another: the local cluster has one CPU per core, the two-task job
+# takes both, and each test's waits count on its jobs starting when submitted, not queued behind another test's.
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "scripts" / "slurm" / "local_cluster.sh"

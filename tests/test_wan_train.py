@@ -26,6 +26,7 @@ from vsa_train.sampling import generate, load_model
 from vsa_train.schedules import SparsitySchedule
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.xdist_group("wan_train")  # one xdist worker: the module-scoped folder and runs built once
 sys.path.insert(0, str(ROOT / "tests"))
 from test_trainer import TINY, _losses, _run, latest_checkpoint  # noqa: E402  (4 frames x 8 x 8 pixels)
 

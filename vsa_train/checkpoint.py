@@ -108,6 +108,8 @@ class Checkpointer:
                 self.announce(f"saved checkpoint step {step} in {time.perf_counter() - started:.1f} s"
                               + (f" (training held for {held:.1f} s)" if background else ""))
             except BaseException as err:  # noqa: BLE001 (raised by `wait`, on every rank)
+                if not background and not isinstance(err, Exception):
+                    raise  # Ctrl-C or exit in the main thread: as anywhere else in the loop
                 # `on_main` shares an Exception with the other ranks; anything else would leave them waiting.
                 self._outcome = (None, err if isinstance(err, Exception) else RuntimeError(f"interrupted: {err!r}"))
                 if background:

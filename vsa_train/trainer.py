@@ -26,7 +26,6 @@ from omegaconf import DictConfig, OmegaConf
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from .analysis.plot import plot_loss_vs_flops
 from . import config_schema, progress
 from .checkpoint import Checkpointer, init_weights, load_checkpoint
 from .data import Data, build_data, data_spec
@@ -551,6 +550,8 @@ def _finish(run: Run, run_dir: RunDir, cadence: Cadence) -> None:
                           f"{budget:.3e}: {run.state.flops:.3e} executed ({100 * run.state.flops / budget:.3g}%)")
     accelerator.end_training()
     if accelerator.is_main_process:
+        from .analysis.plot import plot_loss_vs_flops  # here: matplotlib costs every launch ~0.5 s of start-up
+
         plot_loss_vs_flops(run_dir.metrics, run_dir.path / "loss_vs_flops.png", title=run_dir.path.name)
     # One line per rank: equal fingerprints mean the replicas ended with the same weights.
     fingerprint = sum(p.detach().double().sum().item() for p in accelerator.unwrap_model(run.model).parameters())

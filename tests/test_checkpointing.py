@@ -234,6 +234,20 @@ def test_fsdp_background_save_does_not_share_the_optimizer_step(tmp_path, monkey
         torch.distributed.destroy_process_group()
 
 
+def test_fsdp_saves_agree_across_ranks_after_an_unsharded_eval_and_on_a_failed_copy(tmp_path):
+    """2 gloo processes (tests/workers/fsdp_save.py): no rank may hang in the other's gathers."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           str(ROOT / "tests" / "workers" / "fsdp_save.py"), str(tmp_path / "run")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and "HUNG" not in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank} unsharded save: verified True, weights equal True" in proc.stdout
+        assert f"rank {rank} step 2 published False" in proc.stdout
+    assert "rank 0 failed copy: raised no host memory left" in proc.stdout
+    assert "rank 1 failed copy: raised another rank could not copy the state" in proc.stdout
+
+
 def test_hostile_manifest_depth_and_short_reads(tmp_path, monkeypatch):
     ckpt = tmp_path / "checkpoints" / "step_00000001"
     ckpt.mkdir(parents=True)

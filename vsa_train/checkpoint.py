@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor
 from .distributed import on_main
 from .files import disk_error
 from .models.vsa import WAN_GATE, VSAAttention
+from .parallel import is_fsdp
 from .rundir import (STATE, RunDir, RunDirError, load_tensors, optimizer_from_files, optimizer_to_files, read_state,
                      resolve_checkpoint, rng_file, rng_problem, rng_state, save_tensors, set_rng_state, write_json)
 
@@ -32,20 +33,35 @@ class HostBuffers:
 
     def __init__(self):
         self._buffers: dict[str, torch.Tensor] = {}
+        self._error: Exception | None = None
 
-    def copy(self, tree, prefix: str = "", keep: bool = True):
+    def copy(self, tree, keep: bool = True, prefix: str = ""):
         """`tree` (dicts, lists, tuples, tensors, plain values) with every tensor copied to the host and every other
         value deep-copied (param_groups' lr changes in place each step). A DTensor (an FSDP shard) is gathered
         whole first, a collective: every rank walks the same tree in the same order, and those with `keep=False`
-        drop what they gathered (None)."""
+        drop what they gathered (None). A copy that fails (host memory) does not stop the walk, so the other
+        ranks' gathers still find a partner; the error is raised at its end."""
+        self._error = None
+        out = self._walk(tree, keep, prefix)
+        if self._error is not None:
+            raise self._error
+        return out
+
+    def _walk(self, tree, keep: bool, prefix: str):
         if isinstance(tree, torch.Tensor):
             if isinstance(tree, DTensor):
                 tree = tree.full_tensor()  # one tensor at a time: device memory for one full tensor, not all
-            return self._copy(prefix, tree.detach()) if keep else None
+            if not keep or self._error is not None:
+                return None
+            try:
+                return self._copy(prefix, tree.detach())
+            except Exception as err:  # noqa: BLE001 (raised by `copy` once the walk is done)
+                self._error = err
+                return None
         if isinstance(tree, dict):
-            return {k: self.copy(v, f"{prefix}/{k}", keep) for k, v in tree.items()}
+            return {k: self._walk(v, keep, f"{prefix}/{k}") for k, v in tree.items()}
         if isinstance(tree, (list, tuple)):
-            return type(tree)(self.copy(v, f"{prefix}/{i}", keep) for i, v in enumerate(tree))
+            return type(tree)(self._walk(v, keep, f"{prefix}/{i}") for i, v in enumerate(tree))
         return copy.deepcopy(tree) if keep else None
 
     def _copy(self, key: str, t: torch.Tensor) -> torch.Tensor:
@@ -161,7 +177,7 @@ class Checkpointer:
     def _snapshot(self, model, optimizer, ema, counters: dict) -> dict | None:
         """The state to write, in host memory the training does not touch (None off the main process)."""
         main = self.accelerator.is_main_process
-        if not (main or _is_sharded(model)):  # unsharded: rank 0 holds all of it
+        if not (main or is_fsdp(model)):  # unsharded: rank 0 holds all of it
             return None
         # This process's own tensors (FSDP shards under FSDP, gathered whole by `copy` on every rank), keyed by
         # parameter name; torch.distributed.checkpoint's cpu_offload gather would copy them to pageable memory
@@ -170,7 +186,7 @@ class Checkpointer:
                                  "optimizer": get_optimizer_state_dict(model, optimizer)}, keep=main)
         if not main:
             return None
-        state["ema"] = self._host.copy(ema.module.state_dict(), "ema") if ema is not None else None
+        state["ema"] = self._host.copy(ema.module.state_dict(), prefix="ema") if ema is not None else None
         state["counters"] = copy.deepcopy(counters)
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the non-blocking copies have landed
@@ -205,7 +221,7 @@ def _write_files(state: dict, tmp: Path) -> None:
 def load_checkpoint(accelerator: Accelerator, ckpt: Path, model, optimizer, ema) -> dict:
     """Restores weights, optimizer, EMA and this rank's RNG from a verified checkpoint; returns its counters."""
     # Every rank reads the full files; under FSDP each keeps its shard (full_state_dict) of them.
-    options = StateDictOptions(full_state_dict=_is_sharded(model))
+    options = StateDictOptions(full_state_dict=is_fsdp(model))
     set_model_state_dict(model, load_tensors(ckpt / "model.safetensors"), options=options)
     set_optimizer_state_dict(model, optimizer, optimizer_from_files(ckpt), options=options)
     counters = read_state(ckpt)
@@ -267,8 +283,3 @@ def init_weights(model: torch.nn.Module, source) -> str:
         raise ValueError(f"train.init_from={source}: weights do not fit this model: missing "
                          f"{sorted(set(missing) - new)}, unexpected {sorted(unexpected)}")
     return f"initialised from {path} (weights only; {len(missing)} new attention tensors keep their initial values)"
-
-
-def _is_sharded(model: torch.nn.Module) -> bool:
-    """Whether parameters are DTensors (FSDP2): loading then shards the full state dicts."""
-    return any(isinstance(p, DTensor) for p in model.parameters())

@@ -189,15 +189,19 @@ def compile_blocks(model: nn.Module) -> None:
         block.compile()
 
 
-def _is_fsdp(model: nn.Module) -> bool:
-    return hasattr(model, "set_requires_gradient_sync")  # FSDP2 modules have it, DDP and plain ones do not
+def is_fsdp(model: nn.Module) -> bool:
+    """Whether the model is laid out by FSDP2. Asked of the modules, not the parameters: after a no-grad forward
+    under reshard_after_forward=false those are plain tensors for a while, on every rank."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def gradient_sync(model: nn.Module, accelerator, sync: bool):
     """Context for one micro-step's backward: gradients reduced across ranks only when `sync` (the last one)."""
     import contextlib
 
-    if _is_fsdp(model):
+    if is_fsdp(model):
         model.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()
     return contextlib.nullcontext() if sync else accelerator.no_sync(model)
@@ -205,7 +209,7 @@ def gradient_sync(model: nn.Module, accelerator, sync: bool):
 
 def clip_grad_norm(model: nn.Module, accelerator, max_norm: float) -> torch.Tensor:
     """Clips to `max_norm` and returns the global gradient norm (a plain tensor, also under FSDP's DTensors)."""
-    if not _is_fsdp(model):
+    if not is_fsdp(model):
         return accelerator.clip_grad_norm_(model.parameters(), max_norm)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

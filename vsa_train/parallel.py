@@ -190,11 +190,11 @@ def compile_blocks(model: nn.Module) -> None:
 
 
 def is_fsdp(model: nn.Module) -> bool:
-    """Whether the model is laid out by FSDP2. Asked of the modules, not the parameters: after a no-grad forward
-    under reshard_after_forward=false those are plain tensors for a while, on every rank."""
+    """Whether the model is laid out by FSDP2 (`apply_fsdp` shards the root too). Asked of the module, not the
+    parameters: after a no-grad forward under reshard_after_forward=false those are plain tensors for a while."""
     from torch.distributed.fsdp import FSDPModule
 
-    return any(isinstance(m, FSDPModule) for m in model.modules())
+    return isinstance(model, FSDPModule)
 
 
 def gradient_sync(model: nn.Module, accelerator, sync: bool):

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from vsa_train import checkpoint, trainer
@@ -22,13 +21,29 @@ from vsa_train.checkpoint import Checkpointer
 from vsa_train.rundir import RunDir, digest, optimizer_from_files, read_json, verify, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["data.frames=4", "data.height=8", "data.width=8", "train.batch_size=2", "train.eval_samples=2",
-        "train.eval_timesteps=1", "train.log_every=1", "train.eval_every=100", "logger=none"]
+sys.path.insert(0, str(ROOT / "tests"))
+from test_lifecycle import TINY, _cfg  # noqa: E402  (the lifecycle tests' tiny run: 4 frames x 8 x 8 pixels)
 
 
-def _cfg(run_dir, *overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
-        return compose(config_name="train", overrides=[*TINY, f"run_dir={run_dir}", *overrides])
+def _linear(lr: float = 1e-3):
+    """(accelerator, model, optimizer) of a one-layer model: a Checkpointer without a trainer around it."""
+    model = torch.nn.Linear(4, 3)
+    return Accelerator(cpu=True), model, torch.optim.AdamW(model.parameters(), lr=lr)
+
+
+def _failing_model_file(monkeypatch, error: OSError, once: bool = False) -> list:
+    """checkpoint.save_tensors raises `error` for model.safetensors (with `once`: only while the returned list of
+    failures is empty; clear it to fail again)."""
+    real, failures = checkpoint.save_tensors, []
+
+    def save(tensors, path):
+        if Path(path).name == "model.safetensors" and not (once and failures):
+            failures.append(path)
+            raise error
+        real(tensors, path)
+
+    monkeypatch.setattr(checkpoint, "save_tensors", save)
+    return failures
 
 
 # ------------------------------------------------------------------------------------------------ checksums
@@ -100,9 +115,7 @@ def _state(model, optimizer):
 
 
 def test_a_background_save_holds_the_state_of_its_step(tmp_path, monkeypatch):
-    accelerator = Accelerator(cpu=True)
-    model = torch.nn.Linear(4, 3)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    accelerator, model, optimizer = _linear(lr=0.1)
     model(torch.randn(2, 4)).sum().backward()
     optimizer.step()
     weights, moments = _state(model, optimizer)
@@ -130,17 +143,8 @@ def test_a_background_save_holds_the_state_of_its_step(tmp_path, monkeypatch):
 
 
 def test_a_background_error_reaches_the_run_and_publishes_nothing(tmp_path, monkeypatch):
-    accelerator = Accelerator(cpu=True)
-    model = torch.nn.Linear(4, 3)
-    optimizer = torch.optim.AdamW(model.parameters())
-    real = checkpoint.save_tensors
-
-    def full(tensors, path):
-        if Path(path).name == "model.safetensors":
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(tensors, path)
-
-    monkeypatch.setattr(checkpoint, "save_tensors", full)
+    accelerator, model, optimizer = _linear()
+    _failing_model_file(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
     said = []
     ckpts = Checkpointer(accelerator, RunDir(tmp_path), keep=2, announce=said.append)
     ckpts.save(model, optimizer, None, {"step": 3}, background=True)
@@ -153,34 +157,22 @@ def test_a_background_error_reaches_the_run_and_publishes_nothing(tmp_path, monk
 
 
 def test_a_stop_still_saves_after_a_failed_background_save(tmp_path, monkeypatch):
-    accelerator = Accelerator(cpu=True)
-    model = torch.nn.Linear(4, 3)
-    optimizer = torch.optim.AdamW(model.parameters())
-    real, calls = checkpoint.save_tensors, []
-
-    def fails_once(tensors, path):
-        if Path(path).name == "model.safetensors" and not calls:
-            calls.append(path)
-            raise OSError(errno.EIO, "Input/output error")
-        real(tensors, path)
-
-    monkeypatch.setattr(checkpoint, "save_tensors", fails_once)
+    accelerator, model, optimizer = _linear()
+    failures = _failing_model_file(monkeypatch, OSError(errno.EIO, "Input/output error"), once=True)
     said = []
     ckpts = Checkpointer(accelerator, RunDir(tmp_path), keep=2, announce=said.append)
     ckpts.save(model, optimizer, None, {"step": 2}, background=True)
     ckpt = ckpts.save(model, optimizer, None, {"step": 3}, stop=True)  # SIGTERM at step 3: saved all the same
     assert ckpt == RunDir(tmp_path).step_dir(3) and verify(ckpt) is None
     assert any("previous checkpoint failed" in line and "Input/output error" in line for line in said)
-    calls.clear()
+    failures.clear()
     ckpts.save(model, optimizer, None, {"step": 4}, background=True)  # fails in its thread
     with pytest.raises(OSError, match="Input/output error"):  # a periodic save after a failure: the run stops
         ckpts.save(model, optimizer, None, {"step": 5}, background=True)  # (step 4's failure, raised here)
 
 
 def test_a_failed_host_copy_or_an_interrupted_writer_is_an_error_of_the_run(tmp_path, monkeypatch):
-    accelerator = Accelerator(cpu=True)
-    model = torch.nn.Linear(4, 3)
-    optimizer = torch.optim.AdamW(model.parameters())
+    accelerator, model, optimizer = _linear()
     ckpts = Checkpointer(accelerator, RunDir(tmp_path), keep=2)
 
     def no_memory(*args):

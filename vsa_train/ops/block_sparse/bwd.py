@@ -59,8 +59,10 @@ def block_sparse_bwd_dq_kernel(
     iteration, entries c and c + 1 of its index, as in the forward).
 
     HAS_SHIFT (op.py, CENTER_KEYS): dQ = scale * (sum dS @ (K - kshift) + dLSE kshift), exact because each row
-    of dS sums to dLSE (to 0 without an LSE gradient). With keys sharing a large offset, the 16-bit product
-    dS @ K cancels badly and dS @ (K - kshift) does not. The logits still use K as given (exact products).
+    of dS sums to dLSE (to 0 without an LSE gradient). With keys sharing a large offset, the rounding of dS to
+    16 bits, times the offset, is the whole dq error of dS @ K; in dS @ (K - kshift) the offset is gone. It is
+    computed as dS @ K - rowsum(dS) kshift on the same rounded dS: the tensor cores' products are exact and their
+    sums fp32, so the offset cancels in fp32, with no per-tile centring of K. The logits use K as given.
     """
     q_tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -87,6 +89,10 @@ def block_sparse_bwd_dq_kernel(
     dq = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     if HAS_SHIFT:
         shift = tl.load(KSHIFT + bh.to(tl.int64) * HEAD_DIM + offs_d)  # [D] fp32
+    # HAS_SHIFT: the row sums of dS as rounded for the product, by the tensor cores (dS @ ones: exact products,
+    # fp32 sums, like dS @ K; every column holds the row sum). A tl.sum per iteration cost ~8% of the backward.
+    ds_sums = tl.zeros([BLOCK, 16], tl.float32)
+    ones = tl.full([BLOCK * STEP, 16], 1.0, K.dtype.element_ty)
     for c in range(0, count, STEP):
         offs_kv, real = key_rows(index_ptr, c, count, KV_TILE_SIZES, BLOCK, PAIR)  # as the forward walks them
         k = tl.load(k_base + offs_kv[:, None] * stride_ks + offs_d[None, :] * stride_kd)  # [BLOCK_N, D]
@@ -95,14 +101,18 @@ def block_sparse_bwd_dq_kernel(
         s = tl.where(real[None, :], s, float("-inf"))
         p = tl.math.exp2(s - lse_log2[:, None])  # 0 at pad and empty-slot columns
         dp = tl.dot(do, vt, input_precision=DOT_PRECISION)  # [BLOCK, BLOCK_N]
-        ds = p * (dp - delta[:, None])  # 0 where p is (dp is finite)
-        if HAS_SHIFT:  # centred in fp32, one rounding back to K's dtype; pad, empty-slot rows (any finite) to 0
-            k_c = tl.where(real[:, None], k.to(tl.float32) - shift[None, :], 0.0)
-            k = k_c.to(K.dtype.element_ty)
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+        ds = (p * (dp - delta[:, None])).to(k.dtype)  # [BLOCK, BLOCK_N]; 0 where p is (dp is finite)
+        if HAS_SHIFT:
+            ds_sums = tl.dot(ds, ones, ds_sums, input_precision=DOT_PRECISION)  # [BLOCK, 16]
+        dq = tl.dot(ds, k, dq, input_precision=DOT_PRECISION)  # exact products, fp32 sums
 
-    if HAS_SHIFT and HAS_DLSE:
-        dq += tl.load(DLSE + row_ptr)[:, None] * shift[None, :]
+    if HAS_SHIFT:
+        ds_sum = tl.max(ds_sums, 1)  # [BLOCK]: the 16 columns hold the same sum
+        # dq holds rounded(dS) @ K; minus its row sums times kshift it is rounded(dS) @ (K - kshift), to fp32
+        # rounding: the products and sums were exact to fp32, so the offset's part cancels here, not in 16 bits.
+        dq -= ds_sum[:, None] * shift[None, :]
+        if HAS_DLSE:
+            dq += tl.load(DLSE + row_ptr)[:, None] * shift[None, :]
     # The softmax scale is applied in fp32 here, never folded into low-precision K.
     dq *= sm_scale
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd

@@ -20,8 +20,9 @@ POISON_OUTPUTS = False
 # Compute dQ with centred keys (issue #12): dQ = scale * (dS @ (K - k_mean) + dLSE k_mean), exact since each
 # row of dS = P * (dP - delta) sums to dLSE (0 without an LSE gradient). With keys sharing a large offset
 # (common in trained models) the 16-bit dS @ K cancels badly (bf16 dq error 4e-2 on an H200, like cuDNN's);
-# centred, it does not. The dQ kernel centres each K tile in fp32 as it loads it (no extra pass, no copy of K);
-# the logits, O, LSE, dK and dV use K as given and are unchanged. k_mean is over the real key rows of each
+# centred, it does not. The dQ kernel forms rounded(dS) @ K - rowsum(rounded(dS)) k_mean, in which the offset
+# cancels in fp32 (no pass over K, no copy of it, no per-tile centring: bwd.py); the logits, O, LSE, dK and dV
+# use K as given and are unchanged. k_mean is over the real key rows of each
 # (batch, head) (key_shift; the VSA op takes it from its pooled tile means). Read when an op is called
 # (block_sparse_attention, both VSA paths); tests clear it for the uncentred baseline.
 CENTER_KEYS = True

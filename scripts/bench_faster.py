@@ -289,7 +289,6 @@ def main():
         card = "CPU smoke run (Triton interpreter)"
     else:
         card = f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
-        torch.backends.cuda.matmul.allow_tf32 = True  # as bench_train_step's main
     versions = {"card": card, "torch": torch.__version__, "triton": triton.__version__, "smoke": SMOKE}
     print(f"{card}, torch {torch.__version__}, triton {triton.__version__}")
     print(f"parts {','.join(args.only)}, dit_1b policy {args.dit1b_policy}, steps {args.steps or (2 if SMOKE else 6)}, "

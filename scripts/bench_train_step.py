@@ -275,8 +275,7 @@ def main():
     args = parse_args()
     start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+    # No TF32 for fp32 matmuls, as in train.py: VSA's coarse scores are fp32 so that top-k selections do not flip.
     if args.warmup < 1:
         raise SystemExit(f"--warmup must be at least 1 (the first step compiles), got {args.warmup}")
     if args.memory_cap_gib is not None and device.type == "cuda":

@@ -152,7 +152,8 @@ def check_offset_dq(dtype, D, B=1, H=4, video=(8, 16, 16), topk=16, offset=8.0, 
     """Issue #12: dq errors vs float64 when the keys share a large offset, k = randn + offset * u (u a random
     vector per head, as in trained models). Fine stage (block_sparse_attention, a given selection) and full op
     (video_sparse_attention) with keys centred in dQ (op.CENTER_KEYS, the default) and uncentred, and dense SDPA
-    (cuDNN on the GPU) on the same q, k, v (unless dense_row is False). Returns {row: (out error, dq error)}."""
+    (cuDNN on the GPU for 16-bit inputs, SDPA's own choice for fp32) on the same q, k, v (unless dense_row is
+    False). Returns {row: (out error, dq error)}."""
     if SMOKE:
         B, H, video, topk = 1, 1, (4, 8, 16), 2
     g = torch.Generator(device=DEVICE).manual_seed(2)
@@ -181,7 +182,7 @@ def check_offset_dq(dtype, D, B=1, H=4, video=(8, 16, 16), topk=16, offset=8.0, 
 
     def dense(q, k, v):
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-        if q.dtype == torch.float64 or not q.is_cuda:
+        if q.dtype in (torch.float64, torch.float32) or not q.is_cuda:  # cuDNN attention is 16-bit only
             return F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             return F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)

@@ -225,3 +225,16 @@ def test_compiled_run_warms_up_vsa_kernels_after_forking_and_joins_before_forkin
     cfg = _cfg(tmp_path / "done", "attn=vsa", "train.compile=true", "train.max_steps=0")
     trainer.build_run(cfg, trainer.make_accelerator(cfg))
     assert events == ["join", "fork"]  # nothing will run: nothing to compile
+
+
+@pytest.mark.parametrize("attn,warns", [("vsa", True), ("tile_window", False), ("dense", False)])
+def test_tf32_warning_for_topk_vsa(attn, warns, monkeypatch, recwarn):
+    """TF32 flips VSA's top-k selections (fp32 coarse scores by design): a top-k run says so; others do not."""
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base=None):
+        cfg = compose(config_name="train", overrides=[f"attn={attn}"])
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    trainer.warn_tf32(cfg.attn)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    trainer.warn_tf32(cfg.attn)
+    tf32 = [w for w in recwarn if "allow_tf32" in str(w.message)]
+    assert len(tf32) == (1 if warns else 0)

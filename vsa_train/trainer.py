@@ -14,6 +14,7 @@ import math
 import os
 import statistics
 import time
+import warnings
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -155,6 +156,7 @@ def build_run(cfg: DictConfig, accelerator: Accelerator, resume_from: Path | Non
         raise ValueError("train.ema is not supported with parallel.strategy=fsdp (the EMA copy would hold full, "
                          "unsharded weights)")
     spec = data_spec(cfg.data)
+    warn_tf32(cfg.attn)
     use_compile_cache(tcfg.get("compile_cache"))
     set_seed(tcfg.seed)  # the same seed on every rank: identical initial weights
     # A VideoDiT is built and initialised on the device: dit_1b's 1.4B weights take seconds there, not ~10 s on the
@@ -183,6 +185,14 @@ def build_run(cfg: DictConfig, accelerator: Accelerator, resume_from: Path | Non
         warm_up_kernels(accelerator.unwrap_model(model), half_dtype(accelerator) or torch.float32, accelerator.device)
     run.eval_set = make_eval_set(run.data.eval, tcfg.eval_timesteps, seed=cfg.data.seed)
     return run
+
+
+def warn_tf32(attn: DictConfig) -> None:
+    """Warns when TF32 is on for fp32 matmuls under top-k VSA (accelerate turns it on for a dynamo backend without
+    mixed precision): the coarse scores are fp32 so that selections do not flip, and TF32 flips them."""
+    if attn.get("select") == "topk" and torch.backends.cuda.matmul.allow_tf32:
+        warnings.warn("torch.backends.cuda.matmul.allow_tf32 is on: VSA's coarse tile scores lose bits and top-k "
+                      "selections flip (docs/design.md, 'Coarse stage'); set it to False", stacklevel=2)
 
 
 def use_compile_cache(folder: str | None) -> None:

@@ -227,14 +227,25 @@ def test_compiled_run_warms_up_vsa_kernels_after_forking_and_joins_before_forkin
     assert events == ["join", "fork"]  # nothing will run: nothing to compile
 
 
-@pytest.mark.parametrize("attn,warns", [("vsa", True), ("tile_window", False), ("dense", False)])
-def test_tf32_warning_for_topk_vsa(attn, warns, monkeypatch, recwarn):
-    """TF32 flips VSA's top-k selections (fp32 coarse scores by design): a top-k run says so; others do not."""
+@pytest.mark.parametrize("attn,warns", [("vsa", True), ("vsa_coarse_only", False), ("tile_window", False),
+                                         ("dense", False)])
+@pytest.mark.parametrize("api", ["legacy", "fp32_precision"])
+def test_tf32_warning_for_topk_vsa(attn, warns, api, recwarn):
+    """TF32 flips VSA's top-k selections (fp32 coarse scores by design): a top-k run says so, whichever API turned
+    TF32 on; runs without a top-k selection do not."""
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base=None):
         cfg = compose(config_name="train", overrides=[f"attn={attn}"])
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    trainer.warn_tf32(cfg.attn)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    trainer.warn_tf32(cfg.attn)
-    tf32 = [w for w in recwarn if "allow_tf32" in str(w.message)]
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "ieee"
+        trainer.warn_tf32(cfg.attn)
+        if api == "legacy":
+            matmul.allow_tf32 = True
+        else:
+            matmul.fp32_precision = "tf32"
+        trainer.warn_tf32(cfg.attn)
+    finally:
+        matmul.fp32_precision = before
+    tf32 = [w for w in recwarn if "TF32 is on" in str(w.message)]
     assert len(tf32) == (1 if warns else 0)

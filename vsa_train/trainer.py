@@ -190,9 +190,11 @@ def build_run(cfg: DictConfig, accelerator: Accelerator, resume_from: Path | Non
 def warn_tf32(attn: DictConfig) -> None:
     """Warns when TF32 is on for fp32 matmuls under top-k VSA (accelerate turns it on for a dynamo backend without
     mixed precision): the coarse scores are fp32 so that selections do not flip, and TF32 flips them."""
-    if attn.get("select") == "topk" and torch.backends.cuda.matmul.allow_tf32:
-        warnings.warn("torch.backends.cuda.matmul.allow_tf32 is on: VSA's coarse tile scores lose bits and top-k "
-                      "selections flip (docs/design.md, 'Coarse stage'); set it to False", stacklevel=2)
+    # fp32_precision reads "tf32" whichever API set it; allow_tf32 raises once the newer API was used.
+    if attn.get("select") == "topk" and attn.get("fine", True) and torch.backends.cuda.matmul.fp32_precision == "tf32":
+        warnings.warn("TF32 is on for fp32 matmuls: VSA's coarse tile scores lose bits and top-k selections flip "
+                      "(docs/design.md, 'Coarse stage'); set torch.backends.cuda.matmul.fp32_precision = 'ieee'",
+                      stacklevel=2)
 
 
 def use_compile_cache(folder: str | None) -> None:

@@ -119,7 +119,8 @@ def block_sparse_bwd_triton(do, dlse, q, k, v, out, lse, q2k_index, q2k_count, k
                             kv_tile_sizes, scale: float, shift=None):
     """Launch delta preprocess, dQ and dK/dV kernels. Returns dq, dk, dv ([B, S, H, D], contiguous).
 
-    shift: None, or fp32 [B, H, D] (key_shift): the dQ kernel multiplies dS by the keys centred by it (CENTER_KEYS).
+    shift: None, or fp32 [B, H, D] (key_shift): the dQ kernel computes dS @ (K - shift) as dS @ K - rowsum(dS) shift
+    (CENTER_KEYS).
     Any shift gives the exact dQ; it is a constant to autograd (dK, dV and the forward do not use it).
     """
     B, S, H, D = q.shape
@@ -199,7 +200,7 @@ def block_sparse_bwd(
     q2k_index: torch.Tensor, q2k_count: torch.Tensor, k2q_offsets: torch.Tensor, k2q_q_tiles: torch.Tensor,
     kv_tile_sizes: torch.Tensor, scale: float, shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward op: (dq, dk, dv) from dO (and dLSE, which may be None); dQ with keys centred by shift if given."""
+    """Backward op: (dq, dk, dv) from dO (and dLSE, which may be None); dQ with keys centred by shift if given (bwd.py)."""
     return block_sparse_bwd_triton(do, dlse, q, k, v, out, lse, q2k_index, q2k_count, k2q_offsets, k2q_q_tiles,
                                    kv_tile_sizes, scale, shift)
 

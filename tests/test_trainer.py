@@ -227,14 +227,13 @@ def test_compiled_run_warms_up_vsa_kernels_after_forking_and_joins_before_forkin
     assert events == ["join", "fork"]  # nothing will run: nothing to compile
 
 
-@pytest.mark.parametrize("attn,warns", [("vsa", True), ("vsa_coarse_only", False), ("tile_window", False),
-                                         ("dense", False)])
+@pytest.mark.parametrize("attn,warns", [("vsa", True), ("vsa_fine_only", True), ("vsa_coarse_only", False),
+                                         ("tile_window", False), ("dense", False)])
 @pytest.mark.parametrize("api", ["legacy", "fp32_precision"])
-def test_tf32_warning_for_topk_vsa(attn, warns, api, recwarn):
+def test_tf32_warning_for_topk_vsa(attn, warns, api, recwarn, tmp_path):
     """TF32 flips VSA's top-k selections (fp32 coarse scores by design): a top-k run says so, whichever API turned
     TF32 on; runs without a top-k selection do not."""
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base=None):
-        cfg = compose(config_name="train", overrides=[f"attn={attn}"])
+    cfg = _cfg(tmp_path, f"attn={attn}")
     matmul = torch.backends.cuda.matmul
     before = matmul.fp32_precision
     try:

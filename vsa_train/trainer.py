@@ -35,7 +35,7 @@ from .distributed import on_main
 from .evaluation import evaluate, make_eval_set
 from .flops import training_flops_per_sample
 from .metrics import MetricsLog, define_flops_axis, wandb_init_kwargs, wandb_project
-from .models import build_model, is_wan
+from .models import build_model, is_wan, vsa_config
 from .models.vsa import warm_up_kernels
 from .ops import warm
 from .parallel import (Layout, apply_fsdp, apply_sequence_parallel, clip_grad_norm, compile_blocks, gradient_sync,
@@ -190,8 +190,9 @@ def build_run(cfg: DictConfig, accelerator: Accelerator, resume_from: Path | Non
 def warn_tf32(attn: DictConfig) -> None:
     """Warns when TF32 is on for fp32 matmuls under top-k VSA (accelerate turns it on for a dynamo backend without
     mixed precision): the coarse scores are fp32 so that selections do not flip, and TF32 flips them."""
+    vsa = vsa_config(attn)
     # fp32_precision reads "tf32" whichever API set it; allow_tf32 raises once the newer API was used.
-    if attn.get("select") == "topk" and attn.get("fine", True) and torch.backends.cuda.matmul.fp32_precision == "tf32":
+    if vsa is not None and vsa.selects_topk and torch.backends.cuda.matmul.fp32_precision == "tf32":
         warnings.warn("TF32 is on for fp32 matmuls: VSA's coarse tile scores lose bits and top-k selections flip "
                       "(docs/design.md, 'Coarse stage'); set torch.backends.cuda.matmul.fp32_precision = 'ieee'",
                       stacklevel=2)

@@ -94,6 +94,11 @@ class VSAConfig:
         """Coarse + fine with top-k selection: exactly the op `video_sparse_attention`."""
         return self.coarse and self.fine and self.select == "topk"
 
+    @property
+    def selects_topk(self) -> bool:
+        """Whether the fine stage's key tiles are the top-k by coarse score (data-dependent, fp32 scores)."""
+        return self.fine and self.select == "topk"
+
     def sparsity_limit(self, step: int) -> float:
         """The most sparsity allowed at optimizer step `step`: 1 (no limit) when constant; a ramp from dense."""
         if self.schedule == "constant":

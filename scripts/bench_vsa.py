@@ -466,10 +466,10 @@ def bench_size(name: str, profile: bool, flex: bool, rep_ms: int, settings=None,
             row["graphed_fwd_bwd_speedup"] = dense[3] / ms[3]
         cells.append(f"{dense[3] / ms[3]:.2f}x" if graphed else "-")
         print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
-    if not SMOKE:  # the autotuner's picks for this head dim and dtype, per TILE_PAIRS setting (op.launch_tuned's)
+    if not SMOKE:  # the configs launched for this head dim and dtype, per TILE_PAIRS setting (op.launch_tuned's)
         for (kernel, (D_key, dtype_key, pair)), config in block_sparse_op._TUNED.items():
             if D_key == D and dtype_key == dtype:
-                print(f"autotuned {kernel.fn.__name__}{pairs_label(pair, labelled)}: {config}")
+                print(f"config {kernel.fn.__name__}{pairs_label(pair, labelled)}: {config}")
 
     if profile:
         for setting in settings:

@@ -139,7 +139,9 @@ def test_edge_selection_matches_float64(D, dtype, qk_mul, tile_pairs):
 
 @pytest.mark.parametrize("problem", ["edge", "random"])
 def test_tile_pairs_equal_one_tile(problem, monkeypatch):
-    """fp32: the two loop variants differ by rounding only (another summation order)."""
+    """fp32: the two loop variants differ by rounding only (another summation order, and exp arguments rounded
+    against another running max: at 16x logits |scale * s - m| reaches ~50, so one rounding of it moves p by
+    ~3e-6 relative; a wrong pairing is off by 1e-2 or more)."""
     if problem == "edge":
         inputs = edge_problem(64, torch.float32, qk_mul=4.0)
     else:
@@ -149,7 +151,7 @@ def test_tile_pairs_equal_one_tile(problem, monkeypatch):
         monkeypatch.setattr(bs_op, "TILE_PAIRS", pairs)
         results[pairs] = triton_outputs_and_grads(*inputs)[0]
     for name, got, ref in zip(("out", "lse", "dq", "dk", "dv"), results[True], results[False]):
-        assert rel_err(got, ref.double()) < 2e-6, (name, rel_err(got, ref.double()))
+        assert rel_err(got, ref.double()) < 5e-6, (name, rel_err(got, ref.double()))
 
 
 def test_tile_pairs_auto_pairs_head_dim_64_only(monkeypatch):

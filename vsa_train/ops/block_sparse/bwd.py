@@ -94,7 +94,7 @@ def block_sparse_bwd_dq_kernel(
     ds_sums = tl.zeros([BLOCK, 16], tl.float32)
     ones = tl.full([BLOCK * STEP, 16], 1.0, K.dtype.element_ty)
     for c in range(0, count, STEP):
-        offs_kv, real = key_rows(index_ptr, c, count, KV_TILE_SIZES, BLOCK, PAIR)  # as the forward walks them
+        offs_kv, real, _ = key_rows(index_ptr, c, count, KV_TILE_SIZES, BLOCK, PAIR)  # as the forward walks them
         k = tl.load(k_base + offs_kv[:, None] * stride_ks + offs_d[None, :] * stride_kd)  # [BLOCK_N, D]
         vt = tl.load(v_base + offs_kv[None, :] * stride_vs + offs_d[:, None] * stride_vd)  # [D, BLOCK_N]
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2  # [BLOCK, BLOCK_N]

@@ -1,11 +1,12 @@
-"""Autotuning configs of the block-sparse kernels (one config under the Triton interpreter, where speed is moot).
+"""Launch configs of the block-sparse kernels: a measured default per kernel and pairing, or an autotuner search.
 
-The tile is fixed at 64 x 64 by the tiling (64 x 128 with op.TILE_PAIRS: two tiles per iteration, tuned
-separately through the kernels' PAIR argument), so only warps and pipelining depth are tuned. By default each
-kernel has one config, the autotuner's pick on an H200 (and earlier on an H100) at D=64 with pairs and D=128
-without, the settings op.TILE_PAIRS="auto" runs: 4 warps, 3 stages forward, 2 backward. Every config costs a
-compilation on first use (about 1 s each, inside a dit_1b run's first step), so a search is opt-in:
-VSA_AUTOTUNE=full (set before import) tries 4 and 8 warps at several depths, e.g. on another GPU.
+The tile is fixed at 64 x 64 by the tiling (64 x 128 with op.TILE_PAIRS: two tiles per iteration), so only warps
+and pipelining depth are tuned. By default each kernel launches with the config measured best on an H200 (and
+earlier on an H100) at the settings op.TILE_PAIRS="auto" runs, D=64 with pairs and D=128 without: 4 warps; the
+forward 2 stages with pairs and 3 without (scripts/bench_vsa.py, docs/benchmarks.md), the backward 2. No search
+runs then (op.launch_tuned launches the default directly: Triton 3.6's autotuner would time even a single
+config). VSA_AUTOTUNE=full (set before import) makes the autotuner try 4 and 8 warps at several depths on first
+use, e.g. on another GPU; every config costs a compilation (about 1 s each, inside a run's first step).
 """
 import os
 
@@ -16,23 +17,30 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _full_search() -> bool:
-    return os.environ.get("VSA_AUTOTUNE", "fast") == "full"
+def full_search() -> bool:
+    """Whether the autotuner searches (VSA_AUTOTUNE=full, not under the Triton interpreter)."""
+    return os.environ.get("VSA_AUTOTUNE", "fast") == "full" and not _interpreting()
+
+
+def fwd_default(pair: bool) -> triton.Config:
+    """The forward kernel's default config."""
+    if _interpreting():  # speed is moot there
+        return triton.Config({}, num_warps=4, num_stages=1)
+    return triton.Config({}, num_warps=4, num_stages=2 if pair else 3)
+
+
+def bwd_default(pair: bool) -> triton.Config:
+    """The dQ and dK/dV kernels' default config."""
+    if _interpreting():
+        return triton.Config({}, num_warps=4, num_stages=1)
+    return triton.Config({}, num_warps=4, num_stages=2)
 
 
 def fwd_configs() -> list:
-    """Forward kernel."""
-    if _interpreting():
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    if not _full_search():
-        return [triton.Config({}, num_warps=4, num_stages=3)]
+    """The forward kernel's autotuner search (VSA_AUTOTUNE=full)."""
     return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
 
 
 def bwd_configs() -> list:
-    """Backward dQ and dK/dV kernels."""
-    if _interpreting():
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    if not _full_search():
-        return [triton.Config({}, num_warps=4, num_stages=2)]
+    """The dQ and dK/dV kernels' autotuner search (VSA_AUTOTUNE=full)."""
     return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]

@@ -5,7 +5,7 @@ and pipelining depth are tuned. By default each kernel launches with the config 
 earlier on an H100) at the settings op.TILE_PAIRS="auto" runs, D=64 with pairs and D=128 without: 4 warps; the
 forward 2 stages with pairs and 3 without (scripts/bench_vsa.py, docs/benchmarks.md), the backward 2. No search
 runs then (op.launch_tuned launches the default directly: Triton 3.6's autotuner would time even a single
-config). VSA_AUTOTUNE=full (set before import) makes the autotuner try 4 and 8 warps at several depths on first
+config). VSA_AUTOTUNE=full (read at each first launch) makes the autotuner try 4 and 8 warps at several depths on first
 use, e.g. on another GPU; every config costs a compilation (about 1 s each, inside a run's first step).
 """
 import os

@@ -245,6 +245,10 @@ def test_opcheck():
     (lambda a: a.update(kv_tile_sizes=a["kv_tile_sizes"][:2]), "n_tiles"),
     (lambda a: a.update(v=a["v"].half()), "dtype"),
     (lambda a: a.update(backend="cuda"), "backend"),
+    (lambda a: a.update(scale=-0.125), "positive finite"),  # the forward's max of unscaled logits needs c > 0
+    (lambda a: a.update(scale=float("nan")), "positive finite"),
+    (lambda a: a.update(scale=torch.tensor(0.1)), "positive finite"),
+    (lambda a: a.update(scale="0.1"), "positive finite"),
 ])
 def test_bad_input_raises(mutate, error):
     q, k, v, index, count, sizes = make_problem(1, 1, 3, 2, 64, torch.float32, ragged=False)

@@ -23,7 +23,7 @@ def block_sparse_attention(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale=N
         q2k_count: int32 [B, H, n_tiles], each in [1, K].
         kv_tile_sizes: int32 [n_tiles], real tokens per tile, each in [1, 64]. Pad key rows never get
             probability; pad query rows are computed like real ones and are for the caller to drop.
-        scale: softmax scale, default 1 / sqrt(D).
+        scale: softmax scale, a positive finite number, default 1 / sqrt(D).
         backend: "triton" (CUDA, or CPU tensors when TRITON_INTERPRET=1 was set before triton was imported),
             "torch" (vsa_train.ops.reference), or "auto" = triton on CUDA tensors, torch otherwise.
         key_shift: Triton only: float [B, H, D], a vector per (batch, head) subtracted from every key in the
@@ -44,6 +44,14 @@ def block_sparse_attention(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale=N
     _check_inputs(q, k, v, q2k_index, q2k_count, kv_tile_sizes)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    # The forward kernel takes the row max of unscaled logits (max(c s) = c max(s) needs c > 0).
+    # (A number, or a SymFloat under torch.compile: compared, not type-checked.)
+    try:
+        valid = not isinstance(scale, (bool, torch.Tensor)) and 0 < scale < math.inf
+    except TypeError:
+        valid = False
+    if not valid:
+        raise ValueError(f"block_sparse_attention: scale must be a positive finite number, got {scale!r}")
     backend = resolve_backend(backend, q)
     if backend == "torch":
         from ..reference import block_sparse_attention_torch

@@ -39,9 +39,15 @@ def test_default_config_launches_without_autotuner(monkeypatch):
     monkeypatch.delenv("VSA_AUTOTUNE", raising=False)
     monkeypatch.setattr(op, "_TUNED", {})
     kernel = RecordingKernel()
-    default = triton.Config({}, num_warps=4, num_stages=2)
+    asked = []
+
+    def default(pair):
+        asked.append(pair)
+        return triton.Config({}, num_warps=4, num_stages=2)
+
     for _ in range(2):
         op.launch_tuned(kernel, (1,), (64, "bf16", True), default, 1, X=2)
+    assert asked == [True]  # chosen once per key, for the key's pairing
     assert kernel.autotuned == []
     assert len(kernel.direct) == 2
     assert all(d["X"] == 2 and d["num_warps"] == 4 and d["num_stages"] == 2 for d in kernel.direct)
@@ -52,8 +58,7 @@ def test_full_search_uses_autotuner_once_per_key(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(op, "_TUNED", {})
     kernel = RecordingKernel()
-    default = triton.Config({}, num_warps=4, num_stages=2)
     for _ in range(3):
-        op.launch_tuned(kernel, (1,), (128, "bf16", False), default, X=1)
+        op.launch_tuned(kernel, (1,), (128, "bf16", False), configs.bwd_default, X=1)
     assert len(kernel.autotuned) == 1  # the search runs on the first launch only
     assert len(kernel.direct) == 2 and all(d["num_warps"] == 8 and d["num_stages"] == 4 for d in kernel.direct)

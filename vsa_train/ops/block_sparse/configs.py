@@ -22,18 +22,19 @@ def full_search() -> bool:
     return os.environ.get("VSA_AUTOTUNE", "fast") == "full" and not _interpreting()
 
 
+def _default(num_stages: int) -> triton.Config:
+    # 4 warps; one stage under the interpreter, where speed is moot.
+    return triton.Config({}, num_warps=4, num_stages=1 if _interpreting() else num_stages)
+
+
 def fwd_default(pair: bool) -> triton.Config:
     """The forward kernel's default config."""
-    if _interpreting():  # speed is moot there
-        return triton.Config({}, num_warps=4, num_stages=1)
-    return triton.Config({}, num_warps=4, num_stages=2 if pair else 3)
+    return _default(2 if pair else 3)
 
 
 def bwd_default(pair: bool) -> triton.Config:
     """The dQ and dK/dV kernels' default config."""
-    if _interpreting():
-        return triton.Config({}, num_warps=4, num_stages=1)
-    return triton.Config({}, num_warps=4, num_stages=2)
+    return _default(2)
 
 
 def fwd_configs() -> list:

@@ -68,16 +68,16 @@ _TUNED: dict = {}
 
 
 def launch_tuned(kernel, grid, key, default, *args, **kwargs):
-    """kernel[grid](*args, **kwargs) for a @triton.autotune kernel with config `default` (configs.py), or, under
-    VSA_AUTOTUNE=full, the autotuner's pick (it searches on the first launch per key: head dim, dtype and PAIR,
-    all fixed by `key`)."""
+    """kernel[grid](*args, **kwargs) for a @triton.autotune kernel with config default(pair) (configs.py), or, under
+    VSA_AUTOTUNE=full, the autotuner's pick (it searches on the first launch per key). key = (head dim, dtype, pair)
+    fixes the autotune key; the config is chosen once per key, off the per-call path."""
     config = _TUNED.get((kernel, key))
     if config is None and configs.full_search():
         kernel[grid](*args, **kwargs)
         _TUNED[(kernel, key)] = kernel.best_config
         return
     if config is None:
-        config = _TUNED[(kernel, key)] = default
+        config = _TUNED[(kernel, key)] = default(key[2])
     kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
 
 
@@ -110,7 +110,7 @@ def block_sparse_fwd_triton(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale:
     pair = tile_pairs(D)
     with device_guard(q):
         launch_tuned(
-            block_sparse_fwd_kernel, (n_tiles, B * H), (D, q.dtype, pair), configs.fwd_default(pair),
+            block_sparse_fwd_kernel, (n_tiles, B * H), (D, q.dtype, pair), configs.fwd_default,
             q, k, v, out, lse, q2k_index, q2k_count, kv_tile_sizes.contiguous(),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             H, n_tiles, q2k_index.shape[-1], scale,
@@ -145,7 +145,7 @@ def block_sparse_bwd_triton(do, dlse, q, k, v, out, lse, q2k_index, q2k_count, k
             HEAD_DIM=D, BLOCK=TILE, HAS_DLSE=dlse is not None,
         )
         launch_tuned(
-            block_sparse_bwd_dq_kernel, grid, (D, q.dtype, pair), configs.bwd_default(pair),
+            block_sparse_bwd_dq_kernel, grid, (D, q.dtype, pair), configs.bwd_default,
             q, k, v, do, dq, lse, delta, q2k_index.contiguous(), q2k_count.contiguous(), sizes,
             shift.contiguous() if shift is not None else delta, dlse if dlse is not None else delta,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
@@ -154,7 +154,7 @@ def block_sparse_bwd_triton(do, dlse, q, k, v, out, lse, q2k_index, q2k_count, k
             PAIR=pair,
         )
         launch_tuned(
-            block_sparse_bwd_dkv_kernel, grid, (D, q.dtype, pair), configs.bwd_default(pair),
+            block_sparse_bwd_dkv_kernel, grid, (D, q.dtype, pair), configs.bwd_default,
             q, k, v, do, dk, dv, lse, delta, k2q_offsets.contiguous(), k2q_q_tiles.contiguous(), sizes,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
             H, n_tiles, k2q_q_tiles.shape[-1], scale,

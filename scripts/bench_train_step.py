@@ -26,6 +26,7 @@ import argparse
 import gc
 import itertools
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +39,8 @@ from vsa_train.ops import warm
 from vsa_train.trainer import build_run, check_config, make_accelerator, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import idle_gaps  # noqa: E402  (scripts/idle_gaps.py)
 
 
 def parse_args(argv=None):
@@ -59,6 +62,9 @@ def parse_args(argv=None):
                    help="caps this process's CUDA memory (torch.cuda.set_per_process_memory_fraction), e.g. 80 "
                         "to ask whether a row fits an 80 GB H100 on a larger card; a row that does not fit fails")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler step after each row")
+    p.add_argument("--trace", type=Path, default=None,
+                   help="folder: the profiled step's Chrome trace goes there (<attn>_<mode>.json.gz), and on a GPU "
+                        "the row prints where the device sat idle in it (scripts/idle_gaps.py)")
     p.add_argument("--out", type=Path, default=None, help="writes results.json here")
     p.add_argument("--smoke", action="store_true", help="CPU check: dit_tiny (or --model), 4x16x16 video, 2 steps")
     p.add_argument("override", nargs="*", help="extra Hydra overrides of the train config, e.g. attn.sparsity=0.9")
@@ -163,7 +169,9 @@ def _measure(run, args, build_s: float) -> dict:
     row["grad_checkpointing"] = cfg.model.get("grad_checkpointing", "none")
     row["compile"] = str(cfg.train.compile)
     row["compile_phases"] = phases
-    row["profile"] = None if args.no_profile else profile_step(lambda: steps(run, 1), device)
+    mode = "compile" if cfg.train.compile else "eager"
+    trace = None if args.trace is None else args.trace / f"{cfg.attn.name}_{mode}.json.gz"
+    row["profile"] = None if args.no_profile else profile_step(lambda: steps(run, 1), device, trace=trace)
     row["trainer_steps"] = run.state.step  # optimizer steps taken by vsa_train.trainer.train_step: warm-up + timed + 1
     return row
 
@@ -204,14 +212,21 @@ def free_cache() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def profile_step(step, device, rows: int = 15) -> dict:
-    """One step under torch.profiler: the top kernels by GPU time, and the top aten ops by the GPU time they launch."""
+def profile_step(step, device, rows: int = 15, trace: Path | None = None) -> dict:
+    """One step under torch.profiler: the top kernels by GPU time, and the top aten ops by the GPU time they launch;
+    with a trace path, also its Chrome trace and (on a GPU) the idle-gap report of scripts/idle_gaps.py."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         step()
         sync(device)
     events = prof.key_averages()
     on_device = device.type == "cuda"
+    idle = None
+    if trace is not None:
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace))  # gzipped by its .gz suffix (a step's trace is tens of MB plain)
+        if on_device:
+            idle = idle_gaps.report(idle_gaps.idle_gaps(idle_gaps.load(str(trace))))
 
     def self_us(e):
         return getattr(e, "self_device_time_total", 0.0) if on_device else e.self_cpu_time_total
@@ -226,7 +241,8 @@ def profile_step(step, device, rows: int = 15) -> dict:
     return {"clock": "GPU" if on_device else "CPU", "total_ms": total / 1e3,
             "kernels": [{"name": e.key, "ms": self_us(e) / 1e3, "share": self_us(e) / total, "calls": e.count}
                         for e in top],
-            "aten": [{"name": e.key, "ms": total_us(e) / 1e3, "calls": e.count} for e in aten[:rows]]}
+            "aten": [{"name": e.key, "ms": total_us(e) / 1e3, "calls": e.count} for e in aten[:rows]],
+            "idle": idle}
 
 
 def fmt(x, spec):
@@ -268,6 +284,8 @@ def profile_tables(r: dict) -> str:
     out += [f"| `{k['name'][:110]}` | {k['ms']:.2f} | {100 * k['share']:.1f}% | {k['calls']} |" for k in p["kernels"]]
     out += ["", "| aten op (incl. the kernels it launches) | ms | calls |", "|---|---|---|"]
     out += [f"| `{a['name']}` | {a['ms']:.2f} | {a['calls']} |" for a in p["aten"]]
+    if p.get("idle"):
+        out += ["", "Where the GPU sat idle in that step:", "", p["idle"]]
     return "\n".join(out)
 
 

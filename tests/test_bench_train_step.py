@@ -1,5 +1,6 @@
 """scripts/bench_train_step.py times the trainer's own step: a CPU smoke run of two rows, and what the script calls."""
 import ast
+import gzip
 import importlib.util
 import json
 import os
@@ -39,11 +40,15 @@ def test_smoke_run_times_two_rows(tmp_path):
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--rows", "dense:eager,vsa:eager:model.grad_checkpointing=full",
-                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                           "--out", str(tmp_path), "--trace", str(tmp_path / "traces")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "FAILED" not in proc.stdout, proc.stdout[-3000:]
     rows = json.loads((tmp_path / "results.json").read_text())
     assert [(r["attn"], r["mode"]) for r in rows] == [("dense", "eager"), ("vsa", "eager")]
+    # Each profiled step's Chrome trace (gzipped), readable by scripts/idle_gaps.py; ops of the step are in it.
+    for name in ("dense_eager", "vsa_eager"):
+        trace = json.loads(gzip.decompress((tmp_path / "traces" / f"{name}.json.gz").read_bytes()))
+        assert any(e.get("name") == "Optimizer.step#AdamW.step" for e in trace["traceEvents"])
     for r in rows:
         assert r["samples/s"] > 0 and r["step_ms"] > 0 and r["batch"] == r["global_batch"] == 2
         # TrainState.step only moves in vsa_train.trainer.train_step: 1 warm-up + 2 timed + 1 profiled step (--smoke)

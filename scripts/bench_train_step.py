@@ -26,6 +26,7 @@ import argparse
 import gc
 import itertools
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -63,7 +64,8 @@ def parse_args(argv=None):
                         "to ask whether a row fits an 80 GB H100 on a larger card; a row that does not fit fails")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler step after each row")
     p.add_argument("--trace", type=Path, default=None,
-                   help="folder: the profiled step's Chrome trace goes there (<attn>_<mode>.json.gz), and on a GPU "
+                   help="folder: each row's profiled step's Chrome trace goes there (<n>_<attn>_<mode>[_overrides]"
+                        ".json.gz, n counting rows), and on a GPU "
                         "the row prints where the device sat idle in it (scripts/idle_gaps.py)")
     p.add_argument("--out", type=Path, default=None, help="writes results.json here")
     p.add_argument("--smoke", action="store_true", help="CPU check: dit_tiny (or --model), 4x16x16 video, 2 steps")
@@ -117,18 +119,18 @@ def steps(run, n: int) -> None:
                                      f"{run.state.step + 1}: the update was skipped, the timing would be wrong")
 
 
-def measure(cfg, args) -> dict:
-    """Builds the row's run, warms up, times, profiles one step, frees the run."""
+def measure(cfg, args, name: str = "row") -> dict:
+    """Builds the row's run, warms up, times, profiles one step (its trace: <name>.json.gz), frees the run."""
     check_config(cfg, data_spec(cfg.data))
     t0 = time.perf_counter()
     run = build_run(cfg, make_accelerator(cfg))
     try:
-        return _measure(run, args, build_s=time.perf_counter() - t0)
+        return _measure(run, args, build_s=time.perf_counter() - t0, name=name)
     finally:
         free(run)
 
 
-def _measure(run, args, build_s: float) -> dict:
+def _measure(run, args, build_s: float, name: str) -> dict:
     device, cfg = run.accelerator.device, run.cfg
     fixed_batch(run)
     run.model.train()
@@ -169,8 +171,7 @@ def _measure(run, args, build_s: float) -> dict:
     row["grad_checkpointing"] = cfg.model.get("grad_checkpointing", "none")
     row["compile"] = str(cfg.train.compile)
     row["compile_phases"] = phases
-    mode = "compile" if cfg.train.compile else "eager"
-    trace = None if args.trace is None else args.trace / f"{cfg.attn.name}_{mode}.json.gz"
+    trace = None if args.trace is None else args.trace / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.json.gz"
     row["profile"] = None if args.no_profile else profile_step(lambda: steps(run, 1), device, trace=trace)
     row["trainer_steps"] = run.state.step  # optimizer steps taken by vsa_train.trainer.train_step: warm-up + timed + 1
     return row
@@ -315,7 +316,8 @@ def main():
             continue
         t0 = time.perf_counter()
         try:
-            row = measure(load_cfg(args, attn, compiled=mode == "compile", row_overrides=extra), args)
+            row = measure(load_cfg(args, attn, compiled=mode == "compile", row_overrides=extra), args,
+                          name=f"{len(results) + 1}_{name}")
         except Exception as e:  # noqa: BLE001 (one failing row must not lose the others; its error is printed)
             oom = isinstance(e, torch.OutOfMemoryError)
             print(f"FAILED {name}: {type(e).__name__}: {str(e)[:300 if oom else 2000]}", flush=True)

@@ -46,7 +46,7 @@ def test_smoke_run_times_two_rows(tmp_path):
     rows = json.loads((tmp_path / "results.json").read_text())
     assert [(r["attn"], r["mode"]) for r in rows] == [("dense", "eager"), ("vsa", "eager")]
     # Each profiled step's Chrome trace (gzipped), readable by scripts/idle_gaps.py; ops of the step are in it.
-    for name in ("dense_eager", "vsa_eager"):
+    for name in ("1_dense_eager", "2_vsa_eager_model.grad_checkpointing_full"):
         trace = json.loads(gzip.decompress((tmp_path / "traces" / f"{name}.json.gz").read_bytes()))
         assert any(e.get("name") == "Optimizer.step#AdamW.step" for e in trace["traceEvents"])
     for r in rows:

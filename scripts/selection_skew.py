@@ -1,0 +1,90 @@
+"""How unevenly VSA's top-k selections spread over the key tiles: the dK/dV kernel's load balance, per layer.
+
+    python scripts/selection_skew.py                                  # dit_120m at init, synthetic_16k, batch 1
+    python scripts/selection_skew.py --model dit_tiny --data synthetic   # seconds on a CPU
+    python scripts/selection_skew.py train.init_from=RUN_DIR         # a trained model's selections
+
+One forward (no gradient) of the model a run builds from the composed `train` config (attn=vsa), on one batch
+of the run's data stream and its per-sample noise. Each query tile picks `topk` key tiles; a key tile's "uses"
+are how many query tiles picked it, and one dK/dV program walks that many query tiles. Per layer, averaged over
+(batch, head): the most-used tile's uses / the mean (the longest program against an average one), the share of
+tiles no query tile picked, and the share of all uses held by the top 10% of tiles. The dQ and forward programs
+always walk `topk` tiles, so they are balanced whatever this prints. On a CPU the op runs its PyTorch backend.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_train_step  # noqa: E402  (its config composition and fixed batch)
+
+from vsa_train.diffusion import flow_loss, sample_draws  # noqa: E402
+from vsa_train.ops import vsa as vsa_op  # noqa: E402
+from vsa_train.trainer import build_run, make_accelerator  # noqa: E402
+
+
+def uses_per_key_tile(index: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """fp32 [B, H, n_kv]: how many query tiles chose each key tile, from q2k_index int32 [B, H, n_q, K]."""
+    flat = index.long().flatten(2)  # [B, H, n_q * K]
+    ones = torch.ones(flat.shape, device=index.device)
+    return torch.zeros(*flat.shape[:2], n_kv, device=index.device).scatter_add_(-1, flat, ones)
+
+
+def skew_row(uses: torch.Tensor) -> dict:
+    """Load-balance figures of one layer's uses [B, H, n] (means over batch and heads)."""
+    mean = uses.mean(-1)  # [B, H]
+    top = max(1, uses.shape[-1] // 10)
+    return {"mean": mean.mean().item(), "max/mean": (uses.amax(-1) / mean).mean().item(),
+            "worst max/mean": (uses.amax(-1) / mean).max().item(), "unused": (uses == 0).float().mean().item(),
+            "top 10% share": (uses.sort(-1, descending=True).values[..., :top].sum(-1) / uses.sum(-1)).mean().item()}
+
+
+def record_selections():
+    """Wraps the VSA op's top-k so that every call's uses per key tile are appended to the returned list."""
+    layers, topk = [], vsa_op.topk_tiles
+
+    def recording(scores, k):
+        index, count = topk(scores, k)
+        layers.append(uses_per_key_tile(index, scores.shape[-1]).cpu())
+        return index, count
+
+    vsa_op.topk_tiles = recording
+    return layers
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="dit_120m")
+    p.add_argument("--data", default="synthetic_16k")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("override", nargs="*", help="extra Hydra overrides of the train config")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available() and not any(o.startswith("attn.backend=") for o in args.override):
+        args.override.append("attn.backend=torch")  # the Triton kernels need a GPU (or the slow interpreter)
+    bench_args = bench_train_step.parse_args(["--model", args.model, "--data", args.data, "--batch",
+                                              str(args.batch), *args.override])
+    cfg = bench_train_step.load_cfg(bench_args, "vsa", compiled=False)
+    run = build_run(cfg, make_accelerator(cfg))
+    batch = bench_train_step.fixed_batch(run)
+    layers = record_selections()
+    device = run.accelerator.device
+    started = time.perf_counter()
+    with torch.no_grad(), run.accelerator.autocast():
+        t, noise, _ = sample_draws(cfg.train.seed, batch["position"], batch["video"].shape[1:], device)
+        flow_loss(run.model, batch["video"], batch["text"], batch["text_mask"], t=t, noise=noise)
+    if not layers:
+        raise SystemExit("no layer selected tiles by top-k (attn.select=window, or every layer dense?)")
+    print(f"{args.model}, {args.data}, batch {args.batch}, {device}, overrides {args.override}: one forward, "
+          f"{time.perf_counter() - started:.0f} s\n\n| VSA layer | mean uses | max / mean | worst head "
+          f"| unused tiles | top 10% of tiles hold |\n|---|---|---|---|---|---|")
+    for i, uses in enumerate(layers):
+        r = skew_row(uses)
+        print(f"| {i} | {r['mean']:.1f} | {r['max/mean']:.2f} | {r['worst max/mean']:.2f} | "
+              f"{100 * r['unused']:.1f}% | {100 * r['top 10% share']:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()

@@ -46,6 +46,9 @@ from vsa_train.ops import (
 from vsa_train.ops.block_sparse import op as block_sparse_op  # CENTER_KEYS (issue #12), TILE_PAIRS
 from vsa_train.ops.pool import tile_means
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import selection_skew  # noqa: E402  (scripts/selection_skew.py: the load-balance figures)
+
 SIZES = {  # name: (video shape (T, H, W) in tokens, head dim)
     "16k": ((16, 32, 32), 64),
     "32k": ((32, 32, 32), 128),
@@ -381,7 +384,18 @@ def kernel_profile(label: str, fn, inputs):
           f"{total - fine:.0f} us = {(total - fine) / total:.1%} non-fine", flush=True)
 
 
-def bench_size(name: str, profile: bool, flex: bool, rep_ms: int, settings=None, labelled=False) -> dict:
+def skewed(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, skew: float, g: torch.Generator):
+    """(q, k) [B, S, H, D] (raster order) whose coarse scores favour some key tiles in every query tile: a random
+    direction a per head is added to every query (x skew), and to every key of tile j a random multiple z_j of it."""
+    n, heads, D = layout.n_tiles, q.shape[2], q.shape[3]
+    a = torch.randn(heads, D, device=q.device, generator=g) / D ** 0.5  # [H, D]
+    z = torch.randn(1, n, 1, 1, device=q.device, generator=g)  # [1, n, 1, 1]: each tile's pull
+    pull = layout.from_tiles((z * a).repeat_interleave(layout.padded_len // n, dim=1))  # [1, S, H, D]
+    return (q.float() + skew * a).to(q.dtype), (k.float() + skew * pull).to(k.dtype)
+
+
+def bench_size(name: str, profile: bool, flex: bool, rep_ms: int, settings=None, labelled=False,
+               skew: float = 0.0) -> dict:
     """Prints the size's timing table (and profiles) for each op.TILE_PAIRS setting (default: the op's); returns its rows, {label: {fwd_ms, fwd_bwd_ms, graphed_fwd_ms,
     graphed_fwd_bwd_ms, fwd_flops, and where timed: fwd_speedup, fwd_tflops, fwd_bwd_speedup, fwd_bwd_tflops,
     graphed_fwd_tflops, graphed_fwd_bwd_tflops, graphed_fwd_bwd_speedup}} (speed-ups over dense cuDNN SDPA; TFLOP/s effective, the table's count)."""
@@ -394,6 +408,8 @@ def bench_size(name: str, profile: bool, flex: bool, rep_ms: int, settings=None,
     topk = round(n * (1 - SPARSITY))
     g = torch.Generator(device=DEVICE).manual_seed(0)
     q, k, v, gate = (torch.randn(1, S, heads, D, device=DEVICE, generator=g, dtype=dtype) for _ in range(4))
+    if skew:
+        q, k = skewed(q, k, layout, skew, g)
     qkv = [t.requires_grad_() for t in (q, k, v)]
     inputs = qkv + [gate.requires_grad_()]
     tiled = [layout.to_tiles(t).detach().requires_grad_() for t in inputs]
@@ -401,6 +417,10 @@ def bench_size(name: str, profile: bool, flex: bool, rep_ms: int, settings=None,
     with torch.no_grad():  # the fine stage alone runs on the selection the full op would make
         q_c, k_c, _ = tile_means(*tiled[:3], sizes)
         index, count = topk_tiles(coarse_attention(q_c, k_c, k_c, D ** -0.5)[1], topk)
+    balance = selection_skew.skew_row(selection_skew.uses_per_key_tile(index, n))
+    print(f"{name}: selection (--skew {skew}): the most-chosen key tile {balance['max/mean']:.2f}x the mean, "
+          f"{100 * balance['unused']:.1f}% of key tiles unused, the top 10% hold {100 * balance['top 10% share']:.0f}% "
+          f"of the uses (dK/dV load balance; scripts/selection_skew.py)", flush=True)
     fine_flops = 4 * S * topk * 64 * D * heads
     dense_flops = 4 * S * S * D * heads
 
@@ -485,6 +505,10 @@ def main():
     parser.add_argument("--check", default="", help="dtypes to check vs float64 before timing, e.g. bf16,fp16,fp32")
     parser.add_argument("--profile", default="", help="sizes to profile the full op at (comma-separated)")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compilation takes minutes)")
+    parser.add_argument("--skew", type=float, default=0.0,
+                        help="uneven selections: a query direction that each key tile shares by a random multiple of "
+                             "skew; 0 (default): near-uniform; 0.3: like dit_120m's at init (the most-chosen tile "
+                             "~6x the mean, scripts/selection_skew.py), the dK/dV kernel's harder case")
     parser.add_argument("--rep", type=int, default=200, help="ms of timed runs per measurement (do_bench rep)")
     parser.add_argument("--pairs", default="", help="op.TILE_PAIRS settings to run the Triton rows and checks with, "
                         f"comma-separated 0 (one tile per iteration) / 1 (two), e.g. 0,1; default: the op's "
@@ -509,7 +533,7 @@ def main():
         run_offset_checks([dtypes[d] for d in args.check.split(",")], settings, labelled)
     for name in args.sizes.split(","):
         start = time.time()
-        bench_size(name, name in args.profile.split(","), not args.no_flex, args.rep, settings, labelled)
+        bench_size(name, name in args.profile.split(","), not args.no_flex, args.rep, settings, labelled, args.skew)
         print(f"({name} took {time.time() - start:.0f} s including autotuning and compilation)", flush=True)
 
 

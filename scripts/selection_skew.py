@@ -18,12 +18,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_train_step  # noqa: E402  (its config composition and fixed batch)
-
-from vsa_train.diffusion import flow_loss, sample_draws  # noqa: E402
-from vsa_train.ops import vsa as vsa_op  # noqa: E402
-from vsa_train.trainer import build_run, make_accelerator  # noqa: E402
+from vsa_train.ops import vsa as vsa_op
 
 
 def uses_per_key_tile(index: torch.Tensor, n_kv: int) -> torch.Tensor:
@@ -62,6 +57,13 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("override", nargs="*", help="extra Hydra overrides of the train config")
     args = p.parse_args(argv)
+    # Here, not at the top: scripts/bench_vsa.py imports this file's helpers without Hydra or accelerate.
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_train_step  # its config composition and fixed batch
+
+    from vsa_train.diffusion import flow_loss, sample_draws
+    from vsa_train.trainer import build_run, make_accelerator
+
     if not torch.cuda.is_available() and not any(o.startswith("attn.backend=") for o in args.override):
         args.override.append("attn.backend=torch")  # the Triton kernels need a GPU (or the slow interpreter)
     bench_args = bench_train_step.parse_args(["--model", args.model, "--data", args.data, "--batch",

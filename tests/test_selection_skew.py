@@ -27,3 +27,26 @@ def test_cpu_run_prints_a_row_per_layer(capsys, monkeypatch):
     skew.main(["--model", "dit_tiny", "--data", "synthetic", "attn.backend=torch"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert len(rows) >= 2 and all(len(r.split("|")) == 8 for r in rows)
+
+
+def test_bench_vsa_skew_option_makes_some_tiles_win_everywhere(monkeypatch):
+    """bench_vsa --skew: the same top-k code picks some key tiles far more often than near-uniform inputs do."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import bench_vsa
+
+    from vsa_train.ops import TileLayout, tile_mean
+    from vsa_train.ops.coarse import coarse_attention, topk_tiles
+
+    layout = TileLayout((8, 16, 32))  # 64 tiles
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, layout.seq_len, 2, 64, generator=g) for _ in range(2))
+    sizes = layout.kv_tile_sizes(q.device)
+
+    def max_over_mean(q, k):
+        q_c, k_c = (tile_mean(layout.to_tiles(t), sizes) for t in (q, k))
+        index, _ = topk_tiles(coarse_attention(q_c, k_c, k_c, 64 ** -0.5)[1], 8)
+        return skew.skew_row(skew.uses_per_key_tile(index, layout.n_tiles))["max/mean"]
+
+    sq, sk = bench_vsa.skewed(q, k, layout, 0.3, g)
+    assert sq.shape == q.shape and sk.dtype == k.dtype
+    assert max_over_mean(sq, sk) > 1.5 * max_over_mean(q, k)

@@ -12,12 +12,15 @@ tiles no query tile picked, and the share of all uses held by the top 10% of til
 always walk `topk` tiles, so they are balanced whatever this prints. On a CPU the op runs its PyTorch backend.
 """
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from vsa_train.ops import coarse
+from vsa_train.ops import eager as eager_op
 from vsa_train.ops import vsa as vsa_op
 
 
@@ -37,17 +40,28 @@ def skew_row(uses: torch.Tensor) -> dict:
             "top 10% share": (uses.sort(-1, descending=True).values[..., :top].sum(-1) / uses.sum(-1)).mean().item()}
 
 
+# The modules whose VSA paths call top-k: vsa.py (PyTorch backend, custom ops) and eager.py (the Triton backend's
+# eager autograd.Function, what a GPU forward without torch.compile runs).
+SELECTING_MODULES = (vsa_op, eager_op)
+
+
+@contextlib.contextmanager
 def record_selections():
-    """Wraps the VSA op's top-k so that every call's uses per key tile are appended to the returned list."""
-    layers, topk = [], vsa_op.topk_tiles
+    """Within: every top-k call of the VSA op appends its uses per key tile to the yielded list (restored after)."""
+    layers, topk = [], coarse.topk_tiles
 
     def recording(scores, k):
         index, count = topk(scores, k)
         layers.append(uses_per_key_tile(index, scores.shape[-1]).cpu())
         return index, count
 
-    vsa_op.topk_tiles = recording
-    return layers
+    for module in SELECTING_MODULES:
+        module.topk_tiles = recording
+    try:
+        yield layers
+    finally:
+        for module in SELECTING_MODULES:
+            module.topk_tiles = topk
 
 
 def main(argv=None):
@@ -71,10 +85,9 @@ def main(argv=None):
     cfg = bench_train_step.load_cfg(bench_args, "vsa", compiled=False)
     run = build_run(cfg, make_accelerator(cfg))
     batch = bench_train_step.fixed_batch(run)
-    layers = record_selections()
     device = run.accelerator.device
     started = time.perf_counter()
-    with torch.no_grad(), run.accelerator.autocast():
+    with record_selections() as layers, torch.no_grad(), run.accelerator.autocast():
         t, noise, _ = sample_draws(cfg.train.seed, batch["position"], batch["video"].shape[1:], device)
         flow_loss(run.model, batch["video"], batch["text"], batch["text_mask"], t=t, noise=noise)
     if not layers:

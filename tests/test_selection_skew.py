@@ -23,10 +23,21 @@ def test_uses_and_row():
 
 def test_cpu_run_prints_a_row_per_layer(capsys, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setattr(skew.vsa_op, "topk_tiles", skew.vsa_op.topk_tiles)  # restored after the test
     skew.main(["--model", "dit_tiny", "--data", "synthetic", "attn.backend=torch"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert len(rows) >= 2 and all(len(r.split("|")) == 8 for r in rows)
+    assert all(m.topk_tiles is skew.coarse.topk_tiles for m in skew.SELECTING_MODULES)  # restored
+
+
+def test_records_both_paths_top_k():
+    """The PyTorch backend's path (vsa.py) and the Triton backend's eager Function (eager.py, a GPU forward) both
+    select through top-k: a recording must see either."""
+    scores = torch.randn(1, 2, 6, 6)
+    with skew.record_selections() as layers:
+        for module in skew.SELECTING_MODULES:
+            index, _ = module.topk_tiles(scores, 2)
+            assert index.shape == (1, 2, 6, 2)
+    assert len(layers) == 2 and all(u.sum().item() == 2 * 6 * 2 for u in layers)
 
 
 def test_bench_vsa_skew_option_makes_some_tiles_win_everywhere(monkeypatch):

@@ -9,7 +9,10 @@ of the run's data stream and its per-sample noise. Each query tile picks `topk` 
 are how many query tiles picked it, and one dK/dV program walks that many query tiles. Per layer, averaged over
 (batch, head): the most-used tile's uses / the mean (the longest program against an average one), the share of
 tiles no query tile picked, and the share of all uses held by the top 10% of tiles. The dQ and forward programs
-always walk `topk` tiles, so they are balanced whatever this prints. On a CPU the op runs its PyTorch backend.
+always walk `topk` tiles, so they are balanced whatever this prints. Last column: how many distinct key tiles two
+neighbouring query tiles (2i, 2i + 1 in tile order) pick together, over `topk` (1: the same tiles, 2: disjoint),
+the work a kernel program serving both over the union of their picks would do. On a CPU the op runs its PyTorch
+backend.
 """
 import argparse
 import contextlib
@@ -31,6 +34,15 @@ def uses_per_key_tile(index: torch.Tensor, n_kv: int) -> torch.Tensor:
     return torch.zeros(*flat.shape[:2], n_kv, device=index.device).scatter_add_(-1, flat, ones)
 
 
+def pair_union(index: torch.Tensor, n_kv: int) -> float:
+    """Mean over (batch, head, i) of |picks of query tile 2i ∪ picks of 2i + 1| / K, from q2k_index [B, H, n_q, K]."""
+    B, H, n_q, K = index.shape
+    picked = torch.zeros(B, H, n_q, n_kv, dtype=torch.bool, device=index.device)
+    picked.scatter_(-1, index.long(), True)  # [B, H, n_q, n_kv]
+    pairs = picked[:, :, :n_q // 2 * 2].view(B, H, n_q // 2, 2, n_kv)
+    return (pairs.any(3).sum(-1).float() / K).mean().item()
+
+
 def skew_row(uses: torch.Tensor) -> dict:
     """Load-balance figures of one layer's uses [B, H, n] (means over batch and heads)."""
     mean = uses.mean(-1)  # [B, H]
@@ -47,12 +59,13 @@ SELECTING_MODULES = (vsa_op, eager_op)
 
 @contextlib.contextmanager
 def record_selections():
-    """Within: every top-k call of the VSA op appends its uses per key tile to the yielded list (restored after)."""
+    """Within: every top-k call of the VSA op appends (uses per key tile, pair_union) to the yielded list (top-k is
+    restored after)."""
     layers, topk = [], coarse.topk_tiles
 
     def recording(scores, k):
         index, count = topk(scores, k)
-        layers.append(uses_per_key_tile(index, scores.shape[-1]).cpu())
+        layers.append((uses_per_key_tile(index, scores.shape[-1]).cpu(), pair_union(index, scores.shape[-1])))
         return index, count
 
     for module in SELECTING_MODULES:
@@ -94,11 +107,11 @@ def main(argv=None):
         raise SystemExit("no layer selected tiles by top-k (attn.select=window, or every layer dense?)")
     print(f"{args.model}, {args.data}, batch {args.batch}, {device}, overrides {args.override}: one forward, "
           f"{time.perf_counter() - started:.0f} s\n\n| VSA layer | mean uses | max / mean | worst head "
-          f"| unused tiles | top 10% of tiles hold |\n|---|---|---|---|---|---|")
-    for i, uses in enumerate(layers):
+          f"| unused tiles | top 10% of tiles hold | neighbours' union / topk |\n|---|---|---|---|---|---|---|")
+    for i, (uses, union) in enumerate(layers):
         r = skew_row(uses)
         print(f"| {i} | {r['mean']:.1f} | {r['max/mean']:.2f} | {r['worst max/mean']:.2f} | "
-              f"{100 * r['unused']:.1f}% | {100 * r['top 10% share']:.0f}% |")
+              f"{100 * r['unused']:.1f}% | {100 * r['top 10% share']:.0f}% | {union:.2f} |")
 
 
 if __name__ == "__main__":

@@ -19,13 +19,17 @@ def test_uses_and_row():
     row = skew.skew_row(uses)
     assert row["mean"] == pytest.approx(8 / 5) and row["max/mean"] == pytest.approx(4 / 1.6)
     assert row["unused"] == pytest.approx(0.2) and row["top 10% share"] == pytest.approx(0.5)  # top 1 of 5: 4 of 8
+    # Neighbours (0, 1) pick {0, 1, 2}, (2, 3) pick {0, 1, 3}: 3 distinct of topk 2 each.
+    assert skew.pair_union(index, 5) == pytest.approx(1.5)
+    assert skew.pair_union(torch.tensor([[0, 1], [1, 0], [2, 3]], dtype=torch.int32)[None, None], 5) == 1.0  # odd n
 
 
 def test_cpu_run_prints_a_row_per_layer(capsys, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     skew.main(["--model", "dit_tiny", "--data", "synthetic", "attn.backend=torch"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
-    assert len(rows) >= 2 and all(len(r.split("|")) == 8 for r in rows)
+    assert len(rows) >= 2 and all(len(r.split("|")) == 9 for r in rows)
+    assert all(1.0 <= float(r.split("|")[7]) <= 2.0 for r in rows)  # neighbours' union / topk
     assert all(m.topk_tiles is skew.coarse.topk_tiles for m in skew.SELECTING_MODULES)  # restored
 
 
@@ -37,7 +41,7 @@ def test_records_both_paths_top_k():
         for module in skew.SELECTING_MODULES:
             index, _ = module.topk_tiles(scores, 2)
             assert index.shape == (1, 2, 6, 2)
-    assert len(layers) == 2 and all(u.sum().item() == 2 * 6 * 2 for u in layers)
+    assert len(layers) == 2 and all(u.sum().item() == 2 * 6 * 2 and 1.0 <= union <= 2.0 for u, union in layers)
 
 
 def test_bench_vsa_skew_option_makes_some_tiles_win_everywhere(monkeypatch):

@@ -7,7 +7,7 @@
     SMOKE=1 python scripts/bench_vsa.py --check fp32   # CPU (TRITON_INTERPRET=1): tiny sizes, every code path
     python scripts/bench_vsa.py --pairs 0,1     # the Triton rows (and checks) for both kernel loop variants
 
-Rows per size (B=1, 12 heads, bf16, 87.5% sparsity): "VSA full op" (raster order in and out: tiling,
+Rows per size (B=1 or --batch, 12 heads, bf16, 87.5% sparsity): "VSA full op" (raster order in and out: tiling,
 coarse stage, top-k, fine stage, coarse gate, untiling), "VSA full op, tiled" (tokens kept in tile order,
 as a model that permutes once would), "VSA fine stage" (block_sparse_attention on the full op's selection),
 "dense cuDNN" (scaled_dot_product_attention, cuDNN backend), "FlexAttention" (same 64-token block mask).
@@ -395,7 +395,7 @@ def skewed(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, skew: float, g:
 
 
 def bench_size(name: str, profile: bool, flex: bool, rep_ms: int, settings=None, labelled=False,
-               skew: float = 0.0) -> dict:
+               skew: float = 0.0, batch: int = 1) -> dict:
     """Prints the size's timing table (and profiles) for each op.TILE_PAIRS setting (default: the op's); returns its rows, {label: {fwd_ms, fwd_bwd_ms, graphed_fwd_ms,
     graphed_fwd_bwd_ms, fwd_flops, and where timed: fwd_speedup, fwd_tflops, fwd_bwd_speedup, fwd_bwd_tflops,
     graphed_fwd_tflops, graphed_fwd_bwd_tflops, graphed_fwd_bwd_speedup}} (speed-ups over dense cuDNN SDPA; TFLOP/s effective, the table's count)."""
@@ -407,7 +407,7 @@ def bench_size(name: str, profile: bool, flex: bool, rep_ms: int, settings=None,
     S, n = layout.seq_len, layout.n_tiles
     topk = round(n * (1 - SPARSITY))
     g = torch.Generator(device=DEVICE).manual_seed(0)
-    q, k, v, gate = (torch.randn(1, S, heads, D, device=DEVICE, generator=g, dtype=dtype) for _ in range(4))
+    q, k, v, gate = (torch.randn(batch, S, heads, D, device=DEVICE, generator=g, dtype=dtype) for _ in range(4))
     if skew:
         q, k = skewed(q, k, layout, skew, g)
     qkv = [t.requires_grad_() for t in (q, k, v)]
@@ -421,8 +421,8 @@ def bench_size(name: str, profile: bool, flex: bool, rep_ms: int, settings=None,
     print(f"{name}: selection (--skew {skew}): the most-chosen key tile {balance['max/mean']:.2f}x the mean, "
           f"{100 * balance['unused']:.1f}% of key tiles unused, the top 10% hold {100 * balance['top 10% share']:.0f}% "
           f"of the uses (dK/dV load balance; scripts/selection_skew.py)", flush=True)
-    fine_flops = 4 * S * topk * 64 * D * heads
-    dense_flops = 4 * S * S * D * heads
+    fine_flops = 4 * S * topk * 64 * D * heads * batch
+    dense_flops = 4 * S * S * D * heads * batch
 
     def full():
         return video_sparse_attention(*qkv, video, topk, gate_coarse=inputs[3], backend="triton")
@@ -461,7 +461,7 @@ def bench_size(name: str, profile: bool, flex: bool, rep_ms: int, settings=None,
         times["FlexAttention (64-token blocks)"] = (fwd, both, "-", "-", fine_flops)
 
     dense = times["dense cuDNN SDPA"]
-    print(f"\n### {name}: {S} tokens (video {video[0]}x{video[1]}x{video[2]}), D={D}, {heads} heads, B=1, "
+    print(f"\n### {name}: {S} tokens (video {video[0]}x{video[1]}x{video[2]}), D={D}, {heads} heads, B={batch}, "
           f"{str(dtype)[6:]}, topk {topk}/{n} tiles ({1 - topk / n:.1%} sparse)")
     print("| row | fwd ms | fwd speed-up | fwd TFLOP/s | fwd+bwd ms | fwd+bwd speed-up | fwd+bwd TFLOP/s "
           "| graphed fwd ms | graphed fwd+bwd ms | graphed fwd+bwd speed-up |")
@@ -509,6 +509,8 @@ def main():
                         help="uneven selections: a query direction that each key tile shares by a random multiple of "
                              "skew; 0 (default): near-uniform; 0.3: like dit_120m's at init (the most-chosen tile "
                              "~6x the mean, scripts/selection_skew.py), the dK/dV kernel's harder case")
+    parser.add_argument("--batch", type=int, default=1, help="batch size of every row (default 1; the training step "
+                        "runs dit_120m's attention at 4, dit_1b's at 2)")
     parser.add_argument("--rep", type=int, default=200, help="ms of timed runs per measurement (do_bench rep)")
     parser.add_argument("--pairs", default="", help="op.TILE_PAIRS settings to run the Triton rows and checks with, "
                         f"comma-separated 0 (one tile per iteration) / 1 (two), e.g. 0,1; default: the op's "
@@ -518,6 +520,8 @@ def main():
         parser.error(f"--pairs takes a comma-separated list of 0 and 1, got {args.pairs!r}")
     settings = [p == "1" for p in args.pairs.split(",")] if args.pairs else [block_sparse_op.TILE_PAIRS]
     labelled = bool(args.pairs)
+    if args.batch < 1:
+        parser.error(f"--batch must be at least 1, got {args.batch}")
     if not SMOKE and not torch.cuda.is_available():
         sys.exit("bench_vsa.py needs a CUDA GPU (or SMOKE=1 with TRITON_INTERPRET=1 for a CPU smoke run)")
     if SMOKE and os.environ.get("TRITON_INTERPRET") != "1":
@@ -533,7 +537,8 @@ def main():
         run_offset_checks([dtypes[d] for d in args.check.split(",")], settings, labelled)
     for name in args.sizes.split(","):
         start = time.time()
-        bench_size(name, name in args.profile.split(","), not args.no_flex, args.rep, settings, labelled, args.skew)
+        bench_size(name, name in args.profile.split(","), not args.no_flex, args.rep, settings, labelled, args.skew,
+                   args.batch)
         print(f"({name} took {time.time() - start:.0f} s including autotuning and compilation)", flush=True)
 
 

@@ -83,11 +83,15 @@ def test_budget_and_only_still_print_every_goal():
 def test_bad_options_are_refused(capsys):
     bench = _load_script()
     for argv, error in ((["--dit1b-policy", "full"], "invalid choice: 'full'"),
-                        (["--only", "op,train"], "a comma-separated subset of op,dq,step")):
+                        (["--only", "op,train"], "a comma-separated subset of op,dq,step"),
+                        (["--op-batch", "0"], "a whole number of at least 1"),
+                        (["--op-batch", "two"], "a whole number of at least 1")):
         with pytest.raises(SystemExit) as exit_:
             bench.parse_args(argv)
         assert exit_.value.code == 2 and error in capsys.readouterr().err
     assert bench.parse_args(["--only", "step", "--dit1b-policy", "selective"]).only == ["step"]
+    assert bench.parse_args([]).op_batch == 1 and bench.parse_args(["--op-batch", "4"]).op_batch == 4
+    assert "batch 4" in bench.goals(4)[0][0] and "batch 1" in bench.goals()[3][0]
 
 
 def test_goals_are_judged_on_the_eager_tiled_op_with_graphed_beside():

@@ -9,7 +9,8 @@
 # dit_1b dense without checkpointing needs ~87 GiB: on a card with less memory (nvidia-smi's total under 100 GiB)
 # its rows run with model.grad_checkpointing=selective, and the table says so (DIT1B_POLICY=none|selective forces
 # one). BUDGET (seconds, default 480) is the Python part's: a unit that may not fit is not started and its goals
-# say "not run (budget)". Everything goes to $OUT/faster.log, results.json to $OUT/results.json.
+# say "not run (budget)". OP_BATCH (default 1) is the op rows' batch (4: the dit_120m step's). Everything goes to
+# $OUT/faster.log, results.json to $OUT/results.json.
 #
 #   OUT=/tmp/faster bash scripts/gpu/faster.sh            # on the GPU, from the repo root
 #   SMOKE=1 OUT=/tmp/faster bash scripts/gpu/faster.sh    # CPU smoke run: Triton interpreter, tiny sizes, dit_tiny
@@ -38,7 +39,7 @@ else
     policy=$([ "${mib:-0}" -ge 100000 ] && echo none || echo selective)
     echo "dit_1b policy: $policy (card memory ${mib:-unknown} MiB; none needs ~87 GiB)" >> "$LOG"
   fi
-  args=(--dit1b-policy "$policy" --steps "${STEPS:-6}" --rep 100 --budget "$budget")
+  args=(--dit1b-policy "$policy" --steps "${STEPS:-6}" --rep 100 --budget "$budget" --op-batch "${OP_BATCH:-1}")
   # Imports (~15 s) come before the budget's clock; the rest is the margin for a unit over its estimate.
   limit=$(( budget + 80 ))
 fi

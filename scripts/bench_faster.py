@@ -2,7 +2,8 @@
 
 Runs, in one process, what each goal needs and nothing more, through the functions of the two benchmarks beside
 it (their own tables are printed as each part runs):
-  op    scripts/bench_vsa.py `bench_size` at 16K tokens D=64 and 32K D=128 (B=1 or --op-batch, 12 heads, bf16, 87.5% sparse):
+  op    scripts/bench_vsa.py `bench_size` at 16K tokens D=64 and 32K D=128 (B=1 or --op-batch, 12 heads, bf16,
+        87.5% sparse):
         fwd+bwd speed-up of the tiled full op over dense cuDNN SDPA, eager and CUDA-graphed, and the fine stage's
         effective TFLOP/s (bench_vsa's count), forward and forward+backward, at 32K;
   dq    bench_vsa's `run_offset_checks` in bf16 at D=64 and 128: the Triton fine stage's dq error with centred
@@ -71,19 +72,13 @@ def parse_args(argv=None):
     p.add_argument("--dit1b-policy", choices=("none", "selective"), default="none",
                    help="model.grad_checkpointing of the dit_1b rows: the goal is none (~87 GiB); selective fits 80 GB")
     p.add_argument("--steps", type=int, default=None, help="timed training steps per row (default 6; 2 with SMOKE=1)")
-    p.add_argument("--op-batch", type=positive, default=1,
+    p.add_argument("--op-batch", type=bench_vsa.positive, default=1,
                    help="batch of the op rows (default 1; at 1 the 16K op is host-bound in eager mode)")
     p.add_argument("--rep", type=int, default=100, help="ms of timed runs per op measurement (do_bench rep)")
     p.add_argument("--budget", type=float, default=1e9, help="seconds; a unit that may not fit is not started")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="MFU's peak (989: H100/H200 dense bf16)")
     p.add_argument("--out", type=Path, default=None, help="writes results.json (goal table and parts) here")
     return p.parse_args(argv)
-
-
-def positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"a whole number of at least 1, got {text!r}")
-    return int(text)
 
 
 def parts(text: str) -> list[str]:

@@ -80,6 +80,13 @@ def pairs_label(setting: bool, labelled: bool) -> str:
     return f" (TILE_PAIRS={int(setting)})" if labelled else ""
 
 
+def positive(text: str) -> int:
+    """argparse type: a whole number of at least 1 (--batch; bench_faster.py's --op-batch)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
@@ -509,8 +516,9 @@ def main():
                         help="uneven selections: a query direction that each key tile shares by a random multiple of "
                              "skew; 0 (default): near-uniform; 0.3: like dit_120m's at init (the most-chosen tile "
                              "~6x the mean, scripts/selection_skew.py), the dK/dV kernel's harder case")
-    parser.add_argument("--batch", type=int, default=1, help="batch size of every row (default 1; the training step "
-                        "runs dit_120m's attention at 4, dit_1b's at 2)")
+    parser.add_argument("--batch", type=positive, default=1,
+                        help="batch size of every row (default 1; the training step runs dit_120m's attention at 4, "
+                             "dit_1b's at 2)")
     parser.add_argument("--rep", type=int, default=200, help="ms of timed runs per measurement (do_bench rep)")
     parser.add_argument("--pairs", default="", help="op.TILE_PAIRS settings to run the Triton rows and checks with, "
                         f"comma-separated 0 (one tile per iteration) / 1 (two), e.g. 0,1; default: the op's "
@@ -520,8 +528,6 @@ def main():
         parser.error(f"--pairs takes a comma-separated list of 0 and 1, got {args.pairs!r}")
     settings = [p == "1" for p in args.pairs.split(",")] if args.pairs else [block_sparse_op.TILE_PAIRS]
     labelled = bool(args.pairs)
-    if args.batch < 1:
-        parser.error(f"--batch must be at least 1, got {args.batch}")
     if not SMOKE and not torch.cuda.is_available():
         sys.exit("bench_vsa.py needs a CUDA GPU (or SMOKE=1 with TRITON_INTERPRET=1 for a CPU smoke run)")
     if SMOKE and os.environ.get("TRITON_INTERPRET") != "1":

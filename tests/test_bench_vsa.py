@@ -28,4 +28,4 @@ def test_batch_option_runs_every_row_at_that_batch():
 
 def test_bad_batch_is_refused():
     proc = _run("--sizes", "tiny", "--batch", "0")
-    assert proc.returncode == 2 and "--batch must be at least 1" in proc.stderr
+    assert proc.returncode == 2 and "argument --batch: a whole number of at least 1, got '0'" in proc.stderr

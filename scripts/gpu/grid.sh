@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One device call's share of a study grid (vsa_train/grid.py): runs the experiment's unfinished points that fit in
+# TIME seconds on this GPU, compiled, with one compile cache for the call, and leaves in $OUT:
+#   grid.log   the runner's lines, the card and versions, and the ledger afterwards
+#   runs.tgz   the runs finished here (runs/<name>/{metrics.jsonl,config.yaml,record.json}): untar into RESULTS
+#   logs.tgz   every run's console output (the failures' tracebacks)
+#
+#   GRID_COMMIT=$(git rev-parse HEAD) OUT=/tmp/g bash scripts/gpu/grid.sh                  # on the GPU, repo root
+#   EXP=study_16k TIME=540 ONLY='*_low' OUT=/tmp/g bash scripts/gpu/grid.sh                 # a subset of points
+#   tar xzf /tmp/g/runs.tgz -C docs/study/study_16k                                          # then, here
+set -euo pipefail
+source "$(dirname "$0")/header.sh"
+: "${OUT:?set OUT to the output folder}"
+EXP=${EXP:-study_16k}
+TIME=${TIME:-540}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export WANDB_MODE=disabled  # the experiment logs to metrics.jsonl only
+mkdir -p "$OUT"
+log_header "grid $EXP" > "$OUT/grid.log"
+rc=0
+python -m vsa_train.grid run "$EXP" "docs/study/$EXP" --time "$TIME" --work /tmp/vsa_grid --archive "$OUT/runs.tgz" \
+  --log "$OUT/grid.log" ${ONLY:+--only $ONLY} -- train.compile=true train.compile_cache=/tmp/vsa_compile_cache || rc=$?
+(cd /tmp/vsa_grid && tar czf "$OUT/logs.tgz" ./*.out) 2>/dev/null || true
+exit "$rc"

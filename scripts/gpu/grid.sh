@@ -6,7 +6,7 @@
 #   logs.tgz   every run's console output (the failures' tracebacks)
 #
 #   GRID_COMMIT=$(git rev-parse HEAD) OUT=/tmp/g bash scripts/gpu/grid.sh                  # on the GPU, repo root
-#   EXP=study_16k TIME=540 ONLY='*_low' OUT=/tmp/g bash scripts/gpu/grid.sh                 # a subset of points
+#   EXP=study_16k TIME=540 LANES=2 ONLY="*_low *_mid" OUT=/tmp/g bash scripts/gpu/grid.sh     # two at once, a subset
 #   tar xzf /tmp/g/runs.tgz -C docs/study/study_16k                                          # then, here
 set -euo pipefail
 source "$(dirname "$0")/header.sh"
@@ -18,7 +18,8 @@ export WANDB_MODE=disabled  # the experiment logs to metrics.jsonl only
 mkdir -p "$OUT"
 log_header "grid $EXP" > "$OUT/grid.log"
 rc=0
-python -m vsa_train.grid run "$EXP" "docs/study/$EXP" --time "$TIME" --work /tmp/vsa_grid --archive "$OUT/runs.tgz" \
+python -m vsa_train.grid run "$EXP" "docs/study/$EXP" --time "$TIME" --lanes "${LANES:-1}" --work /tmp/vsa_grid \
+  --archive "$OUT/runs.tgz" \
   --log "$OUT/grid.log" ${ONLY:+--only $ONLY} -- train.compile=true train.compile_cache=/tmp/vsa_compile_cache || rc=$?
 (cd /tmp/vsa_grid && tar czf "$OUT/logs.tgz" ./*.out) 2>/dev/null || true
 exit "$rc"

@@ -1,0 +1,124 @@
+"""The ledger: a grid's points, the records of the finished ones, and estimates of what is left."""
+import itertools
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..metrics import read_metrics
+
+DEFAULT_TFLOPS = {"dense": 250.0, "vsa": 150.0}  # executed TFLOP/s before a group has a record (conservative)
+DEFAULT_OVERHEAD_S = 100.0  # start-up, compilation, evals and the final save, before a group has a solo record
+DEFAULT_PEAK_GIB = 60.0     # memory of a group without a record
+
+
+@dataclass(frozen=True)
+class Point:
+    """One run of the grid: its command-line choices and the budget they resolve to."""
+
+    name: str
+    overrides: tuple[str, ...]
+    group: str        # model and attention: the runs that share a speed and a memory peak
+    budget: float
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """How long a point runs alone (fixed overhead + training at its group's rate) and its memory peak."""
+
+    overhead_s: float
+    train_s: float
+    peak_gib: float
+
+    @property
+    def solo_s(self) -> float:
+        return self.overhead_s + self.train_s
+
+
+def grid_points(experiment: str, configs: Path, extra: list[str] = ()) -> list[Point]:
+    """The experiment's sweep with `extra` overrides on every point, expanded in order (the first axis slowest)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(configs.resolve()), version_base=None):
+        base = compose("train", overrides=[f"experiment={experiment}", *extra], return_hydra_config=True)
+        axes = {k: [c.strip() for c in str(v).split(",")] for k, v in base.hydra.sweeper.params.items()}
+        if not axes:
+            raise SystemExit(f"experiment {experiment} sweeps nothing (hydra.sweeper.params is empty)")
+        points = []
+        for values in itertools.product(*axes.values()):
+            overrides = tuple(f"{k}={v}" for k, v in zip(axes, values))
+            cfg = compose("train", overrides=[f"experiment={experiment}", *overrides, *extra])
+            if cfg.train.flops_budget is None:
+                raise SystemExit(f"{experiment} {' '.join(overrides)}: no train.flops_budget; the runner needs one")
+            group = f"{cfg.model.name}_{cfg.attn.name}"
+            points.append(Point("_".join(values), overrides, group, float(cfg.train.flops_budget)))
+    return points
+
+
+def read_record(results: Path, name: str) -> dict | None:
+    """The record of a finished run, or None (absent or unreadable: the run counts as not done)."""
+    try:
+        record = json.loads((results / "runs" / name / "record.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("finished") is True else None
+
+
+def speed(rows: list[dict]) -> tuple[float, float, float]:
+    """(samples/s, executed FLOPs per sample, peak GiB) of a run: the median logged rate after the first window
+    (which holds compilation), FLOPs over samples at the last row, and the largest memory peak."""
+    rates = [r["samples/s"] for r in rows if "samples/s" in r][1:] or [float("nan")]
+    last = rows[-1]
+    return (statistics.median(rates), last["flops"] / max(1, last.get("samples", 1)),
+            max((r.get("mem/peak_GiB", 0.0) for r in rows), default=0.0))
+
+
+def group_speeds(points: list[Point], results: Path) -> dict[str, dict]:
+    """Per group, from its finished runs: the slowest training rate, the largest fixed overhead of a run that ran
+    alone (wall time minus training time), and the largest memory peak."""
+    out: dict[str, dict] = {}
+    for p in points:
+        record = read_record(results, p.name)
+        if record is None:
+            continue
+        samples_s, flops_sample, peak = speed(read_metrics(results / "runs" / p.name / "metrics.jsonl"))
+        if not samples_s > 0:
+            continue
+        g = out.setdefault(p.group, {"flops_s": float("inf"), "overhead_s": None, "peak_gib": 0.0})
+        g["flops_s"] = min(g["flops_s"], samples_s * flops_sample)
+        g["peak_gib"] = max(g["peak_gib"], peak)
+        if record.get("lanes", 1) == 1:
+            overhead = record["wall_s"] - record["executed_flops"] / (samples_s * flops_sample)
+            g["overhead_s"] = max(g["overhead_s"] or 0.0, overhead)
+    return out
+
+
+def estimate(point: Point, speeds: dict[str, dict]) -> Estimate:
+    """A point's estimate from its group's speeds, or conservative defaults."""
+    g = speeds.get(point.group)
+    if g is None:
+        rate = DEFAULT_TFLOPS.get(point.group.rsplit("_", 1)[-1], 100.0) * 1e12
+        return Estimate(DEFAULT_OVERHEAD_S, point.budget / rate, DEFAULT_PEAK_GIB)
+    overhead = g["overhead_s"] if g["overhead_s"] is not None else DEFAULT_OVERHEAD_S
+    return Estimate(overhead, point.budget / g["flops_s"], g["peak_gib"])
+
+
+def status(points: list[Point], results: Path) -> str:
+    """The ledger as a Markdown table: each run finished (card, wall time, final loss) or still to run."""
+    speeds = group_speeds(points, results)
+    lines = ["| run | budget | state | card | wall s | executed FLOPs | final eval loss |",
+             "|---|---|---|---|---|---|---|"]
+    left_s, done = 0.0, 0
+    for p in points:
+        r = read_record(results, p.name)
+        if r:
+            done += 1
+            lines.append(f"| {p.name} | {p.budget:.0e} | done ({r['commit'][:9]}) | {r['card']} | {r['wall_s']:.0f} | "
+                         f"{r['executed_flops']:.4g} | {r['final_eval_loss']:.5f} |")
+        else:
+            est = estimate(p, speeds).solo_s
+            left_s += est
+            lines.append(f"| {p.name} | {p.budget:.0e} | to run (~{est:.0f} s alone) | | | | |")
+    lines.append(f"\n{done} of {len(points)} runs done; ~{left_s / 60:.0f} min of GPU time left at the records' rates, "
+                 "one run at a time")
+    return "\n".join(lines)

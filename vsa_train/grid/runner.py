@@ -1,0 +1,220 @@
+"""Running a grid's unfinished points inside a time limit, in lanes on one GPU, and keeping the finished ones."""
+import fnmatch
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..metrics import read_metrics
+from .ledger import Estimate, Point, estimate, group_speeds, read_record, speed, status
+
+BUDGET_TOLERANCE = 0.02  # a run may overshoot its budget by its last step, never by more than this
+SAFETY = 1.1             # estimates are multiplied by this before asking whether a run fits
+
+
+@dataclass
+class Active:
+    """A run in progress: its process, when it started, its estimate and the most runs that shared the GPU with it."""
+
+    point: Point
+    proc: subprocess.Popen
+    est: Estimate
+    t0: float = field(default_factory=time.monotonic)
+    lanes: int = 1
+
+    def remaining_s(self) -> float:
+        return max(0.0, self.est.solo_s - (time.monotonic() - self.t0))
+
+
+def machine() -> dict:
+    """What runs the grid: the card and its memory (nvidia-smi; "cpu" without one), torch and Triton versions."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout.splitlines()[0]
+        card, mib = (s.strip() for s in out.split(","))
+        memory_gib = float(mib) / 1024
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
+        card, memory_gib = "cpu", 0.0
+    import torch
+    import triton
+
+    return {"card": card, "card_gib": round(memory_gib, 1), "torch": torch.__version__, "triton": triton.__version__}
+
+
+def commit_of(repo: Path) -> str:
+    """The code's commit: $GRID_COMMIT (a copied tree has no .git), else git's HEAD, marked when files differ."""
+    if os.environ.get("GRID_COMMIT"):
+        return os.environ["GRID_COMMIT"]
+    try:
+        git = ["git", "-C", str(repo)]
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
+
+
+def _copy_timestamped(stream, path: Path, t0: float) -> None:
+    """Writes a child's output to `path`, each line (and each progress-bar update) prefixed by seconds since start:
+    where a run's fixed overhead goes is then readable from its log."""
+    with open(path, "a") as log:
+        for line in stream:
+            for part in line.rstrip("\n").split("\r"):
+                if part.strip():
+                    log.write(f"[{time.monotonic() - t0:7.1f}s] {part}\n")
+            log.flush()
+
+
+def start(point: Point, experiment: str, extra: list[str], work: Path, est: Estimate) -> Active:
+    """Starts one point from its first step in work/<name> (a leftover directory is deleted: never resume)."""
+    run_dir = work / point.name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, "-u", "train.py", f"experiment={experiment}", *point.overrides, *extra,
+           "hydra.mode=RUN", f"hydra.run.dir={run_dir}"]
+    log = work / f"{point.name}.out"
+    log.write_text(" ".join(cmd) + "\n")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                            start_new_session=True)
+    active = Active(point, proc, est)
+    threading.Thread(target=_copy_timestamped, args=(proc.stdout, log, active.t0), daemon=True).start()
+    return active
+
+
+def stop(active: Active) -> None:
+    """Kills a run and its children (data workers, compile workers): it is discarded, so no graceful save."""
+    try:
+        os.killpg(active.proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    active.proc.wait()
+
+
+def check_finished(point: Point, run_dir: Path) -> tuple[list[dict], str | None]:
+    """The run's metric rows and, if it did not finish as the ledger requires, why not."""
+    rows = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
+    if not rows:
+        return rows, "no metrics rows"
+    flops = rows[-1]["flops"]
+    if flops < point.budget:
+        return rows, f"stopped at {flops:.4g} FLOPs, short of its budget {point.budget:.4g}"
+    if flops > point.budget * (1 + BUDGET_TOLERANCE):
+        return rows, f"overshot its budget: {flops:.4g} FLOPs > {point.budget:.4g} + {BUDGET_TOLERANCE:.0%}"
+    if "eval/loss" not in rows[-1]:
+        return rows, "no eval at its last step"
+    if not (run_dir / "config.yaml").exists():
+        return rows, "no config.yaml"
+    return rows, None
+
+
+def keep(point: Point, run_dir: Path, rows: list[dict], results: Path, record: dict) -> None:
+    """Copies a finished run's files into results/runs/<name>/ (a new folder renamed into place: all or none)."""
+    final = results / "runs" / point.name
+    tmp = final.with_name(f".{point.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copy2(run_dir / "metrics.jsonl", tmp / "metrics.jsonl")
+    shutil.copy2(run_dir / "config.yaml", tmp / "config.yaml")
+    samples_s, _, peak = speed(rows)
+    record = {**record, "run": point.name, "group": point.group, "overrides": list(point.overrides),
+              "budget": point.budget, "executed_flops": rows[-1]["flops"], "steps": rows[-1]["step"],
+              "samples": rows[-1].get("samples"), "samples_per_s": round(samples_s, 3) if samples_s > 0 else None, "peak_gib": round(peak, 2),
+              "final_eval_loss": rows[-1]["eval/loss"], "finished": True}
+    (tmp / "record.json").write_text(json.dumps(record, sort_keys=True) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+
+
+def archive(results: Path, names: list[str], path: Path) -> None:
+    """Writes the runs finished in this invocation into a .tgz (rewritten after each run: a kill keeps the rest)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        for name in names:
+            tar.add(results / "runs" / name, arcname=f"runs/{name}")
+    tmp.replace(path)
+
+
+def fits(est: Estimate, active: list[Active], left_s: float, memory_gib: float) -> bool:
+    """Whether a run can start now: its memory beside the running ones', and every run (it and those running)
+    still ending before the deadline if the GPU is shared evenly from now on (a pessimistic view: overheads
+    are mostly host work that does not slow the others)."""
+    n = len(active) + 1
+    if active and est.peak_gib + sum(a.est.peak_gib for a in active) > memory_gib:
+        return False
+    if (est.overhead_s + est.train_s * n) * SAFETY > left_s:
+        return False
+    return all(a.remaining_s() * n * SAFETY <= left_s for a in active)
+
+
+def next_point(todo: list[Point], speeds: dict, active: list[Active], left_s: float,
+               memory_gib: float) -> tuple[Point, Estimate] | None:
+    """The longest point that fits now (longest first: big runs need a fresh lease, small ones fill the rest)."""
+    for point in sorted(todo, key=lambda p: -estimate(p, speeds).solo_s):
+        est = estimate(point, speeds)
+        if fits(est, active, left_s, memory_gib):
+            return point, est
+    return None
+
+
+def finish(a: Active, args, base: dict, say) -> bool:
+    """Checks a run that ended and keeps it in the ledger if it finished; True if kept."""
+    rc, wall = a.proc.returncode, time.monotonic() - a.t0
+    run_dir = Path(args.work) / a.point.name
+    rows, why = check_finished(a.point, run_dir)
+    if rc != 0 or why:
+        say(f"{a.point.name}: NOT kept after {wall:.0f} s (exit {rc}{', cut at the deadline' if rc == -9 else ''}; "
+            f"{why}); log {run_dir}.out")
+        return False
+    keep(a.point, run_dir, rows, Path(args.results), {**base, "wall_s": round(wall, 1), "lanes": a.lanes,
+         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    say(f"{a.point.name}: finished in {wall:.0f} s (lanes {a.lanes}), final eval loss {rows[-1]['eval/loss']:.5f}")
+    return True
+
+
+def run(points: list[Point], args, say) -> int:
+    """Runs unfinished points until args.time runs out, up to args.lanes at once; 1 if a run failed, else 0."""
+    deadline = time.monotonic() + args.time
+    results, work = Path(args.results), Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    base = {**machine(), "commit": commit_of(Path.cwd()), "extra_overrides": list(args.extra)}
+    memory_gib = args.memory_gib or 0.9 * base["card_gib"] or float("inf")
+    say(f"grid {args.experiment}: {base}; up to {args.lanes} runs at once in {memory_gib:.0f} GiB")
+    todo = [p for p in points if not read_record(results, p.name)
+            and (not args.only or any(fnmatch.fnmatch(p.name, pattern) for pattern in args.only))]
+    active: list[Active] = []
+    kept, failed = [], 0
+    while todo or active:
+        for a in [a for a in active if a.proc.poll() is not None or time.monotonic() > deadline]:
+            if a.proc.poll() is None:
+                stop(a)
+            active.remove(a)
+            if finish(a, args, base, say):
+                kept.append(a.point.name)
+                if args.archive:
+                    archive(results, kept, Path(args.archive))
+            elif a.proc.returncode != -9:
+                failed += 1
+        left = deadline - time.monotonic()
+        pick = next_point(todo, group_speeds(points, results), active, left, memory_gib) \
+            if len(active) < args.lanes else None
+        if pick:
+            todo.remove(pick[0])
+            active.append(start(pick[0], args.experiment, args.extra, work, pick[1]))
+            say(f"{pick[0].name}: started ({' '.join(pick[0].overrides)}; ~{pick[1].solo_s:.0f} s alone), "
+                f"{left:.0f} s left, {len(active)} running")
+            continue
+        if not active:
+            break
+        for a in active:
+            a.lanes = max(a.lanes, len(active))
+        time.sleep(1.0)
+    say(f"{len(kept)} runs finished here, {failed} failed; not started: {', '.join(p.name for p in todo) or 'none'}")
+    say(status(points, results))
+    return 1 if failed else 0

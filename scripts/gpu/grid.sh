@@ -18,6 +18,7 @@ export WANDB_MODE=disabled  # the experiment logs to metrics.jsonl only
 mkdir -p "$OUT"
 log_header "grid $EXP" > "$OUT/grid.log"
 rc=0
+set -f  # ONLY holds globs for the runner, not for the shell
 python -m vsa_train.grid run "$EXP" "docs/study/$EXP" --time "$TIME" --lanes "${LANES:-1}" --work /tmp/vsa_grid \
   --archive "$OUT/runs.tgz" \
   --log "$OUT/grid.log" ${ONLY:+--only $ONLY} -- train.compile=true train.compile_cache=/tmp/vsa_compile_cache || rc=$?

@@ -25,7 +25,9 @@ def test_grid_is_a_multirun_over_size_attention_and_budget():
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     params = cfg.hydra.sweeper.params
     assert len(params.model.split(",")) >= 2 and params.attn.split(",") == ["dense", "vsa"]
-    assert len(str(params["train.flops_budget"]).split(",")) >= 2
+    budgets = {_compose("experiment=scaling_law", f"point={p}").train.flops_budget for p in params.point.split(",")}
+    assert len(budgets) >= 3 and min(budgets) >= 1e18 and max(budgets) / min(budgets) >= 10  # the paper's budgets
+    assert "dit_1b" in params.model.split(",")
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     assert cfg.data.name == "synthetic_16k" and cfg.train.eval_every_flops > 0
     for model in params.model.split(","):  # every grid point composes

@@ -157,3 +157,16 @@ def test_cli_status_and_bad_lanes(tmp_path, capsys):
     out = subprocess.run([sys.executable, "-m", "vsa_train.grid", "status", "no_such_experiment", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode != 0
+
+
+def test_the_gpu_script_returns_the_runs_and_their_logs(tmp_path):
+    """scripts/gpu/grid.sh on the CPU: what a device call brings back (runs.tgz, logs.tgz, grid.log) is all there."""
+    env = {**__import__("os").environ, "OUT": str(tmp_path / "out"), "RESULTS": str(tmp_path / "results"),
+           "WORK": str(tmp_path / "work"), "ONLY": "dit_60m_dense_low", "TIME": "300",
+           "EXTRA": " ".join([*TINY, "train.compile=false"])}
+    subprocess.run(["bash", "scripts/gpu/grid.sh"], cwd=ROOT, env=env, check=True, capture_output=True)
+    with tarfile.open(tmp_path / "out" / "runs.tgz") as tar:
+        assert "runs/dit_60m_dense_low/record.json" in tar.getnames()
+    with tarfile.open(tmp_path / "out" / "logs.tgz") as tar:
+        assert tar.getnames() == ["./dit_60m_dense_low.out"]
+    assert "1 runs finished here" in (tmp_path / "out" / "grid.log").read_text()

@@ -7,20 +7,25 @@
 #
 #   GRID_COMMIT=$(git rev-parse HEAD) OUT=/tmp/g bash scripts/gpu/grid.sh                  # on the GPU, repo root
 #   EXP=study_16k TIME=540 LANES=2 ONLY="*_low *_mid" OUT=/tmp/g bash scripts/gpu/grid.sh     # two at once, a subset
+#   EXTRA="model.depth=1 ..." ...                       # overrides for every run (tests/test_grid.py: a CPU smoke run)
 #   tar xzf /tmp/g/runs.tgz -C docs/study/study_16k                                          # then, here
 set -euo pipefail
 source "$(dirname "$0")/header.sh"
 : "${OUT:?set OUT to the output folder}"
 EXP=${EXP:-study_16k}
 TIME=${TIME:-540}
+EXTRA=${EXTRA:-}
+WORK=${WORK:-/tmp/vsa_grid}
+RESULTS=${RESULTS:-docs/study/$EXP}  # the committed ledger
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export WANDB_MODE=disabled  # the experiment logs to metrics.jsonl only
 mkdir -p "$OUT"
 log_header "grid $EXP" > "$OUT/grid.log"
 rc=0
 set -f  # ONLY holds globs for the runner, not for the shell
-python -m vsa_train.grid run "$EXP" "docs/study/$EXP" --time "$TIME" --lanes "${LANES:-1}" --work /tmp/vsa_grid \
+python -m vsa_train.grid run "$EXP" "$RESULTS" --time "$TIME" --lanes "${LANES:-1}" --work "$WORK" \
   --archive "$OUT/runs.tgz" \
-  --log "$OUT/grid.log" ${ONLY:+--only $ONLY} -- train.compile=true train.compile_cache=/tmp/vsa_compile_cache || rc=$?
-(cd /tmp/vsa_grid && tar czf "$OUT/logs.tgz" ./*.out) 2>/dev/null || true
+  --log "$OUT/grid.log" ${ONLY:+--only $ONLY} -- train.compile=true train.compile_cache=/tmp/vsa_compile_cache $EXTRA || rc=$?
+set +f
+(cd "$WORK" && tar czf "$OUT/logs.tgz" ./*.out) 2>/dev/null || true
 exit "$rc"

@@ -54,13 +54,13 @@ def _resample(curves, rng, seed_sd):
 
 
 def bootstrap_multiplier(cells: dict, base: str, other: str, resamples: int = 1000, seed: int = SEED,
-                         seed_sd: float | None = None):
+                         seed_sd: float | None = None, tolerance: float = 0.0):
     """(2.5th percentile, 97.5th percentile, valid resamples) of the multiplier over resamples, or None.
 
     Each resample draws, in every cell, as many runs as it has, with replacement (so every grid point stays
     represented), averages them, rebuilds both frontiers and takes the multiplier. A cell with a single run is
     scaled by exp(N(0, seed_sd)), the seed-to-seed spread of log loss measured where there are several seeds
-    (without any, there is no interval)."""
+    (without any, there is no interval). `tolerance`: the frontiers' (scaling.pareto_frontier)."""
     if resamples <= 0:
         return None
     cells = {key: aligned(curves) for key, curves in cells.items() if key[0] in (base, other)}
@@ -73,7 +73,7 @@ def bootstrap_multiplier(cells: dict, base: str, other: str, resamples: int = 10
         points = {base: [], other: []}
         for key, curves in cells.items():
             points[key[0]].extend(_resample(curves, rng, seed_sd))
-        ratio = flops_multiplier(pareto_frontier(points[base]), pareto_frontier(points[other]))[2]
+        ratio = flops_multiplier(*(pareto_frontier(points[a], tolerance) for a in (base, other)))[2]
         if math.isfinite(ratio):
             values.append(ratio)
     if len(values) < max(10, resamples // 2):

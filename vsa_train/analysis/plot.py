@@ -75,7 +75,8 @@ def plot_frontier(frontiers: dict, fits: dict, out_path) -> None:
 
 def plot_isoflop(isoflop: dict, out_path) -> None:
     """isoflop.png: final eval loss against parameters, one colour per FLOPs budget, one marker per attention,
-    with each budget's parabola in log params and its minimum (a star)."""
+    with each budget's parabola in log params and its minimum (a star; a minimum outside the sizes run is not
+    drawn, and its legend entry says so)."""
     budgets = sorted({b for _, b in isoflop["points"]})
     attns = sorted({a for a, _ in isoflop["points"]})
     colors = dict(zip(budgets, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
@@ -84,8 +85,9 @@ def plot_isoflop(isoflop: dict, out_path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (attn, budget), points in isoflop["points"].items():
         params, loss, _ = zip(*points)
-        ax.plot(params, loss, markers[attn], color=colors[budget], ms=5, label=f"{attn}, {budget:.2g} FLOPs")
         fit = isoflop["parabolas"].get((attn, budget))
+        flag = " (optimum outside the sizes)" if fit is not None and not fit.inside else ""
+        ax.plot(params, loss, markers[attn], color=colors[budget], ms=5, label=f"{attn}, {budget:.2g} FLOPs{flag}")
         if fit is not None:
             grid = np.geomspace(min(params) / 1.5, max(params) * 1.5, 100)
             ax.plot(grid, fit.loss(grid), styles[attn], color=colors[budget], lw=1)

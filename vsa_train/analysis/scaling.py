@@ -13,13 +13,17 @@ from typing import NamedTuple
 import numpy as np
 
 
-def pareto_frontier(points) -> list[tuple[float, float]]:
-    """The (FLOPs, loss) points not beaten by any point with at most as many FLOPs, by increasing FLOPs."""
+def pareto_frontier(points, tolerance: float = 0.0) -> list[tuple[float, float]]:
+    """The (FLOPs, loss) points not beaten by any point with at most (1 + tolerance)× as many FLOPs, by increasing
+    FLOPs. A tolerance treats runs that stopped at one budget (each a fraction of a step past it) as equals: only
+    the best of them stays, rather than a staircase of near-vertical steps between them."""
     frontier = []
     for flops, loss in sorted(points):
         if not frontier or loss < frontier[-1][1]:
             frontier.append((flops, loss))
-    return frontier
+    # losses fall along the frontier, so a point is beaten within the tolerance exactly when its successor is
+    after = [f for f, _ in frontier[1:]] + [math.inf]
+    return [(f, l) for (f, l), g in zip(frontier, after) if g > f * (1 + tolerance)]
 
 
 class PowerLaw(NamedTuple):

@@ -26,7 +26,7 @@ def summary_markdown(runs, result, baseline, fit_from) -> str:
     lines += _runs_table(runs)
     lines += _fits_section(result["frontiers"], result["fits"], fit_from)
     lines += _ratios_section(result["ratios"], baseline)
-    lines += _multiplier_section(result, baseline)
+    lines += _multiplier_section(result, baseline, _size_order(runs))
     lines += _isoflop_section(result["isoflop"])
     lines += _timestep_section(result["per_t"], baseline)
     lines += _timestep_losses(runs, baseline)
@@ -35,7 +35,17 @@ def summary_markdown(runs, result, baseline, fit_from) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _size_order(runs):
+    """A sort key for model sizes: by parameters (then by name), smallest first."""
+    params = {}
+    for run in runs:
+        params[run.size] = min(params.get(run.size, run.params or 0), run.params or 0)
+    return lambda size: (params.get(size, 0), size)
+
+
 def _runs_table(runs) -> list[str]:
+    size = _size_order(runs)
+    runs = sorted(runs, key=lambda r: (size(r.size), r.attn, r.budget or 0, r.seed, str(r.path)))
     lines = ["", "| run | attention | model | params | seed | schedule | FLOPs budget | steps | FLOPs | vs budget | "
              "final eval loss | best eval loss | card |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
@@ -77,7 +87,7 @@ def _ratios_section(ratios, baseline) -> list[str]:
     return lines
 
 
-def _multiplier_section(result, baseline) -> list[str]:
+def _multiplier_section(result, baseline, size_order) -> list[str]:
     if not result["multipliers"]:
         return []
     spread = result["seed_sd"]
@@ -87,7 +97,8 @@ def _multiplier_section(result, baseline) -> list[str]:
              "", "| attention | runs of | eval loss range | multiplier | 95% interval | resamples used | runs |",
              "|---|---|---|---|---|---|---|"]
     for attn, m in result["multipliers"].items():
-        rows = [("all sizes", m)] + list(result["per_size"].get(attn, {}).items())
+        sizes = result["per_size"].get(attn, {})
+        rows = [("all sizes", m)] + [(s, sizes[s]) for s in sorted(sizes, key=size_order)]
         lines += [_multiplier_row(attn, label, m) for label, m in rows if m is not None]
     return lines
 
@@ -153,7 +164,8 @@ def _timestep_losses(runs, baseline) -> list[str]:
     lines = ["", "## Per timestep: final eval loss per timestep bin (seed mean; " + " / ".join(attns) + ")", "",
              "| size | FLOPs budget | " + " | ".join(f"t = {k.split('_t')[1]}" for k in keys) + " |",
              "|---|---|" + "---|" * len(keys)]
-    for size, budget in sorted({(s, b) for s, b, _, _ in finals}, key=lambda sb: (sb[0], sb[1] or 0)):
+    order = _size_order(runs)
+    for size, budget in sorted({(s, b) for s, b, _, _ in finals}, key=lambda sb: (order(sb[0]), sb[1] or 0)):
         cells = [" / ".join(_mean(finals.get((size, budget, a, k))) for a in attns) for k in keys]
         lines.append(f"| {size} | {'—' if budget is None else f'{budget:.3g}'} | " + " | ".join(cells) + " |")
     return lines

@@ -119,7 +119,8 @@ def test_warm_started_runs_are_excluded_unless_they_record_inherited_flops(tmp_p
     (tmp_path / "runs" / "vsa_ramp" / "record.json").write_text(json.dumps({"inherited_flops": 1e17}))
     (run,) = [r for r in find_runs([tmp_path / "runs"]) if r.attn == "vsa"]
     result = analyze([*find_runs([tmp_path / "runs" / "dense"]), run], tmp_path / "out2", resamples=0)
-    assert result["frontiers"]["vsa"][0][0] == pytest.approx(1e17 + flops[0])  # counted from the dense run's 1e17
+    shifted = {f for f, _ in result["frontiers"]["vsa"]}  # counted from the dense run's 1e17
+    assert shifted and shifted <= {1e17 + f for f in flops}
 
 
 def _rebudgeted(run_dir, floor_at_budget=True):

@@ -5,7 +5,6 @@ import json
 import re
 
 import numpy as np
-import pytest
 from analysis_fakes import study_config, study_folder, study_rows, write_study_run
 from test_analysis import true_loss, write_run
 

@@ -46,9 +46,9 @@ def test_isoflop_optima_are_given_and_flagged_outside_the_sizes(tmp_path):
     parabolas = result["isoflop"]["parabolas"]
     assert parabolas["dense", 1e16].inside and 61e6 < parabolas["dense", 1e16].params_opt < 412e6
     summary = (tmp_path / "out" / "summary.md").read_text()
-    assert "| dense | 3e+15 |" in summary and "**below the smallest size run (outside: an extrapolation)**" in summary
-    assert "**above the largest size run (outside: an extrapolation)**" in summary
-    assert "isoFLOP dense at 3e+15 FLOPs: compute-optimal size below the smallest size run" in summary
+    assert "| dense | 3e+15 |" in summary and "**optimum below the smallest size run: an extrapolation**" in summary
+    assert "**optimum above the largest size run: an extrapolation**" in summary
+    assert "isoFLOP dense at 3e+15 FLOPs: optimum below the smallest size run" in summary
 
 
 def test_per_timestep_view_has_a_multiplier_and_losses_per_bin(study):

@@ -54,13 +54,13 @@ def where_optimum(fit: Parabola | None) -> str:
     if fit is None:
         return "fewer than 3 sizes: no parabola"
     if not fit.convex:
-        return "not convex: no minimum (outside the sizes run)"
+        return "no minimum (the parabola is not convex): the optimum is outside the sizes run"
     x = -fit.b / (2 * fit.a)
     if x < fit.x_min:
-        return "below the smallest size run (outside: an extrapolation)"
+        return "optimum below the smallest size run: an extrapolation"
     if x > fit.x_max:
-        return "above the largest size run (outside: an extrapolation)"
-    return "inside the sizes run"
+        return "optimum above the largest size run: an extrapolation"
+    return "optimum inside the sizes run"
 
 
 def isoflop_fits(runs: list[Run], notes: list) -> dict:
@@ -83,6 +83,5 @@ def isoflop_fits(runs: list[Run], notes: list) -> dict:
         if len(by_size) >= 3:
             parabolas[key] = fit_parabola([p for p, _, _ in points[key]], [l for _, l, _ in points[key]])
             if not parabolas[key].inside:
-                notes.append(f"isoFLOP {key[0]} at {key[1]:.3g} FLOPs: compute-optimal size "
-                             f"{where_optimum(parabolas[key])}")
+                notes.append(f"isoFLOP {key[0]} at {key[1]:.3g} FLOPs: {where_optimum(parabolas[key])}")
     return {"points": points, "parabolas": parabolas}

@@ -30,11 +30,11 @@ def screen(runs: list[Run]) -> tuple[list[Run], list[str]]:
         if run is not None:
             kept.append(run)
     kept = _no_copies(kept, notes)
-    for run in kept:
-        over = overshoot(run)
-        if over is not None and over > OVERSHOOT:
-            notes.append(f"{run.path.name}: overshot its budget {run.budget:.3g} by {100 * over:.1f}% (the last "
-                         f"step crosses it; the study allows +{100 * OVERSHOOT:.0f}%)")
+    over = [f"{run.path.name} (+{100 * overshoot(run):.1f}%)" for run in kept
+            if overshoot(run) is not None and overshoot(run) > OVERSHOOT]
+    if over:  # a flag, not a reason to leave them out: their FLOPs are what they executed
+        notes.append(f"{len(over)} run(s) overshot their budget by more than +{100 * OVERSHOOT:.0f}% (the last step "
+                     f"crosses it; the FLOPs axis has what they executed): {', '.join(over)}")
     return kept, notes
 
 
@@ -126,8 +126,13 @@ def _no_copies(runs: list[Run], notes: list) -> list[Run]:
     for run in runs:
         key = (run.attn, run.size, run.recipe, run.seed)
         if key in seen:
-            notes.append(f"{run.path} has the config and seed of {seen[key].path.name} (a copy?); left out")
+            notes.append(f"{_label(run)} has the config and seed of {_label(seen[key])} (a copy?); left out")
             continue
         seen[key] = run
         kept.append(run)
     return kept
+
+
+def _label(run: Run) -> str:
+    """A run's folder with its parent's name: enough to find it, and no absolute path in summary.md."""
+    return f"{run.path.parent.name}/{run.path.name}"

@@ -31,7 +31,8 @@ def summary_markdown(runs, result, baseline, fit_from) -> str:
     lines += _timestep_section(result["per_t"], baseline)
     lines += _timestep_losses(runs, baseline)
     if result["notes"]:
-        lines += ["", "## Notes: runs left out, cut or flagged", ""] + [f"- {n}" for n in dict.fromkeys(result["notes"])]
+        notes = dict.fromkeys(result["notes"])  # in order, each once
+        lines += ["", "## Notes: runs left out, cut or flagged", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 

@@ -3,6 +3,7 @@ decays, a second seed at the lowest budget; metrics.jsonl, config.yaml, record.j
 FLOPs multiplier is known: the verdict lines (all sizes, the largest size alone), the isoFLOP optima and their
 flags, the per-timestep view, and outputs that are the same byte for byte on every run of the analysis."""
 import re
+from pathlib import Path
 
 import pytest
 from analysis_fakes import POINTS, study_folder
@@ -11,6 +12,9 @@ from test_analysis_guards import _numbers_agree
 from vsa_train.analysis.__main__ import main
 from vsa_train.analysis.report import analyze
 from vsa_train.analysis.runs import find_runs
+from vsa_train.analysis.screen import OVERSHOOT, overshoot
+
+STUDY = Path(__file__).resolve().parents[1] / "docs" / "study" / "study_16k"  # the GPU study's committed runs
 
 OUTPUTS = {"summary.md", "curves.png", "frontier.png", "isoflop.png", "frontier_t.png"}
 
@@ -81,3 +85,17 @@ def test_the_verdict_follows_the_numbers_when_vsa_is_worse_or_even(tmp_path, rat
         assert f"VSA needs {1 / m['ratio']:.2f}× more FLOPs than dense" in verdict
     else:
         assert m["ci"][0] < 1 < m["ci"][1]
+
+
+@pytest.mark.skipif(not (STUDY / "runs").is_dir(), reason="docs/study/study_16k/runs is not committed yet")
+def test_the_committed_study_is_analysed_from_its_files_alone(tmp_path):
+    """The committed runs: each with its record, at its budget within +2%; the analysis runs on a CPU from these
+    files alone, its verdicts agree with their numbers, and a committed summary.md is what these files give."""
+    for run in find_runs([STUDY / "runs"]):
+        assert run.record and run.reached_budget and overshoot(run) <= OVERSHOOT, run.path.name
+    assert main([str(STUDY / "runs"), "--out", str(tmp_path)]) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    verdicts = [line for line in summary.splitlines() if line.startswith("**Verdict")]
+    assert verdicts and all(_numbers_agree(v) for v in verdicts if "95% interval" in v)
+    if (STUDY / "summary.md").is_file():
+        assert summary == (STUDY / "summary.md").read_text(), "summary.md is stale: rerun the analysis"

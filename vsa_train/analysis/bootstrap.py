@@ -14,8 +14,7 @@ SEED = 0  # the bootstrap's fixed seed: summary.md and the plots are the same on
 
 
 def aligned(curves: list[list[tuple[float, float]]]) -> list[list[tuple[float, float]]]:
-    """Each curve restricted to the FLOPs values all of them logged (seeds of one config that ran for different
-    lengths are compared where all of them have a point)."""
+    """Each curve restricted to the FLOPs values all of them logged (seeds that ran for different lengths)."""
     if len(curves) == 1:
         return [list(curves[0])]
     shared = set.intersection(*({f for f, _ in c} for c in curves))
@@ -55,12 +54,11 @@ def _resample(curves, rng, seed_sd):
 
 def bootstrap_multiplier(cells: dict, base: str, other: str, resamples: int = 1000, seed: int = SEED,
                          seed_sd: float | None = None, tolerance: float = 0.0):
-    """(2.5th percentile, 97.5th percentile, valid resamples) of the multiplier over resamples, or None.
-
-    Each resample draws, in every cell, as many runs as it has, with replacement (so every grid point stays
-    represented), averages them, rebuilds both frontiers and takes the multiplier. A cell with a single run is
-    scaled by exp(N(0, seed_sd)), the seed-to-seed spread of log loss measured where there are several seeds
-    (without any, there is no interval). `tolerance`: the frontiers' (scaling.pareto_frontier)."""
+    """(2.5th percentile, 97.5th percentile, valid resamples) of the multiplier over resamples, or None."""
+    # Each resample draws, in every cell, as many runs as it has, with replacement (every grid point stays
+    # represented), averages them, rebuilds both frontiers and takes the multiplier. A cell with a single run is
+    # scaled by exp(N(0, seed_sd)), the seed-to-seed spread of log loss where there are several seeds (without
+    # any, there is no interval). `tolerance`: the frontiers' (scaling.pareto_frontier).
     if resamples <= 0:
         return None
     cells = {key: aligned(curves) for key, curves in cells.items() if key[0] in (base, other)}

@@ -12,8 +12,7 @@ TOLERANCE = 0.02  # runs of one budget stop up to a step past it (the study allo
 
 
 def cells_of(runs: list[Run], key: str = EVAL, all_points: bool = False, notes: list | None = None) -> dict:
-    """(attention, size, budget, recipe) -> the frontier points of each of its runs (one curve per seed), each
-    cut to the FLOPs all its seeds logged (a note says so when the seeds ran for different lengths)."""
+    """(attention, size, budget, recipe) -> its runs' frontier points (one curve per seed, on shared FLOPs)."""
     cells = {}
     for run in runs:
         points = run.frontier_points(key, all_points=all_points)
@@ -49,8 +48,7 @@ def seed_spread(runs: list[Run]) -> float | None:
 
 
 def compare(cells: dict, base: str, other: str, resamples: int, seed_sd: float | None) -> dict | None:
-    """The multiplier (base FLOPs / other FLOPs at equal loss) with its interval, or a bound; None when one
-    side has no points."""
+    """The multiplier (base FLOPs / other FLOPs at equal loss) with its interval, a bound, or None (no points)."""
     mine = {key: curves for key, curves in cells.items() if key[0] in (base, other)}
     frontiers = frontiers_of(mine)
     if base not in frontiers or other not in frontiers:
@@ -67,8 +65,7 @@ def compare(cells: dict, base: str, other: str, resamples: int, seed_sd: float |
 
 
 def per_size(cells: dict, base: str, other: str, resamples: int, seed_sd: float | None) -> dict:
-    """Model size -> the multiplier from that size's runs alone (its budgets, seeds averaged), where both
-    attention types ran it."""
+    """Model size -> the multiplier from that size's runs alone, for the sizes both attention types ran."""
     sizes = sorted({key[1] for key in cells if key[0] == base} & {key[1] for key in cells if key[0] == other})
     out = {}
     for size in sizes:

@@ -64,8 +64,7 @@ def where_optimum(fit: Parabola | None) -> str:
 
 
 def isoflop_fits(runs: list[Run], notes: list) -> dict:
-    """Per (attention, budget): the seed-mean final eval loss of each model size (runs that reached the budget),
-    and, with 3+ sizes, the parabola in log10(params) and its minimum; a note for each minimum outside."""
+    """Per (attention, budget): seed-mean final losses by size and, with 3+ sizes, the parabola (noted if outside)."""
     finals, unknown = {}, []
     for run in runs:
         if run.budget is None or not run.reached_budget or run.final() is None:

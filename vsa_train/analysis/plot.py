@@ -74,9 +74,8 @@ def plot_frontier(frontiers: dict, fits: dict, out_path) -> None:
 
 
 def plot_isoflop(isoflop: dict, out_path) -> None:
-    """isoflop.png: final eval loss against parameters, one colour per FLOPs budget, one marker per attention,
-    with each budget's parabola in log params and its minimum (a star; a minimum outside the sizes run is not
-    drawn, and its legend entry says so)."""
+    """isoflop.png: final loss against parameters per budget and attention, parabolas, minima inside (stars)."""
+    # a minimum outside the sizes run is not drawn (it could be far off the axes); its legend entry says so
     budgets = sorted({b for _, b in isoflop["points"]})
     attns = sorted({a for a, _ in isoflop["points"]})
     colors = dict(zip(budgets, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))

@@ -16,11 +16,10 @@ from .verdict import bound_note
 
 def analyze(runs: list[Run], out_dir, baseline: str = "dense", fit_from: float = 0.0, resamples: int = 1000,
             all_points: bool = False, notes: list | None = None) -> dict:
-    """Writes summary.md, curves.png, frontier.png (and isoflop.png, frontier_t.png when there is data for them)
-    to out_dir; returns frontiers, fits, ratios, multipliers (overall and per size), isoFLOP fits, per-timestep
-    rows, verdicts and notes. Ratios are baseline FLOPs / other FLOPs at equal eval loss (> 1: the other
-    attention needs fewer FLOPs); fits use frontier points with at least `fit_from` FLOPs; `all_points`: every
-    eval point of decaying runs too (biased: not annealed); `notes`: lines from reading the runs, kept first."""
+    """Writes summary.md and the plots to out_dir; returns every number they show, the verdicts and the notes."""
+    # Ratios are baseline FLOPs / other FLOPs at equal eval loss (> 1: the other needs fewer FLOPs); fits use
+    # frontier points with at least `fit_from` FLOPs; `all_points`: every eval point of decaying runs too (biased:
+    # not annealed); `notes`: lines from reading the runs, kept first.
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs, screened = screen(runs)

@@ -85,9 +85,9 @@ def timestep_of(key: str) -> float:
 
 
 def find_runs(paths, notes: list | None = None) -> list[Run]:
-    """Every run under the given paths (run or sweep directories; `wandb:entity/project[/group]` for online
-    wandb runs), sorted by path. A directory that cannot be read as a run raises, or, given `notes`, is skipped
-    with one line there (a messy runs/ folder still gets analysed)."""
+    """Every run under the given paths (run or sweep directories, `wandb:entity/project[/group]`), by path."""
+    # A directory that cannot be read as a run raises, or, given `notes`, is skipped with one line there: a messy
+    # runs/ folder still gets analysed.
     runs = {}
     for spec in map(str, paths):
         if spec.startswith("wandb:"):

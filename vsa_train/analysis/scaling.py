@@ -14,9 +14,9 @@ import numpy as np
 
 
 def pareto_frontier(points, tolerance: float = 0.0) -> list[tuple[float, float]]:
-    """The (FLOPs, loss) points not beaten by any point with at most (1 + tolerance)× as many FLOPs, by increasing
-    FLOPs. A tolerance treats runs that stopped at one budget (each a fraction of a step past it) as equals: only
-    the best of them stays, rather than a staircase of near-vertical steps between them."""
+    """The (FLOPs, loss) points not beaten by any with at most (1 + tolerance)× their FLOPs, by increasing FLOPs."""
+    # A tolerance treats runs that stopped at one budget (each a fraction of a step past it) as equals: only the
+    # best of them stays, rather than a staircase of near-vertical steps between them.
     frontier = []
     for flops, loss in sorted(points):
         if not frontier or loss < frontier[-1][1]:
@@ -152,14 +152,13 @@ def flops_multiplier(base_frontier, other_frontier, levels: int = 5) -> tuple[fl
 
 
 def flops_bound(base_frontier, other_frontier) -> dict:
-    """For frontiers that share no loss range: a bound on base FLOPs / other FLOPs at equal loss.
-
-    If the other's every point beats the base's best loss L, the other reaches L with at most its cheapest
-    point's FLOPs: the multiplier is at least base FLOPs(L) / that ("lower" bound). If the base's every point
-    beats the other's best loss L, the base reaches L with at most its cheapest point's FLOPs: the multiplier
-    is at most that / other FLOPs(L) ("upper" bound). `tells` whether the bound settles who needs fewer FLOPs:
-    a lower bound >= 1 (the other needs fewer) or an upper bound <= 1 (more); a lower bound of 0.3 or an upper
-    bound of 3.4 leaves either answer open."""
+    """For frontiers that share no loss range: a one-sided bound on base FLOPs / other FLOPs at equal loss."""
+    # If the other's every point beats the base's best loss L, the other reaches L with at most its cheapest
+    # point's FLOPs: the multiplier is at least base FLOPs(L) / that ("lower" bound). If the base's every point
+    # beats the other's best loss L, the base reaches L with at most its cheapest point's FLOPs: the multiplier is
+    # at most that / other FLOPs(L) ("upper" bound). `tells` whether the bound settles who needs fewer FLOPs: a
+    # lower bound >= 1 (the other needs fewer) or an upper bound <= 1 (more); a lower bound of 0.3 or an upper
+    # bound of 3.4 leaves either answer open.
     base_best, other_best = base_frontier[-1], other_frontier[-1]
     if max(l for _, l in other_frontier) < base_best[1]:
         ratio = base_best[0] / other_frontier[0][0]

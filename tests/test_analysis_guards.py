@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 from analysis_fakes import study_config, study_folder, study_rows, write_study_run
+from omegaconf import OmegaConf
 from test_analysis import true_loss, write_run
 
 from vsa_train.analysis.__main__ import main
@@ -54,16 +55,31 @@ def test_a_whole_messy_runs_folder_is_analysed_with_one_line_per_exclusion(tmp_p
     copy = runs / "study_16k" / "runs" / "dit_60m_dense_1e16"
     write_study_run(runs / "copy_of_60m", json.loads(json.dumps(study_config("dit_60m", "dense", 1e16))),
                     [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()])
+    diverged = study_rows("dit_60m", "vsa", 3e16)
+    diverged[-1]["eval/loss"] = float("nan")
+    write_study_run(runs / "diverged", study_config("dit_60m", "vsa", 3e16, seed=7), diverged)
+    (runs / "foreign").mkdir()  # another tool's metrics.jsonl: steps, no FLOPs
+    (runs / "foreign" / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    OmegaConf.save(OmegaConf.create(study_config("dit_60m", "dense", 1e16)), runs / "foreign" / "config.yaml")
     (runs / "analysis").mkdir()
     (runs / "analysis" / "summary.md").write_text("# an earlier analysis\n")
     (runs / "analysis" / "frontier.png").write_bytes(b"\x89PNG")
     assert main([str(runs), "--out", str(tmp_path / "out"), "--bootstrap", "50"]) == 0
     err = capsys.readouterr().err
-    for name in ("stray", "noattn", "empty", "copy_of_60m", "attn=dense"):
+    for name in ("stray", "noattn", "empty", "copy_of_60m", "attn=dense", "diverged", "foreign"):
         assert len([line for line in err.splitlines() if name in line]) == 1, (name, err)
     assert len(_verdicts(tmp_path / "out")) >= 1
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "another eval set" in summary and "tiny" not in summary.split("## Notes")[0]
+
+
+def test_a_folder_whose_every_run_is_left_out_still_gets_a_summary(tmp_path, capsys):
+    rows = study_rows("dit_60m", "vsa", 1e16)
+    rows[-1]["eval/loss"] = float("nan")
+    write_study_run(tmp_path / "runs" / "nan", study_config("dit_60m", "vsa", 1e16), rows)
+    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--bootstrap", "10"]) == 0
+    assert "nan: its last eval loss is nan (diverged?); left out" in capsys.readouterr().err
+    assert "0 runs analysed" in (tmp_path / "out" / "summary.md").read_text()
 
 
 def _final_only(root, attn, budget, loss, seed=0):

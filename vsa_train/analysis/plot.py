@@ -1,5 +1,7 @@
 """Plots against cumulative training FLOPs: one run (loss_vs_flops.png), all runs (curves.png), frontiers
 (frontier.png, per timestep frontier_t.png); and against parameters at fixed budgets (isoflop.png)."""
+import itertools
+
 import matplotlib
 import matplotlib.lines
 import matplotlib.ticker
@@ -36,8 +38,8 @@ def plot_curves(runs, out_path) -> None:
     """curves.png: every run's eval loss against FLOPs (log-log); colour by model size, line style by attention."""
     sizes = sorted({r.size for r in runs})
     attns = sorted({r.attn for r in runs})
-    colors = dict(zip(sizes, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
-    styles = dict(zip(attns, ["-", "--", ":", "-."] * 4))
+    colors = dict(zip(sizes, itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])))
+    styles = dict(zip(attns, itertools.cycle(["-", "--", ":", "-."])))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for run in runs:
         points = run.evals()
@@ -58,7 +60,8 @@ def plot_curves(runs, out_path) -> None:
 def plot_frontier(frontiers: dict, fits: dict, out_path) -> None:
     """frontier.png: per attention type, the Pareto frontier across runs (markers) and its fit a·C^-b + c (line)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (attn, frontier), color in zip(sorted(frontiers.items()), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+    for (attn, frontier), color in zip(sorted(frontiers.items()),
+                                       itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])):
         flops, loss = zip(*frontier)
         ax.plot(flops, loss, "o", color=color, ms=4, label=f"{attn} frontier")
         fit = fits.get(attn)
@@ -78,9 +81,9 @@ def plot_isoflop(isoflop: dict, out_path) -> None:
     # a minimum outside the sizes run is not drawn (it could be far off the axes); its legend entry says so
     budgets = sorted({b for _, b in isoflop["points"]})
     attns = sorted({a for a, _ in isoflop["points"]})
-    colors = dict(zip(budgets, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
-    markers = dict(zip(attns, ["o", "s", "^", "D"] * 4))
-    styles = dict(zip(attns, ["-", "--", ":", "-."] * 4))
+    colors = dict(zip(budgets, itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])))
+    markers = dict(zip(attns, itertools.cycle(["o", "s", "^", "D"])))
+    styles = dict(zip(attns, itertools.cycle(["-", "--", ":", "-."])))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (attn, budget), points in isoflop["points"].items():
         params, loss, _ = zip(*points)
@@ -108,7 +111,7 @@ def plot_timestep_frontiers(frontiers: dict, out_path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         for (attn, frontier), color in zip(sorted(frontiers[key].items()),
-                                           plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+                                           itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])):
             flops, loss = zip(*frontier)
             ax.plot(flops, loss, "o-", color=color, ms=3, lw=1, label=attn)
         _log_axes(ax, key.replace("eval/loss_", "loss at "))

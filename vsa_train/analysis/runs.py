@@ -8,6 +8,7 @@ in place of a directory (analysis/wandb_online.py).
 """
 import functools
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,7 @@ class Run:
 
     def evals(self, key: str = EVAL) -> list[tuple[float, float]]:
         """(cumulative FLOPs, eval loss) of every eval row after step 0, in order."""
-        return [(r["flops"], r[key]) for r in self.rows if key in r and r["step"] > 0 and r["flops"] > 0]
+        return [(r["flops"], r[key]) for r in self.rows if r["step"] > 0 and r["flops"] > 0 and finite(r.get(key))]
 
     @property
     def reached_budget(self) -> bool:
@@ -61,7 +62,7 @@ class Run:
         points = self.evals(key)
         if not self.decays or all_points:
             return points
-        return points[-1:] if points and self.finished and self.rows[-1].get(key) is not None else []
+        return points[-1:] if points and self.finished and finite(self.rows[-1].get(key)) else []
 
     @property
     def finished(self) -> bool:
@@ -78,6 +79,11 @@ class Run:
         """The per-timestep eval keys the run logged (eval/loss_t0.0625, ...), by increasing t."""
         keys = {k for r in self.rows for k in r if _T_KEY.match(k)}
         return sorted(keys, key=lambda k: float(_T_KEY.match(k).group(1)))
+
+
+def finite(value) -> bool:
+    """A real, finite number (not None, a bool, a string or NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def timestep_of(key: str) -> float:
@@ -117,9 +123,9 @@ def _from_metrics(path: Path) -> Run:
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{path} has no run config beside it, so the analysis cannot tell its attention "
                                 f"and model ({err}; train.py writes config.yaml into every run directory)") from None
-    rows = read_metrics(path)
+    rows = [r for r in read_metrics(path) if finite(r.get("flops"))]  # a row without FLOPs has no place on the axis
     if not rows:
-        raise ValueError(f"{path} holds no rows")
+        raise ValueError(f"{path} holds no rows with FLOPs")
     return run_from(path.parent, cfg, rows, record=_json(path.parent / RECORD), history=_history(path.parent))
 
 

@@ -1,6 +1,7 @@
 """Which runs can be compared, decided from their files before any number is taken; one line per run (or group)
 left out, cut or flagged:
 
+- runs whose last eval loss is not finite (diverged): left out;
 - runs scored on another eval set than the largest group (another data config or eval size): left out;
 - runs started from other weights (train.init_from): their FLOPs count from 0, so they are left out unless
   record.json gives the FLOPs they inherited (`inherited_flops`), which are then added to theirs;
@@ -14,7 +15,7 @@ left out, cut or flagged:
 import dataclasses
 from collections import Counter
 
-from .runs import Run
+from .runs import EVAL, Run, finite
 
 OVERSHOOT = 0.02  # the study's tolerance for the last step crossing the budget
 
@@ -24,7 +25,8 @@ def screen(runs: list[Run]) -> tuple[list[Run], list[str]]:
     notes = []
     kept = []
     for run in _one_eval_set(runs, notes):
-        run = _warm_start(run, notes)
+        run = _diverged(run, notes)
+        run = run and _warm_start(run, notes)
         run = run and _forced_resume(run, notes)
         run = run and _past_budget(run, notes)
         if run is not None:
@@ -40,7 +42,7 @@ def screen(runs: list[Run]) -> tuple[list[Run], list[str]]:
 
 def overshoot(run: Run) -> float | None:
     """Executed FLOPs over the budget, as a fraction (None: no budget, or not reached)."""
-    return run.rows[-1]["flops"] / run.budget - 1 if run.reached_budget else None
+    return run.rows[-1]["flops"] / run.budget - 1 if run.reached_budget and run.budget > 0 else None
 
 
 def _one_eval_set(runs: list[Run], notes: list) -> list[Run]:
@@ -56,6 +58,15 @@ def _one_eval_set(runs: list[Run], notes: list) -> list[Run]:
                      f"the {groups[chosen]} analysed, so not comparable with them: {shown} (analyse them on "
                      f"their own)")
     return [run for run in runs if run.protocol == chosen]
+
+
+def _diverged(run: Run, notes: list) -> Run | None:
+    """A run whose last eval loss is not a finite number: nothing of it can be compared."""
+    last = run.rows[-1].get(EVAL, 0.0)
+    if finite(last):
+        return run
+    notes.append(f"{run.path.name}: its last eval loss is {last!r} (diverged?); left out")
+    return None
 
 
 def _warm_start(run: Run, notes: list) -> Run | None:

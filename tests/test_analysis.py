@@ -167,7 +167,7 @@ def test_cli_writes_outputs_and_rejects_empty_dirs(tmp_path, capsys):
     assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--fit-from", "1e15"]) == 0
     assert "10 runs" in capsys.readouterr().out
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"summary.md", "frontier.png", "curves.png",
-                                                           "isoflop.png"}  # one budget per size: points, no fit
+                                                           "isoflop.png", "sizes.png"}  # isoflop: points, no fit
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as err:
         main([str(tmp_path / "empty"), "--out", str(tmp_path / "out2")])

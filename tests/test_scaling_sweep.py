@@ -108,4 +108,4 @@ def test_tiny_grid_trains_to_its_budgets_and_is_analysed(tmp_path):
     assert len(isoflop) == 4 and not any("fewer than 3 sizes" in line for line in isoflop)  # 4 parabolas fitted
     assert "| 0.2500 | vsa |" in summary
     assert {p.name for p in out.iterdir()} == {"summary.md", "curves.png", "frontier.png", "isoflop.png",
-                                               "frontier_t.png"}
+                                               "frontier_t.png", "sizes.png"}

@@ -16,7 +16,7 @@ from vsa_train.analysis.screen import OVERSHOOT, overshoot
 
 STUDY = Path(__file__).resolve().parents[1] / "docs" / "study" / "study_16k"  # the GPU study's committed runs
 
-OUTPUTS = {"summary.md", "curves.png", "frontier.png", "isoflop.png", "frontier_t.png"}
+OUTPUTS = {"summary.md", "curves.png", "frontier.png", "isoflop.png", "frontier_t.png", "sizes.png"}
 
 
 @pytest.fixture(scope="module")

@@ -64,6 +64,12 @@ def compare(cells: dict, base: str, other: str, resamples: int, seed_sd: float |
             **counts}
 
 
+def size_frontiers(cells: dict, order) -> dict:
+    """Model size (sorted by `order`) -> its frontiers per attention type, from that size's runs alone."""
+    sizes = sorted({key[1] for key in cells}, key=order)
+    return {size: frontiers_of({k: c for k, c in cells.items() if k[1] == size}) for size in sizes}
+
+
 def per_size(cells: dict, base: str, other: str, resamples: int, seed_sd: float | None) -> dict:
     """Model size -> the multiplier from that size's runs alone, for the sizes both attention types ran."""
     sizes = sorted({key[1] for key in cells if key[0] == base} & {key[1] for key in cells if key[0] == other})

@@ -1,5 +1,6 @@
 """Plots against cumulative training FLOPs: one run (loss_vs_flops.png), all runs (curves.png), frontiers
-(frontier.png, per timestep frontier_t.png); and against parameters at fixed budgets (isoflop.png)."""
+(frontier.png, per timestep frontier_t.png), each size's final losses (sizes.png); and against parameters at
+fixed budgets (isoflop.png)."""
 import itertools
 
 import matplotlib
@@ -63,14 +64,32 @@ def plot_frontier(frontiers: dict, fits: dict, out_path) -> None:
     for (attn, frontier), color in zip(sorted(frontiers.items()),
                                        itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])):
         flops, loss = zip(*frontier)
-        ax.plot(flops, loss, "o", color=color, ms=4, label=f"{attn} frontier")
         fit = fits.get(attn)
+        # without a fit (fewer than 4 points) the frontier's own segments are what the multiplier interpolates
+        ax.plot(flops, loss, "o" if fit is not None else "o--", color=color, ms=4, lw=0.8, label=f"{attn} frontier")
         if fit is not None:
             grid = np.geomspace(min(flops), max(flops), 200)
             ax.plot(grid, fit.loss(grid), "-", color=color, lw=1.2,
                     label=f"{attn} fit: {fit.a:.3g}·C^-{fit.b:.3g} + {fit.c:.3g}")
     _log_axes(ax, "eval loss (frontier)")
     ax.set_title("loss-vs-FLOPs frontier per attention type")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+
+
+def plot_sizes(frontiers: dict, out_path) -> None:
+    """sizes.png: per model size, each attention's final eval loss against FLOPs (the per-size multiplier's view)."""
+    sizes, attns = list(frontiers), sorted({a for f in frontiers.values() for a in f})
+    colors = dict(zip(sizes, itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])))
+    styles = dict(zip(attns, itertools.cycle([("o", "-"), ("s", "--"), ("^", ":"), ("D", "-.")])))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for size, by_attn in frontiers.items():
+        for attn, frontier in sorted(by_attn.items()):
+            marker, line = styles[attn]
+            ax.plot(*zip(*frontier), marker=marker, ls=line, color=colors[size], ms=5, lw=1.2, label=f"{size}, {attn}")
+    _log_axes(ax, "final eval loss (seed mean)")
+    ax.set_title("each size at its budgets: final eval loss against FLOPs")
     fig.tight_layout()
     fig.savefig(out_path, dpi=120)
     plt.close(fig)

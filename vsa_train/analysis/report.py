@@ -4,13 +4,13 @@ and summary.md with its verdict lines."""
 import math
 from pathlib import Path
 
-from .compare import cells_of, compare, frontiers_of, per_size, per_timestep, seed_spread
+from .compare import cells_of, compare, frontiers_of, per_size, per_timestep, seed_spread, size_frontiers
 from .isoflop import isoflop_fits
-from .plot import plot_curves, plot_frontier, plot_isoflop, plot_timestep_frontiers
+from .plot import plot_curves, plot_frontier, plot_isoflop, plot_sizes, plot_timestep_frontiers
 from .runs import Run
 from .scaling import PowerLaw, common_losses, fit_power_law, flops_at_loss
 from .screen import screen
-from .summary import summary_markdown
+from .summary import size_order, summary_markdown
 from .verdict import bound_note
 
 
@@ -41,7 +41,7 @@ def analyze(runs: list[Run], out_dir, baseline: str = "dense", fit_from: float =
               "multipliers": multipliers, "per_size": sizes, "isoflop": isoflop_fits(runs, notes),
               "per_t": per_timestep(runs, baseline, others, max(resamples // 4, 0), spread, all_points),
               "seed_sd": spread, "notes": notes, "verdicts": _verdicts(runs, multipliers, sizes)}
-    _plots(runs, result, out_dir)
+    _plots(runs, result, size_frontiers(cells, size_order(runs)), out_dir)
     (out_dir / "summary.md").write_text(summary_markdown(runs, result, baseline, fit_from))
     return result
 
@@ -100,8 +100,10 @@ def _verdicts(runs: list[Run], multipliers: dict, sizes: dict) -> list[tuple]:
     return lines
 
 
-def _plots(runs: list[Run], result: dict, out_dir: Path) -> None:
+def _plots(runs: list[Run], result: dict, sizes: dict, out_dir: Path) -> None:
     plot_curves(runs, out_dir / "curves.png")
+    if len(sizes) > 1:
+        plot_sizes(sizes, out_dir / "sizes.png")
     plot_frontier(result["frontiers"], result["fits"], out_dir / "frontier.png")
     if result["isoflop"]["points"]:
         plot_isoflop(result["isoflop"], out_dir / "isoflop.png")

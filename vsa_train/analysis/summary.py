@@ -26,7 +26,7 @@ def summary_markdown(runs, result, baseline, fit_from) -> str:
     lines += _runs_table(runs)
     lines += _fits_section(result["frontiers"], result["fits"], fit_from)
     lines += _ratios_section(result["ratios"], baseline)
-    lines += _multiplier_section(result, baseline, _size_order(runs))
+    lines += _multiplier_section(result, baseline, size_order(runs))
     lines += _isoflop_section(result["isoflop"])
     lines += _timestep_section(result["per_t"], baseline)
     lines += _timestep_losses(runs, baseline)
@@ -36,7 +36,7 @@ def summary_markdown(runs, result, baseline, fit_from) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _size_order(runs):
+def size_order(runs):
     """A sort key for model sizes: by parameters (then by name), smallest first."""
     params = {}
     for run in runs:
@@ -45,7 +45,7 @@ def _size_order(runs):
 
 
 def _runs_table(runs) -> list[str]:
-    size = _size_order(runs)
+    size = size_order(runs)
     runs = sorted(runs, key=lambda r: (size(r.size), r.attn, r.budget or 0, r.seed, str(r.path)))
     lines = ["", "| run | attention | model | params | seed | schedule | FLOPs budget | steps | FLOPs | vs budget | "
              "final eval loss | best eval loss | card |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -88,7 +88,7 @@ def _ratios_section(ratios, baseline) -> list[str]:
     return lines
 
 
-def _multiplier_section(result, baseline, size_order) -> list[str]:
+def _multiplier_section(result, baseline, order) -> list[str]:
     if not result["multipliers"]:
         return []
     spread = result["seed_sd"]
@@ -99,7 +99,7 @@ def _multiplier_section(result, baseline, size_order) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for attn, m in result["multipliers"].items():
         sizes = result["per_size"].get(attn, {})
-        rows = [("all sizes", m)] + [(s, sizes[s]) for s in sorted(sizes, key=size_order)]
+        rows = [("all sizes", m)] + [(s, sizes[s]) for s in sorted(sizes, key=order)]
         lines += [_multiplier_row(attn, label, m) for label, m in rows if m is not None]
     return lines
 
@@ -165,7 +165,7 @@ def _timestep_losses(runs, baseline) -> list[str]:
     lines = ["", "## Per timestep: final eval loss per timestep bin (seed mean; " + " / ".join(attns) + ")", "",
              "| size | FLOPs budget | " + " | ".join(f"t = {k.split('_t')[1]}" for k in keys) + " |",
              "|---|---|" + "---|" * len(keys)]
-    order = _size_order(runs)
+    order = size_order(runs)
     for size, budget in sorted({(s, b) for s, b, _, _ in finals}, key=lambda sb: (order(sb[0]), sb[1] or 0)):
         cells = [" / ".join(_mean(finals.get((size, budget, a, k))) for a in attns) for k in keys]
         lines.append(f"| {size} | {'—' if budget is None else f'{budget:.3g}'} | " + " | ".join(cells) + " |")

@@ -55,6 +55,9 @@ def test_a_whole_messy_runs_folder_is_analysed_with_one_line_per_exclusion(tmp_p
     copy = runs / "study_16k" / "runs" / "dit_60m_dense_1e16"
     write_study_run(runs / "copy_of_60m", json.loads(json.dumps(study_config("dit_60m", "dense", 1e16))),
                     [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()])
+    mismatch = study_rows("dit_120m", "vsa", 3e16)
+    write_study_run(runs / "mismatch", study_config("dit_120m", "vsa", 3e16, seed=5), mismatch,
+                    record={"executed_flops": 2 * mismatch[-1]["flops"]})
     diverged = study_rows("dit_60m", "vsa", 3e16)
     diverged[-1]["eval/loss"] = float("nan")
     write_study_run(runs / "diverged", study_config("dit_60m", "vsa", 3e16, seed=7), diverged)
@@ -66,7 +69,7 @@ def test_a_whole_messy_runs_folder_is_analysed_with_one_line_per_exclusion(tmp_p
     (runs / "analysis" / "frontier.png").write_bytes(b"\x89PNG")
     assert main([str(runs), "--out", str(tmp_path / "out"), "--bootstrap", "50"]) == 0
     err = capsys.readouterr().err
-    for name in ("stray", "noattn", "empty", "copy_of_60m", "attn=dense", "diverged", "foreign"):
+    for name in ("stray", "noattn", "empty", "copy_of_60m", "attn=dense", "diverged", "foreign", "mismatch"):
         assert len([line for line in err.splitlines() if name in line]) == 1, (name, err)
     assert len(_verdicts(tmp_path / "out")) >= 1
     summary = (tmp_path / "out" / "summary.md").read_text()

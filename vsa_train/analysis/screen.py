@@ -10,7 +10,8 @@ left out, cut or flagged:
   intact (the learning rate there is the schedule's floor), else left out;
 - runs resumed with a changed config (train.resume=force, recorded in config_history.jsonl): left out;
 - the same config and seed twice (a copy of a run): one is kept;
-- runs that overshot their budget by more than 2%: flagged.
+- runs that overshot their budget by more than 2%, or whose record.json gives other executed FLOPs than
+  their rows: flagged.
 """
 import dataclasses
 from collections import Counter
@@ -32,6 +33,7 @@ def screen(runs: list[Run]) -> tuple[list[Run], list[str]]:
         if run is not None:
             kept.append(run)
     kept = _no_copies(kept, notes)
+    notes += [_record_note(run) for run in kept if _record_note(run)]
     over = [f"{run.path.name} (+{100 * overshoot(run):.1f}%)" for run in kept
             if overshoot(run) is not None and overshoot(run) > OVERSHOOT]
     if over:  # a flag, not a reason to leave them out: their FLOPs are what they executed
@@ -129,6 +131,18 @@ def _intact(run: Run, crossing: int) -> bool:
 def _step_of(checkpoint: str) -> int:
     digits = "".join(ch for ch in str(checkpoint) if ch.isdigit())
     return int(digits) if digits else -1
+
+
+def _record_note(run: Run) -> str | None:
+    """A flag when record.json's executed FLOPs are not the FLOPs of the metrics rows beside it."""
+    recorded = run.record.get("executed_flops")
+    if not finite(recorded) or run.init_from is not None:
+        return None
+    last = run.rows[-1]["flops"]
+    if abs(last - recorded) <= 1e-3 * max(abs(recorded), 1.0):
+        return None
+    return (f"{run.path.name}: record.json says {recorded:.4g} FLOPs executed, its metrics.jsonl ends at {last:.4g} "
+            f"(the rows and the record are not of one run?)")
 
 
 def _no_copies(runs: list[Run], notes: list) -> list[Run]:

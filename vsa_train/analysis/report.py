@@ -34,9 +34,10 @@ def analyze(runs: list[Run], out_dir, baseline: str = "dense", fit_from: float =
         notes.append("no config has two seeds: the FLOPs multiplier gets no interval")
     multipliers = {attn: compare(cells, baseline, attn, resamples, spread) for attn in others}
     sizes = {attn: per_size(cells, baseline, attn, resamples, spread) for attn in others}
-    for attn, m in [(a, m) for a in others for m in [multipliers[a], *sizes[a].values()]]:
-        if m is not None and m["bound"]:
-            notes.append(bound_note(attn, baseline, m))
+    for attn in others:
+        for label, m in [("all sizes", multipliers[attn]), *sizes[attn].items()]:
+            if m is not None and m["bound"]:
+                notes.append(bound_note(attn, baseline, m, label))
     result = {"frontiers": frontiers, "fits": fits, "ratios": _ratio_rows(frontiers, fits, baseline, others),
               "multipliers": multipliers, "per_size": sizes, "isoflop": isoflop_fits(runs, notes),
               "per_t": per_timestep(runs, baseline, others, max(resamples // 4, 0), spread, all_points),

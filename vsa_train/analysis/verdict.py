@@ -51,9 +51,9 @@ def _bound_sentence(a: str, b: str, m: dict) -> str:
             f"{m['runs']} runs.")
 
 
-def bound_note(attn: str, baseline: str, m: dict) -> str:
+def bound_note(attn: str, baseline: str, m: dict, label: str) -> str:
     """The note beside a bound: the same numbers, the same way round as the verdict."""
     sign = "≥" if m["bound"] == "lower" else "≤"
     settles = "" if m["tells"] else ", which does not tell which needs fewer FLOPs"
-    return (f"{name(attn)} and {name(baseline)} frontiers share no loss range: only a {m['bound']} bound on the "
-            f"multiplier ({baseline} FLOPs / {attn} FLOPs {sign} {m['ratio']:.3g}×){settles}")
+    return (f"{label}: {name(attn)} and {name(baseline)} frontiers share no loss range: only a {m['bound']} bound on "
+            f"the multiplier ({baseline} FLOPs / {attn} FLOPs {sign} {m['ratio']:.3g}×){settles}")

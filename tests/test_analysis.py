@@ -106,8 +106,9 @@ def test_analysis_recovers_the_known_frontier_and_flops_ratio(tmp_path):
     m = result["multipliers"]["vsa"]
     assert m["ratio"] == pytest.approx(RATIO, rel=0.03) and m["ci"] is None  # one seed per point: no interval
     assert m["low"] == result["frontiers"]["dense"][-1][1]  # dense's best loss: the low end of the shared range
-    assert (f"**Verdict:** vsa reaches dense's eval losses {m['low']:.4f}–{m['high']:.4f} with {m['ratio']:.2f}× (no "
-            f"confidence interval: no grid point has a second seed) fewer FLOPs than dense, from 10 runs") in summary
+    assert (f"**Verdict (all sizes):** VSA needs {m['ratio']:.2f}× fewer FLOPs than dense for the same eval loss (no "
+            f"interval: no grid point has a second seed), over eval losses {m['low']:.4f}–{m['high']:.4f}, from 10 "
+            f"runs") in summary
     for png in ("frontier.png", "curves.png"):
         assert (tmp_path / "out" / png).stat().st_size > 10_000
 
@@ -166,7 +167,7 @@ def test_cli_writes_outputs_and_rejects_empty_dirs(tmp_path, capsys):
     assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--fit-from", "1e15"]) == 0
     assert "10 runs" in capsys.readouterr().out
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"summary.md", "frontier.png", "curves.png",
-                                                           "isoflop.png"}  # one budget per size: points, no fit
+                                                           "isoflop.png", "sizes.png"}  # isoflop: points, no fit
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as err:
         main([str(tmp_path / "empty"), "--out", str(tmp_path / "out2")])
@@ -270,9 +271,9 @@ def test_bootstrap_interval_covers_the_multiplier_and_narrows_with_seeds(tmp_pat
     width = lambda m: math.log(m["ci"][1] / m["ci"][0])  # noqa: E731
     assert width(many) < 0.7 * width(few)
     low, high, _ = few["ci"]
-    assert (f"**Verdict:** vsa reaches dense's eval losses {few['low']:.4f}–{few['high']:.4f} with "
-            f"{few['ratio']:.2f}× (95% CI {low:.2f}–{high:.2f}) fewer FLOPs than dense, from 20 runs (2 seeds).") \
-        in summary
+    assert (f"**Verdict (all sizes):** VSA needs {few['ratio']:.2f}× fewer FLOPs than dense for the same eval loss "
+            f"(95% interval [{low:.2f}, {high:.2f}]; it excludes 1), over eval losses {few['low']:.4f}–"
+            f"{few['high']:.4f}, from 20 runs (2 seeds).") in summary
 
 
 def test_single_seed_points_take_the_measured_seed_spread(tmp_path):
@@ -281,7 +282,7 @@ def test_single_seed_points_take_the_measured_seed_spread(tmp_path):
     m, _ = _interval(tmp_path, "mostly_single", 2, single_seed_sizes=(0, 1, 2))
     assert m["ci"] is not None and m["ci"][0] < RATIO < m["ci"][1] and m["ci"][1] / m["ci"][0] > 1.05
     none, summary = _interval(tmp_path, "single", 1)
-    assert none["ci"] is None and "no confidence interval" in summary
+    assert none["ci"] is None and "no interval" in summary
 
 
 def test_per_timestep_frontiers_get_their_own_multiplier(tmp_path):
@@ -334,5 +335,5 @@ def test_frontiers_without_a_shared_loss_range_give_a_bound(tmp_path):
     result = analyze(find_runs([tmp_path]), tmp_path / "out", resamples=50)
     m = result["multipliers"]["vsa"]
     assert (m["bound"], m["ratio"], m["loss"]) == ("lower", 10.0, 0.7)
-    assert ("**Verdict:** vsa reaches dense's best eval loss 0.7000 already at its cheapest point: at least 10.00× "
-            "fewer FLOPs than dense") in (tmp_path / "out" / "summary.md").read_text()
+    assert ("**Verdict (all sizes):** VSA needs at least 10.00× fewer FLOPs than dense for the same eval loss: its "
+            "cheapest run already beats dense's best eval loss 0.7000") in (tmp_path / "out" / "summary.md").read_text()

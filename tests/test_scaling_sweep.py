@@ -104,10 +104,10 @@ def test_tiny_grid_trains_to_its_budgets_and_is_analysed(tmp_path):
     out = tmp_path / "study"
     assert analysis_main([str(sweep), "--out", str(out), "--bootstrap", "200"]) == 0
     summary = (out / "summary.md").read_text()
-    assert summary.count("**Verdict:** ") == 1 and "FLOPs than dense" in summary
+    assert summary.count("**Verdict (all sizes):** ") == 1 and "FLOPs than dense" in summary
     section = summary.split("## IsoFLOP view")[1].split("\n## ")[0]
     isoflop = [line for line in section.splitlines() if line.startswith(("| dense | ", "| vsa | "))]
     assert len(isoflop) == 4 and not any("fewer than 3 sizes" in line for line in isoflop)  # 4 parabolas fitted
     assert "| 0.2500 | vsa |" in summary
     assert {p.name for p in out.iterdir()} == {"summary.md", "curves.png", "frontier.png", "isoflop.png",
-                                               "frontier_t.png"}
+                                               "frontier_t.png", "sizes.png"}

@@ -1,5 +1,8 @@
 """Plots against cumulative training FLOPs: one run (loss_vs_flops.png), all runs (curves.png), frontiers
-(frontier.png, per timestep frontier_t.png); and against parameters at fixed budgets (isoflop.png)."""
+(frontier.png, per timestep frontier_t.png), each size's final losses (sizes.png); and against parameters at
+fixed budgets (isoflop.png)."""
+import itertools
+
 import matplotlib
 import matplotlib.lines
 import matplotlib.ticker
@@ -36,8 +39,8 @@ def plot_curves(runs, out_path) -> None:
     """curves.png: every run's eval loss against FLOPs (log-log); colour by model size, line style by attention."""
     sizes = sorted({r.size for r in runs})
     attns = sorted({r.attn for r in runs})
-    colors = dict(zip(sizes, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
-    styles = dict(zip(attns, ["-", "--", ":", "-."] * 4))
+    colors = dict(zip(sizes, itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])))
+    styles = dict(zip(attns, itertools.cycle(["-", "--", ":", "-."])))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for run in runs:
         points = run.evals()
@@ -58,10 +61,12 @@ def plot_curves(runs, out_path) -> None:
 def plot_frontier(frontiers: dict, fits: dict, out_path) -> None:
     """frontier.png: per attention type, the Pareto frontier across runs (markers) and its fit a·C^-b + c (line)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (attn, frontier), color in zip(sorted(frontiers.items()), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+    for (attn, frontier), color in zip(sorted(frontiers.items()),
+                                       itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])):
         flops, loss = zip(*frontier)
-        ax.plot(flops, loss, "o", color=color, ms=4, label=f"{attn} frontier")
         fit = fits.get(attn)
+        # without a fit (fewer than 4 points) the frontier's own segments are what the multiplier interpolates
+        ax.plot(flops, loss, "o" if fit is not None else "o--", color=color, ms=4, lw=0.8, label=f"{attn} frontier")
         if fit is not None:
             grid = np.geomspace(min(flops), max(flops), 200)
             ax.plot(grid, fit.loss(grid), "-", color=color, lw=1.2,
@@ -73,19 +78,37 @@ def plot_frontier(frontiers: dict, fits: dict, out_path) -> None:
     plt.close(fig)
 
 
+def plot_sizes(frontiers: dict, out_path) -> None:
+    """sizes.png: per model size, each attention's final eval loss against FLOPs (the per-size multiplier's view)."""
+    sizes, attns = list(frontiers), sorted({a for f in frontiers.values() for a in f})
+    colors = dict(zip(sizes, itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])))
+    styles = dict(zip(attns, itertools.cycle([("o", "-"), ("s", "--"), ("^", ":"), ("D", "-.")])))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for size, by_attn in frontiers.items():
+        for attn, frontier in sorted(by_attn.items()):
+            marker, line = styles[attn]
+            ax.plot(*zip(*frontier), marker=marker, ls=line, color=colors[size], ms=5, lw=1.2, label=f"{size}, {attn}")
+    _log_axes(ax, "final eval loss (seed mean)")
+    ax.set_title("each size at its budgets: final eval loss against FLOPs")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+
+
 def plot_isoflop(isoflop: dict, out_path) -> None:
-    """isoflop.png: final eval loss against parameters, one colour per FLOPs budget, one marker per attention,
-    with each budget's parabola in log params and its minimum (a star)."""
+    """isoflop.png: final loss against parameters per budget and attention, parabolas, minima inside (stars)."""
+    # a minimum outside the sizes run is not drawn (it could be far off the axes); its legend entry says so
     budgets = sorted({b for _, b in isoflop["points"]})
     attns = sorted({a for a, _ in isoflop["points"]})
-    colors = dict(zip(budgets, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
-    markers = dict(zip(attns, ["o", "s", "^", "D"] * 4))
-    styles = dict(zip(attns, ["-", "--", ":", "-."] * 4))
+    colors = dict(zip(budgets, itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])))
+    markers = dict(zip(attns, itertools.cycle(["o", "s", "^", "D"])))
+    styles = dict(zip(attns, itertools.cycle(["-", "--", ":", "-."])))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (attn, budget), points in isoflop["points"].items():
         params, loss, _ = zip(*points)
-        ax.plot(params, loss, markers[attn], color=colors[budget], ms=5, label=f"{attn}, {budget:.2g} FLOPs")
         fit = isoflop["parabolas"].get((attn, budget))
+        flag = " (optimum outside the sizes)" if fit is not None and not fit.inside else ""
+        ax.plot(params, loss, markers[attn], color=colors[budget], ms=5, label=f"{attn}, {budget:.2g} FLOPs{flag}")
         if fit is not None:
             grid = np.geomspace(min(params) / 1.5, max(params) * 1.5, 100)
             ax.plot(grid, fit.loss(grid), styles[attn], color=colors[budget], lw=1)
@@ -107,7 +130,7 @@ def plot_timestep_frontiers(frontiers: dict, out_path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         for (attn, frontier), color in zip(sorted(frontiers[key].items()),
-                                           plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+                                           itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])):
             flops, loss = zip(*frontier)
             ax.plot(flops, loss, "o-", color=color, ms=3, lw=1, label=attn)
         _log_axes(ax, key.replace("eval/loss_", "loss at "))

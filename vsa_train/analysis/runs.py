@@ -1,13 +1,13 @@
 """Reading finished (or interrupted) runs: metrics.jsonl with the run's config, or online wandb runs.
 
 A run directory is found by its `metrics.jsonl`, which the trainer always writes (whatever the logger), read
-beside the run's config.yaml or, failing that, Hydra's .hydra/config.yaml. wandb is read only through its
-public API (`wandb.Api()`), for online runs: `wandb:<entity>/<project>[/<group>]` in place of a directory.
-Offline wandb runs are not parsed (their transaction log is wandb's private format): analyse their run
-directories, whose metrics.jsonl holds the same rows. Of the several wandb runs one run directory can have (one
-per launch: vsa_train/metrics.py), the newest holds the whole history and is the one read.
+beside the run's config.yaml or, failing that, Hydra's .hydra/config.yaml; record.json (the study runner's
+one-line record) and config_history.jsonl (one line per launch, vsa_train/rundir.py) are read where present.
+wandb is read only through its public API (`wandb.Api()`), for online runs: `wandb:<entity>/<project>[/<group>]`
+in place of a directory (analysis/wandb_online.py).
 """
 import functools
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -16,9 +16,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ..metrics import read_metrics
-from ..rundir import load_run_config
+from ..rundir import HISTORY, NOT_TRAJECTORY, TRAJECTORY, load_run_config
 
 EVAL = "eval/loss"
+RECORD = "record.json"
 _T_KEY = re.compile(r"^eval/loss_t(\d+\.\d+)$")
 
 
@@ -35,10 +36,15 @@ class Run:
     params: int | None = None  # parameters of the model (built on the meta device from the config)
     schedule: str = "constant"  # optim.schedule
     max_steps: int | None = None  # train.max_steps
+    recipe: str = ""         # everything that decides the trajectory but the seed: runs alike here are seeds
+    protocol: str = ""       # what decides the eval set (data config, eval samples and timesteps)
+    init_from: str | None = None  # train.init_from: the run started from other weights
+    record: dict = field(default_factory=dict, repr=False)  # record.json (commit, card, wall time, FLOPs)
+    history: list = field(default_factory=list, repr=False)  # config_history.jsonl: one entry per launch
 
     def evals(self, key: str = EVAL) -> list[tuple[float, float]]:
         """(cumulative FLOPs, eval loss) of every eval row after step 0, in order."""
-        return [(r["flops"], r[key]) for r in self.rows if key in r and r["flops"] > 0]
+        return [(r["flops"], r[key]) for r in self.rows if r["step"] > 0 and r["flops"] > 0 and finite(r.get(key))]
 
     @property
     def reached_budget(self) -> bool:
@@ -56,7 +62,7 @@ class Run:
         points = self.evals(key)
         if not self.decays or all_points:
             return points
-        return points[-1:] if points and self.finished else []
+        return points[-1:] if points and self.finished and finite(self.rows[-1].get(key)) else []
 
     @property
     def finished(self) -> bool:
@@ -75,16 +81,24 @@ class Run:
         return sorted(keys, key=lambda k: float(_T_KEY.match(k).group(1)))
 
 
+def finite(value) -> bool:
+    """A real, finite number (not None, a bool, a string or NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def timestep_of(key: str) -> float:
     return float(_T_KEY.match(key).group(1))
 
 
-def find_runs(paths) -> list[Run]:
-    """Every run under the given paths (run or sweep directories; `wandb:entity/project[/group]` for online
-    wandb runs), sorted by path."""
+def find_runs(paths, notes: list | None = None) -> list[Run]:
+    """Every run under the given paths (run or sweep directories, `wandb:entity/project[/group]`), by path."""
+    # A directory that cannot be read as a run raises, or, given `notes`, is skipped with one line there: a messy
+    # runs/ folder still gets analysed.
     runs = {}
     for spec in map(str, paths):
         if spec.startswith("wandb:"):
+            from .wandb_online import read_wandb_online
+
             for run in read_wandb_online(spec[len("wandb:"):]):
                 runs[run.path] = run
             continue
@@ -92,7 +106,12 @@ def find_runs(paths) -> list[Run]:
         if not root.exists():
             raise FileNotFoundError(f"no such run directory: {root}")
         for metrics in sorted(root.rglob("metrics.jsonl")):
-            runs[metrics.parent.resolve()] = _from_metrics(metrics)
+            try:
+                runs[metrics.parent.resolve()] = _from_metrics(metrics)
+            except (FileNotFoundError, ValueError, OSError) as err:
+                if notes is None:
+                    raise
+                notes.append(f"{metrics.parent}: not read ({err})")
     if not runs:
         raise FileNotFoundError(f"no runs (metrics.jsonl) under {list(paths)}")
     return [runs[k] for k in sorted(runs, key=str)]
@@ -104,17 +123,46 @@ def _from_metrics(path: Path) -> Run:
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{path} has no run config beside it, so the analysis cannot tell its attention "
                                 f"and model ({err}; train.py writes config.yaml into every run directory)") from None
-    return _run(path.parent, cfg, read_metrics(path))
+    rows = [r for r in read_metrics(path) if finite(r.get("flops"))]  # a row without FLOPs has no place on the axis
+    if not rows:
+        raise ValueError(f"{path} holds no rows with FLOPs")
+    return run_from(path.parent, cfg, rows, record=_json(path.parent / RECORD), history=_history(path.parent))
+
+
+def _json(path: Path) -> dict:
+    """A JSON object file, {} when absent or unreadable (the record is optional)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _history(run_dir: Path) -> list[dict]:
+    """config_history.jsonl's launches ([] when absent); a bad line is skipped."""
+    try:
+        lines = (run_dir / HISTORY).read_text().splitlines()
+    except OSError:
+        return []
+    entries = []
+    for line in lines:
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            continue
+    return [e for e in entries if isinstance(e, dict)]
 
 
 _NEEDED = ("model.name", "model.hidden_size", "model.depth", "attn.name")  # what a run is grouped and labelled by
+_OTHER = ("train.flops_budget", "train.seed", "optim.schedule", "train.max_steps", "train.init_from")
 
 
-def _run(path: Path, cfg: DictConfig, rows: list[dict]) -> Run:
+def run_from(path: Path, cfg: DictConfig, rows: list[dict], record: dict | None = None,
+             history: list | None = None) -> Run:
+    """A Run from its directory (or wandb name), config and rows."""
     # .hydra/config.yaml keeps its interpolations, and some (${hydra:...}) resolve only inside a Hydra app: read
     # each value on its own, an unresolvable one counting as absent, so one odd entry cannot sink the run
-    value = {key: OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
-             for key in (*_NEEDED, "train.flops_budget", "train.seed", "optim.schedule", "train.max_steps")}
+    value = {key: OmegaConf.select(cfg, key, throw_on_resolution_failure=False) for key in (*_NEEDED, *_OTHER)}
     if value["model.name"] is not None and value["model.hidden_size"] is None:  # model=wan: diffusers' names
         value["model.hidden_size"], value["model.depth"] = _wan_shape(cfg)
     missing = [key for key in _NEEDED if value[key] is None]
@@ -125,7 +173,34 @@ def _run(path: Path, cfg: DictConfig, rows: list[dict]) -> Run:
     return Run(path=path, attn=value["attn.name"], size=size, budget=value["train.flops_budget"],
                rows=sorted(rows, key=lambda r: r["step"]), seed=value["train.seed"] or 0,
                params=model_params(cfg), schedule=value["optim.schedule"] or "constant",
-               max_steps=value["train.max_steps"])
+               max_steps=value["train.max_steps"], recipe=_key(cfg, _RECIPE, drop=("train.seed",)),
+               protocol=_key(cfg, _PROTOCOL), init_from=value["train.init_from"], record=record or {},
+               history=history or [])
+
+
+# the recipe: the trajectory sections (rundir.TRAJECTORY) and what ends the run; the seed is dropped from it
+_RECIPE = (*TRAJECTORY, "train.flops_budget", "train.max_steps", "train.batch_size", "train.grad_accum",
+           "train.init_from")
+_PROTOCOL = ("data", "train.eval_samples", "train.eval_timesteps")  # the eval set: evaluation.py
+_IGNORED = (*NOT_TRAJECTORY, "data.name")  # data.name: two names of one data config score alike
+
+
+def _key(cfg: DictConfig, keys, drop=()) -> str:
+    """The values under `keys` (sections flattened; unresolvable values as written) as one sorted string."""
+    flat = {}
+    for key in keys:
+        _flatten(OmegaConf.select(cfg, key, throw_on_resolution_failure=False), key, flat)
+    skip = (*_IGNORED, *drop)
+    kept = {k: v for k, v in flat.items() if not any(k == s or k.startswith(s + ".") for s in skip)}
+    return json.dumps(kept, sort_keys=True, default=str)
+
+
+def _flatten(node, prefix: str, out: dict) -> None:
+    if isinstance(node, DictConfig):
+        for key in node:
+            _flatten(OmegaConf.select(node, str(key), throw_on_resolution_failure=False), f"{prefix}.{key}", out)
+    elif node is not None and not (isinstance(node, str) and node.startswith("${")):
+        out[prefix] = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
 
 
 def _wan_shape(cfg: DictConfig) -> tuple[int | None, int | None]:
@@ -168,41 +243,10 @@ def _params(key: str) -> int | None:
     return sum(p.numel() for p in model.parameters())
 
 
-# ------------------------------------------------------------------------------------------------ wandb online
+def __getattr__(name):
+    # read_wandb_online and segment_order moved to wandb_online.py; older imports from here still work
+    if name in ("read_wandb_online", "segment_order"):
+        from . import wandb_online
 
-_SEGMENT_ID = re.compile(r"-r(\d+)(?:-b(\d+))?$|-b(\d+)$")
-
-
-def segment_order(run_id: str) -> tuple[int, int]:
-    """(launch, rollback) of a wandb run id written by the trainer: `<id>`, `<id>-r<k>`, `<id>[-r<k>]-b<n>`."""
-    m = _SEGMENT_ID.search(run_id)
-    if not m:
-        return 0, 0
-    launch, rollback, rollback_only = m.groups()
-    return int(launch or 0), int(rollback or rollback_only or 0)
-
-
-def read_wandb_online(path: str, api=None) -> list[Run]:
-    """Runs of `entity/project[/group]` through wandb's public API, the newest segment of each run directory."""
-    parts = path.strip("/").split("/")
-    if len(parts) not in (2, 3):
-        raise ValueError(f"wandb runs are named wandb:<entity>/<project>[/<group>], got wandb:{path}")
-    if api is None:
-        import wandb
-
-        api = wandb.Api()
-    filters = {"group": parts[2]} if len(parts) == 3 else None
-    newest = {}
-    for remote in api.runs("/".join(parts[:2]), filters=filters):
-        config = dict(remote.config)
-        owner = str(config.get("run_dir") or remote.name)
-        if owner not in newest or segment_order(remote.id) > segment_order(newest[owner].id):
-            newest[owner] = remote
-    runs = []
-    for owner, remote in sorted(newest.items()):
-        rows = [{k: v for k, v in row.items() if not k.startswith("_") and v is not None}
-                for row in remote.scan_history()]
-        rows = [r for r in rows if isinstance(r.get("step"), int) and not isinstance(r.get("step"), bool)
-                and isinstance(r.get("flops"), (int, float)) and not math.isnan(r["flops"])]
-        runs.append(_run(Path(owner), OmegaConf.create(dict(remote.config)), rows))
-    return runs
+        return getattr(wandb_online, name)
+    raise AttributeError(name)

@@ -1,5 +1,5 @@
-"""Loss-vs-FLOPs frontiers, the power-law fit L(C) = a·C^(-b) + c, FLOPs ratios at equal loss (with a bootstrap
-interval), and isoFLOP parabolas (loss against log parameters at a fixed budget).
+"""Loss-vs-FLOPs frontiers, the power-law fit L(C) = a·C^(-b) + c, and the FLOPs ratio at equal loss (or, for
+frontiers that share no loss range, a one-sided bound on it). Intervals: bootstrap.py; isoFLOP: isoflop.py.
 
 The fit is scipy-free: for a fixed floor c the model is a straight line in log-log space (log(L - c) against
 log C), so c is profiled over a grid below the lowest loss, and the best (a, b, c) is then polished by
@@ -13,13 +13,17 @@ from typing import NamedTuple
 import numpy as np
 
 
-def pareto_frontier(points) -> list[tuple[float, float]]:
-    """The (FLOPs, loss) points not beaten by any point with at most as many FLOPs, by increasing FLOPs."""
+def pareto_frontier(points, tolerance: float = 0.0) -> list[tuple[float, float]]:
+    """The (FLOPs, loss) points not beaten by any with at most (1 + tolerance)× their FLOPs, by increasing FLOPs."""
+    # A tolerance treats runs that stopped at one budget (each a fraction of a step past it) as equals: only the
+    # best of them stays, rather than a staircase of near-vertical steps between them.
     frontier = []
     for flops, loss in sorted(points):
         if not frontier or loss < frontier[-1][1]:
             frontier.append((flops, loss))
-    return frontier
+    # losses fall along the frontier, so a point is beaten within the tolerance exactly when its successor is
+    after = [f for f, _ in frontier[1:]] + [math.inf]
+    return [(f, l) for (f, l), g in zip(frontier, after) if g > f * (1 + tolerance)]
 
 
 class PowerLaw(NamedTuple):
@@ -148,120 +152,16 @@ def flops_multiplier(base_frontier, other_frontier, levels: int = 5) -> tuple[fl
 
 
 def flops_bound(base_frontier, other_frontier) -> dict:
-    """For frontiers that share no loss range: a bound on base FLOPs / other FLOPs at equal loss.
-
-    If the other's every point beats the base's best loss L, the other reaches L with at most its cheapest
-    point's FLOPs: the multiplier is at least base FLOPs(L) / that ("lower" bound). If the base's every point
-    beats the other's best loss L, the base reaches L with at most its cheapest point's FLOPs: the multiplier
-    is at most that / other FLOPs(L) ("upper" bound)."""
+    """For frontiers that share no loss range: a one-sided bound on base FLOPs / other FLOPs at equal loss."""
+    # If the other's every point beats the base's best loss L, the other reaches L with at most its cheapest
+    # point's FLOPs: the multiplier is at least base FLOPs(L) / that ("lower" bound). If the base's every point
+    # beats the other's best loss L, the base reaches L with at most its cheapest point's FLOPs: the multiplier is
+    # at most that / other FLOPs(L) ("upper" bound). `tells` whether the bound settles who needs fewer FLOPs: a
+    # lower bound >= 1 (the other needs fewer) or an upper bound <= 1 (more); a lower bound of 0.3 or an upper
+    # bound of 3.4 leaves either answer open.
     base_best, other_best = base_frontier[-1], other_frontier[-1]
     if max(l for _, l in other_frontier) < base_best[1]:
-        return {"bound": "lower", "loss": base_best[1], "ratio": base_best[0] / other_frontier[0][0]}
-    return {"bound": "upper", "loss": other_best[1], "ratio": base_frontier[0][0] / other_best[0]}
-
-
-class Parabola(NamedTuple):
-    """loss = a·x² + b·x + c in x = log10(parameters), fitted at one FLOPs budget; its minimum is the
-    compute-optimal size (`inside`: the minimum lies within the sizes fitted, else it is an extrapolation)."""
-
-    a: float
-    b: float
-    c: float
-    x_min: float
-    x_max: float
-
-    @property
-    def convex(self) -> bool:
-        return self.a > 0
-
-    @property
-    def params_opt(self) -> float:
-        return 10 ** (-self.b / (2 * self.a)) if self.convex else math.nan
-
-    @property
-    def loss_opt(self) -> float:
-        return self.c - self.b ** 2 / (4 * self.a) if self.convex else math.nan
-
-    @property
-    def inside(self) -> bool:
-        return self.convex and self.x_min <= -self.b / (2 * self.a) <= self.x_max
-
-    def loss(self, params):
-        x = np.log10(np.asarray(params, dtype=np.float64))
-        return self.a * x ** 2 + self.b * x + self.c
-
-
-def fit_parabola(params, loss) -> Parabola:
-    """Least-squares parabola of loss against log10(params); needs 3+ distinct sizes."""
-    x, y = np.log10(np.asarray(params, dtype=np.float64)), np.asarray(loss, dtype=np.float64)
-    if len(set(x.tolist())) < 3:
-        raise ValueError(f"an isoFLOP parabola needs at least 3 model sizes, got {len(set(x.tolist()))}")
-    a, b, c = np.polyfit(x, y, 2)
-    return Parabola(float(a), float(b), float(c), float(x.min()), float(x.max()))
-
-
-def mean_curve(curves: list[list[tuple[float, float]]]) -> list[tuple[float, float]]:
-    """The seed average of runs of one configuration: the mean loss at each FLOPs value all of them logged
-    (runs of one config evaluate at identical FLOPs)."""
-    if len(curves) == 1:
-        return list(curves[0])
-    shared = set.intersection(*({f for f, _ in c} for c in curves))
-    sums = {}
-    for curve in curves:
-        for f, l in curve:
-            if f in shared:
-                sums.setdefault(f, []).append(l)
-    return sorted((f, float(np.mean(v))) for f, v in sums.items())
-
-
-def pooled_seed_sd(groups: list[list[float]]) -> float | None:
-    """The pooled within-group standard deviation of log losses over groups of 2+ seeds (None: no such group)."""
-    ss, dof = 0.0, 0
-    for values in groups:
-        if len(values) >= 2:
-            logs = np.log(np.asarray(values, dtype=np.float64))
-            ss += float(np.sum((logs - logs.mean()) ** 2))
-            dof += len(values) - 1
-    return math.sqrt(ss / dof) if dof else None
-
-
-def bootstrap_multiplier(cells: dict, base: str, other: str, resamples: int = 1000, seed: int = 0,
-                         seed_sd: float | None = None):
-    """Bootstrap of the FLOPs multiplier (`flops_multiplier`: base / other FLOPs at equal loss, geometric mean
-    over the loss range both frontiers reach).
-
-    `cells` maps (attention, size, budget) to the curves of its runs (one per seed; a curve is [(FLOPs, loss)]).
-    Each resample draws, in every cell, as many runs as it has, with replacement (runs are grouped by
-    (size, budget), so every grid point stays represented), averages them, rebuilds both frontiers and takes
-    the multiplier. A cell with a single run has no spread of its own to resample: its curve is scaled by
-    exp(N(0, seed_sd)), the seed-to-seed spread of log loss measured in the cells with several seeds (without
-    any, there is no interval). Returns (2.5th percentile, 97.5th percentile, valid resamples) or None."""
-    if resamples <= 0:
-        return None
-    single = any(len(curves) == 1 for (attn, _, _), curves in cells.items() if attn in (base, other))
-    if single and not seed_sd:
-        return None
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(resamples):
-        points = {base: [], other: []}
-        for (attn, _, _), curves in cells.items():
-            if attn not in points:
-                continue
-            if len(curves) == 1:
-                scale = math.exp(rng.normal(0.0, seed_sd))
-                curve = [(f, l * scale) for f, l in curves[0]]
-            else:  # residuals about the cell mean scaled by sqrt(n / (n - 1)): the plain bootstrap of a mean of
-                # n runs has (n - 1) / n of its variance, half with two seeds
-                curve = mean_curve([curves[i] for i in rng.integers(0, len(curves), len(curves))])
-                if len(curves) > 1:
-                    centre, inflate = dict(mean_curve(curves)), math.sqrt(len(curves) / (len(curves) - 1))
-                    curve = [(f, centre[f] * (l / centre[f]) ** inflate) for f, l in curve]
-            points[attn].extend(curve)
-        ratio = flops_multiplier(pareto_frontier(points[base]), pareto_frontier(points[other]))[2]
-        if math.isfinite(ratio):
-            values.append(ratio)
-    if len(values) < max(10, resamples // 2):
-        return None
-    low, high = np.percentile(values, [2.5, 97.5])
-    return float(low), float(high), len(values)
+        ratio = base_best[0] / other_frontier[0][0]
+        return {"bound": "lower", "loss": base_best[1], "ratio": ratio, "tells": ratio >= 1}
+    ratio = base_frontier[0][0] / other_best[0]
+    return {"bound": "upper", "loss": other_best[1], "ratio": ratio, "tells": ratio <= 1}

@@ -170,3 +170,18 @@ def test_the_gpu_script_returns_the_runs_and_their_logs(tmp_path):
     with tarfile.open(tmp_path / "out" / "logs.tgz") as tar:
         assert tar.getnames() == ["./dit_60m_dense_low.out"]
     assert "1 runs finished here" in (tmp_path / "out" / "grid.log").read_text()
+
+
+def test_a_shared_run_does_not_slow_its_groups_estimate(tmp_path):
+    """Two runs that shared the GPU log half the rate; the group's estimate keeps its solo run's rate."""
+    points = [Point("solo", (), "g_vsa", 1e12), Point("shared", (), "g_vsa", 1e12), Point("next", (), "g_vsa", 1e13)]
+    for name, samples_s, lanes in (("solo", 10.0, 1), ("shared", 5.0, 2)):
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        rows = [{"step": s, "flops": 1e11 * s, "samples": 10 * s, "samples/s": samples_s} for s in range(1, 11)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (run / "record.json").write_text(json.dumps({"finished": True, "wall_s": 60.0, "executed_flops": 1e12,
+                                                     "lanes": lanes}))
+    speeds = ledger.group_speeds(points, tmp_path)
+    assert speeds["g_vsa"]["flops_s"] == pytest.approx(1e11)  # 1e10 FLOPs a sample x 10 samples/s
+    assert speeds["g_vsa"]["overhead_s"] == pytest.approx(50.0)  # from the solo run only

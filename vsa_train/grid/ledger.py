@@ -74,22 +74,23 @@ def speed(rows: list[dict]) -> tuple[float, float, float]:
 
 
 def group_speeds(points: list[Point], results: Path) -> dict[str, dict]:
-    """Per group, from its finished runs: the slowest training rate, the largest fixed overhead of a run that ran
-    alone (wall time minus training time), and the largest memory peak."""
-    out: dict[str, dict] = {}
+    """Per group, from its finished runs: the slowest training rate and the largest fixed overhead (wall time minus
+    training time) of the runs that had the GPU alone (of any run, if none did: a shared run's rate is lower, so
+    the estimate stays on the safe side), and the largest memory peak."""
+    seen: dict[str, list[tuple[dict, float, float]]] = {}
     for p in points:
         record = read_record(results, p.name)
         if record is None:
             continue
         samples_s, flops_sample, peak = speed(read_metrics(results / "runs" / p.name / "metrics.jsonl"))
-        if not samples_s > 0:
-            continue
-        g = out.setdefault(p.group, {"flops_s": float("inf"), "overhead_s": None, "peak_gib": 0.0})
-        g["flops_s"] = min(g["flops_s"], samples_s * flops_sample)
-        g["peak_gib"] = max(g["peak_gib"], peak)
-        if record.get("lanes", 1) == 1:
-            overhead = record["wall_s"] - record["executed_flops"] / (samples_s * flops_sample)
-            g["overhead_s"] = max(g["overhead_s"] or 0.0, overhead)
+        if samples_s > 0:
+            seen.setdefault(p.group, []).append((record, samples_s * flops_sample, peak))
+    out = {}
+    for group, runs in seen.items():
+        solo = [run for run in runs if run[0].get("lanes", 1) == 1]
+        out[group] = {"flops_s": min(rate for _, rate, _ in solo or runs),
+                      "overhead_s": max((r["wall_s"] - r["executed_flops"] / rate for r, rate, _ in solo), default=None),
+                      "peak_gib": max(peak for _, _, peak in runs)}
     return out
 
 

@@ -162,7 +162,7 @@ def test_cli_status_and_bad_lanes(tmp_path, capsys):
 def test_the_gpu_script_returns_the_runs_and_their_logs(tmp_path):
     """scripts/gpu/grid.sh on the CPU: what a device call brings back (runs.tgz, logs.tgz, grid.log) is all there."""
     env = {**__import__("os").environ, "OUT": str(tmp_path / "out"), "RESULTS": str(tmp_path / "results"),
-           "WORK": str(tmp_path / "work"), "ONLY": "dit_60m_dense_low", "TIME": "300",
+           "WORK": str(tmp_path / "work"), "CACHE": str(tmp_path / "cache"), "ONLY": "dit_60m_dense_low", "TIME": "300",
            "EXTRA": " ".join([*TINY, "train.compile=false"])}
     subprocess.run(["bash", "scripts/gpu/grid.sh"], cwd=ROOT, env=env, check=True, capture_output=True)
     with tarfile.open(tmp_path / "out" / "runs.tgz") as tar:

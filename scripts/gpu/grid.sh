@@ -3,7 +3,9 @@
 # TIME seconds on this GPU, compiled, with one compile cache for the call, and leaves in $OUT:
 #   grid.log   the runner's lines, the card and versions, and the ledger afterwards
 #   runs.tgz   the runs finished here (runs/<name>/{metrics.jsonl,config.yaml,record.json}): untar into RESULTS
-#   logs.tgz   every run's console output (the failures' tracebacks)
+#   logs.tgz   every run's console output, each line timestamped (the failures' tracebacks)
+#   compile_cache.tgz  the call's torch.compile / Triton caches, when under 16 MB: copied to .compile_cache/cache.tgz
+#              here (git ignores it) and carried to the next call, its runs skip most of their first-step compile
 #
 #   GRID_COMMIT=$(git rev-parse HEAD) OUT=/tmp/g bash scripts/gpu/grid.sh                  # on the GPU, repo root
 #   EXP=study_16k TIME=540 LANES=2 ONLY="*_low *_mid" OUT=/tmp/g bash scripts/gpu/grid.sh     # two at once, a subset
@@ -17,15 +19,23 @@ TIME=${TIME:-540}
 EXTRA=${EXTRA:-}
 WORK=${WORK:-/tmp/vsa_grid}
 RESULTS=${RESULTS:-docs/study/$EXP}  # the committed ledger
+CACHE=${CACHE:-/tmp/vsa_compile_cache}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export WANDB_MODE=disabled  # the experiment logs to metrics.jsonl only
 mkdir -p "$OUT"
 log_header "grid $EXP" > "$OUT/grid.log"
+if [ -f .compile_cache/cache.tgz ]; then  # an earlier call's caches (same torch and Triton: the record says)
+  mkdir -p "$CACHE" && tar xzf .compile_cache/cache.tgz -C "$CACHE" && echo "compile cache: carried in" >> "$OUT/grid.log"
+fi
 rc=0
 set -f  # ONLY holds globs for the runner, not for the shell
 python -m vsa_train.grid run "$EXP" "$RESULTS" --time "$TIME" --lanes "${LANES:-1}" --work "$WORK" \
   --archive "$OUT/runs.tgz" \
-  --log "$OUT/grid.log" ${ONLY:+--only $ONLY} -- train.compile=true train.compile_cache=/tmp/vsa_compile_cache $EXTRA || rc=$?
+  --log "$OUT/grid.log" ${ONLY:+--only $ONLY} -- train.compile=true train.compile_cache="$CACHE" $EXTRA || rc=$?
 set +f
 (cd "$WORK" && tar czf "$OUT/logs.tgz" ./*.out) 2>/dev/null || true
+if [ -d "$CACHE" ]; then
+  tar czf "$OUT/compile_cache.tgz" -C "$CACHE" . 2>/dev/null || true
+  [ "$(stat -c %s "$OUT/compile_cache.tgz" 2>/dev/null || echo 0)" -le 16000000 ] || rm -f "$OUT/compile_cache.tgz"
+fi
 exit "$rc"

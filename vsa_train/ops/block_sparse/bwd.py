@@ -3,7 +3,7 @@
 No atomics: dQ sums over a query tile's key tiles (q2k index), dK/dV over the query tiles that selected a
 key tile (the k2q index of index.py), each in one program, so results are deterministic.
 
-PAIR (op.TILE_PAIRS): the dQ and dK/dV loops take two tiles per iteration (two key tiles, resp. two query tiles
+PAIR (KernelOptions.tile_pairs): the dQ and dK/dV loops take two tiles per iteration (two key tiles, resp. two query tiles
 of the k2q list), gathered into one block of 128 rows: 64 x 128 products, half the iterations; else one tile.
 """
 import triton
@@ -58,7 +58,7 @@ def block_sparse_bwd_dq_kernel(
     """One program = one query tile: dQ = scale * sum over its key tiles of dS @ K (PAIR: two key tiles per
     iteration, entries c and c + 1 of its index, as in the forward).
 
-    HAS_SHIFT (op.py, CENTER_KEYS): dQ = scale * (sum dS @ (K - kshift) + dLSE kshift), exact because each row
+    HAS_SHIFT (KernelOptions.center_keys): dQ = scale * (sum dS @ (K - kshift) + dLSE kshift), exact because each row
     of dS sums to dLSE (to 0 without an LSE gradient). With keys sharing a large offset, the rounding of dS to
     16 bits, times the offset, is the whole dq error of dS @ K; in dS @ (K - kshift) the offset is gone. It is
     computed as dS @ K - rowsum(dS) kshift on the same rounded dS: the tensor cores' products are exact and their

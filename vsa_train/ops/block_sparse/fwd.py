@@ -1,6 +1,6 @@
 """Triton forward kernel of block-sparse attention over 64-row tiles (online softmax, LSE saved).
 
-PAIR (op.TILE_PAIRS): each loop iteration takes two of the query tile's key tiles at once, one online-softmax
+PAIR (KernelOptions.tile_pairs): each loop iteration takes two of the query tile's key tiles at once, one online-softmax
 update over 128 key columns (64 x 128 products for the tensor cores, half the iterations); else one tile.
 """
 import triton

@@ -20,12 +20,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def device_guard(t: torch.Tensor):
-    """Context that makes t's CUDA device current (a no-op on the CPU)."""
-    # Triton launches on the current CUDA device, which need not be the tensors' one.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 # Config launched per (kernel, head dim, dtype, tile pairing): configs.py's default, or the autotuner's pick under
 # VSA_AUTOTUNE=full. Later launches skip the autotuner's per-call key building.
 _TUNED: dict = {}

@@ -28,6 +28,7 @@ from .launch import KernelOptions
 from .coarse import (
     coarse_attention,
     local_tile_mask,
+    observe_selections,
     q2k_from_mask,
     tile_mean,
     topk_tiles,
@@ -52,6 +53,7 @@ __all__ = [
     "naive_attention",
     "naive_block_sparse_attention",
     "naive_video_sparse_attention",
+    "observe_selections",
     "q2k_from_mask",
     "tile_mean",
     "topk_tiles",

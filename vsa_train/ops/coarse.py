@@ -5,11 +5,29 @@ and tiles: a handful of kernels per call, no Python loop over tiles. The coarse 
 in float32 for half-precision inputs (float64 stays float64); they are tiles x tiles, so this is cheap.
 Selections are returned as the (q2k_index, q2k_count) pair that `block_sparse_attention` takes.
 """
+import contextlib
+
 import torch
 
 from .tiling import TileLayout
 
-__all__ = ["coarse_attention", "local_tile_mask", "q2k_from_mask", "tile_mean", "topk_tiles"]
+__all__ = ["coarse_attention", "local_tile_mask", "observe_selections", "q2k_from_mask", "tile_mean", "topk_tiles"]
+
+# Callbacks that see every top-k selection (observe_selections); empty, the only cost is one truthiness test.
+_OBSERVERS: list = []
+
+
+@contextlib.contextmanager
+def observe_selections(callback):
+    """Within: callback(q2k_index int32 [..., n_q, K], n_kv) is called with every selection `topk_tiles` makes (the
+    VSA op's on either backend, the sparse variants'), e.g. to measure how unevenly key tiles are chosen
+    (`python -m vsa_train.bench skew`). The callback must not modify the index; it runs where the selection is
+    made (inside the Triton op's registered forward under torch.compile)."""
+    _OBSERVERS.append(callback)
+    try:
+        yield
+    finally:
+        _OBSERVERS.remove(callback)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -59,6 +77,9 @@ def topk_tiles(scores: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Ten
     k = min(int(topk), scores.shape[-1])
     index = scores.detach().topk(k, dim=-1, sorted=False).indices.to(torch.int32)  # [..., n_q, K]
     count = torch.full(scores.shape[:-1], k, dtype=torch.int32, device=scores.device)  # [..., n_q]
+    if _OBSERVERS:
+        for callback in _OBSERVERS:
+            callback(index, scores.shape[-1])
     return index, count
 
 

@@ -46,7 +46,7 @@ def tile_mean(x: torch.Tensor, kv_tile_sizes: torch.Tensor) -> torch.Tensor:
     block = S_pad // n
     real = torch.arange(block, device=x.device) < kv_tile_sizes[:, None]  # [n, block]
     # A 0/1 matmul sums exactly the real rows, in the compute dtype: a half-precision sum would be rounded to
-    # half before the division, which flips top-k selections (docs/design.md, "fp32 coarse stage"). Divide
+    # half before the division, which flips top-k selections (docs/design.md, "Selection precision"). Divide
     # afterwards so that 1/size is not rounded either.
     cdt = compute_dtype(x.dtype)
     sums = torch.matmul(real.to(cdt)[:, None, :], x.reshape(B, n, block, H * D).to(cdt))  # [B, n, 1, H*D]
@@ -61,7 +61,7 @@ def coarse_attention(
     # Heads-first views: batched matmuls, with no copy when the means are stored [B, H, n, D] (pool.py).
     q_h, k_h, v_h = (x.transpose(1, 2) for x in (q_c, k_c, v_c))  # [B, H, n, D] each
     # In the means' dtype (fp32 from the Triton pooling), not autocast's bf16: bf16 scores flip top-k selections
-    # (docs/design.md, "fp32 coarse stage"), and the Triton op's backward (vsa_function.py) expects fp32 probs.
+    # (docs/design.md, "Selection precision"), and the Triton op's backward (vsa_function.py) expects fp32 probs.
     with torch.autocast(q_c.device.type, enabled=False):
         scores = torch.matmul(q_h, k_h.transpose(-1, -2)).mul_(scale)  # [B, H, n, n]
         o_c = torch.matmul(scores.softmax(dim=-1), v_h)  # [B, H, n, D]

@@ -4,7 +4,7 @@
 #      outputs and gradients, unit and 16x logits, D = 64 and 128;
 #   2. the timing table (eager and CUDA-graph columns) at 16K D=64, 32K and 48K D=128 tokens;
 #   3. the GPU kernel profile of one full-op fwd+bwd at 16K: per-kernel time, launches, the non-fine share.
-# Everything goes to $OUT/op_speed.log (Markdown tables, for docs/benchmarks.md "VSA op").
+# Everything goes to $OUT/op_speed.log (Markdown tables, for docs/benchmarks.md "VSA op: speed" and "VSA op: accuracy against float64").
 #
 #   OUT=/tmp/ops bash scripts/gpu/op_speed.sh                  # on the GPU, from the repo root
 #   SMOKE=1 OUT=/tmp/ops bash scripts/gpu/op_speed.sh          # CPU smoke run: Triton interpreter, tiny sizes

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Scale-out on one GPU (docs/benchmarks.md "Scale-out: dit_1b and dit_410m on one GPU"): trainer.train_step through
+# Scale-out on one GPU (docs/benchmarks.md "Scale-out on one GPU: dit_1b and dit_410m"): trainer.train_step through
 # `python -m vsa_train.bench step`, regional compilation (train.compile=true), bf16, synthetic_16k (16,384 tokens).
 #   1. dit_1b, batch 2, dense and VSA, for each model.grad_checkpointing policy (selective, full, none): samples/s,
 #      MFU, peak GiB, build and first-step time (the first step is where compilation happens);

@@ -47,12 +47,18 @@ def require_device(tool: str) -> None:
         raise SystemExit("SMOKE=1 runs the Triton kernels on the CPU: set TRITON_INTERPRET=1 too")
 
 
-def card() -> str:
-    """'<card> (<memory> GiB), torch X, triton Y': the first line of every GPU table."""
+def versions() -> dict:
+    """{card, torch, triton, smoke}: what a result was measured on."""
     import triton
 
     if SMOKE:
         name = "CPU smoke run (Triton interpreter)"
     else:
         name = f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
-    return f"{name}, torch {torch.__version__}, triton {triton.__version__}"
+    return {"card": name, "torch": torch.__version__, "triton": triton.__version__, "smoke": SMOKE}
+
+
+def card() -> str:
+    """'<card> (<memory> GiB), torch X, triton Y': the first line of every GPU table."""
+    v = versions()
+    return f"{v['card']}, torch {v['torch']}, triton {v['triton']}"

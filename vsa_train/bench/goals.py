@@ -33,7 +33,7 @@ import torch
 
 from ..ops import KernelOptions
 from . import accuracy, op, step
-from .common import SMOKE, card, positive, require_device
+from .common import SMOKE, card, positive, require_device, versions
 
 MODELS = {"dit_120m": 4, "dit_1b": 2}  # model: batch of the step goals
 # Seconds a unit may take on an H100/H200, compilation included (cold caches): a unit that may not fit in
@@ -281,10 +281,8 @@ def main(argv=None):
     args = parse_args(argv)
     require_device("goals")
     start = time.perf_counter()
-    line = card()
-    versions = {"card": line.split(", torch ")[0], "torch": torch.__version__, "smoke": SMOKE,
-                "triton": line.rsplit("triton ", 1)[1]}
-    print(line)
+    measured_on = versions()
+    print(card())
     print(f"parts {','.join(args.only)}, dit_1b policy {args.dit1b_policy}, steps {args.steps or (2 if SMOKE else 6)}, "
           f"op batch {args.op_batch}, rep {args.rep} ms, budget {args.budget:.0f} s", flush=True)
     signal.signal(signal.SIGTERM, on_sigterm)
@@ -292,7 +290,7 @@ def main(argv=None):
     def save(results, status, rows=None):  # after every unit, so that a SIGKILL still leaves what was measured
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
-            record = {**versions, "args": {k: str(v) for k, v in vars(args).items()}, "goals": rows,
+            record = {**measured_on, "args": {k: str(v) for k, v in vars(args).items()}, "goals": rows,
                       "status": status, "results": jsonable(results)}
             (args.out / "results.json").write_text(json.dumps(record, indent=1, default=str))
 

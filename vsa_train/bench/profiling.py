@@ -1,4 +1,5 @@
-"""Profiling of one training step: torch.compile's phases in the first step, top kernels and aten ops of one step."""
+"""Profiling of one training step: torch.compile's phases in the first step, top kernels and aten ops of one step,
+and their Markdown tables."""
 from pathlib import Path
 
 import torch
@@ -59,36 +60,6 @@ def profile_step(step, device, rows: int = 15, trace: Path | None = None) -> dic
                         for e in top],
             "aten": [{"name": e.key, "ms": total_us(e) / 1e3, "calls": e.count} for e in aten[:rows]],
             "idle": idle}
-
-
-def fmt(x, spec):
-    return "n/a" if x is None else format(x, spec)
-
-
-def _setting(r: dict) -> tuple:
-    """What a row shares with its baseline: the mode and the row's own overrides."""
-    return r["mode"], tuple(r.get("overrides", ()))
-
-
-def table(results: list[dict], baseline: str) -> str:
-    lines = [("| attention | mode | row overrides | batch | step ms | samples/s | speed-up vs dense (same setting) "
-              "| TFLOP/s executed | MFU % | FLOPs/sample executed (dense) | topk / tiles | peak GiB (reserved) "
-              "| build s | first step s | warm-up s |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    base = {_setting(r): r for r in results if r["attn"] == baseline}
-    for r in results:
-        b = base.get(_setting(r))
-        speedup = b["step_ms"] / r["step_ms"] if b else None
-        sel = "all" if r["topk"] is None else f"{r['topk']} / {r['tiles']}"
-        reserved = f" ({r['reserved_GiB']:.1f})" if r.get("reserved_GiB") is not None else ""
-        lines.append(f"| {r['attn']} | {r['mode']} | {' '.join(r.get('overrides', ())) or '-'} | {r['batch']} | "
-                     f"{r['step_ms']:.1f} | {r['samples/s']:.2f} | {fmt(speedup, '.2f') + '×' if speedup else 'n/a'} | "
-                     f"{r['TFLOP/s']:.3g} | "
-                     f"{fmt(r['MFU'] and 100 * r['MFU'], '.1f')} | "
-                     f"{r['flops_per_sample']:.3e} ({r['flops_per_sample_dense']:.3e}) | {sel} | "
-                     f"{fmt(r['peak_GiB'], '.1f')}{reserved} | {r.get('build_s', 0):.0f} | "
-                     f"{r.get('first_step_s', 0):.0f} | {r['warmup_s']:.0f} |")
-    return "\n".join(lines)
 
 
 def profile_tables(r: dict) -> str:

@@ -38,7 +38,7 @@ from hydra import compose, initialize_config_dir
 
 from ..config_schema import CONFIGS
 from ..ops import warm
-from .profiling import compile_phases, profile_step
+from .profiling import compile_phases, profile_step, profile_tables
 
 
 @dataclass
@@ -241,20 +241,6 @@ def table(results: list[dict], baseline: str) -> str:
                      f"{fmt(r['peak_GiB'], '.1f')}{reserved} | {r.get('build_s', 0):.0f} | "
                      f"{r.get('first_step_s', 0):.0f} | {r['warmup_s']:.0f} |")
     return "\n".join(lines)
-
-
-def profile_tables(r: dict) -> str:
-    p = r["profile"]
-    if p is None:
-        return "(no profile: --no-profile)"
-    out = [f"### {r['attn']}, {r['mode']}: one step, {p['total_ms']:.1f} ms of {p['clock']} kernel time",
-           "", "| kernel | ms | share | calls |", "|---|---|---|---|"]
-    out += [f"| `{k['name'][:110]}` | {k['ms']:.2f} | {100 * k['share']:.1f}% | {k['calls']} |" for k in p["kernels"]]
-    out += ["", "| aten op (incl. the kernels it launches) | ms | calls |", "|---|---|---|"]
-    out += [f"| `{a['name']}` | {a['ms']:.2f} | {a['calls']} |" for a in p["aten"]]
-    if p.get("idle"):
-        out += ["", "Where the GPU sat idle in that step:", "", p["idle"]]
-    return "\n".join(out)
 
 
 def parse_rows(text: str) -> list[list[str]]:

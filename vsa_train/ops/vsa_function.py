@@ -10,11 +10,11 @@ training run the same code; eager mode alone skips the custom ops' per-call disp
 import torch
 
 from . import warm
-from .block_sparse.index import build_k2q_index
+from .block_sparse.index import k2q_index_if
 from .block_sparse.launch import block_sparse_bwd_triton, block_sparse_fwd_triton, key_shift_from_tile_means
 from .coarse import topk_tiles
 from .gating import gated_combine_bwd, gated_combine_fwd
-from .launch import device_guard, eager_or_registered
+from .launch import eager_or_registered
 from .pool import tile_means_bwd, tile_means_fwd
 
 __all__ = ["VideoSparseAttentionFunction"]
@@ -38,11 +38,7 @@ def vsa_forward(q, k, v, gate_coarse, gate_fine, kv_tile_sizes, raster_tokens, o
     q2k_index, q2k_count = topk_tiles(scores, topk)  # [B, H, n, K], [B, H, n]
     o_fine, lse = block_sparse_fwd_triton(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale, pair, poison)
     out = gated_combine_fwd(o_coarse.transpose(1, 2), o_fine, gate_coarse, gate_fine, raster_tokens, out_len, poison)
-    if need_grad:  # the key->query index only serves the backward
-        with device_guard(q):
-            k2q_offsets, k2q_q_tiles = build_k2q_index(q2k_index, q2k_count, kv_tile_sizes.shape[0])
-    else:  # two distinct tensors: a custom op's outputs must not alias each other
-        k2q_offsets, k2q_q_tiles = q2k_index.new_empty(0), q2k_index.new_empty(0)
+    k2q_offsets, k2q_q_tiles = k2q_index_if(need_grad, q2k_index, q2k_count, kv_tile_sizes.shape[0])
     return out, means, probs, o_coarse, o_fine, lse, q2k_index, q2k_count, k2q_offsets, k2q_q_tiles
 
 

@@ -7,8 +7,8 @@ as a torch custom op (with a fake for shapes), which is what the Function calls 
 import torch
 
 from .. import warm
-from ..launch import device_guard, eager_or_registered
-from .index import build_k2q_index
+from ..launch import eager_or_registered
+from .index import k2q_index_if
 from .launch import block_sparse_bwd_triton, block_sparse_fwd_triton
 
 __all__ = ["BlockSparseAttentionFunction"]
@@ -19,12 +19,7 @@ def block_sparse_forward(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale: fl
     """(out, lse, k2q_offsets, k2q_q_tiles); the key->query index only when a backward will follow."""
     warm.wait(grad=build_k2q)  # not while a warm-up compiles these kernels (ops/warm.py)
     out, lse = block_sparse_fwd_triton(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale, pair, poison)
-    if build_k2q:
-        with device_guard(q):
-            k2q_offsets, k2q_q_tiles = build_k2q_index(q2k_index, q2k_count, kv_tile_sizes.shape[0])
-    else:  # two distinct tensors: a custom op's outputs must not alias each other
-        k2q_offsets, k2q_q_tiles = q2k_index.new_empty(0), q2k_index.new_empty(0)
-    return out, lse, k2q_offsets, k2q_q_tiles
+    return out, lse, *k2q_index_if(build_k2q, q2k_index, q2k_count, kv_tile_sizes.shape[0])
 
 
 @torch.library.custom_op("vsa_train::block_sparse_fwd", mutates_args=())

@@ -21,6 +21,7 @@ from ..ops import (
     topk_tiles,
     video_sparse_attention,
 )
+from ..ops.launch import BLOCK
 from ..ops.pool import tile_means_fwd
 from .common import DEVICE, SMOKE, options_label, rel_err
 
@@ -36,12 +37,12 @@ def check_fine_stage(dtype, D, qk_mul, options: KernelOptions, B=2, H=4, n_tiles
     if SMOKE:  # the Triton interpreter is slow: the smallest problem with ragged counts
         B, H, n_tiles, K = 1, 1, 4, 2
     g = torch.Generator(device=DEVICE).manual_seed(0)
-    S = n_tiles * 64
+    S = n_tiles * BLOCK
     q, k, v = ((torch.randn(B, H, S, D, device=DEVICE, generator=g) * m).to(dtype).transpose(1, 2)
                for m in (qk_mul, qk_mul, 1.0))
     index = torch.rand(B, H, n_tiles, n_tiles, device=DEVICE, generator=g).argsort(-1)[..., :K].int()
     count = torch.randint(1, K + 1, (B, H, n_tiles), device=DEVICE, generator=g, dtype=torch.int32)
-    sizes = torch.randint(1, 65, (n_tiles,), device=DEVICE, generator=g, dtype=torch.int32)
+    sizes = torch.randint(1, BLOCK + 1, (n_tiles,), device=DEVICE, generator=g, dtype=torch.int32)
     g_out = torch.randn(B, S, H, D, device=DEVICE, generator=g)
 
     results = []

@@ -34,6 +34,7 @@ from ..ops import (
     video_sparse_attention_tiled,
 )
 from ..ops.block_sparse import launch as block_sparse_launch
+from ..ops.launch import BLOCK
 from . import accuracy, skew
 from .common import DEVICE, SMOKE, card, options_label, pair_options, positive, require_device
 from .timing import bench_ms, kernel_profile, time_fwd_bwd
@@ -68,7 +69,7 @@ def make_inputs(name: str, batch: int, skew_: float) -> dict:
         index, count = topk_tiles(coarse_attention(q_c, k_c, k_c, D ** -0.5)[1], topk)
     return {"video": video, "D": D, "heads": heads, "dtype": dtype, "layout": layout, "topk": topk,
             "inputs": inputs, "tiled": tiled, "sizes": sizes, "index": index, "count": count, "batch": batch,
-            "fine_flops": 4 * S * topk * 64 * D * heads * batch, "dense_flops": 4 * S * S * D * heads * batch}
+            "fine_flops": 4 * S * topk * BLOCK * D * heads * batch, "dense_flops": 4 * S * S * D * heads * batch}
 
 
 def op_rows(x: dict, options) -> list:
@@ -197,10 +198,10 @@ def flex_rows(q, k, v, q2k_index, fine_out, rep_ms):
     chosen.scatter_(-1, q2k_index.long(), True)
 
     def tile_mask(b, h, q_idx, kv_idx):  # only consulted by eager flex; the compiled kernel reads the blocks
-        return chosen[b, h, q_idx // 64, kv_idx // 64]
+        return chosen[b, h, q_idx // BLOCK, kv_idx // BLOCK]
 
     # Every selected block is full (video sides are multiples of 4), so all go in the "full" lists.
-    mask = BlockMask.from_kv_blocks(torch.zeros_like(num), kv_indices, num, kv_indices, BLOCK_SIZE=64,
+    mask = BlockMask.from_kv_blocks(torch.zeros_like(num), kv_indices, num, kv_indices, BLOCK_SIZE=BLOCK,
                                     mask_mod=tile_mask)
     flex = torch.compile(flex_attention, dynamic=False)
     qh, kh, vh = (t.transpose(1, 2).detach().requires_grad_() for t in (q, k, v))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Time to the first compiled step (issue 9's goal: <= 30 s for dit_1b on the H200), cold and warm: the same bench
-# row (scripts/bench_train_step.py, train.compile=true, one fresh process each) first with empty inductor and
+# row (`python -m vsa_train.bench step`, train.compile=true, one fresh process each) first with empty inductor and
 # Triton caches (a new node), then again with the caches the first process left (a requeue or the next job of a
 # sweep, when the caches sit on a shared disk: train.compile_cache). Each row prints the build time, the first
 # step's time and torch.compile's phases in it. TRITON_PRINT_AUTOTUNING=1 prints the VSA kernels' autotuning
@@ -30,9 +30,9 @@ cache=${CACHE:-$(mktemp -d /tmp/vsa_compile_cache.XXXX)}  # outside $OUT: caches
 [ -z "$(ls -A "$cache" 2>/dev/null)" ] || { echo "CACHE=$cache is not empty: the first row would not be cold" >&2; exit 2; }
 export TORCHINDUCTOR_CACHE_DIR="$cache/inductor" TRITON_CACHE_DIR="$cache/triton"
 for caches in cold warm; do
-  echo -e "\n## $caches caches: python scripts/bench_train_step.py ${args[*]} --rows ${ROW:-vsa:compile}\n" >> "$LOG"
+  echo -e "\n## $caches caches: python -m vsa_train.bench step ${args[*]} --rows ${ROW:-vsa:compile}\n" >> "$LOG"
   rc=0
-  timeout -k 5 "${LIMIT:-200}" python -u scripts/bench_train_step.py "${args[@]}" --no-profile \
+  timeout -k 5 "${LIMIT:-200}" python -u -m vsa_train.bench step "${args[@]}" --no-profile \
     --rows "${ROW:-vsa:compile}" >> "$LOG" 2>&1 || rc=$?
   echo "exit code: $rc" >> "$LOG"
 done

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The largest batch that trains in a memory cap: tries the given batches in order, largest first, each in its own
-# capped process (scripts/bench_train_step.py --memory-cap-gib), and stops at the first that runs its steps.
+# capped process (`python -m vsa_train.bench step --memory-cap-gib`), and stops at the first that runs its steps.
 # Rows and errors go to $OUT/largest_batch.log.
 #
 #   OUT=/tmp/lb bash scripts/gpu/largest_batch.sh dit_1b vsa full 80 21 20 19     # model attn policy GiB batches...
@@ -14,7 +14,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=disabled
 echo "## largest $model $attn batch with model.grad_checkpointing=$policy under $cap GiB" >> "$LOG"
 for batch in "$@"; do
   out="$OUT/b$batch"
-  python -u scripts/bench_train_step.py --model "$model" --data "${DATA:-synthetic_16k}" --batch "$batch" \
+  python -u -m vsa_train.bench step --model "$model" --data "${DATA:-synthetic_16k}" --batch "$batch" \
     --warmup 1 --steps 1 --no-profile --memory-cap-gib "$cap" --rows "$attn:compile:model.grad_checkpointing=$policy" \
     --out "$out" > "$out.log" 2>&1
   grep -E '^(done|FAILED)' "$out.log" | cut -c1-400 >> "$LOG"

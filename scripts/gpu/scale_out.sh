@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Scale-out on one GPU (docs/benchmarks.md "Scale-out: dit_1b and dit_410m on one GPU"): trainer.train_step through
-# scripts/bench_train_step.py, regional compilation (train.compile=true), bf16, synthetic_16k (16,384 tokens).
+# Scale-out on one GPU (docs/benchmarks.md "Scale-out on one GPU: dit_1b and dit_410m"): trainer.train_step through
+# `python -m vsa_train.bench step`, regional compilation (train.compile=true), bf16, synthetic_16k (16,384 tokens).
 #   1. dit_1b, batch 2, dense and VSA, for each model.grad_checkpointing policy (selective, full, none): samples/s,
 #      MFU, peak GiB, build and first-step time (the first step is where compilation happens);
 #   2. dit_410m, batch 4, dense and VSA (none, then selective);
@@ -36,9 +36,9 @@ fi
 
 part() {  # part NAME SECONDS ARGS...: one bench process, its output in the log, stopped at SECONDS
   local name=$1 limit=$2; shift 2
-  echo -e "\n## $name\n\ncommand: python scripts/bench_train_step.py $*\n" >> "$LOG"
+  echo -e "\n## $name\n\ncommand: python -m vsa_train.bench step $*\n" >> "$LOG"
   local rc=0
-  timeout -k 5 "$limit" python -u scripts/bench_train_step.py --budget "$((limit - 20))" "$@" >> "$LOG" 2>&1 || rc=$?
+  timeout -k 5 "$limit" python -u -m vsa_train.bench step --budget "$((limit - 20))" "$@" >> "$LOG" 2>&1 || rc=$?
   echo "exit code: $rc$([ "$rc" = 124 ] && echo " (stopped after $limit s: rows above are complete, later ones missing)")" >> "$LOG"
 }
 

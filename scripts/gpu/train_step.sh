@@ -26,9 +26,9 @@ else
   args=(--batch "${BATCH:-4}" --steps "${STEPS:-20}" --warmup 2 --budget "${BUDGET:-195}")
   limit=$(( ${BUDGET:-195} + 15 ))
 fi
-echo "command: python scripts/bench_train_step.py ${args[*]} --out $OUT/results" >> "$LOG"
+echo "command: python -m vsa_train.bench step ${args[*]} --out $OUT/results" >> "$LOG"
 rc=0
-timeout -k 5 "$limit" python scripts/bench_train_step.py "${args[@]}" --out "$OUT/results" >> "$LOG" 2>&1 || rc=$?
+timeout -k 5 "$limit" python -m vsa_train.bench step "${args[@]}" --out "$OUT/results" >> "$LOG" 2>&1 || rc=$?
 echo "exit code: $rc$([ "$rc" = 124 ] && echo ' (timed out: rows above are complete, later ones missing)')" >> "$LOG"
 if [ -d "$OUT/results" ]; then
   tar -czf "$OUT/train_step.tgz" -C "$OUT" results && rm -rf "$OUT/results"

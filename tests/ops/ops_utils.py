@@ -1,6 +1,8 @@
 """Helpers shared by the ops tests (import as `from ops_utils import ...`; pytest puts tests/ops on sys.path)."""
 import torch
 
+from vsa_train.ops import KernelOptions
+
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative error ||a - b|| / ||b||, computed in float64 (b is the reference)."""
@@ -26,3 +28,7 @@ def output_and_grads(fn, inputs: dict, dtype: torch.dtype, seed=1):
     cotangent = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
     out.backward(cotangent)
     return out.detach(), {n: x.grad for n, x in leaves.items()}
+
+
+# Every kernel output starts as NaN, so that an element a kernel fails to write fails the test.
+POISON = KernelOptions(poison_outputs=True)

@@ -1,26 +1,22 @@
 """Triton block-sparse kernels (under TRITON_INTERPRET=1 on CPU) against the float64 naive mask reference.
 
-Tests taking the `tile_pairs` fixture (conftest.py) run both loop variants of the kernels: one 64-row tile per
-iteration and two (op.TILE_PAIRS), whose odd counts leave an empty second slot in the last iteration.
+Tests taking the `options` fixture (conftest.py) run both loop variants of the kernels: one 64-row tile per
+iteration and two (KernelOptions.tile_pairs), whose odd counts leave an empty second slot in the last iteration.
+Every Triton call poisons its outputs with NaN (KernelOptions.poison_outputs), so an unwritten element fails.
 """
 import math
 
 import pytest
 import torch
+from ops_utils import POISON
 
+from vsa_train.ops import KernelOptions
 from vsa_train.ops.block_sparse import block_sparse_attention
 from vsa_train.ops.block_sparse import index as index_module
-from vsa_train.ops.block_sparse import op as bs_op
+from vsa_train.ops.block_sparse.function import block_sparse_bwd_op, block_sparse_fwd_op
 from vsa_train.ops.block_sparse.index import build_k2q_index
+from vsa_train.ops.launch import BLOCK as TILE
 from vsa_train.ops.naive import naive_block_sparse_attention
-
-TILE = 64
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    """Every kernel output starts as NaN, so an element a kernel fails to write fails the test."""
-    monkeypatch.setattr(bs_op, "POISON_OUTPUTS", True)
 
 
 def make_problem(B, H, n_tiles, K, D, dtype, qk_mul=1.0, ragged=True, odd_sizes=True, strided=False, seed=0):
@@ -62,11 +58,11 @@ CASES = [  # B, H, n_tiles, K, D, dtype, qk_mul, ragged, odd_sizes, strided
 
 
 @pytest.mark.parametrize("B,H,n_tiles,K,D,dtype,qk_mul,ragged,odd_sizes,strided", CASES)
-def test_triton_matches_float64(B, H, n_tiles, K, D, dtype, qk_mul, ragged, odd_sizes, strided, tile_pairs):
+def test_triton_matches_float64(B, H, n_tiles, K, D, dtype, qk_mul, ragged, odd_sizes, strided, options):
     q, k, v, index, count, sizes = make_problem(B, H, n_tiles, K, D, dtype, qk_mul, ragged, odd_sizes, strided)
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     scale = 1 / math.sqrt(D)
-    out, lse = block_sparse_attention(q, k, v, index, count, sizes, backend="triton")
+    out, lse = block_sparse_attention(q, k, v, index, count, sizes, backend="triton", options=options)
     assert out.dtype == dtype and lse.dtype == torch.float32
     assert out.shape == q.shape and lse.shape == (B, H, n_tiles * TILE)
     g_out = torch.randn_like(out, dtype=torch.float64)
@@ -109,10 +105,10 @@ def edge_problem(D, dtype, qk_mul=1.0):
     return q.to(dtype), k.to(dtype), v.to(dtype), index, count, sizes
 
 
-def triton_outputs_and_grads(q, k, v, index, count, sizes, seed=5):
+def triton_outputs_and_grads(q, k, v, index, count, sizes, options, seed=5):
     """Triton out, lse, dq, dk, dv (backpropagated through out and lse), and the cotangents used."""
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    out, lse = block_sparse_attention(q, k, v, index, count, sizes, backend="triton")
+    out, lse = block_sparse_attention(q, k, v, index, count, sizes, backend="triton", options=options)
     g = torch.Generator().manual_seed(seed)
     g_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
     g_lse = torch.randn(lse.shape, generator=g, dtype=torch.float64)
@@ -121,9 +117,9 @@ def triton_outputs_and_grads(q, k, v, index, count, sizes, seed=5):
 
 
 @pytest.mark.parametrize("D,dtype,qk_mul", [(64, torch.float32, 4.0), (128, torch.float16, 1.0)])
-def test_edge_selection_matches_float64(D, dtype, qk_mul, tile_pairs):
+def test_edge_selection_matches_float64(D, dtype, qk_mul, options):
     q, k, v, index, count, sizes = edge_problem(D, dtype, qk_mul)
-    got, (g_out, g_lse) = triton_outputs_and_grads(q, k, v, index, count, sizes)
+    got, (g_out, g_lse) = triton_outputs_and_grads(q, k, v, index, count, sizes, options)
     ref_in = [t.double().requires_grad_() for t in (q, k, v)]
     ref_out, ref_lse = naive_block_sparse_attention(*ref_in, index, count, sizes, 1 / math.sqrt(D))
     ((ref_out * g_out).sum() + (ref_lse * g_lse).sum()).backward()
@@ -138,7 +134,7 @@ def test_edge_selection_matches_float64(D, dtype, qk_mul, tile_pairs):
 
 
 @pytest.mark.parametrize("problem", ["edge", "random"])
-def test_tile_pairs_equal_one_tile(problem, monkeypatch):
+def test_tile_pairs_equal_one_tile(problem):
     """fp32: the two loop variants differ by rounding only (another summation order, and exp arguments rounded
     against another running max: at 16x logits |scale * s - m| reaches ~50, so one rounding of it moves p by
     ~3e-6 relative; a wrong pairing is off by 1e-2 or more)."""
@@ -148,28 +144,28 @@ def test_tile_pairs_equal_one_tile(problem, monkeypatch):
         inputs = make_problem(1, 1, 5, 5, 128, torch.float32, qk_mul=4.0, strided=True)  # odd counts, K = 5
     results = {}
     for pairs in (False, True):
-        monkeypatch.setattr(bs_op, "TILE_PAIRS", pairs)
-        results[pairs] = triton_outputs_and_grads(*inputs)[0]
+        results[pairs] = triton_outputs_and_grads(*inputs, KernelOptions(tile_pairs=pairs, poison_outputs=True))[0]
     for name, got, ref in zip(("out", "lse", "dq", "dk", "dv"), results[True], results[False]):
         assert rel_err(got, ref.double()) < 5e-6, (name, rel_err(got, ref.double()))
 
 
-def test_tile_pairs_auto_pairs_head_dim_64_only(monkeypatch):
+def test_tile_pairs_auto_pairs_head_dim_64_only():
     """The default: pairs where they were measured faster (D=64), one tile where they spill (D=128)."""
-    assert bs_op.TILE_PAIRS == "auto"
-    assert bs_op.tile_pairs(64) and not bs_op.tile_pairs(128)
-    monkeypatch.setattr(bs_op, "TILE_PAIRS", False)
-    assert not bs_op.tile_pairs(64)
-    monkeypatch.setattr(bs_op, "TILE_PAIRS", True)
-    assert bs_op.tile_pairs(128)
+    assert KernelOptions().tile_pairs is None
+    assert KernelOptions().pairs(64) and not KernelOptions().pairs(128)
+    assert not KernelOptions(tile_pairs=False).pairs(64)
+    assert KernelOptions(tile_pairs=True).pairs(128)
+    with pytest.raises(TypeError, match="tile_pairs"):
+        KernelOptions(tile_pairs="auto")
 
 
 def test_forward_without_grad():
     """Eval runs under no_grad: no k2q index is built, and the output is the same."""
     q, k, v, index, count, sizes = make_problem(1, 2, 4, 2, 64, torch.float32)
     with torch.no_grad():
-        out, lse = block_sparse_attention(q, k, v, index, count, sizes, backend="triton")
-    ref, ref_lse = block_sparse_attention(q.requires_grad_(), k, v, index, count, sizes, backend="triton")
+        out, lse = block_sparse_attention(q, k, v, index, count, sizes, backend="triton", options=POISON)
+    ref, ref_lse = block_sparse_attention(q.requires_grad_(), k, v, index, count, sizes, backend="triton",
+                                          options=POISON)
     assert torch.equal(out, ref.detach()) and torch.equal(lse, ref_lse.detach())
 
 
@@ -178,7 +174,7 @@ def test_backward_is_deterministic():
     grads = []
     for _ in range(2):
         qkv = [t.detach().requires_grad_() for t in (q, k, v)]
-        out, _ = block_sparse_attention(*qkv, index, count, sizes, backend="triton")
+        out, _ = block_sparse_attention(*qkv, index, count, sizes, backend="triton", options=POISON)
         out.backward(torch.ones_like(out))
         grads.append([t.grad for t in qkv])
     for a, b in zip(*grads):
@@ -190,7 +186,7 @@ def test_matches_torch_reference():
     results = []
     for backend in ("triton", "torch"):
         qkv = [t.detach().requires_grad_() for t in (q, k, v)]
-        out, lse = block_sparse_attention(*qkv, index, count, sizes, backend=backend)
+        out, lse = block_sparse_attention(*qkv, index, count, sizes, backend=backend, options=POISON)
         out.backward(torch.cos(torch.arange(out.numel(), dtype=out.dtype)).view_as(out))
         results.append([out, lse] + [t.grad for t in qkv])
     for got, ref in zip(*results):
@@ -214,12 +210,13 @@ def test_k2q_index_inverts_q2k(monkeypatch, n, K, ragged, block):
             assert offsets[b, h, 0] == 0 and offsets[b, h, n] == count[b, h].sum()
 
 
-def test_custom_op_compiles_without_graph_break():
+def test_compiles_without_graph_break():
+    """torch.compile traces the same Function as eager mode (its bodies as opaque registered ops): same grads."""
     q, k, v, index, count, sizes = make_problem(1, 1, 3, 2, 64, torch.float32)
     qkv = [t.detach().requires_grad_() for t in (q, k, v)]
 
     def loss_fn(q, k, v):
-        out, lse = block_sparse_attention(q, k, v, index, count, sizes, backend="triton")
+        out, lse = block_sparse_attention(q, k, v, index, count, sizes, backend="triton", options=POISON)
         return out.square().sum() + lse.sum()
 
     compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
@@ -231,9 +228,14 @@ def test_custom_op_compiles_without_graph_break():
 
 
 def test_opcheck():
+    """The registered forward and backward ops (what torch.compile sees): schema and fake shapes match the real ones."""
     q, k, v, index, count, sizes = make_problem(1, 1, 2, 2, 64, torch.float32)
-    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), index, count, sizes, 0.125, True)
-    torch.library.opcheck(bs_op.block_sparse_fwd, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    args = (q, k, v, index, count, sizes, 0.125, True, True, False)
+    torch.library.opcheck(block_sparse_fwd_op, args, test_utils=("test_schema", "test_faketensor"))
+    out, lse, offsets, q_tiles = block_sparse_fwd_op(*args)
+    bwd_args = (torch.randn_like(out), torch.randn_like(lse), q, k, v, out, lse, index, count, offsets, q_tiles, sizes,
+                0.125, torch.zeros(1, 1, 64), True, False)
+    torch.library.opcheck(block_sparse_bwd_op, bwd_args, test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("mutate,error", [
@@ -256,3 +258,13 @@ def test_bad_input_raises(mutate, error):
     mutate(args)
     with pytest.raises((ValueError, TypeError), match=error):
         block_sparse_attention(**args)
+
+
+def test_poisoned_outputs_start_as_nan():
+    """What the poisoning tests rely on: with poison_outputs, a kernel output no kernel writes stays NaN."""
+    from vsa_train.ops.launch import new_output
+
+    assert torch.isnan(new_output((2, 3), torch.float16, torch.device("cpu"), poison=True)).all()
+    q, k, v, index, count, sizes = make_problem(1, 1, 2, 1, 64, torch.float32, ragged=False)
+    out, _ = block_sparse_attention(q, k, v, index, count, sizes, backend="triton", options=POISON)
+    assert torch.isfinite(out).all()

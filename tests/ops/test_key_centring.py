@@ -1,12 +1,12 @@
-"""Issue #12: the Triton dQ multiplies dS by keys centred by their per-(batch, head) mean (CENTER_KEYS), computed in
+"""Issue #12: the Triton dQ multiplies dS by keys centred by their per-(batch, head) mean (KernelOptions.center_keys), computed in
 the kernel as dS @ K - rowsum(dS) mean on the same rounded dS.
 
 Keys sharing a large offset (k = randn + 8 u, u a fixed random vector per head, as in trained models) make the
 16-bit dS @ K of dQ cancel badly; dS @ (K - mean) is exact (each row of dS sums to dLSE, whose term is added
 back) and well conditioned. Checked against the float64 naive references, against the uncentred kernels
-(CENTER_KEYS cleared: the forward, dK and dV must be bitwise unchanged, dQ at least twice as accurate in fp16),
-on edge tiles, with the LSE gradient, for the fine stage (both kernel loop variants: the `tile_pairs` fixture of
-conftest.py) and for the whole op on both of its paths (default loop variant).
+(center_keys=False: the forward, dK and dV must be bitwise unchanged, dQ at least twice as accurate in fp16),
+on edge tiles, with the LSE gradient, for the fine stage (both kernel loop variants: the `options` fixture of
+conftest.py) and for the whole op (default loop variant). Every kernel output starts as NaN (poison_outputs).
 """
 import math
 
@@ -14,19 +14,15 @@ import pytest
 import torch
 from ops_utils import output_and_grads, rel_err
 
-from vsa_train.ops import TileLayout, naive_video_sparse_attention, video_sparse_attention, vsa
+from dataclasses import replace
+
+from vsa_train.ops import KernelOptions, TileLayout, naive_video_sparse_attention, video_sparse_attention
 from vsa_train.ops.block_sparse import block_sparse_attention
-from vsa_train.ops.block_sparse import op as bs_op
+from vsa_train.ops.block_sparse.launch import key_shift, key_shift_from_tile_means
+from vsa_train.ops.launch import BLOCK as TILE
 from vsa_train.ops.naive import naive_block_sparse_attention
 
-TILE = 64
 OFFSET = 8.0
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    """Every kernel output starts as NaN, so an element a kernel fails to write fails the test."""
-    monkeypatch.setattr(bs_op, "POISON_OUTPUTS", True)
 
 
 def offset_inputs(B, S, H, D, names=("q", "k", "v"), qk_mul=1.0, seed=0) -> dict:
@@ -46,16 +42,15 @@ def test_key_shift_is_mean_of_real_rows():
     k[:, ~real] = 1e4  # pad rows hold anything finite: never averaged
     expected = k[:, real].mean(1)  # [B, H, D]
     for dtype in (torch.float32, torch.float16):
-        shift = bs_op.key_shift(k.to(dtype), sizes)
+        shift = key_shift(k.to(dtype), sizes)
         assert shift.dtype == torch.float32 and shift.shape == (2, 3, 64)
         assert rel_err(shift, expected) < (1e-6 if dtype == torch.float32 else 2e-3)
     tile_means = torch.stack([k[:, i * TILE:i * TILE + int(s)].mean(1) for i, s in enumerate(sizes)], 2)  # [B, H, n, D]
-    assert rel_err(bs_op.key_shift_from_tile_means(tile_means.float(), sizes), expected) < 1e-6
+    assert rel_err(key_shift_from_tile_means(tile_means.float(), sizes), expected) < 1e-6
 
 
-def _fine_stage(dtype, D, qk_mul, center, monkeypatch):
+def _fine_stage(dtype, D, qk_mul, options):
     """block_sparse_attention (Triton) on offset keys with edge tiles, backpropagated through out and lse."""
-    monkeypatch.setattr(bs_op, "CENTER_KEYS", center)
     B, H, n = 1, 2, 5
     x = offset_inputs(B, n * TILE, H, D, qk_mul=qk_mul)
     g = torch.Generator().manual_seed(3)
@@ -66,7 +61,7 @@ def _fine_stage(dtype, D, qk_mul, center, monkeypatch):
     x["k"][:, ~real] = 3e4  # finite pad rows, far off: never attended, never averaged
     leaves = {name: t.to(dtype).requires_grad_() for name, t in x.items()}
     out, lse = block_sparse_attention(**leaves, q2k_index=index, q2k_count=count, kv_tile_sizes=sizes,
-                                      backend="triton")
+                                      backend="triton", options=options)
     g_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
     g_lse = torch.randn(lse.shape, generator=g, dtype=torch.float64)
     ((out.double() * g_out).sum() + (lse.double() * g_lse).sum()).backward()
@@ -86,9 +81,9 @@ def _fine_stage(dtype, D, qk_mul, center, monkeypatch):
     (torch.float16, 128, 4.0),  # 16x logits
     (torch.float32, 64, 4.0),
 ])
-def test_fine_stage_offset_keys(dtype, D, qk_mul, monkeypatch, tile_pairs):
-    base, base_err = _fine_stage(dtype, D, qk_mul, False, monkeypatch)
-    got, err = _fine_stage(dtype, D, qk_mul, True, monkeypatch)
+def test_fine_stage_offset_keys(dtype, D, qk_mul, options):
+    base, base_err = _fine_stage(dtype, D, qk_mul, replace(options, center_keys=False))
+    got, err = _fine_stage(dtype, D, qk_mul, options)
     # Only dQ changes: the forward, dK and dV are the same kernels on the same inputs.
     for name in ("out", "lse", "dk", "dv"):
         assert torch.equal(got[name], base[name]), name
@@ -101,7 +96,7 @@ def test_fine_stage_offset_keys(dtype, D, qk_mul, monkeypatch, tile_pairs):
         assert err["dq"] <= base_err["dq"], (err["dq"], base_err["dq"])
 
 
-def test_fine_stage_explicit_shift_any_vector(monkeypatch, tile_pairs):
+def test_fine_stage_explicit_shift_any_vector(options):
     """dQ is exact for any shift (here a random one, with an LSE gradient): fp32 matches the reference."""
     B, H, n, D = 1, 1, 3, 64
     x = offset_inputs(B, n * TILE, H, D)
@@ -111,7 +106,7 @@ def test_fine_stage_explicit_shift_any_vector(monkeypatch, tile_pairs):
     shift = torch.randn(B, H, D, generator=torch.Generator().manual_seed(7)) * 5
     leaves = {name: t.float().requires_grad_() for name, t in x.items()}
     out, lse = block_sparse_attention(**leaves, q2k_index=index, q2k_count=count, kv_tile_sizes=sizes,
-                                      backend="triton", key_shift=shift)
+                                      backend="triton", key_shift=shift, options=options)
     (out.square().sum() + lse.sin().sum()).backward()
     ref = {name: t.detach().float().double().requires_grad_() for name, t in x.items()}
     ref_out, ref_lse = naive_block_sparse_attention(ref["q"], ref["k"], ref["v"], index, count, sizes)
@@ -126,14 +121,13 @@ def test_fine_stage_explicit_shift_any_vector(monkeypatch, tile_pairs):
 NAMES = ("q", "k", "v", "gate_coarse", "gate_fine")
 
 
-def _vsa(dtype, center, eager, monkeypatch):
-    monkeypatch.setattr(bs_op, "CENTER_KEYS", center)
-    monkeypatch.setattr(vsa, "EAGER_FUNCTION", eager)
+def _vsa(dtype, center):
+    options = KernelOptions(center_keys=center, poison_outputs=True)
     layout = TileLayout((3, 5, 9))  # 6 tiles, edge tiles among them
     x = offset_inputs(1, layout.seq_len, 2, 64, NAMES, seed=5)
 
     def op(**t):
-        return video_sparse_attention(**t, video_shape=layout.video_shape, topk=2, backend="triton")
+        return video_sparse_attention(**t, video_shape=layout.video_shape, topk=2, backend="triton", options=options)
 
     out, grads = output_and_grads(op, x, dtype)
     ref, ref_grads = output_and_grads(lambda **t: naive_video_sparse_attention(
@@ -146,24 +140,22 @@ def _vsa(dtype, center, eager, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_vsa_offset_keys(dtype, monkeypatch):
-    """Whole op, eager Function and custom-op path: dq better than uncentred, the rest unchanged."""
-    base, base_err = _vsa(dtype, False, True, monkeypatch)
+def test_vsa_offset_keys(dtype):
+    """Whole op: dq better than uncentred, the rest bitwise unchanged."""
+    base, base_err = _vsa(dtype, False)
     tol = 5e-5 if dtype == torch.float32 else 5e-3
-    for eager in (True, False):
-        got, err = _vsa(dtype, True, eager, monkeypatch)
-        for name in ("out", "k", "v", "gate_coarse", "gate_fine"):
-            if eager:
-                assert torch.equal(got[name], base[name]), name
-        for name, e in err.items():
-            assert e < tol, (eager, name, e)
-        if dtype == torch.float16:
-            assert err["q"] <= 0.5 * base_err["q"], (eager, err["q"], base_err["q"])
-        else:
-            assert err["q"] <= base_err["q"] * 1.01, (eager, err["q"], base_err["q"])
+    got, err = _vsa(dtype, True)
+    for name in ("out", "k", "v", "gate_coarse", "gate_fine"):
+        assert torch.equal(got[name], base[name]), name
+    for name, e in err.items():
+        assert e < tol, (name, e)
+    if dtype == torch.float16:
+        assert err["q"] <= 0.5 * base_err["q"], (err["q"], base_err["q"])
+    else:
+        assert err["q"] <= base_err["q"] * 1.01, (err["q"], base_err["q"])
 
 
-def _fp16_dq_with_offset(offset, D, with_lse):
+def _fp16_dq_with_offset(offset, D, with_lse, options):
     """fp16 dq of the Triton fine stage and its float64 reference, for keys K0 + c: K0 multiples of 1/16, c an
     integer vector per head with |c| <= offset, so K0 + c is exact in fp16 and the problems for two offsets differ
     only by a key shift (softmax ignores it; dq gains the exact dLSE * scale * c). Edge tiles, pad rows 3e4, odd
@@ -183,7 +175,7 @@ def _fp16_dq_with_offset(offset, D, with_lse):
     g_lse = torch.randn(B, H, n * TILE, generator=g, dtype=torch.float64)
     leaves = [t.to(torch.float16).requires_grad_() for t in (q, k, v)]
     assert torch.equal(leaves[1].double()[:, real], k[:, real])  # exact in fp16
-    out, lse = block_sparse_attention(*leaves, index, count, sizes, backend="triton")
+    out, lse = block_sparse_attention(*leaves, index, count, sizes, backend="triton", options=options)
     ((out.double() * g_out).sum() + ((lse.double() * g_lse).sum() if with_lse else 0)).backward()
     ref = [t.detach().double().requires_grad_() for t in leaves]
     ref_out, ref_lse = naive_block_sparse_attention(*ref, index, count, sizes, 1 / math.sqrt(D))
@@ -194,11 +186,11 @@ def _fp16_dq_with_offset(offset, D, with_lse):
 
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("with_lse", [False, True])
-def test_dq_error_does_not_grow_with_key_offset(D, with_lse, tile_pairs):
+def test_dq_error_does_not_grow_with_key_offset(D, with_lse, options):
     """The centred dQ (rounded dS @ K minus its row sums times the shift, in the kernel) is as accurate with keys
     60 units off centre as with centred ones. Catches row sums of the unrounded dS (~20x) and a dropped term."""
-    dq0, ref0 = _fp16_dq_with_offset(0.0, D, with_lse)
-    dq60, ref60 = _fp16_dq_with_offset(60.0, D, with_lse)
+    dq0, ref0 = _fp16_dq_with_offset(0.0, D, with_lse, options)
+    dq60, ref60 = _fp16_dq_with_offset(60.0, D, with_lse, options)
     norm = ref0.norm()  # one yardstick for both: dLSE * c would dilute a relative error at offset 60
     base, far = ((dq0 - ref0).norm() / norm).item(), ((dq60 - ref60).norm() / norm).item()
     # With dLSE, dq holds dLSE * scale * c, whose fp16 rounding on output no kernel can avoid.

@@ -1,7 +1,7 @@
 """Which config the block-sparse launchers use: configs.py's default per pairing, or the autotuner's pick."""
 import triton
 
-from vsa_train.ops.block_sparse import configs, op
+from vsa_train.ops.block_sparse import configs, launch
 
 
 class RecordingKernel:
@@ -37,7 +37,7 @@ def test_defaults_depend_on_pairing(monkeypatch):
 
 def test_default_config_launches_without_autotuner(monkeypatch):
     monkeypatch.delenv("VSA_AUTOTUNE", raising=False)
-    monkeypatch.setattr(op, "_TUNED", {})
+    monkeypatch.setattr(launch, "_TUNED", {})
     kernel = RecordingKernel()
     asked = []
 
@@ -46,7 +46,7 @@ def test_default_config_launches_without_autotuner(monkeypatch):
         return triton.Config({}, num_warps=4, num_stages=2)
 
     for _ in range(2):
-        op.launch_tuned(kernel, (1,), (64, "bf16", True), default, 1, X=2)
+        launch.launch_tuned(kernel, (1,), (64, "bf16", True), default, 1, X=2)
     assert asked == [True]  # chosen once per key, for the key's pairing
     assert kernel.autotuned == []
     assert len(kernel.direct) == 2
@@ -56,9 +56,9 @@ def test_default_config_launches_without_autotuner(monkeypatch):
 def test_full_search_uses_autotuner_once_per_key(monkeypatch):
     monkeypatch.setenv("VSA_AUTOTUNE", "full")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setattr(op, "_TUNED", {})
+    monkeypatch.setattr(launch, "_TUNED", {})
     kernel = RecordingKernel()
     for _ in range(3):
-        op.launch_tuned(kernel, (1,), (128, "bf16", False), configs.bwd_default, X=1)
+        launch.launch_tuned(kernel, (1,), (128, "bf16", False), configs.bwd_default, X=1)
     assert len(kernel.autotuned) == 1  # the search runs on the first launch only
     assert len(kernel.direct) == 2 and all(d["num_warps"] == 8 and d["num_stages"] == 4 for d in kernel.direct)

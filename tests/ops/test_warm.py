@@ -7,7 +7,7 @@ import pytest
 import torch
 from ops_utils import random_inputs
 
-from vsa_train.ops import TileLayout, block_sparse_attention, video_sparse_attention_tiled, vsa, warm
+from vsa_train.ops import TileLayout, block_sparse_attention, video_sparse_attention_tiled, warm
 
 LONG = 30.0  # seconds: what a call that should return may take on a loaded machine (it returns as soon as done)
 
@@ -84,10 +84,10 @@ def test_a_hung_warm_up_is_given_up_on_once(monkeypatch):
     assert _returns(warm.join) and not thread2.is_alive()
 
 
-@pytest.mark.parametrize("path", ["eager", "custom_ops", "block_sparse"])
+@pytest.mark.parametrize("path", ["vsa", "block_sparse"])
 def test_entry_points_wait_before_launching(monkeypatch, path):
-    """Each entry point waits before its first launch: for the forward kernels without gradient, for all with it
-    (the custom-op path's pooling asks for the forward ones, its fine stage for all); the backward adds no wait."""
+    """Each entry point waits once before its first launch: for the forward kernels without gradient, for all with
+    it; the backward adds no wait."""
     from triton.runtime.interpreter import InterpretedFunction
 
     launched, calls = [], []
@@ -95,7 +95,6 @@ def test_entry_points_wait_before_launching(monkeypatch, path):
     monkeypatch.setattr(InterpretedFunction, "run", lambda fn, *a, **k: (launched.append(fn.fn.__name__),
                                                                          run(fn, *a, **k))[1])
     monkeypatch.setattr(warm, "wait", lambda grad=True: calls.append((grad, list(launched))))
-    monkeypatch.setattr(vsa, "EAGER_FUNCTION", path == "eager")
     layout = TileLayout((4, 8, 8))
     x = {n: t.float() for n, t in random_inputs(1, layout.padded_len, 1, 64, ("q", "k", "v"), seed=2).items()}
     sizes = layout.kv_tile_sizes("cpu")
@@ -108,14 +107,11 @@ def test_entry_points_wait_before_launching(monkeypatch, path):
                                           backend="triton")[0]
         return video_sparse_attention_tiled(**t, layout=layout, topk=2, backend="triton")
 
-    # The custom-op path pools (tile_means_fwd_kernel) before its fine stage waits.
-    before = {"eager": [[]], "custom_ops": [[], ["tile_means_fwd_kernel"]], "block_sparse": [[]]}[path]
     for grad in (False, True):
         launched.clear()
         calls.clear()
         with torch.set_grad_enabled(grad):
             out = op(**{n: t.detach().requires_grad_(grad) for n, t in x.items()})
-        flags = {"custom_ops": [False, grad]}.get(path, [grad])
-        assert calls == list(zip(flags, before)), calls
+        assert calls == [(grad, [])], calls  # nothing launched before the wait
     out.sum().backward()
-    assert len(calls) == len(flags)  # the backward added no wait
+    assert len(calls) == 1  # the backward added no wait

@@ -231,7 +231,7 @@ def warm_up_kernels(model: nn.Module, dtype: torch.dtype, device: torch.device) 
     """Start compiling the Triton kernels of `model`'s VSA layers in a background thread; None if none will run them.
 
     For torch.compile (train.compile): the compiled blocks launch these kernels only once inductor is done, so
-    their compiles (~10 s for dit_1b on an H200) were serial in the first step; here they overlap with tracing
+    their compiles (seconds) were serial in the first step; here they overlap with tracing
     (Triton's compiler and ptxas release the GIL). Per (head dim, op or fine stage only, gates) of the sparse
     layers, in `dtype`: first a forward without gradient (an eval's kernels), then forward and backward
     (ops.vsa.warm_up); the kernels serve every video size. Other threads' launches wait for it (ops/warm.py). A

@@ -4,20 +4,31 @@
     video_sparse_attention_tiled(q, k, v, layout, topk, ...)    tokens already in padded tile order
     block_sparse_attention(q, k, v, q2k_index, q2k_count, kv_tile_sizes, ...)   the fine stage alone
     TileLayout(video_shape, tile)                               raster <-> padded tile order, tile sizes
+    KernelOptions(center_keys, tile_pairs, poison_outputs)      how the Triton kernels run (keyword `options=`)
     block_sparse_attention_torch, naive_*                       PyTorch reference and float64 ground truth
 
-Modules: vsa.py (public op, checks), eager.py (the Triton op as one autograd.Function in eager mode; the
-custom ops of pool.py, gating.py, block_sparse/ serve torch.compile), tiling.py (layout tables), coarse.py (pooling, coarse attention, top-k in
-PyTorch), pool.py (Triton tile means), gating.py (Triton combine O_c*G_c + O_f*G_f, raster or tile order),
-block_sparse/ (the fine stage: Triton forward/backward kernels, k2q index kernels, custom ops), reference.py and
-naive.py (PyTorch reference and float64 ground truth).
+Each Triton op is layered kernels -> launcher -> autograd Function -> documented public function, and eager
+mode and torch.compile run the same Function (its bodies registered as custom ops for the compiler):
+
+    vsa.py            public op and its checks; the PyTorch backend (coarse.py + reference.py)
+    vsa_function.py   the Triton op's autograd Function: pool -> coarse -> top-k -> fine -> combine, and back
+    pool.py, gating.py              Triton tile means and gated combine (kernels + launchers)
+    block_sparse/     the fine stage: kernels (fwd.py, bwd.py, index.py), configs.py, launch.py, function.py,
+                      and the public function (__init__.py)
+    launch.py         what every launcher shares: the 64-row tile, KernelOptions, output allocation
+    tiling.py         TileLayout: raster <-> padded tile order tables
+    coarse.py         pooling, coarse attention, top-k selection in PyTorch
+    reference.py, naive.py          PyTorch reference and float64 ground truth
+    warm.py           the background kernel compile and the waits for it
 
 This package imports nothing else of vsa_train: it is usable on its own as a kernel library.
 """
 from .block_sparse import block_sparse_attention
+from .launch import KernelOptions
 from .coarse import (
     coarse_attention,
     local_tile_mask,
+    observe_selections,
     q2k_from_mask,
     tile_mean,
     topk_tiles,
@@ -32,6 +43,7 @@ from .tiling import TileLayout
 from .vsa import combine, video_sparse_attention, video_sparse_attention_tiled
 
 __all__ = [
+    "KernelOptions",
     "TileLayout",
     "block_sparse_attention",
     "block_sparse_attention_torch",
@@ -41,6 +53,7 @@ __all__ = [
     "naive_attention",
     "naive_block_sparse_attention",
     "naive_video_sparse_attention",
+    "observe_selections",
     "q2k_from_mask",
     "tile_mean",
     "topk_tiles",

@@ -5,11 +5,29 @@ and tiles: a handful of kernels per call, no Python loop over tiles. The coarse 
 in float32 for half-precision inputs (float64 stays float64); they are tiles x tiles, so this is cheap.
 Selections are returned as the (q2k_index, q2k_count) pair that `block_sparse_attention` takes.
 """
+import contextlib
+
 import torch
 
 from .tiling import TileLayout
 
-__all__ = ["coarse_attention", "local_tile_mask", "q2k_from_mask", "tile_mean", "topk_tiles"]
+__all__ = ["coarse_attention", "local_tile_mask", "observe_selections", "q2k_from_mask", "tile_mean", "topk_tiles"]
+
+# Callbacks that see every top-k selection (observe_selections); empty, the only cost is one truthiness test.
+_OBSERVERS: list = []
+
+
+@contextlib.contextmanager
+def observe_selections(callback):
+    """Within: callback(q2k_index int32 [..., n_q, K], n_kv) is called with every selection `topk_tiles` makes (the
+    VSA op's on either backend, the sparse variants'), e.g. to measure how unevenly key tiles are chosen
+    (`python -m vsa_train.bench skew`). The callback must not modify the index; it runs where the selection is
+    made (inside the Triton op's registered forward under torch.compile)."""
+    _OBSERVERS.append(callback)
+    try:
+        yield
+    finally:
+        _OBSERVERS.remove(callback)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -27,9 +45,9 @@ def tile_mean(x: torch.Tensor, kv_tile_sizes: torch.Tensor) -> torch.Tensor:
     n = kv_tile_sizes.numel()
     block = S_pad // n
     real = torch.arange(block, device=x.device) < kv_tile_sizes[:, None]  # [n, block]
-    # A 0/1 matmul sums exactly the real rows, in the compute dtype: a half-precision sum would be rounded
-    # to half before the division (on the GPU that flipped 2.1% of the bf16 selections). Divide afterwards
-    # so that 1/size is not rounded either.
+    # A 0/1 matmul sums exactly the real rows, in the compute dtype: a half-precision sum would be rounded to
+    # half before the division, which flips top-k selections (docs/design.md, "Selection precision"). Divide
+    # afterwards so that 1/size is not rounded either.
     cdt = compute_dtype(x.dtype)
     sums = torch.matmul(real.to(cdt)[:, None, :], x.reshape(B, n, block, H * D).to(cdt))  # [B, n, 1, H*D]
     sizes = kv_tile_sizes.to(cdt).view(1, n, 1, 1)  # [1, n, 1, 1]
@@ -42,8 +60,8 @@ def coarse_attention(
     """Attention between pooled tiles: returns (O_c [B, n, H, D], scores A = scale * q_c k_c^T [B, H, n, n])."""
     # Heads-first views: batched matmuls, with no copy when the means are stored [B, H, n, D] (pool.py).
     q_h, k_h, v_h = (x.transpose(1, 2) for x in (q_c, k_c, v_c))  # [B, H, n, D] each
-    # In the means' dtype (fp32 from the Triton pooling), not autocast's bf16: bf16 scores flipped ~2% of the
-    # top-k selections on the GPU, and the eager backward (eager.py) expects fp32 probabilities.
+    # In the means' dtype (fp32 from the Triton pooling), not autocast's bf16: bf16 scores flip top-k selections
+    # (docs/design.md, "Selection precision"), and the Triton op's backward (vsa_function.py) expects fp32 probs.
     with torch.autocast(q_c.device.type, enabled=False):
         scores = torch.matmul(q_h, k_h.transpose(-1, -2)).mul_(scale)  # [B, H, n, n]
         o_c = torch.matmul(scores.softmax(dim=-1), v_h)  # [B, H, n, D]
@@ -59,6 +77,9 @@ def topk_tiles(scores: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Ten
     k = min(int(topk), scores.shape[-1])
     index = scores.detach().topk(k, dim=-1, sorted=False).indices.to(torch.int32)  # [..., n_q, K]
     count = torch.full(scores.shape[:-1], k, dtype=torch.int32, device=scores.device)  # [..., n_q]
+    if _OBSERVERS:
+        for callback in _OBSERVERS:
+            callback(index, scores.shape[-1])
     return index, count
 
 

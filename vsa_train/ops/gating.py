@@ -1,23 +1,19 @@
 """The VSA combine O = O_c * G_c + O_f * G_f in one Triton kernel (and one for its backward).
 
-`gated_combine` reads the fine output in padded tile order and the per-tile coarse output (float32, never
+`gated_combine_fwd` reads the fine output in padded tile order and the per-tile coarse output (float32, never
 rounded to half), and writes O either in padded tile order or, given the layout's raster-token table,
 straight into raster order: the raster path then never builds tile-order copies of the gates or of O.
 The backward kernel returns dO_f in padded tile order (pad rows 0), the gates' gradients in the gates'
-order, and dO_c summed over each tile's rows in float32. `vsa.combine` is the PyTorch reference.
+order, and dO_c summed over each tile's rows in float32. `vsa.combine` is the PyTorch reference;
+vsa_function.py is the only caller.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .block_sparse import (
-    op as _launch,  # device_guard, new_output (NaN-filled in tests)
-)
-from .tiling import TileLayout
+from .launch import BLOCK, device_guard, new_output
 
-__all__ = ["gated_combine"]
-
-BLOCK = 64  # rows of a padded tile
+__all__ = ["gated_combine_bwd", "gated_combine_fwd"]
 
 
 # Size arguments are not specialised on (== 1, divisible by 16): one compile serves every video size.
@@ -99,12 +95,18 @@ def _contiguous(x):
     return None if x is None else x.contiguous()
 
 
-def gated_combine_fwd(o_coarse, o_fine, gate_coarse, gate_fine, raster_tokens, out_len: int) -> torch.Tensor:
-    """Launch the forward kernel: O [B, out_len, H, D] in o_fine's dtype (raster order given raster_tokens)."""
+def gated_combine_fwd(o_coarse, o_fine, gate_coarse, gate_fine, raster_tokens, out_len: int,
+                      poison: bool = False) -> torch.Tensor:
+    """Launch the forward kernel: O [B, out_len, H, D] in o_fine's dtype (raster order given raster_tokens).
+
+    o_coarse: fp32 [B, n, H, D], any strides with contiguous channels; o_fine: [B, S_pad, H, D] in padded tile
+    order; gates like O or None (a missing gate is 1); raster_tokens: int32 [S_pad] (TileLayout.raster_tokens)
+    for O and the gates in raster order, None for padded tile order.
+    """
     B, S_pad, H, D = o_fine.shape
     n = S_pad // BLOCK
-    out = _launch.new_output((B, out_len, H, D), o_fine.dtype, o_fine.device)
-    with _launch.device_guard(o_fine):
+    out = new_output((B, out_len, H, D), o_fine.dtype, o_fine.device, poison)
+    with device_guard(o_fine):
         gated_combine_fwd_kernel[(n, B * H)](
             o_coarse, o_fine.contiguous(), _contiguous(gate_coarse), _contiguous(gate_fine), out, raster_tokens,
             o_coarse.stride(0), o_coarse.stride(1), o_coarse.stride(2), H, n, out_len,
@@ -114,16 +116,16 @@ def gated_combine_fwd(o_coarse, o_fine, gate_coarse, gate_fine, raster_tokens, o
     return out
 
 
-def gated_combine_bwd(dout, o_coarse, o_fine, gate_coarse, gate_fine, raster_tokens):
+def gated_combine_bwd(dout, o_coarse, o_fine, gate_coarse, gate_fine, raster_tokens, poison: bool = False):
     """Launch the backward kernel: (dO_c fp32 [B, n, H, D], dO_f, dG_c, dG_f; an absent gate's gradient is empty)."""
     B, S_pad, H, D = o_fine.shape
     n = S_pad // BLOCK
     out_len = dout.shape[1]
-    d_coarse = _launch.new_output((B, n, H, D), torch.float32, o_fine.device)
-    d_fine = _launch.new_output(o_fine.shape, o_fine.dtype, o_fine.device)
-    d_gc = _launch.new_output(dout.shape, dout.dtype, dout.device) if gate_coarse is not None else dout.new_empty(0)
-    d_gf = _launch.new_output(dout.shape, dout.dtype, dout.device) if gate_fine is not None else dout.new_empty(0)
-    with _launch.device_guard(o_fine):
+    d_coarse = new_output((B, n, H, D), torch.float32, o_fine.device, poison)
+    d_fine = new_output(o_fine.shape, o_fine.dtype, o_fine.device, poison)
+    d_gc = new_output(dout.shape, dout.dtype, dout.device, poison) if gate_coarse is not None else dout.new_empty(0)
+    d_gf = new_output(dout.shape, dout.dtype, dout.device, poison) if gate_fine is not None else dout.new_empty(0)
+    with device_guard(o_fine):
         gated_combine_bwd_kernel[(n, B * H)](
             dout.contiguous(), o_coarse, o_fine.contiguous(), _contiguous(gate_coarse), _contiguous(gate_fine),
             d_coarse, d_fine, d_gc, d_gf, raster_tokens,
@@ -132,75 +134,3 @@ def gated_combine_bwd(dout, o_coarse, o_fine, gate_coarse, gate_fine, raster_tok
             HAS_GC=gate_coarse is not None, HAS_GF=gate_fine is not None, num_warps=4,
         )
     return d_coarse, d_fine, d_gc, d_gf
-
-
-# The custom ops below are the entry points for torch.compile (vsa.py calls the launchers directly in eager mode).
-@torch.library.custom_op("vsa_train::gated_combine", mutates_args=())
-def gated_combine_op(
-    o_coarse: torch.Tensor, o_fine: torch.Tensor, gate_coarse: torch.Tensor | None, gate_fine: torch.Tensor | None,
-    raster_tokens: torch.Tensor | None, out_len: int,
-) -> torch.Tensor:
-    """O [B, out_len, H, D] in o_fine's dtype (raster order when raster_tokens is given, else tile order)."""
-    return gated_combine_fwd(o_coarse, o_fine, gate_coarse, gate_fine, raster_tokens, out_len)
-
-
-@gated_combine_op.register_fake
-def _gated_combine_fake(o_coarse, o_fine, gate_coarse, gate_fine, raster_tokens, out_len):
-    B, _, H, D = o_fine.shape
-    return o_fine.new_empty(B, out_len, H, D)
-
-
-@torch.library.custom_op("vsa_train::gated_combine_bwd", mutates_args=())
-def gated_combine_bwd_op(
-    dout: torch.Tensor, o_coarse: torch.Tensor, o_fine: torch.Tensor, gate_coarse: torch.Tensor | None,
-    gate_fine: torch.Tensor | None, raster_tokens: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dO_c fp32 [B, n, H, D], dO_f like o_fine, dG_c, dG_f like the gates; an absent gate's gradient is empty)."""
-    return gated_combine_bwd(dout, o_coarse, o_fine, gate_coarse, gate_fine, raster_tokens)
-
-
-@gated_combine_bwd_op.register_fake
-def _gated_combine_bwd_fake(dout, o_coarse, o_fine, gate_coarse, gate_fine, raster_tokens):
-    B, S_pad, H, D = o_fine.shape
-    d_gc = dout.new_empty(dout.shape) if gate_coarse is not None else dout.new_empty(0)
-    d_gf = dout.new_empty(dout.shape) if gate_fine is not None else dout.new_empty(0)
-    return o_fine.new_empty(B, S_pad // BLOCK, H, D, dtype=torch.float32), o_fine.new_empty(o_fine.shape), d_gc, d_gf
-
-
-def _setup_context(ctx, inputs, output):
-    o_coarse, o_fine, gate_coarse, gate_fine, raster_tokens, _ = inputs
-    ctx.save_for_backward(o_coarse, o_fine, gate_coarse, gate_fine, raster_tokens)
-
-
-def _backward(ctx, dout):
-    o_coarse, o_fine, gate_coarse, gate_fine, raster_tokens = ctx.saved_tensors
-    d_coarse, d_fine, d_gc, d_gf = gated_combine_bwd_op(dout, o_coarse, o_fine, gate_coarse, gate_fine, raster_tokens)
-    return (d_coarse, d_fine, d_gc if gate_coarse is not None else None,
-            d_gf if gate_fine is not None else None, None, None)
-
-
-gated_combine_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def gated_combine(
-    o_coarse: torch.Tensor,
-    o_fine: torch.Tensor,
-    gate_coarse: torch.Tensor | None = None,
-    gate_fine: torch.Tensor | None = None,
-    raster_layout: TileLayout | None = None,
-) -> torch.Tensor:
-    """O = O_c * G_c + O_f * G_f (a missing gate is 1), one Triton launch; the fused form of `vsa.combine`.
-
-    o_coarse: [B, n, H, D] per tile (any strides; float32 keeps it unrounded); o_fine: [B, S_pad, H, D] in
-    padded tile order. Without raster_layout the gates and O are in padded tile order too; with it, they are
-    [B, S, H, D] in the raster order of that layout (pad rows are skipped). Differentiable w.r.t. o_coarse,
-    o_fine and the gates.
-    """
-    if raster_layout is None:
-        tokens, out_len = None, o_fine.shape[1]
-    else:
-        tokens, out_len = raster_layout.raster_tokens(o_fine.device), raster_layout.seq_len
-    o_coarse = o_coarse.float()
-    if o_coarse.stride(-1) != 1:  # the kernels read channels contiguously
-        o_coarse = o_coarse.contiguous()
-    return gated_combine_op(o_coarse, o_fine, gate_coarse, gate_fine, tokens, out_len)

@@ -1,24 +1,18 @@
 """Tile means of q, k and v in one Triton kernel (the VSA coarse stage's pooling), with its backward.
 
-`tile_means(q, k, v, kv_tile_sizes)` pools all three tensors in padded tile order in one launch and
-returns float32 means (the selection is made from them: rounding the means to bf16 flipped 2.1% of the
-chosen key tiles on the GPU). The means are stored [B, H, n, D], so the coarse attention's matmuls read
-them without a copy; they are returned as [B, n, H, D] views, the layout of `coarse.tile_mean`.
-Registered as torch custom ops (fake + autograd), so torch.compile and CUDA graphs see fixed shapes and
-no host synchronisation. `coarse.tile_mean` is the PyTorch reference.
+`tile_means_fwd` pools all three tensors in padded tile order in one launch into float32 means: the
+selection is made from them, and means rounded to bf16 flip top-k choices (docs/design.md). The means are
+stored [B, H, n, D], so the coarse attention's matmuls read them without a copy. `tile_means_bwd` spreads
+their gradient over the real rows (pad rows get 0), optionally added in place to given gradients.
+`coarse.tile_mean` is the PyTorch reference; vsa_function.py is the only caller.
 """
 import torch
 import triton
 import triton.language as tl
 
-from . import warm
-from .block_sparse import (
-    op as _launch,  # device_guard, and new_output (NaN-filled under test)
-)
+from .launch import BLOCK, device_guard, new_output
 
-__all__ = ["tile_means"]
-
-BLOCK = 64  # rows of a padded tile
+__all__ = ["tile_means_bwd", "tile_means_fwd"]
 
 
 # Size arguments are not specialised on (== 1, divisible by 16): one compile serves every video size.
@@ -91,12 +85,17 @@ def tile_means_bwd_kernel(
     tl.store(DV + rows, dv.to(DV.dtype.element_ty))
 
 
-def tile_means_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_tile_sizes: torch.Tensor) -> torch.Tensor:
-    """Launch the forward kernel: fp32 [3, B, H, n, D], the means of q, k, v over the real rows of each tile."""
+def tile_means_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_tile_sizes: torch.Tensor,
+                   poison: bool = False) -> torch.Tensor:
+    """Launch the forward kernel: fp32 [3, B, H, n, D], the means of q, k, v over the real rows of each tile.
+
+    q, k, v: [B, S_pad, H, D] in padded tile order (any strides; pad rows may hold anything, they are not read).
+    poison: NaN-filled output (KernelOptions.poison_outputs).
+    """
     B, S_pad, H, D = q.shape
     n = S_pad // BLOCK
-    means = _launch.new_output((3, B, H, n, D), torch.float32, q.device)
-    with _launch.device_guard(q):
+    means = new_output((3, B, H, n, D), torch.float32, q.device, poison)
+    with device_guard(q):
         tile_means_fwd_kernel[(n, B * H)](
             q, k, v, means, kv_tile_sizes.contiguous(),
             *q.stride(), *k.stride(), *v.stride(), B, H, n,
@@ -106,76 +105,22 @@ def tile_means_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_tile_si
 
 
 def tile_means_bwd(dmeans: torch.Tensor, kv_tile_sizes: torch.Tensor, seq_len: int, dtype: torch.dtype,
-                   accumulate=None):
+                   accumulate=None, poison: bool = False):
     """Launch the backward kernel: (dq, dk, dv) [B, seq_len, H, D] in `dtype` from dmeans [3, B, H, n, D].
 
     accumulate: None, or three contiguous tensors of that shape and dtype that the gradients are added to in
-    place (and returned): the eager op adds them to the fine stage's dq, dk, dv without three more launches.
+    place (and returned): the VSA backward adds them to the fine stage's dq, dk, dv without three more launches.
     """
     _, B, H, n, D = dmeans.shape
     if accumulate is None:
-        grads = [_launch.new_output((B, seq_len, H, D), dtype, dmeans.device) for _ in range(3)]
+        grads = [new_output((B, seq_len, H, D), dtype, dmeans.device, poison) for _ in range(3)]
     else:
         grads = list(accumulate)
         if any(not g.is_contiguous() or g.shape != (B, seq_len, H, D) or g.dtype != dtype for g in grads):
             raise ValueError(f"tile_means_bwd: accumulate must be 3 contiguous {dtype} tensors {(B, seq_len, H, D)}")
-    with _launch.device_guard(dmeans):
+    with device_guard(dmeans):
         tile_means_bwd_kernel[(n, B * H)](
             dmeans.float().contiguous(), *grads, kv_tile_sizes.contiguous(), B, H, n,
             HEAD_DIM=D, BLOCK=BLOCK, ACCUMULATE=accumulate is not None, num_warps=4,
         )
     return tuple(grads)
-
-
-# The custom ops below are the entry points for torch.compile (vsa.py calls the launchers directly in eager mode).
-@torch.library.custom_op("vsa_train::tile_means", mutates_args=())
-def tile_means_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_tile_sizes: torch.Tensor) -> torch.Tensor:
-    """fp32 [3, B, H, n, D]: the means of q, k, v over the real rows of each tile."""
-    warm.wait(grad=False)  # the traced VSA op's first launch: not while a warm-up compiles it (block_sparse waits for all)
-    return tile_means_fwd(q, k, v, kv_tile_sizes)
-
-
-@tile_means_op.register_fake
-def _tile_means_fake(q, k, v, kv_tile_sizes):
-    B, S_pad, H, D = q.shape
-    return q.new_empty(3, B, H, S_pad // BLOCK, D, dtype=torch.float32)
-
-
-@torch.library.custom_op("vsa_train::tile_means_bwd", mutates_args=())
-def tile_means_bwd_op(
-    dmeans: torch.Tensor, kv_tile_sizes: torch.Tensor, seq_len: int, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) [B, S_pad, H, D] in `dtype` from the gradient of the means [3, B, H, n, D]."""
-    return tile_means_bwd(dmeans, kv_tile_sizes, seq_len, dtype)
-
-
-@tile_means_bwd_op.register_fake
-def _tile_means_bwd_fake(dmeans, kv_tile_sizes, seq_len, dtype):
-    _, B, H, _, D = dmeans.shape
-    return tuple(dmeans.new_empty(B, seq_len, H, D, dtype=dtype) for _ in range(3))
-
-
-def _setup_context(ctx, inputs, output):
-    q, _, _, kv_tile_sizes = inputs
-    ctx.save_for_backward(kv_tile_sizes)
-    ctx.seq_len, ctx.dtype = q.shape[1], q.dtype
-
-
-def _backward(ctx, dmeans):
-    (kv_tile_sizes,) = ctx.saved_tensors
-    dq, dk, dv = tile_means_bwd_op(dmeans, kv_tile_sizes, ctx.seq_len, ctx.dtype)
-    return dq, dk, dv, None
-
-
-tile_means_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def tile_means(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_tile_sizes: torch.Tensor):
-    """Means of q, k, v over the real rows of each 64-row tile, in one Triton launch.
-
-    q, k, v: [B, S_pad, H, D] in padded tile order (any strides; pad rows may hold anything finite),
-    kv_tile_sizes: int32 [n] real rows per tile. Returns (q_c, k_c, v_c), each float32 [B, n, H, D]
-    (views of one [3, B, H, n, D] buffer). Differentiable w.r.t. q, k and v.
-    """
-    means = tile_means_op(q, k, v, kv_tile_sizes)  # [3, B, H, n, D]
-    return tuple(m.transpose(1, 2) for m in means.unbind(0))  # 3 x [B, n, H, D]

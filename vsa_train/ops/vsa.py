@@ -10,15 +10,12 @@ from numbers import Integral
 import torch
 
 from .block_sparse import block_sparse_attention
-from .block_sparse import op as block_sparse_op  # CENTER_KEYS, read per call
-from .block_sparse.op import key_shift_from_tile_means
 from .block_sparse import resolve_backend as resolve_block_sparse_backend
 from .coarse import coarse_attention, tile_mean, topk_tiles
-from .eager import vsa_triton_eager
-from .gating import gated_combine
-from .pool import tile_means
+from .launch import BLOCK, KernelOptions, check_options
 from .reference import block_sparse_attention_torch
 from .tiling import TileLayout
+from .vsa_function import VideoSparseAttentionFunction
 
 __all__ = ["combine", "video_sparse_attention", "video_sparse_attention_tiled", "warm_up"]
 
@@ -26,9 +23,6 @@ BACKENDS = ("auto", "triton", "torch")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 TRITON_HEAD_DIMS = (64, 128)
-TRITON_BLOCK = 64
-# Tests clear this to run the custom-op path (the one torch.compile traces) in eager mode.
-EAGER_FUNCTION = True
 
 
 def video_sparse_attention(
@@ -41,6 +35,8 @@ def video_sparse_attention(
     gate_fine: torch.Tensor | None = None,
     tile=(4, 4, 4),
     backend: str = "auto",
+    *,
+    options: KernelOptions | None = None,
 ) -> torch.Tensor:
     """VSA on tokens in raster order of video_shape = (T, H, W).
 
@@ -49,17 +45,15 @@ def video_sparse_attention(
     (all tiles if topk >= n_tiles), plus the coarse tile-level attention output:
     out = O_coarse * gate_coarse + O_fine * gate_fine (a missing gate is 1). Scale 1/sqrt(D).
     tile: tile shape (prod 64 for the Triton backend; any for "torch"). backend: "auto" (Triton for
-    CUDA tensors, PyTorch otherwise), "triton" or "torch". Differentiable w.r.t. q, k, v and the gates.
+    CUDA tensors, PyTorch otherwise), "triton" or "torch". options: KernelOptions for the Triton kernels
+    (default: what training runs). Differentiable w.r.t. q, k, v and the gates.
     """
     layout = TileLayout(video_shape, tile)
     backend = _check_inputs(q, k, v, gate_coarse, gate_fine, topk, backend, layout, tiled=False)
     q, k, v = (layout.to_tiles(x) for x in (q, k, v))  # [B, S_pad, H, D] each
-    if backend == "triton" and _eager():  # one autograd node, gates read and O written in raster order
-        sizes, tokens = layout.kv_tile_sizes(q.device), layout.raster_tokens(q.device)
-        return vsa_triton_eager(q, k, v, gate_coarse, gate_fine, sizes, tokens, layout.seq_len, topk)  # [B, S, H, D]
-    o_coarse, o_fine = _attend(q, k, v, layout, topk, backend)  # [B, n, H, D], [B, S_pad, H, D]
     if backend == "triton":  # gates read and O written in raster order by the combine kernel
-        return gated_combine(o_coarse, o_fine, gate_coarse, gate_fine, raster_layout=layout)  # [B, S, H, D]
+        return _triton(q, k, v, gate_coarse, gate_fine, layout, topk, options, raster=True)  # [B, S, H, D]
+    o_coarse, o_fine = _attend_torch(q, k, v, layout, topk)  # [B, n, H, D], [B, S_pad, H, D]
     gate_coarse, gate_fine = (None if x is None else layout.to_tiles(x) for x in (gate_coarse, gate_fine))
     return layout.from_tiles(combine(o_coarse, o_fine, gate_coarse, gate_fine))  # [B, S, H, D]
 
@@ -73,6 +67,8 @@ def video_sparse_attention_tiled(
     gate_coarse: torch.Tensor | None = None,
     gate_fine: torch.Tensor | None = None,
     backend: str = "auto",
+    *,
+    options: KernelOptions | None = None,
 ) -> torch.Tensor:
     """VSA on tokens already in padded tile order of `layout` ([B, S_pad, H, D] in, same layout out).
 
@@ -82,12 +78,9 @@ def video_sparse_attention_tiled(
     if not isinstance(layout, TileLayout):
         raise TypeError(f"layout must be a TileLayout, got {type(layout).__name__}")
     backend = _check_inputs(q, k, v, gate_coarse, gate_fine, topk, backend, layout, tiled=True)
-    if backend == "triton" and _eager():
-        sizes = layout.kv_tile_sizes(q.device)
-        return vsa_triton_eager(q, k, v, gate_coarse, gate_fine, sizes, None, q.shape[1], topk)  # [B, S_pad, H, D]
-    o_coarse, o_fine = _attend(q, k, v, layout, topk, backend)  # [B, n, H, D], [B, S_pad, H, D]
     if backend == "triton":
-        return gated_combine(o_coarse, o_fine, gate_coarse, gate_fine)  # [B, S_pad, H, D]
+        return _triton(q, k, v, gate_coarse, gate_fine, layout, topk, options, raster=False)  # [B, S_pad, H, D]
+    o_coarse, o_fine = _attend_torch(q, k, v, layout, topk)  # [B, n, H, D], [B, S_pad, H, D]
     return combine(o_coarse, o_fine, gate_coarse, gate_fine)  # [B, S_pad, H, D]
 
 
@@ -99,7 +92,7 @@ def combine(
 ) -> torch.Tensor:
     """O = O_c * G_c + O_f * G_f in padded tile order: o_coarse [B, n, H, D] per tile, the rest [B, S_pad, H, D].
 
-    PyTorch; the reference of the Triton `gating.gated_combine`. O_c is rounded to o_fine's dtype first.
+    PyTorch; the reference of the Triton combine (gating.py). O_c is rounded to o_fine's dtype first.
     """
     B, S_pad, H, D = o_fine.shape
     n = o_coarse.shape[1]
@@ -112,8 +105,8 @@ def combine(
 
 def warm_up(head_dim: int, dtype: torch.dtype, device, gate_coarse: bool = True, gate_fine: bool = False, *,
             op: bool = True, grad: bool = True) -> torch.Tensor | None:
-    """Compile the Triton kernels of the op's traced path (the custom ops torch.compile calls) for one head dim, dtype
-    and set of gates, by one call on a tiny input: one head, four 64-token tiles.
+    """Compile the Triton kernels of the op for one head dim, dtype and set of gates, by one call on a tiny input:
+    one head, four 64-token tiles.
 
     op=False: only the fine stage (`block_sparse_attention`, what the sparse variants call). grad=False: a forward
     without gradient (the kernels an eval launches); grad=True: a forward with gradient, returning a scalar whose
@@ -128,10 +121,8 @@ def warm_up(head_dim: int, dtype: torch.dtype, device, gate_coarse: bool = True,
     with torch.set_grad_enabled(grad):
         q, k, v, gc, gf = (torch.randn(shape, generator=rng, device=device, dtype=dtype).requires_grad_(grad) if use
                            else None for use in (True, True, True, gate_coarse and op, gate_fine and op))
-        _check_inputs(q, k, v, gc, gf, 2, "triton", layout, tiled=True)
         if op:
-            o_coarse, o_fine = _attend(q, k, v, layout, 2, "triton")  # [1, 4, 1, D], [1, 256, 1, D]
-            out = gated_combine(o_coarse, o_fine, gc, gf)  # [1, 256, 1, D]
+            out = video_sparse_attention_tiled(q, k, v, layout, 2, gc, gf, backend="triton")  # [1, 256, 1, D]
         else:  # each query tile attends to itself and the next
             tiles = torch.arange(4, device=device, dtype=torch.int32)
             index = torch.stack([tiles, (tiles + 1) % 4], dim=-1)[None, None]  # [1, 1, 4, 2]
@@ -140,31 +131,24 @@ def warm_up(head_dim: int, dtype: torch.dtype, device, gate_coarse: bool = True,
         return out.float().square().sum() if grad else None
 
 
-def _eager() -> bool:
-    """Whether the Triton backend runs as one autograd.Function (eager.py) rather than through the custom ops.
+def _triton(q, k, v, gate_coarse, gate_fine, layout, topk, options, raster: bool):
+    """The Triton op on checked inputs in padded tile order; O in raster order if raster, else in tile order."""
+    sizes = layout.kv_tile_sizes(q.device)  # [n] int32
+    tokens, out_len = (layout.raster_tokens(q.device), layout.seq_len) if raster else (None, q.shape[1])
+    need_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, gate_coarse, gate_fine))
+    return VideoSparseAttentionFunction.apply(q, k, v, gate_coarse, gate_fine, sizes, tokens, out_len, topk,
+                                              need_grad, check_options(options))
 
-    The custom ops are what torch.compile traces; in eager mode their per-call dispatch made the op host-bound.
-    """
-    return EAGER_FUNCTION and not torch.compiler.is_compiling()
 
-
-def _attend(q, k, v, layout, topk, backend):
-    """Coarse stage, selection and fine stage on checked inputs in padded tile order: (O_c, O_f)."""
+def _attend_torch(q, k, v, layout, topk):
+    """Coarse stage, selection and fine stage in PyTorch on checked inputs in padded tile order: (O_c, O_f)."""
     sizes = layout.kv_tile_sizes(q.device)  # [n] int32
     scale = q.shape[-1] ** -0.5
-    if backend == "torch":  # the reference takes any head dim and any tile size
-        q_c, k_c, v_c = tile_mean(q, sizes), tile_mean(k, sizes), tile_mean(v, sizes)  # [B, n, H, D] each
-    else:  # one launch, fp32 means (views of a [3, B, H, n, D] buffer)
-        q_c, k_c, v_c = tile_means(q, k, v, sizes)  # [B, n, H, D] each
+    q_c, k_c, v_c = tile_mean(q, sizes), tile_mean(k, sizes), tile_mean(v, sizes)  # [B, n, H, D] each
     o_coarse, scores = coarse_attention(q_c, k_c, v_c, scale)  # [B, n, H, D] (fp32 for half inputs), [B, H, n, n]
     q2k_index, q2k_count = topk_tiles(scores, topk)  # [B, H, n, K], [B, H, n]
-    if backend == "torch":
-        o_fine, _ = block_sparse_attention_torch(q, k, v, q2k_index, q2k_count, sizes, scale)
-    else:
-        # Keys centred by their mean (issue #12), taken from the pooled means as the eager Function does.
-        shift = key_shift_from_tile_means(k_c.transpose(1, 2), sizes) if block_sparse_op.CENTER_KEYS else None
-        o_fine, _ = block_sparse_attention(q, k, v, q2k_index, q2k_count, sizes, scale, backend="triton",
-                                           key_shift=shift)
+    o_fine, _ = block_sparse_attention_torch(q, k, v, q2k_index, q2k_count, sizes, scale)
     return o_coarse, o_fine  # [B, n, H, D], [B, S_pad, H, D]
 
 
@@ -214,8 +198,8 @@ def _check_inputs(q, k, v, gate_coarse, gate_fine, topk, backend, layout, tiled)
             raise ValueError(f"backend='triton' supports head dims {TRITON_HEAD_DIMS}, got D={D}; use backend='torch'")
         if q.dtype not in TRITON_DTYPES:
             raise TypeError(f"backend='triton' supports bf16/fp16/fp32, got {q.dtype}; use backend='torch'")
-        if layout.block != TRITON_BLOCK:
+        if layout.block != BLOCK:
             raise ValueError(
-                f"backend='triton' needs prod(tile) == {TRITON_BLOCK}, got tile={layout.tile}; use backend='torch'"
+                f"backend='triton' needs prod(tile) == {BLOCK}, got tile={layout.tile}; use backend='torch'"
             )
     return backend

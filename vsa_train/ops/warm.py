@@ -3,9 +3,9 @@
 Two threads must not launch one Triton kernel for the first time together: the autotuner keeps per-call state on
 the shared kernel object, and a kernel's first load is not thread-safe. So while a warm-up runs, the op's entry
 points in any other thread wait (`wait`): before a forward without gradient (an eval) for its forward kernels,
-before one with gradient for all of it, backward kernels included. The entry points are the eager Function
-(eager.py) and the first custom op of each traced path (pool.tile_means, block_sparse op.block_sparse_fwd), at run
-time only. The warm-up runs its own backward in its own thread (not on the autograd engine's device thread), so a
+before one with gradient for all of it, backward kernels included. The entry points are the forward bodies of
+the two autograd Functions (vsa_function.vsa_forward, block_sparse/function.block_sparse_forward), at run time in
+eager and compiled mode alike. The warm-up runs its own backward in its own thread (not on the autograd engine's device thread), so a
 wait on that thread (a forward recomputed in a backward) cannot block it. Before forking (data-loader workers),
 `join` waits for the thread's end. A warm-up that hangs is given up on once, with a warning, after JOIN_TIMEOUT_S:
 kernels then compile at first use.
@@ -13,7 +13,7 @@ kernels then compile at first use.
 import threading
 import warnings
 
-JOIN_TIMEOUT_S = 300.0  # far above a warm-up (~10 s on an H200 machine), below train.dist_timeout_s's default 600
+JOIN_TIMEOUT_S = 300.0  # far above a warm-up (seconds), below train.dist_timeout_s's default 600
 
 
 class _WarmUp:

@@ -1,15 +1,23 @@
-"""Block-sparse attention over 64-token tiles: the fine stage of VSA (Triton kernels, PyTorch fallback)."""
+"""Block-sparse attention over 64-token tiles: the fine stage of VSA (Triton kernels, PyTorch fallback).
+
+Kernels: fwd.py, bwd.py, index.py; launch configs: configs.py; launchers: launch.py; autograd Function and
+registered ops: function.py; this module: the documented public function and its checks.
+"""
 import math
 import os
 
 import torch
 
-TILE = 64
+from ..launch import BLOCK, KernelOptions, check_options
+from ..reference import block_sparse_attention_torch
+from .function import BlockSparseAttentionFunction
+from .launch import key_shift as mean_key
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def block_sparse_attention(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale=None, backend="auto",
-                           key_shift=None):
+                           key_shift=None, *, options: KernelOptions | None = None):
     """Softmax attention of each 64-row query tile to the real rows of its selected 64-row key tiles.
 
     Layout: tokens in padded tile order. Tile i holds rows [64 i, 64 i + 64) of the sequence; its first
@@ -29,8 +37,10 @@ def block_sparse_attention(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale=N
         key_shift: Triton only: float [B, H, D], a vector per (batch, head) subtracted from every key in the
             backward's dq = scale * dS @ K (exact for any shift: each row of dS sums to dLSE, whose term is
             added back), for a well-conditioned dq when keys share a large offset (issue #12). out, lse, dk
-            and dv do not use it. Default: the mean of the real key rows (op.key_shift) when op.CENTER_KEYS
-            is set, else none. A constant (no gradient). The VSA op passes the mean of its pooled tile means.
+            and dv do not use it. Default: the mean of the real key rows (launch.key_shift) when
+            options.center_keys is set, else none. A constant (no gradient).
+        options: KernelOptions (Triton only): key centring, tile pairing, NaN-poisoned outputs; default the
+            training defaults.
 
     Returns:
         out: [B, S_pad, H, D] in q's dtype, out[b, s, h] = sum_j softmax_j(scale * q[b, s, h] . k[b, j, h]) v[b, j, h]
@@ -54,29 +64,31 @@ def block_sparse_attention(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale=N
         raise ValueError(f"block_sparse_attention: scale must be a positive finite number, got {scale!r}")
     backend = resolve_backend(backend, q)
     if backend == "torch":
-        from ..reference import block_sparse_attention_torch
-
         return block_sparse_attention_torch(q, k, v, q2k_index, q2k_count, kv_tile_sizes, scale=scale)
     if q.dtype == torch.float64:
         raise TypeError("block_sparse_attention: backend='triton' supports fp16, bf16 and fp32, got float64")
-    from . import op
-
+    options = check_options(options)
     # The key->query index of the backward is built only when a backward can follow.
     build_k2q = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    key_shift = _key_shift(q, k, kv_tile_sizes, key_shift, build_k2q, options)
+    return BlockSparseAttentionFunction.apply(q, k, v, q2k_index, q2k_count, kv_tile_sizes, float(scale), key_shift,
+                                              build_k2q, options)
+
+
+def _key_shift(q, k, kv_tile_sizes, key_shift, build_k2q: bool, options: KernelOptions):
+    """The fp32 [B, H, D] shift of the keys in the backward's dQ, or None (no backward, or centring off)."""
     if not build_k2q:  # only the backward uses it
-        key_shift = None
-    elif key_shift is None and op.CENTER_KEYS:
+        return None
+    if key_shift is None:
+        if not options.center_keys:
+            return None
         with torch.no_grad():
-            key_shift = op.key_shift(k, kv_tile_sizes)  # [B, H, D] fp32
-    elif key_shift is not None:
-        B, _, H, D = q.shape
-        if tuple(key_shift.shape) != (B, H, D) or key_shift.device != q.device or not key_shift.is_floating_point():
-            raise ValueError(f"block_sparse_attention: key_shift must be a float [B, H, D] = [{B}, {H}, {D}] "
-                             f"tensor on {q.device}, got {key_shift.dtype} {tuple(key_shift.shape)} on {key_shift.device}")
-        key_shift = key_shift.detach().to(torch.float32).contiguous()
-    out, lse, *_ = op.block_sparse_fwd(q, k, v, q2k_index, q2k_count, kv_tile_sizes, float(scale), build_k2q,
-                                       key_shift)
-    return out, lse
+            return mean_key(k, kv_tile_sizes)  # [B, H, D] fp32
+    B, _, H, D = q.shape
+    if tuple(key_shift.shape) != (B, H, D) or key_shift.device != q.device or not key_shift.is_floating_point():
+        raise ValueError(f"block_sparse_attention: key_shift must be a float [B, H, D] = [{B}, {H}, {D}] "
+                         f"tensor on {q.device}, got {key_shift.dtype} {tuple(key_shift.shape)} on {key_shift.device}")
+    return key_shift.detach().to(torch.float32).contiguous()
 
 
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
@@ -101,11 +113,11 @@ def _check_inputs(q, k, v, q2k_index, q2k_count, kv_tile_sizes):
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (*_FLOAT_DTYPES, torch.float64):
         raise TypeError(f"{name}: q, k, v must share one dtype of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
     B, S, H, D = q.shape
-    if S % TILE or S == 0:
-        raise ValueError(f"{name}: S_pad must be a positive multiple of {TILE} (padded tile order), got {S}")
+    if S % BLOCK or S == 0:
+        raise ValueError(f"{name}: S_pad must be a positive multiple of {BLOCK} (padded tile order), got {S}")
     if D not in (64, 128):
         raise ValueError(f"{name}: head dim must be 64 or 128, got {D}")
-    n_tiles = S // TILE
+    n_tiles = S // BLOCK
     tensors = {"k": k, "v": v, "q2k_index": q2k_index, "q2k_count": q2k_count, "kv_tile_sizes": kv_tile_sizes}
     for arg, t in tensors.items():
         if t.device != q.device:
@@ -128,5 +140,5 @@ def _check_inputs(q, k, v, q2k_index, q2k_count, kv_tile_sizes):
     used = torch.arange(K) < q2k_count[..., None]
     if ((q2k_index < 0) | (q2k_index >= n_tiles))[used].any():
         raise ValueError(f"{name}: q2k_index entries within q2k_count must be tile ids in [0, {n_tiles})")
-    if ((kv_tile_sizes < 1) | (kv_tile_sizes > TILE)).any():
-        raise ValueError(f"{name}: kv_tile_sizes must be in [1, {TILE}]")
+    if ((kv_tile_sizes < 1) | (kv_tile_sizes > BLOCK)).any():
+        raise ValueError(f"{name}: kv_tile_sizes must be in [1, {BLOCK}]")

@@ -3,7 +3,7 @@
 No atomics: dQ sums over a query tile's key tiles (q2k index), dK/dV over the query tiles that selected a
 key tile (the k2q index of index.py), each in one program, so results are deterministic.
 
-PAIR (op.TILE_PAIRS): the dQ and dK/dV loops take two tiles per iteration (two key tiles, resp. two query tiles
+PAIR (KernelOptions.tile_pairs): the dQ and dK/dV loops take two tiles per iteration (two key tiles, resp. two query tiles
 of the k2q list), gathered into one block of 128 rows: 64 x 128 products, half the iterations; else one tile.
 """
 import triton
@@ -40,6 +40,24 @@ def block_sparse_bwd_preprocess_kernel(
     tl.store(DELTA + row_ptr, delta)
 
 
+@triton.jit
+def centred_dq(dq, ds_sums, shift, DLSE_ROWS, HAS_DLSE: tl.constexpr):
+    """rounded(dS) @ K minus its row sums times kshift is rounded(dS) @ (K - kshift), to fp32 rounding: the
+    products and sums were exact to fp32, so the offset's part cancels here, not in 16 bits. Then + dLSE kshift."""
+    ds_sum = tl.max(ds_sums, 1)  # [BLOCK]: the 16 columns hold the same sum
+    dq -= ds_sum[:, None] * shift[None, :]
+    if HAS_DLSE:
+        dq += tl.load(DLSE_ROWS)[:, None] * shift[None, :]
+    return dq
+
+
+# HAS_SHIFT (KernelOptions.center_keys): dQ = scale * (sum dS @ (K - kshift) + dLSE kshift), exact because each row
+# of dS sums to dLSE (to 0 without an LSE gradient). With keys sharing a large offset, the rounding of dS to
+# 16 bits, times the offset, is the whole dq error of dS @ K; in dS @ (K - kshift) the offset is gone. It is
+# computed as dS @ K - rowsum(dS) kshift on the same rounded dS (centred_dq), with no per-tile centring of K; the
+# row sums of dS as rounded for the product come from the tensor cores (dS @ ones: exact products, fp32 sums, like
+# dS @ K; every column holds the row sum), cheaper than a tl.sum per iteration on the CUDA cores. The logits use
+# K as given.
 @triton.autotune(configs=bwd_configs(), key=["HEAD_DIM", "DOT_PRECISION", "PAIR"])
 @triton.jit(do_not_specialize=["n_heads", "n_tiles", "max_k"])
 def block_sparse_bwd_dq_kernel(
@@ -56,18 +74,10 @@ def block_sparse_bwd_dq_kernel(
     HAS_SHIFT: tl.constexpr, HAS_DLSE: tl.constexpr, PAIR: tl.constexpr,
 ):
     """One program = one query tile: dQ = scale * sum over its key tiles of dS @ K (PAIR: two key tiles per
-    iteration, entries c and c + 1 of its index, as in the forward).
-
-    HAS_SHIFT (op.py, CENTER_KEYS): dQ = scale * (sum dS @ (K - kshift) + dLSE kshift), exact because each row
-    of dS sums to dLSE (to 0 without an LSE gradient). With keys sharing a large offset, the rounding of dS to
-    16 bits, times the offset, is the whole dq error of dS @ K; in dS @ (K - kshift) the offset is gone. It is
-    computed as dS @ K - rowsum(dS) kshift on the same rounded dS: the tensor cores' products are exact and their
-    sums fp32, so the offset cancels in fp32, with no per-tile centring of K. The logits use K as given.
-    """
+    iteration, entries c and c + 1 of its index, as in the forward); keys centred with HAS_SHIFT (above)."""
     q_tile = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = bh % n_heads
+    b, h = (bh // n_heads).to(tl.int64), bh % n_heads
     qk_scale_log2 = sm_scale * LOG2E
 
     # Annotated: the loop step must stay a constexpr (the interpreter makes a plain assignment a tensor).
@@ -89,9 +99,7 @@ def block_sparse_bwd_dq_kernel(
     dq = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     if HAS_SHIFT:
         shift = tl.load(KSHIFT + bh.to(tl.int64) * HEAD_DIM + offs_d)  # [D] fp32
-    # HAS_SHIFT: the row sums of dS as rounded for the product, by the tensor cores (dS @ ones: exact products,
-    # fp32 sums, like dS @ K; every column holds the row sum). A tl.sum per iteration cost ~8% of the backward.
-    ds_sums = tl.zeros([BLOCK, 16], tl.float32)
+    ds_sums = tl.zeros([BLOCK, 16], tl.float32)  # HAS_SHIFT: rounded dS @ ones
     ones = tl.full([BLOCK * STEP, 16], 1.0, K.dtype.element_ty)
     for c in range(0, count, STEP):
         offs_kv, real, _ = key_rows(index_ptr, c, count, KV_TILE_SIZES, BLOCK, PAIR)  # as the forward walks them
@@ -107,16 +115,30 @@ def block_sparse_bwd_dq_kernel(
         dq = tl.dot(ds, k, dq, input_precision=DOT_PRECISION)  # exact products, fp32 sums
 
     if HAS_SHIFT:
-        ds_sum = tl.max(ds_sums, 1)  # [BLOCK]: the 16 columns hold the same sum
-        # dq holds rounded(dS) @ K; minus its row sums times kshift it is rounded(dS) @ (K - kshift), to fp32
-        # rounding: the products and sums were exact to fp32, so the offset's part cancels here, not in 16 bits.
-        dq -= ds_sum[:, None] * shift[None, :]
-        if HAS_DLSE:
-            dq += tl.load(DLSE + row_ptr)[:, None] * shift[None, :]
+        dq = centred_dq(dq, ds_sums, shift, DLSE + row_ptr, HAS_DLSE)
     # The softmax scale is applied in fp32 here, never folded into low-precision K.
     dq *= sm_scale
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty))
+
+
+@triton.jit
+def query_rows(q_tiles_ptr, c, end, second, col, BLOCK: tl.constexpr, PAIR: tl.constexpr):
+    """The query rows of loop iteration c over a key tile's k2q list, and which are used: ([BLOCK_M] row offsets,
+    [BLOCK_M] mask), BLOCK_M = BLOCK (entry c) or 2 * BLOCK with PAIR (entries c and c + 1, gathered; second and
+    col: whether a row is the pair's second tile's, and its row within its tile)."""
+    q_tile = tl.load(q_tiles_ptr + c)
+    if PAIR:
+        # An odd count's last pair has an empty second slot: it reloads the first query tile (in bounds:
+        # entries past `end` may be unwritten) and masks its logits to -inf; with that tile's finite lse,
+        # its probabilities are exactly 0, so it adds nothing to dK or dV.
+        q_tile2 = tl.load(q_tiles_ptr + tl.minimum(c + 1, end - 1))
+        offs_q = tl.where(second, q_tile2, q_tile) * BLOCK + col  # [BLOCK_M] gathered query rows
+        used = ~second | (c + 1 < end)                            # [BLOCK_M]
+    else:
+        offs_q = q_tile * BLOCK + col  # [BLOCK_M]
+        used = col >= 0
+    return offs_q, used
 
 
 @triton.autotune(configs=bwd_configs(), key=["HEAD_DIM", "DOT_PRECISION", "PAIR"])
@@ -137,8 +159,7 @@ def block_sparse_bwd_dkv_kernel(
     (PAIR: two of them per iteration, entries c and c + 1 of its k2q list, gathered into one block of 2 * BLOCK)."""
     kv_tile = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = bh % n_heads
+    b, h = (bh // n_heads).to(tl.int64), bh % n_heads
     qk_scale_log2 = sm_scale * LOG2E
 
     STEP: tl.constexpr = 2 if PAIR else 1  # query tiles per iteration
@@ -153,9 +174,8 @@ def block_sparse_bwd_dkv_kernel(
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_dob + h * stride_doh
     row_base = bh.to(tl.int64) * n_tiles * BLOCK
-    if PAIR:
-        second = offs_m >= BLOCK                        # [BLOCK_M]: row of the pair's second query tile
-        col = tl.where(second, offs_m - BLOCK, offs_m)  # [BLOCK_M]: row within its query tile
+    second = offs_m >= BLOCK                        # [BLOCK_M]: row of a pair's second query tile (none without PAIR)
+    col = tl.where(second, offs_m - BLOCK, offs_m)  # [BLOCK_M]: row within its query tile
 
     start = tl.load(K2Q_OFFSETS + bh * (n_tiles + 1) + kv_tile)
     end = tl.load(K2Q_OFFSETS + bh * (n_tiles + 1) + kv_tile + 1)
@@ -163,16 +183,7 @@ def block_sparse_bwd_dkv_kernel(
     dk = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     for c in range(start, end, STEP):
-        q_tile = tl.load(q_tiles_ptr + c)
-        if PAIR:
-            # An odd count's last pair has an empty second slot: it reloads the first query tile (in bounds:
-            # entries past `end` may be unwritten) and masks its logits to -inf; with that tile's finite lse,
-            # its probabilities are exactly 0, so it adds nothing to dK or dV.
-            q_tile2 = tl.load(q_tiles_ptr + tl.minimum(c + 1, end - 1))
-            offs_q = tl.where(second, q_tile2, q_tile) * BLOCK + col  # [BLOCK_M] gathered query rows
-            used = ~second | (c + 1 < end)                            # [BLOCK_M]
-        else:
-            offs_q = q_tile * BLOCK + offs_m  # [BLOCK_M]
+        offs_q, used = query_rows(q_tiles_ptr, c, end, second, col, BLOCK, PAIR)  # [BLOCK_M] x2
         qt = tl.load(q_base + offs_q[None, :] * stride_qs + offs_d[:, None] * stride_qd)  # [D, BLOCK_M]
         do = tl.load(do_base + offs_q[:, None] * stride_dos + offs_d[None, :] * stride_dod)  # [BLOCK_M, D]
         lse_log2 = tl.load(LSE + row_base + offs_q) * LOG2E  # [BLOCK_M]

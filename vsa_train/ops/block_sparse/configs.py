@@ -1,10 +1,10 @@
-"""Launch configs of the block-sparse kernels: a measured default per kernel and pairing, or an autotuner search.
+"""Launch configs of the block-sparse kernels: a default per kernel and pairing, or an autotuner search.
 
-The tile is fixed at 64 x 64 by the tiling (64 x 128 with op.TILE_PAIRS: two tiles per iteration), so only warps
-and pipelining depth are tuned. By default each kernel launches with the config measured best on an H200 (and
-earlier on an H100) at the settings op.TILE_PAIRS="auto" runs, D=64 with pairs and D=128 without: 4 warps; the
-forward 2 stages with pairs and 3 without (scripts/bench_vsa.py, docs/benchmarks.md), the backward 2. No search
-runs then (op.launch_tuned launches the default directly: Triton 3.6's autotuner would time even a single
+The tile is fixed at 64 x 64 by the tiling (64 x 128 with tile pairs: two tiles per iteration), so only warps
+and pipelining depth are tuned. By default each kernel launches with the config that timed best at the
+pairings the default options run (D=64 with pairs, D=128 without): 4 warps; the forward 2 stages with pairs
+and 3 without, the backward 2 (reproduce with `python -m vsa_train.bench op`). No search runs then
+(launch.launch_tuned launches the default directly: Triton 3.6's autotuner would time even a single
 config). VSA_AUTOTUNE=full (read at each first launch) makes the autotuner try 4 and 8 warps at several depths on first
 use, e.g. on another GPU; every config costs a compilation (about 1 s each, inside a run's first step).
 """

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch import device_guard
+
 # Vector widths of the loops over a query tile's slots and over tiles: fixed, so that one compiled kernel
 # serves every video size and topk (tests lower them to exercise the loops).
 BLOCK_SLOTS = 32
@@ -94,3 +96,12 @@ def build_k2q_index(q2k_index: torch.Tensor, q2k_count: torch.Tensor, n_kv_tiles
         BLOCK=BLOCK_TILES,
     )
     return offsets.view(B, H, n_kv_tiles + 1), q_tiles.view(B, H, n_q_tiles * K)
+
+
+def k2q_index_if(build: bool, q2k_index: torch.Tensor, q2k_count: torch.Tensor, n_kv_tiles: int):
+    """build_k2q_index on q2k's device when build (a backward will follow: only it reads the index), else two
+    distinct empty tensors (a custom op's outputs must not alias each other)."""
+    if not build:
+        return q2k_index.new_empty(0), q2k_index.new_empty(0)
+    with device_guard(q2k_index):
+        return build_k2q_index(q2k_index, q2k_count, n_kv_tiles)

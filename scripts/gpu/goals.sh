@@ -1,28 +1,28 @@
 #!/usr/bin/env bash
-# Issue 12's goals in one process, one device call (scripts/bench_faster.py; ~6 min on an H100/H200, compilation
-# included, under a 570 s limit):
+# The performance goals in one process, one device call (`python -m vsa_train.bench goals`; ~6 min on an H100/H200,
+# compilation included, under a 570 s limit):
 #   1. the VSA op vs dense cuDNN SDPA at 16K D=64 and 32K D=128: fwd+bwd speed-up, eager and graphed, and the
-#      fine stage's TFLOP/s at 32K (bench_vsa's tables);
+#      fine stage's TFLOP/s at 32K (the op benchmark's tables);
 #   2. dq with offset keys, bf16, D=64 and 128: Triton fine stage (centred keys) vs dense SDPA;
-#   3. the trainer's step, compiled, dense and VSA, dit_120m batch 4 and dit_1b batch 2 (bench_train_step's tables);
+#   3. the trainer's step, compiled, dense and VSA, dit_120m batch 4 and dit_1b batch 2 (the step benchmark's tables);
 #   4. the goal table: | goal | target | measured | met? |, one row per goal.
 # dit_1b dense without checkpointing needs ~87 GiB: on a card with less memory (nvidia-smi's total under 100 GiB)
 # its rows run with model.grad_checkpointing=selective, and the table says so (DIT1B_POLICY=none|selective forces
 # one). BUDGET (seconds, default 480) is the Python part's: a unit that may not fit is not started and its goals
 # say "not run (budget)". OP_BATCH (default 1) is the op rows' batch (4: the dit_120m step's). Everything goes to
-# $OUT/faster.log, results.json to $OUT/results.json.
+# $OUT/goals.log, results.json to $OUT/results.json.
 #
-#   OUT=/tmp/faster bash scripts/gpu/faster.sh            # on the GPU, from the repo root
-#   SMOKE=1 OUT=/tmp/faster bash scripts/gpu/faster.sh    # CPU smoke run: Triton interpreter, tiny sizes, dit_tiny
+#   OUT=/tmp/goals bash scripts/gpu/goals.sh            # on the GPU, from the repo root
+#   SMOKE=1 OUT=/tmp/goals bash scripts/gpu/goals.sh    # CPU smoke run: Triton interpreter, tiny sizes, dit_tiny
 set -euo pipefail
 source "$(dirname "$0")/header.sh"
 : "${OUT:?set OUT to the output folder}"
 mkdir -p "$OUT"
-LOG="$OUT/faster.log"
+LOG="$OUT/goals.log"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 {
-  log_header "faster: issue 12 goals"
+  log_header "goals: op, dq and step goals"
 } > "$LOG" 2>&1
 
 if [ "${SMOKE:-0}" = 1 ]; then
@@ -43,11 +43,11 @@ else
   # Imports (~15 s) come before the budget's clock; the rest is the margin for a unit over its estimate.
   limit=$(( budget + 80 ))
 fi
-echo "command: python -u scripts/bench_faster.py ${args[*]} --out $OUT" >> "$LOG"
+echo "command: python -u -m vsa_train.bench goals ${args[*]} --out $OUT" >> "$LOG"
 rc=0
 # -u: a run stopped by the timeout still leaves every line it printed; SIGTERM makes it print the goal table of
 # what it measured (-k: killed 10 s later if it cannot).
-timeout -k 10 "$limit" python -u scripts/bench_faster.py "${args[@]}" --out "$OUT" >> "$LOG" 2>&1 || rc=$?
-echo "bench_faster.py exit code: $rc$([ "$rc" = 124 ] && echo ' (timed out after '"$limit"' s)')" >> "$LOG"
-sed -n '/^## Issue 12 goals/,$p' "$LOG"
+timeout -k 10 "$limit" python -u -m vsa_train.bench goals "${args[@]}" --out "$OUT" >> "$LOG" 2>&1 || rc=$?
+echo "vsa_train.bench goals exit code: $rc$([ "$rc" = 124 ] && echo ' (timed out after '"$limit"' s)')" >> "$LOG"
+sed -n '/^## Goals/,$p' "$LOG"
 exit 0

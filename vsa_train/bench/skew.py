@@ -1,8 +1,8 @@
 """How unevenly VSA's top-k selections spread over the key tiles: the dK/dV kernel's load balance, per layer.
 
-    python scripts/selection_skew.py                                  # dit_120m at init, synthetic_16k, batch 1
-    python scripts/selection_skew.py --model dit_tiny --data synthetic   # seconds on a CPU
-    python scripts/selection_skew.py train.init_from=RUN_DIR         # a trained model's selections
+    python -m vsa_train.bench skew                                   # dit_120m at init, synthetic_16k, batch 1
+    python -m vsa_train.bench skew --model dit_tiny --data synthetic # seconds on a CPU
+    python -m vsa_train.bench skew train.init_from=RUN_DIR           # a trained model's selections
 
 One forward (no gradient) of the model a run builds from the composed `train` config (attn=vsa), on one batch
 of the run's data stream and its per-sample noise. Each query tile picks `topk` key tiles; a key tile's "uses"
@@ -12,19 +12,15 @@ tiles no query tile picked, and the share of all uses held by the top 10% of til
 always walk `topk` tiles, so they are balanced whatever this prints. Last column: how many distinct key tiles two
 neighbouring query tiles (2i, 2i + 1 in tile order) pick together, over `topk` (1: the same tiles, 2: disjoint),
 the work a kernel program serving both over the union of their picks would do. On a CPU the op runs its PyTorch
-backend.
+backend. The selections are watched through the library's observer hook (ops.observe_selections).
 """
 import argparse
 import contextlib
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-from vsa_train.ops import coarse
-from vsa_train.ops import eager as eager_op
-from vsa_train.ops import vsa as vsa_op
+from ..ops import observe_selections
 
 
 def uses_per_key_tile(index: torch.Tensor, n_kv: int) -> torch.Tensor:
@@ -52,57 +48,41 @@ def skew_row(uses: torch.Tensor) -> dict:
             "top 10% share": (uses.sort(-1, descending=True).values[..., :top].sum(-1) / uses.sum(-1)).mean().item()}
 
 
-# The modules whose VSA paths call top-k: vsa.py (PyTorch backend, custom ops) and eager.py (the Triton backend's
-# eager autograd.Function, what a GPU forward without torch.compile runs).
-SELECTING_MODULES = (vsa_op, eager_op)
-
-
 @contextlib.contextmanager
 def record_selections():
-    """Within: every top-k call of the VSA op appends (uses per key tile, pair_union) to the yielded list (top-k is
-    restored after)."""
-    layers, topk = [], coarse.topk_tiles
+    """Within: every top-k selection of the VSA op appends (uses per key tile, pair_union) to the yielded list."""
+    layers = []
 
-    def recording(scores, k):
-        index, count = topk(scores, k)
-        layers.append((uses_per_key_tile(index, scores.shape[-1]).cpu(), pair_union(index, scores.shape[-1])))
-        return index, count
+    def record(index, n_kv):
+        layers.append((uses_per_key_tile(index, n_kv).cpu(), pair_union(index, n_kv)))
 
-    for module in SELECTING_MODULES:
-        module.topk_tiles = recording
-    try:
+    with observe_selections(record):
         yield layers
-    finally:
-        for module in SELECTING_MODULES:
-            module.topk_tiles = topk
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m vsa_train.bench skew", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="dit_120m")
     p.add_argument("--data", default="synthetic_16k")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("override", nargs="*", help="extra Hydra overrides of the train config")
     args = p.parse_args(argv)
-    # Here, not at the top: scripts/bench_vsa.py imports this file's helpers without Hydra or accelerate.
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import bench_train_step  # its config composition and fixed batch
-
-    from vsa_train.diffusion import flow_loss, sample_draws
-    from vsa_train.trainer import build_run, make_accelerator
+    # Here, not at the top: the op benchmark imports this file's helpers without Hydra or accelerate.
+    from ..diffusion import flow_loss, sample_draws
+    from . import step
 
     if not torch.cuda.is_available() and not any(o.startswith("attn.backend=") for o in args.override):
         args.override.append("attn.backend=torch")  # the Triton kernels need a GPU (or the slow interpreter)
-    bench_args = bench_train_step.parse_args(["--model", args.model, "--data", args.data, "--batch",
-                                              str(args.batch), *args.override])
-    cfg = bench_train_step.load_cfg(bench_args, "vsa", compiled=False)
-    run = build_run(cfg, make_accelerator(cfg))
-    batch = bench_train_step.fixed_batch(run)
-    device = run.accelerator.device
+    step_args = step.parse_args(["--model", args.model, "--data", args.data, "--batch", str(args.batch),
+                                 *args.override])
+    cfg = step.load_cfg(step_args, "vsa", compiled=False)
+    target = step.trainer_target(cfg)
+    batch, device = target.batch, target.device
     started = time.perf_counter()
-    with record_selections() as layers, torch.no_grad(), run.accelerator.autocast():
+    with record_selections() as layers, torch.no_grad(), target.autocast():
         t, noise, _ = sample_draws(cfg.train.seed, batch["position"], batch["video"].shape[1:], device)
-        flow_loss(run.model, batch["video"], batch["text"], batch["text_mask"], t=t, noise=noise)
+        flow_loss(target.model, batch["video"], batch["text"], batch["text_mask"], t=t, noise=noise)
+    target.close()
     if not layers:
         raise SystemExit("no layer selected tiles by top-k (attn.select=window, or every layer dense?)")
     print(f"{args.model}, {args.data}, batch {args.batch}, {device}, overrides {args.override}: one forward, "

@@ -1,15 +1,9 @@
-"""scripts/idle_gaps.py: GPU idle gaps in a Chrome trace, charged to the host op that launched the next kernel."""
+"""vsa_train.bench.gaps: GPU idle gaps in a Chrome trace, charged to the host op that launched the next kernel."""
 import gzip
-import importlib.util
 import json
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "idle_gaps.py"
-spec = importlib.util.spec_from_file_location("idle_gaps", SCRIPT)
-idle_gaps = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(idle_gaps)
+from vsa_train.bench import gaps as idle_gaps
 
 
 def X(cat, name, ts, dur, tid=1, corr=None):

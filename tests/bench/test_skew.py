@@ -1,14 +1,10 @@
-"""scripts/selection_skew.py: uses per key tile from a q2k selection, their load-balance figures, and a CPU run."""
-import importlib.util
-from pathlib import Path
-
+"""vsa_train.bench.skew: uses per key tile from a q2k selection, their load-balance figures, and a CPU run."""
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "selection_skew.py"
-spec = importlib.util.spec_from_file_location("selection_skew", SCRIPT)
-skew = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(skew)
+from vsa_train.bench import op as bench_op
+from vsa_train.bench import skew
+from vsa_train.ops import coarse
 
 
 def test_uses_and_row():
@@ -30,25 +26,28 @@ def test_cpu_run_prints_a_row_per_layer(capsys, monkeypatch):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert len(rows) >= 2 and all(len(r.split("|")) == 9 for r in rows)
     assert all(1.0 <= float(r.split("|")[7]) <= 2.0 for r in rows)  # neighbours' union / topk
-    assert all(m.topk_tiles is skew.coarse.topk_tiles for m in skew.SELECTING_MODULES)  # restored
+    assert coarse._OBSERVERS == []  # the observer is gone after the run
 
 
-def test_records_both_paths_top_k():
-    """The PyTorch backend's path (vsa.py) and the Triton backend's eager Function (eager.py, a GPU forward) both
-    select through top-k: a recording must see either."""
-    scores = torch.randn(1, 2, 6, 6)
+def test_records_both_backends_selections():
+    """The observer hook sees the op's selections on the PyTorch backend and the Triton one (the Function a GPU
+    forward runs), and nothing once the recording ends."""
+    from vsa_train.ops import TileLayout, video_sparse_attention
+
+    layout = TileLayout((4, 8, 12))  # 6 tiles
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, layout.seq_len, 2, 64, generator=g) for _ in range(3))
     with skew.record_selections() as layers:
-        for module in skew.SELECTING_MODULES:
-            index, _ = module.topk_tiles(scores, 2)
-            assert index.shape == (1, 2, 6, 2)
+        for backend in ("torch", "triton"):
+            video_sparse_attention(q, k, v, layout.video_shape, 2, backend=backend)
     assert len(layers) == 2 and all(u.sum().item() == 2 * 6 * 2 and 1.0 <= union <= 2.0 for u, union in layers)
+    assert torch.equal(layers[0][0], layers[1][0])  # the same selection on both backends
+    video_sparse_attention(q, k, v, layout.video_shape, 2, backend="torch")
+    assert len(layers) == 2
 
 
-def test_bench_vsa_skew_option_makes_some_tiles_win_everywhere(monkeypatch):
-    """bench_vsa --skew: the same top-k code picks some key tiles far more often than near-uniform inputs do."""
-    monkeypatch.syspath_prepend(str(SCRIPT.parent))
-    import bench_vsa
-
+def test_op_skew_option_makes_some_tiles_win_everywhere():
+    """`op --skew`: the same top-k code picks some key tiles far more often than near-uniform inputs do."""
     from vsa_train.ops import TileLayout, tile_mean
     from vsa_train.ops.coarse import coarse_attention, topk_tiles
 
@@ -62,6 +61,6 @@ def test_bench_vsa_skew_option_makes_some_tiles_win_everywhere(monkeypatch):
         index, _ = topk_tiles(coarse_attention(q_c, k_c, k_c, 64 ** -0.5)[1], 8)
         return skew.skew_row(skew.uses_per_key_tile(index, layout.n_tiles))["max/mean"]
 
-    sq, sk = bench_vsa.skewed(q, k, layout, 0.3, g)
+    sq, sk = bench_op.skewed(q, k, layout, 0.3, g)
     assert sq.shape == q.shape and sk.dtype == k.dtype
     assert max_over_mean(sq, sk) > 1.5 * max_over_mean(q, k)

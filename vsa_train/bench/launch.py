@@ -1,13 +1,13 @@
-"""Host cost of one launch at each layer of the VSA op on a GPU: torch op, Triton kernel, launchers, custom ops.
+"""Host cost of one launch at each layer of the VSA op on a GPU: torch op, Triton kernel, launchers, registered ops.
 
-    python scripts/launch_cost.py [--reps 2000]
+    python -m vsa_train.bench launch [--reps 2000]
 
 Each row calls the same thing --reps times on tiny tensors (one 256-token head, so the GPU finishes each kernel
 long before the host issues the next) and prints the host time per call; the queue is drained after each row.
 The Triton rows launch the tile-means forward kernel through Triton's JIT path (`kernel[grid](...)`) and through
 its compiled kernel's `run` directly (what a launch would cost without Triton's per-call argument binding). The
-difference between a launcher and its custom op is the dispatcher's and torch.library's Python layers.
-Timings compare only within one run (docs/benchmarks.md, "where the step's idle GPU time goes").
+difference between a launcher and its registered op is the dispatcher's and torch.library's Python layers (what
+eager mode skips: launch.eager_or_registered). Timings compare only within one run.
 """
 import argparse
 import time
@@ -29,18 +29,19 @@ def per_call_us(fn, reps: int) -> float:
 
 
 def rows(reps: int) -> list[tuple[str, float]]:
-    from vsa_train.ops import pool
-    from vsa_train.ops.block_sparse import op
+    from ..ops import pool
+    from ..ops.block_sparse.launch import block_sparse_fwd_triton
+    from ..ops.launch import BLOCK
 
     dev, B, S, H, D = "cuda", 1, 256, 1, 64
-    n = S // op.TILE
+    n = S // BLOCK
     q, k, v = (torch.randn(B, S, H, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
-    sizes = torch.full((n,), op.TILE, device=dev, dtype=torch.int32)
+    sizes = torch.full((n,), BLOCK, device=dev, dtype=torch.int32)
     index = torch.arange(n, device=dev, dtype=torch.int32).expand(B, H, n, n).contiguous()  # every tile selected
     count = torch.full((B, H, n), n, device=dev, dtype=torch.int32)
     means = torch.empty(3, B, H, n, D, device=dev, dtype=torch.float32)
     args = (q, k, v, means, sizes, *q.stride(), *k.stride(), *v.stride(), B, H, n)
-    constexprs = dict(HEAD_DIM=D, BLOCK=pool.BLOCK)
+    constexprs = dict(HEAD_DIM=D, BLOCK=BLOCK)
     grid = (n, B * H, 1)
     compiled = pool.tile_means_fwd_kernel[grid](*args, **constexprs, num_warps=4)
     compiled._init_handles()  # loads the module, as the first JIT launch did
@@ -58,23 +59,21 @@ def rows(reps: int) -> list[tuple[str, float]]:
          lambda: pool.tile_means_fwd_kernel[grid](*args, **constexprs, num_warps=4)),
         ("the same compiled kernel's run(...) directly", direct),
         ("launcher pool.tile_means_fwd", lambda: pool.tile_means_fwd(q, k, v, sizes)),
-        ("custom op torch.ops.vsa_train.tile_means", lambda: torch.ops.vsa_train.tile_means(q, k, v, sizes)),
-        ("launcher op.block_sparse_fwd_triton",
-         lambda: op.block_sparse_fwd_triton(q, k, v, index, count, sizes, 0.125)),
-        ("custom op block_sparse_fwd, no k2q index",
-         lambda: torch.ops.vsa_train.block_sparse_fwd(q, k, v, index, count, sizes, 0.125, False)),
-        ("custom op block_sparse_fwd, with the k2q index (training)",
-         lambda: torch.ops.vsa_train.block_sparse_fwd(q, k, v, index, count, sizes, 0.125, True)),
+        ("launcher block_sparse_fwd_triton", lambda: block_sparse_fwd_triton(q, k, v, index, count, sizes, 0.125, True)),
+        ("registered op block_sparse_fwd, no k2q index",
+         lambda: torch.ops.vsa_train.block_sparse_fwd(q, k, v, index, count, sizes, 0.125, False, True, False)),
+        ("registered op block_sparse_fwd, with the k2q index (training)",
+         lambda: torch.ops.vsa_train.block_sparse_fwd(q, k, v, index, count, sizes, 0.125, True, True, False)),
     ]
     return [(name, per_call_us(fn, reps)) for name, fn in table]
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m vsa_train.bench launch", description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=2000)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("launch_cost.py measures CUDA launches: it needs a GPU (none is visible)")
+        raise SystemExit("vsa_train.bench launch measures CUDA launches: it needs a GPU (none is visible)")
     import triton
 
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "

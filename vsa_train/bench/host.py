@@ -1,16 +1,18 @@
 """Host (Python + dispatcher + autograd) cost of one VSA call, measured on the CPU with every Triton launch stubbed.
 
-    python scripts/host_overhead.py              # table: ms per fwd and fwd+bwd, raster and tiled paths
-    python scripts/host_overhead.py --profile    # also: cProfile of the tiled fwd+bwd, top functions
+    python -m vsa_train.bench host              # table: ms per fwd and fwd+bwd, raster and tiled paths
+    python -m vsa_train.bench host --profile    # also: cProfile of the tiled fwd+bwd, top functions
 
-Every @triton.jit / @triton.autotune kernel object in vsa_train.ops is replaced by a stub whose launch does
-nothing (outputs stay torch.empty), so what is timed is the per-call host work that an eager GPU step pays
-on top of its kernels: custom-op dispatch, autograd nodes, argument checks, layout lookups, torch ops.
+The kernels run under Triton's interpreter, whose launch entry point (InterpretedFunction.run, a Triton class,
+not this library) is replaced for the measurement by one that only counts (outputs stay torch.empty), so what
+is timed is the per-call host work that an eager GPU step pays on top of its kernels: autograd nodes,
+argument checks, layout lookups, launcher arithmetic, torch ops.
 Those torch ops run on small CPU tensors (coarse stage: tiles x tiles) and, where unavoidable, on the
 full-size ones (the autograd engine's gradient sums, the CPU-only index checks): the "small" row keeps
 them negligible, the "16K" row is the issue's shape. These are host-time proxies, not GPU wall times.
 """
 import argparse
+import contextlib
 import cProfile
 import os
 import pstats
@@ -20,45 +22,32 @@ import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # backend="triton" on CPU tensors (no kernel actually runs)
 
-import torch
-import triton
-from torch.utils._python_dispatch import TorchDispatchMode
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from vsa_train.ops import (
-    TileLayout,
-    gating,
-    pool,
-    video_sparse_attention,
-    video_sparse_attention_tiled,
-)
-from vsa_train.ops.block_sparse import index, op
+from ..ops import TileLayout, video_sparse_attention, video_sparse_attention_tiled  # noqa: E402
 
 LAUNCHES = {"triton": 0}
 
 
-class _StubKernel:
-    """Stands for a Triton kernel: `kernel[grid](...)` counts the launch and does nothing else."""
+@contextlib.contextmanager
+def stubbed_launches():
+    """Within: every Triton kernel launch (they all go through the interpreter's InterpretedFunction.run) only
+    counts itself in LAUNCHES; restored after."""
+    from triton.runtime.interpreter import InterpretedFunction
 
-    best_config = triton.Config({})  # what an autotuned kernel picked (read by block_sparse.op.launch_tuned under VSA_AUTOTUNE=full)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("vsa_train.bench host stubs the Triton interpreter's launches: run it with TRITON_INTERPRET=1")
+    run = InterpretedFunction.run
 
-    @property
-    def fn(self):  # the autotuner's inner kernel
-        return self
-
-    def __getitem__(self, grid):
-        return self._launch
-
-    def _launch(self, *args, **kwargs):
+    def count(*args, **kwargs):
         LAUNCHES["triton"] += 1
 
-
-def stub_kernels():
-    """Replace every Triton kernel object that the ops' launchers reference by a no-op stub."""
-    for module in (pool, gating, op, index):
-        for name, value in list(vars(module).items()):
-            # JITFunction, Autotuner, or the interpreter's InterpretedFunction (TRITON_INTERPRET=1)
-            if type(value).__module__.startswith("triton.runtime."):
-                setattr(module, name, _StubKernel())
+    InterpretedFunction.run = count
+    try:
+        yield
+    finally:
+        InterpretedFunction.run = run
 
 
 class _CountOps(TorchDispatchMode):
@@ -108,16 +97,22 @@ def time_ms(call, backward: bool, iters: int) -> float:
     return statistics.median(times)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m vsa_train.bench host", description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--skip-16k-12h", action="store_true", help="leave out the slow 12-head row")
     parser.add_argument("--dtype", default="float32", choices=("float16", "float32"))
     parser.add_argument("--profile", action="store_true", help="cProfile the tiled fwd+bwd at the tiny shape")
-    args = parser.parse_args()
-    dtype = getattr(torch, args.dtype)
-    stub_kernels()
+    args = parser.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    with stubbed_launches():
+        print_table(args)
+        if args.profile:
+            profile_calls(args)
+
+
+def print_table(args) -> None:
+    dtype = getattr(torch, args.dtype)
 
     # (label, video_shape, heads): "tiny" is almost pure host work; "16K, 1 head" has the issue's tile count
     # (256 tiles, so the same coarse-stage sizes); "16K, 12 heads" is the issue's shape, where CPU compute of the
@@ -138,16 +133,18 @@ def main():
             print(f"{label:<15} {path:<7} {fwd:8.3f} {both:11.3f} {LAUNCHES['triton']:7d} {counter.count:10d}",
                   flush=True)
 
-    if args.profile:
-        call = make_call("tiled", (4, 8, 8), 1, 64, 32, dtype, gates=True)
+
+def profile_calls(args) -> None:
+    """cProfile of 200 tiled fwd+bwd calls at the tiny shape, top functions by own time."""
+    call = make_call("tiled", (4, 8, 8), 1, 64, 32, getattr(torch, args.dtype), gates=True)
+    call(True)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(200):
         call(True)
-        profiler = cProfile.Profile()
-        profiler.enable()
-        for _ in range(200):
-            call(True)
-        profiler.disable()
-        print("\ncProfile, 200 tiled fwd+bwd calls (tiny, 1 head), by own time:")
-        pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(25)
+    profiler.disable()
+    print("\ncProfile, 200 tiled fwd+bwd calls (tiny, 1 head), by own time:")
+    pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":

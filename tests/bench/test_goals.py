@@ -1,5 +1,4 @@
-"""scripts/bench_faster.py: issue 12's goals in one table; a CPU smoke run, a failing unit, refused options."""
-import importlib.util
+"""`python -m vsa_train.bench goals`: the goals in one table; a CPU smoke run, a failing unit, refused options."""
 import json
 import os
 import subprocess
@@ -8,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "bench_faster.py"
+from vsa_train.bench import goals as bench
+
+ROOT = Path(__file__).resolve().parents[2]
 GOALS = 10
 # One intra-op thread: the tiny rows run 3x faster so on a shared 2-core machine (see conftest's one_thread).
 SMOKE_ENV = dict(os.environ, SMOKE="1", TRITON_INTERPRET="1", OMP_NUM_THREADS="1", WANDB_MODE="offline",
@@ -17,37 +17,30 @@ SMOKE_ENV = dict(os.environ, SMOKE="1", TRITON_INTERPRET="1", OMP_NUM_THREADS="1
 
 
 def _run(*args, env=SMOKE_ENV, timeout=300):
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "vsa_train.bench", "goals", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def _goal_table(stdout: str) -> list[list[str]]:
     """The cells of the final table's rows (everything after its heading, header and rule left out)."""
-    lines = stdout.split("## Issue 12 goals (smoke: numbers are not measurements)\n", 1)[1].splitlines()
+    lines = stdout.split("## Goals (smoke: numbers are not measurements)\n", 1)[1].splitlines()
     rows = [line for line in lines if line.startswith("| ")]
     assert rows[0] == "| goal | target | measured | met? |"
     return [[c.strip() for c in row.strip("|").split(" | ")] for row in rows[1:]]
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_faster", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow  # ~20-25 s on 2 shared cores
 def test_smoke_run_prints_every_goal_and_keeps_them_when_one_unit_fails(tmp_path):
-    env = dict(SMOKE_ENV, BENCH_FASTER_FAIL="step:dit_1b:vsa")
+    env = dict(SMOKE_ENV, BENCH_GOALS_FAIL="step:dit_1b:vsa")
     proc = _run("--out", str(tmp_path), env=env)
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
     first = out.splitlines()[0]
     assert first.startswith("CPU smoke run") and "torch " in first and "triton " in first
-    # each part's own tables, as bench_vsa / bench_train_step print them
+    # each part's own tables, as the op and step benchmarks print them
     assert "### tiny: 512 tokens" in out and "## dq with offset keys" in out and "| dense SDPA |" in out
     assert out.count("## Training step: dense vs VSA, dit_tiny") == 4
-    assert "FAILED step:dit_1b:vsa: RuntimeError: forced by BENCH_FASTER_FAIL" in out
+    assert "FAILED step:dit_1b:vsa: RuntimeError: forced by BENCH_GOALS_FAIL" in out
     rows = _goal_table(out)
     assert len(rows) == GOALS and all(len(r) == 4 for r in rows)
     by_goal = {r[0]: r for r in rows}
@@ -64,7 +57,7 @@ def test_smoke_run_prints_every_goal_and_keeps_them_when_one_unit_fails(tmp_path
     record = json.loads((tmp_path / "results.json").read_text())
     assert [g["measured"] for g in record["goals"]] == [r[2] for r in rows]
     assert record["status"] == {"step:dit_1b:vsa": "failed: RuntimeError"} and record["smoke"] is True
-    # the numbers bench_vsa's bench_size and run_offset_checks now return, not only print
+    # the numbers op.bench_size and accuracy.run_offset_checks return, not only print
     assert record["results"]["op:16k"]["VSA full op, tiled"]["fwd_bwd_speedup"] > 0
     assert {(r["D"], r["row"]) for r in record["results"]["dq"]} >= {(64, "fine, centred"), (128, "dense SDPA")}
     assert record["results"]["step:dit_1b:dense"]["overrides"] == ["model.grad_checkpointing=none"]
@@ -81,7 +74,6 @@ def test_budget_and_only_still_print_every_goal():
 
 
 def test_bad_options_are_refused(capsys):
-    bench = _load_script()
     for argv, error in ((["--dit1b-policy", "full"], "invalid choice: 'full'"),
                         (["--only", "op,train"], "a comma-separated subset of op,dq,step"),
                         (["--op-batch", "0"], "a whole number of at least 1"),
@@ -95,7 +87,6 @@ def test_bad_options_are_refused(capsys):
 
 
 def test_goals_are_judged_on_the_eager_tiled_op_with_graphed_beside():
-    bench = _load_script()
     row = {"fwd_bwd_ms": 1.0, "fwd_bwd_speedup": 4.4, "graphed_fwd_bwd_ms": 0.8, "graphed_fwd_bwd_speedup": 4.7}
     assert bench.op_speedup({"VSA full op, tiled": row}, 4.5) == ("4.40× eager, tiled op (graphed: 4.70×)", False)
     step = {"grad_checkpointing": "selective", "samples/s": 1.0, "step_ms": 2000.0, "batch": 2, "MFU": 0.51}

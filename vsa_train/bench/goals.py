@@ -1,14 +1,13 @@
-"""Issue 12's goals in one call: the VSA op, the dq check with offset keys and the training step, then one table.
+"""The performance goals in one call: the VSA op, the dq check with offset keys and the training step, one table.
 
-Runs, in one process, what each goal needs and nothing more, through the functions of the two benchmarks beside
-it (their own tables are printed as each part runs):
-  op    scripts/bench_vsa.py `bench_size` at 16K tokens D=64 and 32K D=128 (B=1 or --op-batch, 12 heads, bf16,
-        87.5% sparse):
+Runs, in one process, what each goal needs and nothing more, through the functions of the op and step
+benchmarks (their own tables are printed as each part runs):
+  op    op.bench_size at 16K tokens D=64 and 32K D=128 (B=1 or --op-batch, 12 heads, bf16, 87.5% sparse):
         fwd+bwd speed-up of the tiled full op over dense cuDNN SDPA, eager and CUDA-graphed, and the fine stage's
-        effective TFLOP/s (bench_vsa's count), forward and forward+backward, at 32K;
-  dq    bench_vsa's `run_offset_checks` in bf16 at D=64 and 128: the Triton fine stage's dq error with centred
+        effective TFLOP/s (the op benchmark's count), forward and forward+backward, at 32K;
+  dq    accuracy.run_offset_checks in bf16 at D=64 and 128: the Triton fine stage's dq error with centred
         keys against dense SDPA's, and their output errors (vs float64);
-  step  bench_train_step's `load_cfg` + `measure` (the trainer's own train_step, compiled, no profile step):
+  step  step.load_cfg + step.measure (the trainer's own training step, compiled, no profile step):
         dense and VSA at dit_120m (batch 4) and dit_1b (batch 2), synthetic_16k, 2 warm-up + --steps timed steps:
         dense MFU and the VSA/dense step-time ratio.
 The last lines are one Markdown table, `| goal | target | measured | met? |`, one row per goal. A speed-up goal is
@@ -16,30 +15,26 @@ met on the eager tiled op (the graphed figure stands beside it); the fine-stage 
 that raises prints `FAILED ...` and its goals say "failed: <ExceptionType>"; one that may not fit --budget is not
 started ("not run (budget)"); SIGTERM (the shell's timeout) stops the run and still prints the table.
 
-    python -u scripts/bench_faster.py --out DIR                    # every goal, ~6 min on an H100/H200
-    python -u scripts/bench_faster.py --only op,dq                 # the op's goals alone (no training step)
-    python -u scripts/bench_faster.py --only op --op-batch 4       # the op at the dit_120m step's batch
-    python -u scripts/bench_faster.py --dit1b-policy selective     # dit_1b dense needs ~87 GiB without checkpointing
-    SMOKE=1 TRITON_INTERPRET=1 python scripts/bench_faster.py      # CPU: tiny sizes, fp32 dq, dit_tiny eager
+    python -u -m vsa_train.bench goals --out DIR                 # every goal, ~6 min on an H100/H200
+    python -u -m vsa_train.bench goals --only op,dq              # the op's goals alone (no training step)
+    python -u -m vsa_train.bench goals --only op --op-batch 4    # the op at the dit_120m step's batch
+    python -u -m vsa_train.bench goals --dit1b-policy selective  # dit_1b dense needs ~87 GiB without checkpointing
+    SMOKE=1 TRITON_INTERPRET=1 python -m vsa_train.bench goals   # CPU: tiny sizes, fp32 dq, dit_tiny eager
 """
 import argparse
 import json
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the two benchmarks it reuses live beside it
+import torch
 
-import torch  # noqa: E402
+from ..ops import KernelOptions
+from . import accuracy, op, step
+from .common import SMOKE, card, positive, require_device, versions
 
-import bench_train_step  # noqa: E402
-import bench_vsa  # noqa: E402
-from vsa_train.ops.block_sparse import op as block_sparse_op  # noqa: E402
-
-SMOKE = bench_vsa.SMOKE  # SMOKE=1: read from the environment by bench_vsa (the Triton interpreter, tiny sizes)
 MODELS = {"dit_120m": 4, "dit_1b": 2}  # model: batch of the step goals
 # Seconds a unit may take on an H100/H200, compilation included (cold caches): a unit that may not fit in
 # --budget is not started, rather than cut by the caller's timeout.
@@ -49,7 +44,7 @@ ESTIMATE_S = {"op:16k": 40, "op:32k": 40, "dq": 20, "step:dit_120m": 45, "step:d
 OUT_SLACK = 1.25
 # What SMOKE=1 runs in place of each part's GPU sizes (the CPU interpreter's bf16 dot is garbage: fp32).
 SMOKE_RAN = {"op": "tiny: 512 tokens, D=64, fp32", "dq": "fp32", "step": "dit_tiny, batch 2, eager"}
-FAIL_ENV = "BENCH_FASTER_FAIL"  # comma-separated unit names that raise instead of running (the tests' forced failure)
+FAIL_ENV = "BENCH_GOALS_FAIL"  # comma-separated unit names that raise instead of running (the tests' forced failure)
 
 
 class TimeLimit(BaseException):
@@ -67,12 +62,13 @@ def on_sigterm(signum, frame):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m vsa_train.bench goals", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", type=parts, default="op,dq,step", help="comma-separated parts: op, dq, step")
     p.add_argument("--dit1b-policy", choices=("none", "selective"), default="none",
                    help="model.grad_checkpointing of the dit_1b rows: the goal is none (~87 GiB); selective fits 80 GB")
     p.add_argument("--steps", type=int, default=None, help="timed training steps per row (default 6; 2 with SMOKE=1)")
-    p.add_argument("--op-batch", type=bench_vsa.positive, default=1,
+    p.add_argument("--op-batch", type=positive, default=1,
                    help="batch of the op rows (default 1; at 1 the 16K op is host-bound in eager mode)")
     p.add_argument("--rep", type=int, default=100, help="ms of timed runs per op measurement (do_bench rep)")
     p.add_argument("--budget", type=float, default=1e9, help="seconds; a unit that may not fit is not started")
@@ -94,29 +90,28 @@ def op_unit(size: str, args, cache: dict) -> dict:
     """bench_size's rows at `size` (tiny under SMOKE: both sizes share one run)."""
     name = "tiny" if SMOKE else size
     if name not in cache:
-        cache[name] = bench_vsa.bench_size(name, profile=False, flex=False, rep_ms=args.rep,  # op's TILE_PAIRS
-                                           batch=args.op_batch)
+        cache[name] = op.bench_size(name, profile=False, flex=False, rep_ms=args.rep, batch=args.op_batch)
     return cache[name]
 
 
 def dq_unit() -> dict:
     """run_offset_checks at D=64 and 128: {(dtype, D, row): (out error, dq error)}."""
-    dtype = torch.float32 if SMOKE else torch.bfloat16  # the interpreter's bf16 dot is garbage (bench_vsa says so)
-    return bench_vsa.run_offset_checks([dtype], [block_sparse_op.TILE_PAIRS], labelled=False, dims=(64, 128))
+    dtype = torch.float32 if SMOKE else torch.bfloat16  # the interpreter's bf16 dot is garbage
+    return accuracy.run_offset_checks([dtype], [KernelOptions()], labelled=False, dims=(64, 128))
 
 
 def step_unit(model: str, attn: str, args) -> dict:
-    """One bench_train_step row: the trainer's train_step, compiled, timed, no profile step."""
+    """One step-benchmark row: the trainer's own step, compiled, timed, no profile step."""
     argv = ["--smoke"] if SMOKE else ["--model", model, "--batch", str(MODELS[model]), "--warmup", "2"]
-    targs = bench_train_step.parse_args([*argv, "--no-profile", "--peak-tflops", str(args.peak_tflops)])
+    targs = step.parse_args([*argv, "--no-profile", "--peak-tflops", str(args.peak_tflops)])
     if args.steps:  # --smoke sets its own 2
         targs.steps = args.steps
     elif not SMOKE:
         targs.steps = 6
     extra = [f"model.grad_checkpointing={args.dit1b_policy}"] if model == "dit_1b" else []
     # CPU inductor takes ~15 s per dit_tiny row, beyond a smoke test: SMOKE runs the same rows eager.
-    cfg = bench_train_step.load_cfg(targs, attn, compiled=not SMOKE, row_overrides=extra)
-    row = bench_train_step.measure(cfg, targs)
+    cfg = step.load_cfg(targs, attn, compiled=not SMOKE, row_overrides=extra)
+    row = step.measure(cfg, targs)
     row["overrides"], row["model"] = extra, targs.model
     return row
 
@@ -163,7 +158,7 @@ def run_units(args, start: float, save) -> tuple[dict, dict]:
             print(f"FAILED {name}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
             status[name] = f"failed: {type(e).__name__}"
             del e
-            bench_train_step.free_cache()  # the failed unit's tensors were held by the traceback until now
+            step.free_cache()  # the failed unit's tensors were held by the traceback until now
         print(f"({name} took {time.perf_counter() - t0:.0f} s)", flush=True)
         if name.startswith("step:"):
             print_step_table(name.split(":")[1], results)
@@ -172,11 +167,11 @@ def run_units(args, start: float, save) -> tuple[dict, dict]:
 
 
 def print_step_table(model: str, results: dict) -> None:
-    """bench_train_step's table of this model's rows so far (one table per model: its baseline is per setting)."""
+    """The step benchmark's table of this model's rows so far (one table per model: its baseline is per setting)."""
     rows = [r for unit, r in results.items() if unit.startswith(f"step:{model}:")]
     if rows:
-        print(f"\n## Training step: dense vs VSA, {rows[0]['model']} (scripts/bench_train_step.py rows)\n\n"
-              f"{bench_train_step.table(rows, 'dense')}\n", flush=True)
+        print(f"\n## Training step: dense vs VSA, {rows[0]['model']} (step benchmark rows)\n\n"
+              f"{step.table(rows, 'dense')}\n", flush=True)
 
 
 # --- the goals: (goal, target, units it reads, cell(results) -> (measured, met or None)) --------------------------
@@ -195,7 +190,7 @@ def fine_tflops(rows: dict, key: str, target: float):
     eager, graphed = fine.get(f"{key}_tflops"), fine.get(f"graphed_{key}_tflops")
     if eager is None:
         return f"eager: {fine[f'{key}_ms']}", None
-    graphed = f"{graphed:.0f}" if graphed is not None else fine[f"graphed_{key}_ms"]  # bench_vsa's count
+    graphed = f"{graphed:.0f}" if graphed is not None else fine[f"graphed_{key}_ms"]  # the op benchmark's count
     return f"{eager:.0f} TFLOP/s eager (graphed: {graphed})", eager >= target
 
 
@@ -282,21 +277,12 @@ def jsonable(results: dict) -> dict:
     return out
 
 
-def main():
-    args = parse_args()
-    if not SMOKE and not torch.cuda.is_available():
-        sys.exit("bench_faster.py needs a CUDA GPU (or SMOKE=1 with TRITON_INTERPRET=1 for a CPU smoke run)")
-    if SMOKE and os.environ.get("TRITON_INTERPRET") != "1":
-        sys.exit("SMOKE=1 runs the Triton kernels on the CPU: set TRITON_INTERPRET=1 too")
-    import triton
-
+def main(argv=None):
+    args = parse_args(argv)
+    require_device("goals")
     start = time.perf_counter()
-    if SMOKE:
-        card = "CPU smoke run (Triton interpreter)"
-    else:
-        card = f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
-    versions = {"card": card, "torch": torch.__version__, "triton": triton.__version__, "smoke": SMOKE}
-    print(f"{card}, torch {torch.__version__}, triton {triton.__version__}")
+    measured_on = versions()
+    print(card())
     print(f"parts {','.join(args.only)}, dit_1b policy {args.dit1b_policy}, steps {args.steps or (2 if SMOKE else 6)}, "
           f"op batch {args.op_batch}, rep {args.rep} ms, budget {args.budget:.0f} s", flush=True)
     signal.signal(signal.SIGTERM, on_sigterm)
@@ -304,14 +290,14 @@ def main():
     def save(results, status, rows=None):  # after every unit, so that a SIGKILL still leaves what was measured
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
-            record = {**versions, "args": {k: str(v) for k, v in vars(args).items()}, "goals": rows,
+            record = {**measured_on, "args": {k: str(v) for k, v in vars(args).items()}, "goals": rows,
                       "status": status, "results": jsonable(results)}
             (args.out / "results.json").write_text(json.dumps(record, indent=1, default=str))
 
     results, status = run_units(args, start, save)
     rows = goal_rows(results, status, args.op_batch)
     save(results, status, rows)
-    print(f"\n## Issue 12 goals{' (smoke: numbers are not measurements)' if SMOKE else ''}\n\n{goal_table(rows)}")
+    print(f"\n## Goals{' (smoke: numbers are not measurements)' if SMOKE else ''}\n\n{goal_table(rows)}")
     print(f"\ntotal {time.perf_counter() - start:.0f} s", flush=True)
 
 

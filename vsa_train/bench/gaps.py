@@ -1,13 +1,13 @@
 """Where the GPU waits: idle gaps between kernels in a torch.profiler Chrome trace, and what the host did then.
 
-    python scripts/idle_gaps.py TRACE.json[.gz] [--min-us 20] [--rows 15]
+    python -m vsa_train.bench gaps TRACE.json[.gz] [--min-us 20] [--rows 15]
 
 A gap is a stretch inside the traced work where no kernel, copy or memset runs on any stream. Each gap is
 charged to the host when the kernel that ends it was launched after the GPU ran dry ("host-bound": the host
 was still busy reaching that launch), else to a dependency (an event wait, another stream). The tables add
 up idle time by the host operation that enclosed that launch (innermost named op) and by the outermost one
 (the step phase: forward, backward's autograd nodes, optimizer, a sync), then list the longest gaps.
-scripts/bench_train_step.py --trace DIR writes a trace of one trainer step and prints this report.
+`python -m vsa_train.bench step --trace DIR` writes a trace of one trainer step and prints this report.
 """
 import argparse
 import bisect
@@ -107,12 +107,12 @@ def report(result: dict, rows: int = 15) -> str:
     return "\n".join(out)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m vsa_train.bench gaps", description=__doc__.splitlines()[0])
     p.add_argument("trace")
     p.add_argument("--min-us", type=float, default=20.0, help="shortest gap listed (microseconds)")
     p.add_argument("--rows", type=int, default=15)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     print(report(idle_gaps(load(args.trace), args.min_us), args.rows))
 
 

@@ -20,7 +20,7 @@ from vsa_train import config_schema, trainer
 from vsa_train.data import data_spec
 from vsa_train.flops import training_flops_per_sample
 from vsa_train.integrations.diffusers import export_run
-from vsa_train.integrations.wan import VSAWanTransformer3DModel
+from vsa_train.models.wan_vsa import VSAWanTransformer3DModel
 from vsa_train.models import build_model
 from vsa_train.sampling import generate, load_model
 from vsa_train.schedules import SparsitySchedule

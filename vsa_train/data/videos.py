@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .batching import BadInput, ItemStream, eval_batch, holdout_split, make_loader  # BadInput: re-exported
+from .encoders import pixel_text_encoder
 from .text import CaptionEncoder
 
 log = logging.getLogger(__name__)
@@ -260,6 +261,18 @@ def find_clips(folder, rules: RowRules = RowRules()) -> list[Clip]:
 SAMPLE_MANIFEST = Path(__file__).resolve().parents[2] / "data" / "sample_clips.csv"
 
 
+def text_cache_root(cfg) -> Path:
+    """Where pixel data keeps its text cache: the manifest's folder, data.folder, or the dataset's folder."""
+    if cfg.get("source") == "hf":
+        path = Path(cfg.path)
+        return path if path.is_dir() else path.parent
+    if cfg.get("folder") is not None:
+        return Path(cfg.folder)
+    if cfg.get("manifest") is not None:
+        return Path(cfg.manifest).resolve().parent
+    return SAMPLE_MANIFEST.parent
+
+
 def source_name(cfg) -> str:
     """The manifest or folder that data=videos reads, for messages."""
     return str(cfg.get("manifest") or cfg.get("folder") or SAMPLE_MANIFEST)
@@ -407,9 +420,7 @@ def caption_encoder(cfg, clips: list[Clip]) -> CaptionEncoder:
     """The built-in caption encoder over the words of all captions (deterministic in the clip list and seed);
     with data.text_encoder set, that pretrained encoder, the clips' captions encoded once into a disk cache."""
     if cfg.get("text_encoder"):
-        from .encoders import pixel_text_encoder
-
-        return pixel_text_encoder(cfg, captions=[c.caption for c in clips if not c.error])
+        return pixel_text_encoder(cfg, text_cache_root(cfg), captions=[c.caption for c in clips if not c.error])
     vocab = sorted({w for clip in clips for w in _WORD.findall(clip.caption.lower())})
     return CaptionEncoder(vocab, dim=cfg.text_dim, max_len=cfg.text_len, seed=cfg.seed)
 

@@ -43,7 +43,7 @@ from diffusers.utils import BaseOutput
 
 from ..data.text import CaptionEncoder
 from ..models import DiTConfig, VideoDiT, is_wan
-from .wan import VSAWanAttnProcessor, VSAWanTransformer3DModel, apply_vsa, set_sparsity_limit
+from ..models.wan_vsa import VSAWanAttnProcessor, VSAWanTransformer3DModel, apply_vsa, set_sparsity_limit
 
 __all__ = ["CaptionTextEncoder", "VSAVideoPipeline", "VSAVideoPipelineOutput", "VSAWanAttnProcessor",
            "VSAWanTransformer3DModel", "VideoDiTTransformer", "apply_vsa", "export_run", "make_scheduler",

@@ -34,7 +34,7 @@ from ..ops.vsa import warm_up
 
 SCHEDULES = ("constant", "ramp")
 # Attribute (and state-dict name) of the coarse gate VSA adds to each self-attention of a diffusers Wan
-# (integrations/wan.py). Here, without diffusers, so that init_from (checkpoint.py) knows such gates are new.
+# (models/wan_vsa.py). Here, without diffusers, so that init_from (checkpoint.py) knows such gates are new.
 WAN_GATE = "vsa_gate_coarse"
 SELECTIONS = ("topk", "window")
 

@@ -3,7 +3,7 @@
 `WanConfig` is the `model` group of a Wan; it imports no diffusers, so flops.py and config_schema.py read it. With
 `path` set the shape is the folder's config.json, else the config's keys (a random-init model). `WanVideoModel`
 wraps the transformer behind VideoDiT's call: forward(x [B, C, T, H, W], t [B] in [0, 1], text [B, L, text_dim],
-text_mask [B, L] bool) -> velocity [B, C, T, H, W]; `attn=vsa` installs `integrations.wan.apply_vsa` in it.
+text_mask [B, L] bool) -> velocity [B, C, T, H, W]; `attn=vsa` installs `wan_vsa.apply_vsa` in it.
 
 Conventions, those of diffusers' WanPipeline with FlowMatchEulerDiscreteScheduler: our flow time t is the
 scheduler's sigma (x_t = (1 - t) x0 + t noise, its `scale_noise`) and Wan's `timestep` is 1000 t. Wan's output is
@@ -158,7 +158,7 @@ def build_wan(cfg: WanConfig, attn_cfg, *, in_channels: int, text_dim: int, load
     with torch.device("cpu"):  # a first import under a meta default device would leave module tensors on meta
         from diffusers import WanTransformer3DModel
 
-        from ..integrations.wan import VSAWanTransformer3DModel, apply_vsa
+        from .wan_vsa import VSAWanTransformer3DModel, apply_vsa
     from .attention import vsa_config
 
     if bad := attn_problems(attn_cfg):

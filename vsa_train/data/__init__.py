@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from torch.utils.data import DataLoader
 
 from . import hf, latents, synthetic, videos
+from .config import DataSection, data_section
 from .encoders import pixel_text_encoder
 from .spec import DataSpec
 from .text import CaptionEncoder
@@ -70,6 +71,5 @@ def decode(cfg, x):
 
 
 def _source(cfg):
-    if cfg.source not in SOURCES:
-        raise ValueError(f"unknown data.source={cfg.source!r}; choices: {sorted(SOURCES)}")
+    data_section(cfg.get("source"))  # ConfigError naming the sources for an unknown one
     return SOURCES[cfg.source]

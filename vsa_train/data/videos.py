@@ -279,10 +279,8 @@ def source_name(cfg) -> str:
 
 
 def list_clips(cfg) -> list[Clip]:
-    """The clips named by `data.manifest` or found under `data.folder` (at most one of them; neither: the
-    project's sample manifest, data/sample_clips.csv, wherever the command runs from)."""
-    if cfg.get("manifest") is not None and cfg.get("folder") is not None:
-        raise ValueError("data=videos takes one of data.manifest=FILE (.csv/.jsonl) or data.folder=DIR, not both")
+    """The clips named by `data.manifest` or found under `data.folder` (at most one of them: data/config.py;
+    neither: the project's sample manifest, data/sample_clips.csv, wherever the command runs from)."""
     rules = RowRules.from_cfg(cfg)
     if cfg.get("folder") is not None:
         return find_clips(cfg.folder, rules)

@@ -106,7 +106,7 @@ def test_random_wan_has_the_configured_shape_and_follows_the_schedule(one_thread
     assert (config.in_channels, config.out_channels, config.text_dim) == (3, 3, 64)
     assert len(model.blocks) == 2 and model.blocks is model.transformer.blocks  # what compile and FSDP wrap
     state = model.transformer._vsa_state
-    schedule = SparsitySchedule(cfg, spec)
+    schedule = SparsitySchedule(cfg.model, cfg.attn, spec)
     schedule.apply(0, model)  # a ramp from dense: all 8 tiles at step 0, the target 4 from step 1
     assert state.limit == 0.0 and state.topk((4, 4, 4)) == 8
     schedule.apply(1, model)

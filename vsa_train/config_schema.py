@@ -78,9 +78,12 @@ class Config:
         return math.prod(self.grid)
 
     @property
-    def global_batch_per_dp_rank(self) -> int:
-        """Samples one data-parallel rank adds to an optimizer step (x data-parallel ranks: the global batch)."""
-        return self.train.batch_size * self.train.grad_accum
+    def is_wan(self) -> bool:
+        return isinstance(self.model, WanConfig)
+
+    def global_batch(self, dp_size: int) -> int:
+        """Samples per optimizer step over all ranks: batch_size x grad_accum x data-parallel ranks."""
+        return self.train.batch_size * self.train.grad_accum * dp_size
 
     def validate(self) -> list[str]:
         """The rules that join sections."""
@@ -88,7 +91,7 @@ class Config:
         if any(n % p for n, p in zip(shape, patch)):
             return [f"data (frames, height, width) = {shape} must be divisible by model.patch_size = {patch}"]
         bad = model_problems(self.model, self.attn) + self._layout_problems()
-        if isinstance(self.model, WanConfig):
+        if self.is_wan:
             bad += wan_data_problems(self.model, self.spec.in_channels, self.spec.text_dim, f"data={self.data.name}")
         if isinstance(self.attn, VSAConfig) and self.attn.topk is not None:
             tiles = math.prod(-(-g // t) for g, t in zip(self.grid, self.attn.tile))
@@ -100,7 +103,7 @@ class Config:
 
     def _layout_problems(self) -> list[str]:
         sp = self.parallel.sp_size
-        if sp > 1 and isinstance(self.model, WanConfig):
+        if sp > 1 and self.is_wan:
             return [f"parallel.sp_size={sp} is not supported with model=wan (Ulysses hooks into VideoDiT's "
                     f"attention): allowed: 1"]
         if self.model.num_heads % sp:

@@ -17,8 +17,8 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from vsa_train import trainer
-from vsa_train.checkpoint import save as checkpoint  # the module that writes (patched below)
 from vsa_train.checkpoint import Checkpointer
+from vsa_train.checkpoint import save as checkpoint  # the module that writes (patched below)
 from vsa_train.checkpoint.format import digest, optimizer_from_files, read_json, verify, write_json
 from vsa_train.rundir import RunDir
 

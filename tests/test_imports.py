@@ -34,8 +34,10 @@ def _imports(name: str, path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            base = ".".join(package[:len(package) - node.level + 1] + [node.module or ""]) if node.level else node.module
-            base = base.rstrip(".")
+            if node.level:  # relative: up from this module's package
+                base = ".".join(package[:len(package) - node.level + 1] + [node.module or ""]).rstrip(".")
+            else:
+                base = node.module
             for alias in node.names:  # `from . import x`: the module x, else the module holding x
                 found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base)
         elif isinstance(node, ast.Import):

@@ -18,10 +18,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from vsa_train import trainer
-from vsa_train.checkpoint import save as checkpoint  # the module that writes (patched below)
-from vsa_train.metrics import read_metrics
 from vsa_train.checkpoint import CheckpointError
+from vsa_train.checkpoint import save as checkpoint  # the module that writes (patched below)
 from vsa_train.checkpoint.format import verify, write_manifest
+from vsa_train.metrics import read_metrics
 from vsa_train.rundir import LOCK, RunDir, RunDirError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -126,18 +126,22 @@ def test_memory_estimate_terms():
     from omegaconf import OmegaConf
     cfg = OmegaConf.create({"train": {"ema": 0.999, "batch_size": 2},
                             "model": {"hidden_size": 128, "depth": 2, "grad_checkpointing": "none"}})
-    est = progress.memory_estimate(1000, cfg.model, cfg.train, tokens=64)
+
+    def estimate(*args, **kwargs):
+        return progress.memory_estimate(1000, cfg.model, cfg.train, *args, **kwargs)
+
+    est = estimate(tokens=64)
     assert est["states"] == 16_000 and est["ema"] == 4_000
     assert est["activations"] == progress.VALUES_PER_TOKEN_DIM * 64 * 128 * 4 * 2 * 2  # fp32, batch 2, 2 blocks
-    assert progress.memory_estimate(1000, cfg.model, cfg.train, 64, precision="bf16")["activations"] == est["activations"] / 2
-    assert progress.memory_estimate(1000, cfg.model, cfg.train, 64, dp_size=4, strategy="fsdp")["states"] == 4_000
+    assert estimate(64, precision="bf16")["activations"] == est["activations"] / 2
+    assert estimate(64, dp_size=4, strategy="fsdp")["states"] == 4_000
     cfg.model.grad_checkpointing = "full"  # 2 fp32 block inputs + one block's activations (bf16 or not)
     per_block, inputs = progress.VALUES_PER_TOKEN_DIM * 64 * 128 * 2, 2 * 64 * 128 * 2 * 4
-    assert progress.memory_estimate(1000, cfg.model, cfg.train, 64)["activations"] == inputs + per_block * 4
-    assert progress.memory_estimate(1000, cfg.model, cfg.train, 64, precision="bf16")["activations"] == inputs + per_block * 2
-    full = progress.memory_estimate(1000, cfg.model, cfg.train, 64)["activations"]
+    assert estimate(64)["activations"] == inputs + per_block * 4
+    assert estimate(64, precision="bf16")["activations"] == inputs + per_block * 2
+    full = estimate(64)["activations"]
     cfg.model.grad_checkpointing = True  # older configs' spelling of full
-    assert progress.memory_estimate(1000, cfg.model, cfg.train, 64)["activations"] == full
+    assert estimate(64)["activations"] == full
     cfg.model.grad_checkpointing = "selective"  # block 0 recomputed (its input kept), block 1 kept whole
-    assert progress.memory_estimate(1000, cfg.model, cfg.train, 64)["activations"] == 64 * 128 * 2 * 4 + 2 * per_block * 4
+    assert estimate(64)["activations"] == 64 * 128 * 2 * 4 + 2 * per_block * 4
     assert progress.total_memory(__import__("torch").device("cpu"))[0] > 0

@@ -189,8 +189,9 @@ def build_run(config: Config | DictConfig, accelerator: Accelerator, resume_from
         counters = load_checkpoint(accelerator, resume_from, model, optimizer, ema)
         accelerator.print(f"resumed from {resume_from} (step {counters['step']})")
     data, train_iter = _start_data(config, layout, counters.get("position", 0))
+    lr_schedule = LRSchedule(config.optim, train, sparsity, global_batch)
     run = Run(config=config, accelerator=accelerator, layout=layout, precision=precision, model=model, ema=ema,
-              optimizer=optimizer, sparsity=sparsity, lr_schedule=LRSchedule(config.optim, train, sparsity, global_batch),
+              optimizer=optimizer, sparsity=sparsity, lr_schedule=lr_schedule,
               global_batch=global_batch, state=state, health=LossHealth(train.explode_factor), data=data,
               train_iter=train_iter, eval_set=make_eval_set(data.eval, train.eval_timesteps, seed=config.data.seed),
               resumed_from=resume_from, saved_step=saved_step)

@@ -10,7 +10,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 
 from ..models.vsa import WAN_GATE, VSAAttention
 from ..parallel import is_fsdp
-from .format import CheckpointError, load_tensors, optimizer_from_files, read_state, rng_file, rng_problem, set_rng_state
+from .format import (CheckpointError, load_tensors, optimizer_from_files, read_state, rng_file, rng_problem,
+                     set_rng_state)
 from .store import resolve_checkpoint
 
 

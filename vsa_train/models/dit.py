@@ -68,7 +68,8 @@ def attn_problems(cfg: DiTConfig, attn_cfg) -> list[str]:
     """Why an `attn` config does not fit this DiT: dense layers outside its blocks."""
     layers = getattr(attn_config(attn_cfg), "dense_layers", ())
     if any(i >= cfg.depth for i in layers):
-        return [f"attn.dense_layers must be a list of block indices in [0, model.depth={cfg.depth}), got {list(layers)}"]
+        return [f"attn.dense_layers must be a list of block indices in [0, model.depth={cfg.depth}), "
+                f"got {list(layers)}"]
     return []
 
 

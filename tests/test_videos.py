@@ -73,8 +73,8 @@ def test_bad_manifest_and_config_errors(tmp_path):
         videos.read_manifest(tmp_path / "m.csv")
     with pytest.raises(ValueError, match="set only one of them"):  # the data section's rule (data/config.py)
         read_or_raise(VideosConfig, _cfg(manifest=str(tmp_path / "m.csv"), folder=str(tmp_path)), "data")
-    with pytest.raises(ValueError, match="data.backend"):
-        open_video(str(PHONE), "opencv")
+    with pytest.raises(ValueError, match="data.backend must be one of auto, decord, pyav, got 'opencv'"):
+        read_or_raise(VideosConfig, _cfg(backend="opencv"), "data")
 
 
 def test_folder_captions_from_sidecar_or_name(tmp_path):

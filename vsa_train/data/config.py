@@ -9,6 +9,10 @@ from dataclasses import dataclass
 from ..fields import ConfigError, Section, choice, flag, integer, is_int, number, positive, setting, text
 
 
+VIDEO_BACKENDS = ("auto", "decord", "pyav")  # vsa_train/data/videos.py, open_video
+MAX_CAPTION_BYTES = 16 * 2**20  # the largest data.max_caption_bytes allowed
+
+
 class DataSection(Section):
     def get(self, key: str, default=None):
         """The value of `key`, or `default` for a key this source does not have (as a mapping's `get`)."""
@@ -52,8 +56,8 @@ class VideosConfig(DataSection):
     width: int = integer(32)
     stride: int = integer(2)
     fps: float | None = positive(None, optional=True)
-    backend: str = choice("auto", ("auto", "decord", "pyav"))
-    max_caption_bytes: int = setting(131072, ok=lambda v: is_int(v) and 1 <= v <= 16 * 2**20,
+    backend: str = choice("auto", VIDEO_BACKENDS)
+    max_caption_bytes: int = setting(131072, ok=lambda v: is_int(v) and 1 <= v <= MAX_CAPTION_BYTES,
                                      allowed="an integer in [1, 16 MiB]")
     allow_outside_root: bool = flag(False)
     holdout: int = integer(0, low=0)
@@ -65,7 +69,7 @@ class VideosConfig(DataSection):
     text_encoder_subfolder: str | None = text(None, optional=True)
     tokenizer_subfolder: str | None = text(None, optional=True)
     text_encoder_revision: str | None = text(None, optional=True)
-    text_encoder_dtype: str = choice("bf16", ("fp32", "bf16", "fp16"))
+    text_encoder_dtype: str = text("bf16")  # its choices: data/encoders.py (ModelSpec), which also reads aliases
     num_workers: int = integer(2, low=0)
 
     def validate(self) -> list[str]:

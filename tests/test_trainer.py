@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from vsa_train import trainer, training_run
 from vsa_train.checkpoint import save as checkpoint  # the module that writes (patched below)
+from vsa_train.config_schema import typed
 from vsa_train.metrics import read_metrics
 from vsa_train.rundir import RunDir
 
@@ -248,3 +249,18 @@ def test_tf32_warning_for_topk_vsa(attn, warns, api, recwarn, tmp_path):
         matmul.fp32_precision = before
     tf32 = [w for w in recwarn if "TF32 is on" in str(w.message)]
     assert len(tf32) == (1 if warns else 0)
+
+
+def test_a_benchmark_builds_a_run_and_times_its_step_on_one_repeated_batch(tmp_path):
+    """The benchmark API (vsa_train/training_run.py): build_run, repeat_batch, train_step, close."""
+    config = typed(_cfg(tmp_path, "train.max_steps=100"))
+    run = trainer.build_run(config, trainer.make_accelerator(config))
+    assert run.config is config and run.state.step == 0 and run.global_batch == config.train.batch_size
+    batch = run.repeat_batch()
+    assert run.data.train is None  # the loader (and its workers) is gone: only the step is timed
+    assert batch["video"].device == run.accelerator.device and "position" in batch
+    for _ in range(2):
+        assert trainer.train_step(run).ok
+    assert next(run.train_iter) is batch and run.state.step == 2 and run.state.samples == 2 * run.global_batch
+    run.close()
+    assert run.model is None and run.optimizer is None

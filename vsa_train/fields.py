@@ -53,9 +53,11 @@ class Rule:
 
 
 def setting(default=MISSING, *, ok, allowed: str, optional: bool = False, convert=None):
-    """A config field with its rule (the helpers below are the common ones)."""
-    kw = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
-    return dataclasses.field(**kw, metadata={"rule": Rule(ok, allowed, optional, convert)})
+    """A config field with its rule (the helpers below are the common ones). A list default is held converted
+    (a tuple): sections are frozen and hashable."""
+    if isinstance(default, list):
+        default = convert(default)
+    return dataclasses.field(default=default, metadata={"rule": Rule(ok, allowed, optional, convert)})
 
 
 def is_int(v) -> bool:

@@ -97,6 +97,12 @@ class Run:
     saved_step: int = -1  # the step whose checkpoint this run holds (saved or resumed from): not saved again
     skipped: set = field(default_factory=set)  # bad inputs this rank's data met (skipped, never trained on)
 
+    @property
+    def cfg(self) -> DictConfig:
+        """The config as composed. Only scripts/bench_train_step.py reads it, until it moves into the benchmark
+        package; code reads the typed `config`."""
+        return self.config.source
+
     def finished(self) -> bool:
         """train.max_steps reached or train.flops_budget spent."""
         return self.state.step >= self.config.train.max_steps or self.budget_spent()

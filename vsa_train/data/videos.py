@@ -411,7 +411,8 @@ def caption_encoder(cfg, clips: list[Clip]) -> CaptionEncoder:
     """The built-in caption encoder over the words of all captions (deterministic in the clip list and seed);
     with data.text_encoder set, that pretrained encoder, the clips' captions encoded once into a disk cache."""
     if cfg.get("text_encoder"):
-        return pixel_text_encoder(cfg, text_cache_root(cfg), captions=[c.caption for c in clips if not c.error])
+        captions = [c.caption for c in clips if not c.error]
+        return pixel_text_encoder(cfg, text_cache_root(cfg), captions=captions)
     vocab = sorted({w for clip in clips for w in _WORD.findall(clip.caption.lower())})
     return CaptionEncoder(vocab, dim=cfg.text_dim, max_len=cfg.text_len, seed=cfg.seed)
 

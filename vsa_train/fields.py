@@ -117,9 +117,9 @@ def read(cls, node, section: str):
     """(the section as `cls`, []) or (None, every problem of it, one line each)."""
     if not isinstance(node, Mapping):
         return None, [f"{section} must be a config group (a mapping), got {show(node)}"]
-    values, missing = _plain(node)
+    values, missing, problems = _plain(node, section)
     rules = {f.name: f for f in dataclasses.fields(cls) if "rule" in f.metadata}
-    problems = [_unknown(key, section, rules) for key in sorted(set(values) - set(rules))]
+    problems += [_unknown(key, section, rules) for key in sorted(set(values) - set(rules))]
     kwargs = {}
     for name, f in rules.items():
         key, rule = f"{section}.{name}", f.metadata["rule"]
@@ -156,17 +156,25 @@ def read_or_raise(cls, node, section: str):
     return section_cfg
 
 
-def _plain(node) -> tuple[dict, set]:
-    """A section's values as plain Python (lists, dicts) and the keys whose value is missing (???)."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-    except ImportError:  # pragma: no cover
-        DictConfig = ()
-    if isinstance(node, DictConfig):
-        missing = {k for k in node.keys() if OmegaConf.is_missing(node, k)}
-        values = OmegaConf.to_container(node, resolve=True)
-        return {k: v for k, v in values.items() if k not in missing}, missing
-    return dict(node), set()
+def _plain(node, section: str) -> tuple[dict, set, list[str]]:
+    """A section's values as plain Python (lists, dicts), the keys whose value is missing (???) and one problem
+    per value whose interpolation does not resolve."""
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import InterpolationResolutionError
+
+    if not isinstance(node, DictConfig):
+        return dict(node), set(), []
+    values, missing, problems = {}, set(), []
+    for key in node.keys():
+        if OmegaConf.is_missing(node, key):
+            missing.add(key)
+            continue
+        try:
+            value = node[key]
+            values[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        except InterpolationResolutionError as err:
+            problems.append(f"{section}.{key} does not resolve: {str(err).splitlines()[0]}")
+    return values, missing, problems
 
 
 def _unknown(key: str, section: str, known) -> str:

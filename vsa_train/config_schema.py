@@ -102,20 +102,20 @@ class Config:
         return bad
 
     def _layout_problems(self) -> list[str]:
-        sp = self.parallel.sp_size
+        sp, bad = self.parallel.sp_size, []
         if sp > 1 and self.is_wan:
-            return [f"parallel.sp_size={sp} is not supported with model=wan (Ulysses hooks into VideoDiT's "
-                    f"attention): allowed: 1"]
-        if self.model.num_heads % sp:
-            return [f"parallel.sp_size={sp} must divide model.num_heads={self.model.num_heads} (Ulysses splits the "
-                    f"heads)"]
+            bad.append(f"parallel.sp_size={sp} is not supported with model=wan (Ulysses hooks into VideoDiT's "
+                       f"attention): allowed: 1")
+        elif self.model.num_heads % sp:
+            bad.append(f"parallel.sp_size={sp} must divide model.num_heads={self.model.num_heads} (Ulysses splits "
+                       f"the heads)")
         if self.train.ema is not None and self.parallel.strategy == "fsdp":
-            return ["train.ema is not supported with parallel.strategy=fsdp (the EMA copy would hold full, unsharded "
-                    "weights)"]
-        return []
+            bad.append("train.ema is not supported with parallel.strategy=fsdp (the EMA copy would hold full, "
+                       "unsharded weights)")
+        return bad
 
 
-def _read_sections(cfg: DictConfig) -> tuple[dict, list[str]]:
+def _read_sections(cfg: DictConfig, defer_unresolved: bool) -> tuple[dict, list[str]]:
     """Every section read into its class (None where it has problems) and those problems."""
     sections, found = {}, []
     for name, section_class in SECTIONS.items():
@@ -128,14 +128,14 @@ def _read_sections(cfg: DictConfig) -> tuple[dict, list[str]]:
         except ConfigError as err:  # an unknown model, attention or data source
             found += err.problems
             continue
-        sections[name], bad = read(cls, node, name)
+        sections[name], bad = read(cls, node, name, defer_unresolved)
         found += bad
     return sections, found
 
 
-def _read(cfg: DictConfig) -> tuple[Config | None, list[str]]:
-    sections, found = _read_sections(cfg)
-    if found:
+def _read(cfg: DictConfig, defer_unresolved: bool = False) -> tuple[Config | None, list[str]]:
+    sections, found = _read_sections(cfg, defer_unresolved)
+    if found or None in sections.values():  # a problem, or a section left to the job (defer_unresolved)
         return None, found
     try:
         spec = data_spec(sections["data"])
@@ -154,9 +154,10 @@ def typed(cfg: DictConfig) -> Config:
     return config
 
 
-def problems(cfg: DictConfig) -> list[str]:
-    """Every problem of the config, one line each (empty when it is fine)."""
-    return _read(cfg)[1]
+def problems(cfg: DictConfig, defer_unresolved: bool = False) -> list[str]:
+    """Every problem of the config, one line each (empty when it is fine). `defer_unresolved`: values whose
+    interpolation does not resolve here are left to the job (`fields.read`)."""
+    return _read(cfg, defer_unresolved)[1]
 
 
 def check(cfg: DictConfig) -> None:
@@ -204,7 +205,8 @@ class ConfigCheck(Callback):
     A single run is checked whole; a multirun its base config (each job again in train.py, with its sweep values)."""
 
     def _check(self, config: DictConfig) -> None:
-        found = problems(config)
+        # A value may resolve only in the job (${oc.env:...} set by a SLURM allocation): train.py checks it there.
+        found = problems(config, defer_unresolved=True)
         if found:
             print(str(ConfigError(found)), file=sys.stderr)
             raise SystemExit(2)

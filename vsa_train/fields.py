@@ -113,17 +113,24 @@ def show(v) -> str:
     return repr(v)
 
 
-def read(cls, node, section: str):
-    """(the section as `cls`, []) or (None, every problem of it, one line each)."""
+def read(cls, node, section: str, defer_unresolved: bool = False):
+    """(the section as `cls`, []) or (None, every problem of it, one line each). A value whose interpolation does
+    not resolve is a problem, or with `defer_unresolved` (Hydra's launching process: a job's environment may
+    resolve it) left to the job's own check; the section is then (None, []) when it cannot be built without it."""
     if not isinstance(node, Mapping):
         return None, [f"{section} must be a config group (a mapping), got {show(node)}"]
-    values, missing, problems = _plain(node, section)
+    values, missing, unresolved = _plain(node)
     rules = {f.name: f for f in dataclasses.fields(cls) if "rule" in f.metadata}
-    problems += [_unknown(key, section, rules) for key in sorted(set(values) - set(rules))]
+    problems = [] if defer_unresolved else [f"{section}.{k} does not resolve: {e}" for k, e in unresolved.items()]
+    problems += [_unknown(key, section, rules) for key in sorted(set(values) - set(rules) - set(unresolved))]
     kwargs = {}
     for name, f in rules.items():
         key, rule = f"{section}.{name}", f.metadata["rule"]
         required = f.default is MISSING and f.default_factory is MISSING
+        if name in unresolved:
+            if required and defer_unresolved and not problems:
+                return None, []
+            continue
         if name in missing or (required and name not in values):
             problems.append(f"{key} is required (set {key}=...), got ???")
         elif name in values:
@@ -156,15 +163,15 @@ def read_or_raise(cls, node, section: str):
     return section_cfg
 
 
-def _plain(node, section: str) -> tuple[dict, set, list[str]]:
-    """A section's values as plain Python (lists, dicts), the keys whose value is missing (???) and one problem
-    per value whose interpolation does not resolve."""
+def _plain(node) -> tuple[dict, set, dict]:
+    """A section's values as plain Python (lists, dicts), the keys whose value is missing (???), and why each
+    value whose interpolation does not resolve does not."""
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import InterpolationResolutionError
 
     if not isinstance(node, DictConfig):
-        return dict(node), set(), []
-    values, missing, problems = {}, set(), []
+        return dict(node), set(), {}
+    values, missing, unresolved = {}, set(), {}
     for key in node.keys():
         if OmegaConf.is_missing(node, key):
             missing.add(key)
@@ -173,8 +180,8 @@ def _plain(node, section: str) -> tuple[dict, set, list[str]]:
             value = node[key]
             values[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
         except InterpolationResolutionError as err:
-            problems.append(f"{section}.{key} does not resolve: {str(err).splitlines()[0]}")
-    return values, missing, problems
+            unresolved[key] = str(err).splitlines()[0]
+    return values, missing, unresolved
 
 
 def _unknown(key: str, section: str, known) -> str:

@@ -118,7 +118,6 @@ class VSAVideoPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder)
 
-    @torch.no_grad()
     def _text(self, prompt, prompt_embeds, prompt_mask) -> tuple[torch.Tensor, torch.Tensor]:
         """(text [B, L, D], mask [B, L]) from the prompts through the text encoder, or the embeddings given."""
         if prompt_embeds is not None:
@@ -130,6 +129,7 @@ class VSAVideoPipeline(DiffusionPipeline):
             raise ValueError("this pipeline has no text encoder (a latents run): pass prompt_embeds/prompt_mask")
         return self.text_encoder.encode([prompt] if isinstance(prompt, str) else list(prompt))
 
+    @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, num_inference_steps: int = 30,
                  guidance_scale: float = 5.0, generator: torch.Generator | None = None, seed: int | None = None,
                  num_frames: int | None = None, height: int | None = None, width: int | None = None,

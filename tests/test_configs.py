@@ -132,10 +132,18 @@ def _problems(*overrides) -> list[str]:
     (["data.height=9"], "must be divisible by model.patch_size"),
     (["data=videos", "data.manifest=a.csv", "data.folder=b"], "set only one of them"),
     (["data=hf"], "data.path is required"),
+    (["train.ema=0.99", "parallel.strategy=fsdp"], "train.ema is not supported with parallel.strategy=fsdp"),
+    (["logger.mode=loud"], "logger.mode must be one of offline, online, disabled, got 'loud'"),
+    (["train.max_steps=${oc.env:NO_SUCH_VARIABLE_HERE}"], "train.max_steps does not resolve"),
 ])
 def test_each_bad_value_gets_one_line_naming_key_value_and_allowed(overrides, line):
     found = _problems(*overrides)
     assert len(found) == 1 and line in found[0], found
+
+
+def test_a_value_the_job_resolves_is_left_to_the_job_by_hydras_launching_process():
+    cfg = _compose("train.max_steps=${oc.env:NO_SUCH_VARIABLE_HERE}", "optim.lr=-1")
+    assert config_schema.problems(cfg, defer_unresolved=True) == ["optim.lr must be a positive number, got -1"]
 
 
 def test_all_problems_are_collected_into_one_error():

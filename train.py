@@ -21,7 +21,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from vsa_train.config_schema import ConfigError, check, remove_if_empty
+from vsa_train.config_schema import ConfigError, register, remove_if_empty, typed
 from vsa_train.trainer import train
 
 
@@ -70,17 +70,19 @@ def _run_log():
 @hydra.main(config_path="configs", config_name="train", version_base=None)
 def main(cfg: DictConfig) -> None:
     _export_slurm_ranks()
-    # configs/train.yaml's hydra.callbacks checked a single run before Hydra made its directory; a multirun job
-    # (local or SLURM) is checked here, with its sweep values, and leaves no empty job directory when it fails.
+    # configs/train.yaml's hydra.callbacks checked a single run before Hydra made its directory; here the config is
+    # read into its typed sections, which checks a multirun job (local or SLURM) with its sweep values; a job that
+    # fails leaves no empty job directory.
     try:
-        check(cfg)
+        config = typed(cfg)
     except ConfigError:
         if HydraConfig.initialized():
             remove_if_empty(HydraConfig.get().runtime.output_dir)
         raise  # the sweep's other jobs still run; Hydra reports this one as failed
     with _run_log():
-        train(cfg)
+        train(config)
 
 
 if __name__ == "__main__":
+    register()  # the typed sections in Hydra's ConfigStore (schema/<section>/<class>)
     main()

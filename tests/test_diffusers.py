@@ -56,7 +56,7 @@ def test_export_layout_and_weights(exported):
     assert index["transformer"] == ["vsa_train.integrations.diffusers", "VideoDiTTransformer"]
     sched = FlowMatchEulerDiscreteScheduler.from_pretrained(out / "scheduler")
     assert sched.config.shift == 1.0 and sched.config.num_train_timesteps == 1000
-    ckpt = RunDir(run).verified_checkpoints()[-1]
+    ckpt = RunDir(run).checkpoints.verified()[-1]
     for folder, name in ((out, "ema.safetensors"), (raw, "model.safetensors")):
         saved = load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
         expected = load_file(str(ckpt / name))

@@ -17,9 +17,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from vsa_train import checkpoint, trainer
+from vsa_train import trainer
+from vsa_train.checkpoint import CheckpointError
+from vsa_train.checkpoint import save as checkpoint  # the module that writes (patched below)
+from vsa_train.checkpoint.format import verify, write_manifest
 from vsa_train.metrics import read_metrics
-from vsa_train.rundir import LOCK, RunDir, RunDirError, verify, write_manifest
+from vsa_train.rundir import LOCK, RunDir, RunDirError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.frames=4", "data.height=8", "data.width=8", "train.batch_size=2", "train.eval_samples=4",
@@ -40,7 +43,7 @@ def _losses(run_dir):
 
 
 def _steps(run_dir):
-    return [p.name for p in RunDir(run_dir).checkpoint_dirs()]
+    return [p.name for p in RunDir(run_dir).checkpoints.dirs()]
 
 
 def _rewrite_manifest(ckpt: Path) -> None:
@@ -65,7 +68,7 @@ class Payload:
 def test_no_code_runs_from_a_hostile_checkpoint(tmp_path, layout):
     run = tmp_path / "run"
     _run(run, "train.max_steps=2", "train.ema=0.9")
-    ckpt = RunDir(run).checkpoint_dirs()[-1]
+    ckpt = RunDir(run).checkpoints.dirs()[-1]
     marker = tmp_path / "marker"
     bomb = pickle.dumps(Payload(marker))
     names = [p.name for p in ckpt.iterdir()]
@@ -80,9 +83,9 @@ def test_no_code_runs_from_a_hostile_checkpoint(tmp_path, layout):
     else:
         (ckpt / "manifest.json").unlink()
 
-    with pytest.raises((RunDirError, ValueError)):  # resume: refused (not a safetensors / JSON file)
+    with pytest.raises((CheckpointError, ValueError)):  # resume: refused (not a safetensors / JSON file)
         _run(run, "train.max_steps=4", "train.ema=0.9")
-    with pytest.raises((RunDirError, ValueError)):  # weights for another run
+    with pytest.raises((CheckpointError, ValueError)):  # weights for another run
         _run(tmp_path / "other", "train.max_steps=1", f"train.init_from={run}")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"checkpoint={run}", "prompt=x", "steps=1",
@@ -128,7 +131,7 @@ def test_same_global_batch_other_split_resumes_at_the_same_sample(tmp_path):
     _run(split, "train.max_steps=2")
     _run(split, "train.max_steps=4", "train.batch_size=1", "train.grad_accum=2")
     _run(straight, "train.max_steps=4")
-    state = json.loads((RunDir(split).checkpoint_dirs()[-1] / "state.json").read_text())
+    state = json.loads((RunDir(split).checkpoints.dirs()[-1] / "state.json").read_text())
     assert state["samples"] == state["position"] == 8 and state["global_batch"] == 2
     # the same samples in the same steps: equal losses up to the order of the float sums
     a, b = _losses(split), _losses(straight)
@@ -140,23 +143,23 @@ def test_same_global_batch_other_split_resumes_at_the_same_sample(tmp_path):
 
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     _run(tmp_path, "train.max_steps=4", "train.ckpt_every=2", "train.keep_checkpoints=3")
-    old, new = RunDir(tmp_path).checkpoint_dirs()
+    old, new = RunDir(tmp_path).checkpoints.dirs()
     weights = new / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
     with pytest.warns(UserWarning, match=r"skipping checkpoint .*step_00000004: model.safetensors has \d+ bytes"):
         _run(tmp_path, "train.max_steps=5")
     assert list(_losses(tmp_path)) == [1, 2, 3, 4, 5]  # resumed from step 2, the rows after it re-run
-    (RunDir(tmp_path).checkpoint_dirs()[-1] / "optimizer.json").unlink()  # partly deleted
-    assert "optimizer.json is missing" in verify(RunDir(tmp_path).checkpoint_dirs()[-1])
-    for ckpt in RunDir(tmp_path).checkpoint_dirs():
+    (RunDir(tmp_path).checkpoints.dirs()[-1] / "optimizer.json").unlink()  # partly deleted
+    assert "optimizer.json is missing" in verify(RunDir(tmp_path).checkpoints.dirs()[-1])
+    for ckpt in RunDir(tmp_path).checkpoints.dirs():
         (ckpt / "manifest.json").unlink()
-    with pytest.raises(RunDirError, match="no checkpoint .* verifies"):  # never silently start over
+    with pytest.raises(CheckpointError, match="no checkpoint .* verifies"):  # never silently start over
         _run(tmp_path, "train.max_steps=6")
 
 
 def test_missing_rng_state_warns_and_resumes(tmp_path):
     _run(tmp_path, "train.max_steps=2")
-    (RunDir(tmp_path).checkpoint_dirs()[-1] / "rng_rank0.safetensors").unlink()
+    (RunDir(tmp_path).checkpoints.dirs()[-1] / "rng_rank0.safetensors").unlink()
     with pytest.warns(UserWarning, match="rank 0: RNG state not restored .* no longer bit-exact"):
         _run(tmp_path, "train.max_steps=3")
     assert list(_losses(tmp_path)) == [1, 2, 3]
@@ -180,7 +183,7 @@ def test_full_disk_names_the_path_and_keeps_the_last_checkpoint(tmp_path, monkey
     monkeypatch.setattr(checkpoint, "save_tensors", full)
     with pytest.raises(OSError, match=r"cannot write .*tmp-step_00000003.*: disk full .*\(\d[\d,]* bytes free"):
         _run(tmp_path, "train.max_steps=3")
-    assert _steps(tmp_path) == ["step_00000002"] and verify(RunDir(tmp_path).checkpoint_dirs()[-1]) is None
+    assert _steps(tmp_path) == ["step_00000002"] and verify(RunDir(tmp_path).checkpoints.dirs()[-1]) is None
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
 
 
@@ -206,7 +209,7 @@ def test_last_good_checkpoint_is_one_with_a_healthy_loss(tmp_path, monkeypatch):
     _poison(monkeypatch, {6: 1e5, 7: 1e5, 8: float("nan")})
     with pytest.raises(FloatingPointError, match=r"at step 8.*Last healthy checkpoint: .*step_00000005"):
         _run(tmp_path, "train.max_steps=10", "train.ckpt_every=1", "train.keep_checkpoints=2")
-    states = [json.loads((c / "state.json").read_text()) for c in RunDir(tmp_path).checkpoint_dirs()]
+    states = [json.loads((c / "state.json").read_text()) for c in RunDir(tmp_path).checkpoints.dirs()]
     assert [(s["step"], s["healthy"]) for s in states] == [(5, True), (6, False), (7, False)]
 
 
@@ -216,7 +219,7 @@ def test_rollback_skips_the_bad_batches_and_continues(tmp_path, monkeypatch):
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5, 6]  # step 3 was rolled back and re-run once
     assert [r["train/rollbacks"] for r in rows[1:]] == [0, 0, 1, 1, 1, 1]
-    state = json.loads((RunDir(tmp_path).checkpoint_dirs()[-1] / "state.json").read_text())
+    state = json.loads((RunDir(tmp_path).checkpoints.dirs()[-1] / "state.json").read_text())
     assert state["samples"] == 12 and state["position"] == 16  # two steps' batches (3 and the bad 4th) skipped
 
 
@@ -431,7 +434,7 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert len(ranks) == 2
     os.kill(ranks[1], signal.SIGTERM)  # one rank only: the step flag all-reduce tells the other
     out, _ = proc.communicate(timeout=120)
-    ckpt = RunDir(run).checkpoint_dirs()[-1]
+    ckpt = RunDir(run).checkpoints.dirs()[-1]
     assert (ckpt / "rng_rank0.safetensors").is_file() and (ckpt / "rng_rank1.safetensors").is_file(), out[-3000:]
     assert verify(ckpt) is None
     assert ckpt.name == f"step_{max(r['step'] for r in read_metrics(run / 'metrics.jsonl')):08d}"
@@ -448,7 +451,7 @@ def test_elastic_restart_one_process_to_two(tmp_path):
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out[-3000:]
     assert "saved by 1 processes, this launch has 2" in out  # the RNG cannot follow: said, not hidden
-    state = json.loads((RunDir(run).checkpoint_dirs()[-1] / "state.json").read_text())
+    state = json.loads((RunDir(run).checkpoints.dirs()[-1] / "state.json").read_text())
     assert (state["step"], state["samples"], state["position"], state["processes"]) == (4, 16, 16, 2)
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [0, 1, 2, 3, 4]
 
@@ -502,7 +505,7 @@ def test_two_launches_on_one_run_directory(tmp_path):
 
 
 def test_analysis_reads_a_run_whose_dir_was_set_on_the_command_line(tmp_path):
-    from vsa_train.analysis.runs import find_runs
+    from vsa_train.analysis.find import find_runs
 
     _run(tmp_path / "anywhere", "train.max_steps=2", "train.eval_every=1")
     (found,) = find_runs([tmp_path])

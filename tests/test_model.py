@@ -149,11 +149,11 @@ def test_compile_fullgraph():
 
 
 def test_bad_configs_and_inputs_fail_clearly():
-    with pytest.raises(ValueError, match="unknown attention 'nope'.*dense"):
+    with pytest.raises(ValueError, match="attn.name must be one of dense, .*got 'nope'"):
         build_model(TINY, {"name": "nope"}, in_channels=3, text_dim=8)
-    with pytest.raises(ValueError, match="unknown model config keys.*widht"):
+    with pytest.raises(ValueError, match="unknown key model.widht"):
         build_model({**TINY, "widht": 3}, DENSE, in_channels=3, text_dim=8)
-    with pytest.raises(ValueError, match="divisible by num_heads"):
+    with pytest.raises(ValueError, match="must be divisible by model.num_heads=3"):
         build_model({**TINY, "num_heads": 3}, DENSE, in_channels=3, text_dim=8)
     x, t, text, mask = inputs(W=5)
     with pytest.raises(ValueError, match="divisible by the patch size"):

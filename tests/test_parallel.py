@@ -76,7 +76,7 @@ def test_fsdp_then_one_process_equals_one_process(tmp_path, attn):
     moved, single = tmp_path / "moved", tmp_path / "single"
     attn = VSA if attn == "vsa" else ["attn=dense"]
     _train(moved, *attn, "train.batch_size=1", "train.max_steps=3", "parallel.strategy=fsdp", procs=2)
-    state = json.loads((RunDir(moved).checkpoint_dirs()[-1] / "state.json").read_text())
+    state = json.loads((RunDir(moved).checkpoints.dirs()[-1] / "state.json").read_text())
     assert (state["strategy"], state["processes"], state["global_batch"]) == ("fsdp", 2, 2)
     rows = [r for r in read_metrics(moved / "metrics.jsonl") if "TFLOP/s" in r]
     # FLOPs count per sample (the global batch), throughput per device divides by the devices

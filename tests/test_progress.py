@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from tqdm.auto import tqdm
 
-from vsa_train import progress, trainer
+from vsa_train import periodic, progress, trainer, training_run
 from vsa_train.metrics import read_metrics
 
 from test_lifecycle import _cfg, _run
@@ -22,7 +22,7 @@ def bars(monkeypatch):
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(trainer, "tqdm", Kept)
+    monkeypatch.setattr(periodic, "tqdm", Kept)
     return made
 
 
@@ -49,7 +49,7 @@ def test_status_lines_before_long_phases(tmp_path, capsys, bars):
 
 
 def test_compile_is_announced(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(trainer, "compile_blocks", lambda model: None)  # the line, not the compiler, is tested
+    monkeypatch.setattr(training_run, "compile_blocks", lambda model: None)  # the line, not the compiler, is tested
     _run(tmp_path / "run", "train.max_steps=1", "train.compile=blocks")
     out = capsys.readouterr().out
     assert "compiling (train.compile=blocks): the first step takes longer (and the step-0 eval)" in out
@@ -126,18 +126,22 @@ def test_memory_estimate_terms():
     from omegaconf import OmegaConf
     cfg = OmegaConf.create({"train": {"ema": 0.999, "batch_size": 2},
                             "model": {"hidden_size": 128, "depth": 2, "grad_checkpointing": "none"}})
-    est = progress.memory_estimate(1000, cfg, tokens=64)
+
+    def estimate(*args, **kwargs):
+        return progress.memory_estimate(1000, cfg.model, cfg.train, *args, **kwargs)
+
+    est = estimate(tokens=64)
     assert est["states"] == 16_000 and est["ema"] == 4_000
     assert est["activations"] == progress.VALUES_PER_TOKEN_DIM * 64 * 128 * 4 * 2 * 2  # fp32, batch 2, 2 blocks
-    assert progress.memory_estimate(1000, cfg, 64, precision="bf16")["activations"] == est["activations"] / 2
-    assert progress.memory_estimate(1000, cfg, 64, dp_size=4, strategy="fsdp")["states"] == 4_000
+    assert estimate(64, precision="bf16")["activations"] == est["activations"] / 2
+    assert estimate(64, dp_size=4, strategy="fsdp")["states"] == 4_000
     cfg.model.grad_checkpointing = "full"  # 2 fp32 block inputs + one block's activations (bf16 or not)
     per_block, inputs = progress.VALUES_PER_TOKEN_DIM * 64 * 128 * 2, 2 * 64 * 128 * 2 * 4
-    assert progress.memory_estimate(1000, cfg, 64)["activations"] == inputs + per_block * 4
-    assert progress.memory_estimate(1000, cfg, 64, precision="bf16")["activations"] == inputs + per_block * 2
-    full = progress.memory_estimate(1000, cfg, 64)["activations"]
+    assert estimate(64)["activations"] == inputs + per_block * 4
+    assert estimate(64, precision="bf16")["activations"] == inputs + per_block * 2
+    full = estimate(64)["activations"]
     cfg.model.grad_checkpointing = True  # older configs' spelling of full
-    assert progress.memory_estimate(1000, cfg, 64)["activations"] == full
+    assert estimate(64)["activations"] == full
     cfg.model.grad_checkpointing = "selective"  # block 0 recomputed (its input kept), block 1 kept whole
-    assert progress.memory_estimate(1000, cfg, 64)["activations"] == 64 * 128 * 2 * 4 + 2 * per_block * 4
+    assert estimate(64)["activations"] == 64 * 128 * 2 * 4 + 2 * per_block * 4
     assert progress.total_memory(__import__("torch").device("cpu"))[0] > 0

@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from vsa_train.analysis.__main__ import main as analysis_main
-from vsa_train.analysis.runs import find_runs
+from vsa_train.analysis.find import find_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 

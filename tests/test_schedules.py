@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 from vsa_train import trainer
 from vsa_train.data import data_spec
 from vsa_train.metrics import read_metrics
-from vsa_train.schedules import LRSchedule, SparsitySchedule, end_step, lr_at
+from vsa_train.config_schema import problems
+from vsa_train.schedules import SparsitySchedule, end_step, lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.frames=4", "data.height=8", "data.width=8", "train.batch_size=2", "train.eval_samples=2",
@@ -55,10 +56,10 @@ def test_wsd_is_stable_then_decays_linearly_over_the_last_fraction():
     assert lrs[99] == pytest.approx(0.1)
     with pytest.raises(ValueError, match="needs end_step"):
         lr_at(50, o)
-    with pytest.raises(ValueError, match="optim.schedule must be one of"):
-        LRSchedule(_cfg("optim.schedule=linear"), None, 2)
-    with pytest.raises(ValueError, match="optim.decay_fraction"):
-        LRSchedule(_cfg("optim.schedule=wsd", "optim.decay_fraction=0"), None, 2)
+    assert problems(_cfg("optim.schedule=linear")) == [
+        "optim.schedule must be one of constant, cosine, wsd, got 'linear'"]
+    assert problems(_cfg("optim.schedule=wsd", "optim.decay_fraction=0")) == [
+        "optim.decay_fraction must be a number in (0, 1], got 0"]
 
 
 def test_budget_end_sums_the_flops_of_a_sparsity_ramp():
@@ -66,7 +67,7 @@ def test_budget_end_sums_the_flops_of_a_sparsity_ramp():
     them; dividing the budget by the step-0 or the final cost would be off by many steps."""
     cfg = _cfg("attn=vsa", "data.frames=8", "data.height=32", "data.width=32", "attn.schedule=ramp",
                "attn.ramp_interval=5", "attn.ramp_rate=0.25", "attn.sparsity=0.75")
-    sparsity = SparsitySchedule(cfg, data_spec(cfg.data))
+    sparsity = SparsitySchedule(cfg.model, cfg.attn, data_spec(cfg.data))
     per_step = [sparsity.flops_per_sample(s).executed * 4 for s in range(100)]
     assert per_step[0] > per_step[10] > per_step[99] == per_step[20]  # ramp, then steady
     budget = sum(per_step[:37]) - 1.0  # reached during step 37 (index 36)

@@ -27,7 +27,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from vsa_train.metrics import read_metrics
-from vsa_train.rundir import LOCK, RunDir, verify
+from vsa_train.checkpoint import verify
+from vsa_train.rundir import LOCK, RunDir
 
 # One xdist worker runs them all, one after another: the local cluster has one CPU per core, the two-task job
 # takes both, and each test's waits count on its jobs starting when submitted, not queued behind another test's.
@@ -254,7 +255,7 @@ def test_sweep_through_hydra_submitit(slurm, tmp_path):
         c = OmegaConf.load(run / "config.yaml")
         points.add((c.train.seed, c.model.hidden_size))
         _assert_continuous(run, 4)
-        ckpt = RunDir(run).checkpoint_dirs()[-1]
+        ckpt = RunDir(run).checkpoints.dirs()[-1]
         assert ckpt.name == "step_00000004" and verify(ckpt) is None
         (launch,) = _history(run)
         assert launch["slurm_job"] is not None and launch["processes"] == 1, launch
@@ -298,7 +299,7 @@ def test_scontrol_requeue_saves_and_the_job_resumes_exactly(slurm, tmp_path):
     (job,) = slurm.jobs(f"{PREFIX}requeue")
     slurm.run("scontrol", "requeue", job)
     # the checkpoint of the stop is written before the job ends; SLURM starts it again seconds later
-    ckpt = _wait(lambda: (RunDir(run).checkpoint_dirs() or [None])[-1], 120, "checkpoint of the requeue", driver, log)
+    ckpt = _wait(lambda: (RunDir(run).checkpoints.dirs() or [None])[-1], 120, "checkpoint of the requeue", driver, log)
     n = int(ckpt.name.split("_")[1]) + 10
     (tmp_path / "max_steps").write_text(str(n))
     straight = tmp_path / "straight"
@@ -316,7 +317,7 @@ def test_scontrol_requeue_saves_and_the_job_resumes_exactly(slurm, tmp_path):
     assert "Exited with exit code 75" in logs, logs[-3000:]
     _assert_continuous(run, n)
     assert _losses(run) == _losses(straight)
-    assert verify(RunDir(run).checkpoint_dirs()[-1]) is None
+    assert verify(RunDir(run).checkpoints.dirs()[-1]) is None
 
 
 def test_scancel_leaves_a_consistent_run_that_resumes_locally(slurm, tmp_path):
@@ -338,7 +339,7 @@ def test_scancel_leaves_a_consistent_run_that_resumes_locally(slurm, tmp_path):
     text = _tail(log, 20000)
     assert "received SIGTERM" in text and "exit code 75" in text, text[-3000:]
 
-    ckpt = RunDir(run).checkpoint_dirs()[-1]
+    ckpt = RunDir(run).checkpoints.dirs()[-1]
     assert verify(ckpt) is None
     steps = _steps(run)
     assert steps == list(range(len(steps))) and ckpt.name == f"step_{steps[-1]:08d}"  # saved where it stopped
@@ -351,7 +352,7 @@ def test_scancel_leaves_a_consistent_run_that_resumes_locally(slurm, tmp_path):
     assert first["slurm_job"] == job and second["slurm_job"] is None
     assert second["resumed_from"] == ckpt.name
     _assert_continuous(run, n)
-    assert verify(RunDir(run).checkpoint_dirs()[-1]) is None
+    assert verify(RunDir(run).checkpoints.dirs()[-1]) is None
 
 
 def test_time_limit_requeues_and_the_run_resumes_exactly(slurm, tmp_path):
@@ -374,7 +375,7 @@ def test_time_limit_requeues_and_the_run_resumes_exactly(slurm, tmp_path):
     reference = _local(slurm, straight, MAX_STEPS_FROM_ENV, NO_CKPT, env={"VSA_TEST_MAX_STEPS": UNBOUNDED})
     run = _wait(lambda: _one_run(sweep), 240, "run directory", driver, log)
     # the checkpoint of the stop is written before submitit requeues; the next allocation starts seconds later
-    ckpt = _wait(lambda: (RunDir(run).checkpoint_dirs() or [None])[-1], 300, "checkpoint from SLURM's USR2",
+    ckpt = _wait(lambda: (RunDir(run).checkpoints.dirs() or [None])[-1], 300, "checkpoint from SLURM's USR2",
                  driver, log)
     stop = int(ckpt.name.split("_")[1])
     n = stop + 10
@@ -395,4 +396,4 @@ def test_time_limit_requeues_and_the_run_resumes_exactly(slurm, tmp_path):
     assert "received SIGUSR2" in logs and "this job is timed-out" in logs and "Requeued job" in logs, logs[-3000:]
     _assert_continuous(run, n)
     assert _losses(run) == {step: loss for step, loss in _losses(straight).items() if step <= n}
-    assert verify(RunDir(run).checkpoint_dirs()[-1]) is None
+    assert verify(RunDir(run).checkpoints.dirs()[-1]) is None

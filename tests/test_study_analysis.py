@@ -11,7 +11,7 @@ from test_analysis_guards import _numbers_agree
 
 from vsa_train.analysis.__main__ import main
 from vsa_train.analysis.report import analyze
-from vsa_train.analysis.runs import find_runs
+from vsa_train.analysis.find import find_runs
 from vsa_train.analysis.screen import OVERSHOOT, overshoot
 
 STUDY = Path(__file__).resolve().parents[1] / "docs" / "study" / "study_16k"  # the GPU study's committed runs

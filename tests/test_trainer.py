@@ -13,8 +13,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from vsa_train import trainer
-from vsa_train import checkpoint
+from vsa_train import trainer, training_run
+from vsa_train.checkpoint import save as checkpoint  # the module that writes (patched below)
+from vsa_train.config_schema import typed
 from vsa_train.metrics import read_metrics
 from vsa_train.rundir import RunDir
 
@@ -25,12 +26,12 @@ TINY = ["data.frames=4", "data.height=8", "data.width=8", "train.batch_size=2", 
 
 
 def latest_checkpoint(run_dir):
-    good = RunDir(run_dir).verified_checkpoints()
+    good = RunDir(run_dir).checkpoints.verified()
     return good[-1] if good else None
 
 
 def list_checkpoints(run_dir):
-    return RunDir(run_dir).checkpoint_dirs()
+    return RunDir(run_dir).checkpoints.dirs()
 
 
 def _cfg(run_dir, *overrides):
@@ -207,11 +208,11 @@ def test_compiled_run_warms_up_vsa_kernels_after_forking_and_joins_before_forkin
     do); restarting the data (a rollback) waits for it first, as forking while another thread runs can deadlock the
     children."""
     events = []
-    monkeypatch.setattr(trainer, "warm_up_kernels",
+    monkeypatch.setattr(training_run, "warm_up_kernels",
                         lambda model, dtype, device: events.append(("warm up", type(model).__name__, dtype, device.type)))
-    monkeypatch.setattr(trainer.warm, "join", lambda: events.append("join"))
-    build_data = trainer.build_data  # where the data-loader workers come from
-    monkeypatch.setattr(trainer, "build_data", lambda *a, **k: (events.append("fork"), build_data(*a, **k))[1])
+    monkeypatch.setattr(training_run.warm, "join", lambda: events.append("join"))
+    build_data = training_run.build_data  # where the data-loader workers come from
+    monkeypatch.setattr(training_run, "build_data", lambda *a, **k: (events.append("fork"), build_data(*a, **k))[1])
     cfg = _cfg(tmp_path / "eager", "attn=vsa")
     trainer.build_run(cfg, trainer.make_accelerator(cfg))
     assert events == ["join", "fork"]  # no warm-up without train.compile
@@ -238,13 +239,28 @@ def test_tf32_warning_for_topk_vsa(attn, warns, api, recwarn, tmp_path):
     before = matmul.fp32_precision
     try:
         matmul.fp32_precision = "ieee"
-        trainer.warn_tf32(cfg.attn)
+        training_run.warn_tf32(cfg.attn)
         if api == "legacy":
             matmul.allow_tf32 = True
         else:
             matmul.fp32_precision = "tf32"
-        trainer.warn_tf32(cfg.attn)
+        training_run.warn_tf32(cfg.attn)
     finally:
         matmul.fp32_precision = before
     tf32 = [w for w in recwarn if "TF32 is on" in str(w.message)]
     assert len(tf32) == (1 if warns else 0)
+
+
+def test_a_benchmark_builds_a_run_and_times_its_step_on_one_repeated_batch(tmp_path):
+    """The benchmark API (vsa_train/training_run.py): build_run, repeat_batch, train_step, close."""
+    config = typed(_cfg(tmp_path, "train.max_steps=100"))
+    run = trainer.build_run(config, trainer.make_accelerator(config))
+    assert run.config is config and run.state.step == 0 and run.global_batch == config.train.batch_size
+    batch = run.repeat_batch()
+    assert run.data.train is None  # the loader (and its workers) is gone: only the step is timed
+    assert batch["video"].device == run.accelerator.device and "position" in batch
+    for _ in range(2):
+        assert trainer.train_step(run).ok
+    assert next(run.train_iter) is batch and run.state.step == 2 and run.state.samples == 2 * run.global_batch
+    run.close()
+    assert run.model is None and run.optimizer is None

@@ -13,6 +13,8 @@ import torch
 from omegaconf import OmegaConf
 
 from vsa_train.data import build_data, build_text_encoder, data_spec, videos
+from vsa_train.data.config import VideosConfig
+from vsa_train.fields import read_or_raise
 from vsa_train.data import hf as hf_source
 from vsa_train.data.videos import (
     BadInput,
@@ -69,10 +71,10 @@ def test_bad_manifest_and_config_errors(tmp_path):
     (tmp_path / "m.csv").write_text("file,caption\nx.mp4,a\n")
     with pytest.raises(ValueError, match="no 'path' column"):
         videos.read_manifest(tmp_path / "m.csv")
-    with pytest.raises(ValueError, match="not both"):
-        videos.list_clips(_cfg(manifest=str(tmp_path / "m.csv"), folder=str(tmp_path)))
-    with pytest.raises(ValueError, match="data.backend"):
-        open_video(str(PHONE), "opencv")
+    with pytest.raises(ValueError, match="set only one of them"):  # the data section's rule (data/config.py)
+        read_or_raise(VideosConfig, _cfg(manifest=str(tmp_path / "m.csv"), folder=str(tmp_path)), "data")
+    with pytest.raises(ValueError, match="data.backend must be one of auto, decord, pyav, got 'opencv'"):
+        read_or_raise(VideosConfig, _cfg(backend="opencv"), "data")
 
 
 def test_folder_captions_from_sidecar_or_name(tmp_path):

@@ -141,7 +141,7 @@ def test_schedule_and_topk_rule():
 
 
 def test_bad_vsa_configs_fail_clearly():
-    with pytest.raises(ValueError, match="unknown attn config keys.*sparsty"):
+    with pytest.raises(ValueError, match="unknown key attn.sparsty; did you mean attn.sparsity"):
         make({"name": "vsa", "sparsty": 0.9})
     with pytest.raises(ValueError, match="attn.sparsity"):
         make({"name": "vsa", "sparsity": 1.0})

@@ -20,7 +20,7 @@ from vsa_train import config_schema, trainer
 from vsa_train.data import data_spec
 from vsa_train.flops import training_flops_per_sample
 from vsa_train.integrations.diffusers import export_run
-from vsa_train.integrations.wan import VSAWanTransformer3DModel
+from vsa_train.models.wan_vsa import VSAWanTransformer3DModel
 from vsa_train.models import build_model
 from vsa_train.sampling import generate, load_model
 from vsa_train.schedules import SparsitySchedule
@@ -106,7 +106,7 @@ def test_random_wan_has_the_configured_shape_and_follows_the_schedule(one_thread
     assert (config.in_channels, config.out_channels, config.text_dim) == (3, 3, 64)
     assert len(model.blocks) == 2 and model.blocks is model.transformer.blocks  # what compile and FSDP wrap
     state = model.transformer._vsa_state
-    schedule = SparsitySchedule(cfg, spec)
+    schedule = SparsitySchedule(cfg.model, cfg.attn, spec)
     schedule.apply(0, model)  # a ramp from dense: all 8 tiles at step 0, the target 4 from step 1
     assert state.limit == 0.0 and state.topk((4, 4, 4)) == 8
     schedule.apply(1, model)

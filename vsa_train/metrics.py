@@ -131,7 +131,7 @@ def _define_metrics(run) -> None:
 
 def wandb_project(cfg) -> str:
     """WANDB_PROJECT if set, else logger.project (the config supplies the default only)."""
-    return os.environ.get("WANDB_PROJECT") or cfg.logger.get("project") or "vsa_train"
+    return os.environ.get("WANDB_PROJECT") or getattr(cfg.logger, "project", None) or "vsa_train"
 
 
 def wandb_init_kwargs(cfg, run_dir, overrides: list[str] | None = None, exclude_keys=()) -> dict:
@@ -149,14 +149,14 @@ def wandb_init_kwargs(cfg, run_dir, overrides: list[str] | None = None, exclude_
         overrides, exclude_keys = _hydra_task_overrides()
     chosen = [o for o in overrides if _override_key(o) not in {"experiment", *exclude_keys}]
     name = " ".join(_short(o) for o in chosen) or run_dir.name
-    tags = list(dict.fromkeys([*(o[:64] for o in chosen), *(str(t) for t in logger.get("tags") or [])]))
+    tags = list(dict.fromkeys([*(o[:64] for o in chosen), *(str(t) for t in getattr(logger, "tags", None) or [])]))
     base = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
     launch = _launches(run_dir) - 1
     return {"id": base if launch <= 0 else f"{base}-r{launch}", "name": name, "resume": "allow",
-            "group": logger.get("group") or f"{cfg.exp_name}_{cfg.data.name}",
-            "job_type": logger.get("job_type") or "train", "tags": tags, "dir": str(run_dir),
-            "mode": os.environ.get("WANDB_MODE") or logger.get("mode"),
-            "entity": os.environ.get("WANDB_ENTITY") or logger.get("entity")}
+            "group": getattr(logger, "group", None) or f"{cfg.exp_name}_{cfg.data.name}",
+            "job_type": getattr(logger, "job_type", None) or "train", "tags": tags, "dir": str(run_dir),
+            "mode": os.environ.get("WANDB_MODE") or getattr(logger, "mode", None),
+            "entity": os.environ.get("WANDB_ENTITY") or getattr(logger, "entity", None)}
 
 
 def _hydra_task_overrides() -> tuple[list[str], list[str]]:

@@ -21,9 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.nn.functional import all_to_all_single
 
-from .models import is_wan
-
-STRATEGIES = ("ddp", "fsdp")
+from .sections import ParallelConfig
 
 
 @dataclass(frozen=True)
@@ -49,21 +47,13 @@ class Layout:
         return self.rank % self.sp_size
 
 
-def make_layout(parallel_cfg, model_cfg, world: int, rank: int) -> Layout:
-    """The layout from `parallel` and the process count, with clear errors for layouts that cannot work."""
-    strategy, sp = parallel_cfg.strategy, parallel_cfg.sp_size
-    if strategy not in STRATEGIES:
-        raise ValueError(f"parallel.strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    if not isinstance(sp, int) or sp < 1 or world % sp:
-        raise ValueError(f"parallel.sp_size={sp!r} must be a positive divisor of the {world} processes")
-    if sp > 1 and is_wan(model_cfg):
-        raise ValueError(f"parallel.sp_size={sp} is not supported with model=wan (Ulysses hooks into VideoDiT's "
-                         f"attention): allowed: 1")
-    if sp > 1 and model_cfg.num_heads % sp:
-        raise ValueError(f"parallel.sp_size={sp} must divide model.num_heads={model_cfg.num_heads} (Ulysses splits "
-                         f"heads over the group)")
-    return Layout(world=world, rank=rank, sp_size=sp, strategy=strategy,
-                  reshard_after_forward=bool(parallel_cfg.reshard_after_forward))
+def make_layout(parallel: ParallelConfig, world: int, rank: int) -> Layout:
+    """The layout from the (checked) `parallel` section and the process count, which sp_size must divide."""
+    sp = parallel.sp_size
+    if world % sp:
+        raise ValueError(f"parallel.sp_size={sp} must divide the {world} processes")
+    return Layout(world=world, rank=rank, sp_size=sp, strategy=parallel.strategy,
+                  reshard_after_forward=parallel.reshard_after_forward)
 
 
 def sp_group(layout: Layout):

@@ -30,18 +30,19 @@ GiB = 2**30
 VALUES_PER_TOKEN_DIM = 28  # activations kept per video token, per hidden unit, per block (see the docstring)
 
 
-def memory_estimate(n_params: int, cfg, tokens: int, *, dp_size: int = 1, sp_size: int = 1,
+def memory_estimate(n_params: int, model_cfg, train, tokens: int, *, dp_size: int = 1, sp_size: int = 1,
                     strategy: str = "ddp", precision: str = "no") -> dict:
-    """Bytes per process: {"states", "ema", "activations", "total"} (see the module docstring)."""
+    """Bytes per process: {"states", "ema", "activations", "total"} (see the module docstring), from the `model`
+    and `train` sections."""
     shard = dp_size if strategy == "fsdp" else 1
     states = 16 * n_params / shard
-    ema = 4 * n_params if cfg.train.ema is not None else 0
+    ema = 4 * n_params if train.ema is not None else 0
     value_bytes = 2 if precision in ("bf16", "fp16") else 4
-    shape = model_config(cfg.model) if is_wan(cfg.model) else cfg.model  # Wan: its folder's shape with a path
+    shape = model_config(model_cfg) if is_wan(model_cfg) else model_cfg  # Wan: its folder's shape with a path
     d, depth = shape.hidden_size, shape.depth
-    values = math.ceil(tokens / sp_size) * d * cfg.train.batch_size  # one [B, S/sp, d] tensor
+    values = math.ceil(tokens / sp_size) * d * train.batch_size  # one [B, S/sp, d] tensor
     per_block = VALUES_PER_TOKEN_DIM * values * value_bytes
-    ckpt = checkpointing_policy(cfg.model.get("grad_checkpointing", "none")) or "none"
+    ckpt = checkpointing_policy(shape.grad_checkpointing) or "none"
     recomputed = {"full": depth, "selective": math.ceil(depth / 2)}.get(ckpt, 0)  # blocks i % 2 == 0 for selective
     # A recomputed block keeps its fp32 input; while it is recomputed, one block's activations live again.
     activations = (depth - recomputed) * per_block + recomputed * (4 * values) + (per_block if recomputed else 0)

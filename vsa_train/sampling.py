@@ -6,14 +6,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from omegaconf import DictConfig
 
-from .checkpoint import load_weights
+from .checkpoint import load_weights, resolve_checkpoint
 from .data import build_text_encoder, data_spec, decode
 from .data.videos import write_video
 from .diffusion import euler_sample
 from .models import build_model, vsa_config
-from .rundir import load_run_config, resolve_checkpoint
+from .rundir import load_run_config
 
 
 @torch.no_grad()
@@ -48,10 +47,11 @@ def load_model(checkpoint, device="cpu", ema: bool = True):
 
 
 @torch.no_grad()
-def save_samples(model, cfg: DictConfig, captions: list[str], step: int, accelerator: Accelerator) -> None:
+def save_samples(model, cfg, captions: list[str], step: int, accelerator: Accelerator) -> None:
     """Generates videos for `captions` (fixed noise) into run_dir/samples/step_<step>_<k>.mp4/.gif and to wandb.
 
-    Every rank generates (an FSDP forward is collective); the main process writes and logs.
+    Every rank generates (an FSDP forward is collective); the main process writes and logs. `cfg`: the run's
+    typed config (its train and data sections and run_dir).
     """
     tcfg = cfg.train
     was_training = model.training

@@ -20,12 +20,9 @@ which it stops. A step after the end (train.max_steps raised later) keeps the fi
 import functools
 import math
 
-from omegaconf import DictConfig
-
 from .flops import training_flops_per_sample
-from .models import vsa_config
-
-SCHEDULES = ("constant", "cosine", "wsd")
+from .models import model_config, vsa_config
+from .sections import OptimConfig, TrainConfig
 
 
 def lr_at(step: int, optim_cfg, end_step: int | None = None) -> float:
@@ -35,11 +32,9 @@ def lr_at(step: int, optim_cfg, end_step: int | None = None) -> float:
     lr, warmup = optim_cfg.lr, optim_cfg.warmup_steps
     if step < warmup:
         return lr * (step + 1) / warmup
-    schedule = optim_cfg.get("schedule", "constant") or "constant"
+    schedule = optim_cfg.schedule  # one of sections.LR_SCHEDULES
     if schedule == "constant":
         return lr
-    if schedule not in SCHEDULES:
-        raise ValueError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if end_step is None:
         raise ValueError(f"optim.schedule={schedule} decays towards the run's end: lr_at needs end_step")
     low = lr * optim_cfg.min_lr_ratio
@@ -58,32 +53,17 @@ def lr_at(step: int, optim_cfg, end_step: int | None = None) -> float:
     return lr + (low - lr) * progress
 
 
-def check_schedule(optim_cfg) -> None:
-    """Fails early, naming the key, on schedule values that could not work."""
-    schedule = optim_cfg.get("schedule", "constant") or "constant"
-    if schedule not in SCHEDULES:
-        raise ValueError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-    if not isinstance(optim_cfg.warmup_steps, int) or optim_cfg.warmup_steps < 0:
-        raise ValueError(f"optim.warmup_steps must be a non-negative integer, got {optim_cfg.warmup_steps!r}")
-    if schedule != "constant":
-        ratio = optim_cfg.get("min_lr_ratio")
-        if not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
-            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {ratio!r}")
-    if schedule == "wsd":
-        fraction = optim_cfg.get("decay_fraction")
-        if not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
-            raise ValueError(f"optim.decay_fraction must be in (0, 1], got {fraction!r}")
-
-
 class SparsitySchedule:
     """The topk in force at each step of a VSA run (attn.schedule) and the FLOPs per sample it executes."""
 
-    def __init__(self, cfg: DictConfig, spec):
-        self.vsa = vsa_config(cfg.attn)  # None: dense attention, nothing scheduled
+    def __init__(self, model_cfg, attn_cfg, spec):
+        """`model` and `attn` sections (typed, or mappings) and the data's spec."""
+        model_cfg = model_config(model_cfg)
+        self.vsa = vsa_config(attn_cfg)  # None: dense attention, nothing scheduled
         self._flops = functools.lru_cache(functools.partial(
-            training_flops_per_sample, cfg.model, cfg.attn, in_channels=spec.in_channels, text_dim=spec.text_dim,
+            training_flops_per_sample, model_cfg, attn_cfg, in_channels=spec.in_channels, text_dim=spec.text_dim,
             video_shape=spec.video_shape, text_len=spec.text_len))
-        grid = [n // p for n, p in zip(spec.video_shape, cfg.model.patch_size)]
+        grid = [n // p for n, p in zip(spec.video_shape, model_cfg.patch_size)]
         self.tiles = math.prod(-(-g // t) for g, t in zip(grid, self.vsa.tile)) if self.vsa else None
 
     def topk(self, step: int) -> int | None:
@@ -138,13 +118,11 @@ def end_step(max_steps: int, flops_budget: float | None, sparsity: SparsitySched
 class LRSchedule:
     """`optim.schedule` for one run: built once (the end step is computed here), then `schedule(step) -> lr`."""
 
-    def __init__(self, cfg: DictConfig, sparsity: SparsitySchedule, global_batch: int):
-        check_schedule(cfg.optim)
-        self.optim = cfg.optim
-        self.decays = (cfg.optim.get("schedule", "constant") or "constant") != "constant"
+    def __init__(self, optim: OptimConfig, train: TrainConfig, sparsity: SparsitySchedule, global_batch: int):
+        self.optim = optim
+        self.decays = optim.schedule != "constant"
         # constant never looks at the end: skip summing the FLOPs of every step
-        self.end_step = (end_step(cfg.train.max_steps, cfg.train.flops_budget, sparsity, global_batch)
-                         if self.decays else None)
+        self.end_step = end_step(train.max_steps, train.flops_budget, sparsity, global_batch) if self.decays else None
 
     def __call__(self, step: int) -> float:
         return lr_at(step, self.optim, self.end_step)

@@ -11,9 +11,9 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from torch.distributed.fsdp import fully_shard
 
-from vsa_train import checkpoint
 from vsa_train.checkpoint import Checkpointer, HostBuffers
-from vsa_train.rundir import RunDir, load_tensors, verify
+from vsa_train.checkpoint.format import load_tensors, verify
+from vsa_train.rundir import RunDir
 
 accelerator = Accelerator(cpu=True)
 rank = accelerator.process_index
@@ -37,7 +37,7 @@ def build(reshard: bool):
 model, optimizer = build(reshard=False)
 with torch.no_grad():
     model(torch.randn(2, 4))  # an eval: the parameters stay unsharded, plain tensors
-ckpt = Checkpointer(accelerator, run_dir, keep=2).save(model, optimizer, None, {"step": 1})
+ckpt = Checkpointer(accelerator, run_dir.checkpoints, keep=2).save(model, optimizer, None, {"step": 1})
 full = {k: v.full_tensor() for k, v in model.state_dict().items()}
 saved = load_tensors(ckpt / "model.safetensors")
 same = all(torch.equal(saved[k], full[k]) for k in full)
@@ -55,10 +55,10 @@ def fails_third(self, key, t):
 
 HostBuffers._copy = fails_third
 try:
-    Checkpointer(accelerator, run_dir, keep=2).save(model, optimizer, None, {"step": 2})
+    Checkpointer(accelerator, run_dir.checkpoints, keep=2).save(model, optimizer, None, {"step": 2})
     print(f"rank {rank} failed copy: saved", flush=True)
 except RuntimeError as err:
     print(f"rank {rank} failed copy: raised {err}", flush=True)
-print(f"rank {rank} step 2 published {(run_dir.checkpoints / 'step_00000002').exists()}", flush=True)
+print(f"rank {rank} step 2 published {(run_dir.checkpoints.path / 'step_00000002').exists()}", flush=True)
 dist.destroy_process_group()
 os._exit(0)

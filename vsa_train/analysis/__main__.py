@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .report import analyze
-from .runs import find_runs
+from .find import find_runs
 
 
 def main(argv=None) -> int:

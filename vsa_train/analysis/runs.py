@@ -90,34 +90,8 @@ def timestep_of(key: str) -> float:
     return float(_T_KEY.match(key).group(1))
 
 
-def find_runs(paths, notes: list | None = None) -> list[Run]:
-    """Every run under the given paths (run or sweep directories, `wandb:entity/project[/group]`), by path."""
-    # A directory that cannot be read as a run raises, or, given `notes`, is skipped with one line there: a messy
-    # runs/ folder still gets analysed.
-    runs = {}
-    for spec in map(str, paths):
-        if spec.startswith("wandb:"):
-            from .wandb_online import read_wandb_online
-
-            for run in read_wandb_online(spec[len("wandb:"):]):
-                runs[run.path] = run
-            continue
-        root = Path(spec)
-        if not root.exists():
-            raise FileNotFoundError(f"no such run directory: {root}")
-        for metrics in sorted(root.rglob("metrics.jsonl")):
-            try:
-                runs[metrics.parent.resolve()] = _from_metrics(metrics)
-            except (FileNotFoundError, ValueError, OSError) as err:
-                if notes is None:
-                    raise
-                notes.append(f"{metrics.parent}: not read ({err})")
-    if not runs:
-        raise FileNotFoundError(f"no runs (metrics.jsonl) under {list(paths)}")
-    return [runs[k] for k in sorted(runs, key=str)]
-
-
-def _from_metrics(path: Path) -> Run:
+def from_metrics(path: Path) -> Run:
+    """The run whose metrics.jsonl is `path`, with its config, record and launch history beside it."""
     try:
         cfg = load_run_config(path.parent)
     except FileNotFoundError as err:
@@ -241,12 +215,3 @@ def _params(key: str) -> int | None:
     except Exception:  # noqa: BLE001  (a partial or foreign config: the isoFLOP view leaves the run out)
         return None
     return sum(p.numel() for p in model.parameters())
-
-
-def __getattr__(name):
-    # read_wandb_online and segment_order moved to wandb_online.py; older imports from here still work
-    if name in ("read_wandb_online", "segment_order"):
-        from . import wandb_online
-
-        return getattr(wandb_online, name)
-    raise AttributeError(name)

@@ -1,12 +1,14 @@
 """What the op benchmarks share: the CPU smoke switch, the device, errors, option labels, the card line."""
 import argparse
 import os
+from pathlib import Path
 
 import torch
 
 from ..ops import KernelOptions
 
 # SMOKE=1 (with TRITON_INTERPRET=1): tiny sizes on the CPU, every code path in seconds, no meaningful numbers.
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # the repository's Hydra configs
 SMOKE = os.environ.get("SMOKE") == "1"
 DEVICE = "cpu" if SMOKE else "cuda"
 

@@ -25,7 +25,6 @@ time limit still leaves complete tables.
 """
 import argparse
 import gc
-import itertools
 import json
 import re
 import time
@@ -36,8 +35,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from ..config_schema import CONFIGS
-from ..ops import warm
+from .common import CONFIGS
 from .profiling import compile_phases, profile_step, profile_tables
 
 
@@ -57,34 +55,21 @@ class StepTarget:
 
 
 def trainer_target(cfg) -> StepTarget:
-    """The one function that knows the trainer's API: builds a run as train.py does, draws one batch from its data
-    stream, shuts the stream down (its workers would keep rendering while steps are timed) and makes every step
-    repeat that batch. Re-point this function, and only it, when the trainer changes."""
-    from ..data import data_spec
-    from ..trainer import build_run, check_config, make_accelerator, train_step
+    """The one function that knows the trainer's API (docs/design.md, 'The trainer'): builds a run as train.py
+    does, then `Run.repeat_batch` (one batch of its stream on the device, the stream's workers shut down, every step
+    repeating it). Re-point this function, and only it, when the trainer changes."""
+    from ..config_schema import typed
+    from ..trainer import build_run, make_accelerator, train_step
 
-    check_config(cfg, data_spec(cfg.data))
-    run = build_run(cfg, make_accelerator(cfg))
-    device = run.accelerator.device
-    # What train_step copies to the device goes there now; stream positions (its per-sample noise draws read them
-    # on the host) stay as the loader gives them. Bad inputs met while loading are not repeated.
-    batch = {k: v.to(device) if k in ("video", "text", "text_mask") else v for k, v in next(run.train_iter).items()
-             if k != "skipped"}
-    run.train_iter = run.data.train = None  # the last references to the loader: its workers shut down
-    gc.collect()
-    run.train_iter = itertools.repeat(batch)
+    config = typed(cfg)  # ConfigError listing every problem, as train.py's check
+    run = build_run(config, make_accelerator(config))
+    batch = run.repeat_batch()
     run.model.train()
-
-    def close():
-        warm.join()  # a row that failed before its first step may leave the kernel warm-up running
-        run.accelerator.free_memory()
-        run.model = run.optimizer = run.ema = run.train_iter = run.data = run.eval_set = None
-
     s = run.state
     return StepTarget(
-        step=lambda: train_step(run).ok, batch=batch, model=run.model, device=device,
+        step=lambda: train_step(run).ok, batch=batch, model=run.model, device=run.accelerator.device,
         autocast=run.accelerator.autocast, counters=lambda: (s.step, s.samples, s.flops, s.flops_dense),
-        topk=lambda: run.sparsity.topk(s.step), close=close,
+        topk=lambda: run.sparsity.topk(s.step), close=run.close,
         facts={"precision": run.accelerator.mixed_precision, "global_batch": run.global_batch,
                "tiles": run.sparsity.tiles})
 

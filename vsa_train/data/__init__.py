@@ -15,20 +15,12 @@ from dataclasses import dataclass
 from torch.utils.data import DataLoader
 
 from . import hf, latents, synthetic, videos
+from .config import DataSection, data_section
 from .encoders import pixel_text_encoder
+from .spec import DataSpec
 from .text import CaptionEncoder
 
 SOURCES = {"synthetic": synthetic, "videos": videos, "hf": hf, "latents": latents}
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """What the model needs to know about the data: channels, text width and length, video (T, H, W)."""
-
-    in_channels: int
-    text_dim: int
-    text_len: int
-    video_shape: tuple[int, int, int]
 
 
 @dataclass
@@ -46,7 +38,7 @@ def data_spec(cfg) -> DataSpec:
     if hasattr(source, "spec"):
         return source.spec(cfg)
     if cfg.get("text_encoder"):  # pixel data through a pretrained encoder: its width and length (encoders.py)
-        enc = pixel_text_encoder(cfg)
+        enc = pixel_text_encoder(cfg, videos.text_cache_root(cfg))
         return DataSpec(in_channels=3, text_dim=enc.dim, text_len=enc.max_len,
                         video_shape=(cfg.frames, cfg.height, cfg.width))
     return DataSpec(in_channels=3, text_dim=cfg.text_dim, text_len=cfg.text_len,
@@ -66,7 +58,7 @@ def build_text_encoder(cfg):
     """The text encoder the source trains with (`encode(captions) -> (emb, mask)`), for sampling from prompts."""
     source = _source(cfg)
     if cfg.get("text_encoder") and not hasattr(source, "spec"):  # pixel data: one cached instance per process
-        return pixel_text_encoder(cfg)
+        return pixel_text_encoder(cfg, videos.text_cache_root(cfg))
     if hasattr(source, "text_encoder"):
         return source.text_encoder(cfg)
     return CaptionEncoder(source.VOCAB, dim=cfg.text_dim, max_len=cfg.text_len, seed=cfg.seed)
@@ -79,6 +71,5 @@ def decode(cfg, x):
 
 
 def _source(cfg):
-    if cfg.source not in SOURCES:
-        raise ValueError(f"unknown data.source={cfg.source!r}; choices: {sorted(SOURCES)}")
+    data_section(cfg.get("source"))  # ConfigError naming the sources for an unknown one
     return SOURCES[cfg.source]

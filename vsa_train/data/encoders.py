@@ -387,20 +387,6 @@ class CachedTextEncoder:
         return done
 
 
-def cache_root(cfg) -> Path:
-    """Where pixel data keeps its text cache: the manifest's folder, data.folder, or the dataset's folder."""
-    if cfg.get("source") == "hf":
-        path = Path(cfg.path)
-        return path if path.is_dir() else path.parent
-    if cfg.get("folder") is not None:
-        return Path(cfg.folder)
-    if cfg.get("manifest") is not None:
-        return Path(cfg.manifest).resolve().parent
-    from .videos import SAMPLE_MANIFEST
-
-    return SAMPLE_MANIFEST.parent
-
-
 def text_spec_from_cfg(cfg) -> ModelSpec:
     """data.text_encoder (+ data.text_encoder_subfolder, data.tokenizer_subfolder, data.text_encoder_revision,
     data.text_encoder_dtype: default bf16) as a ModelSpec."""
@@ -410,10 +396,11 @@ def text_spec_from_cfg(cfg) -> ModelSpec:
                      tokenizer_subfolder=cfg.get("tokenizer_subfolder"))
 
 
-def pixel_text_encoder(cfg, captions=None) -> CachedTextEncoder:
-    """The process's one CachedTextEncoder for data.text_encoder (pixel data); `captions`: precompute these."""
+def pixel_text_encoder(cfg, cache_root: Path, captions=None) -> CachedTextEncoder:
+    """The process's one CachedTextEncoder for data.text_encoder (pixel data), caching embeddings under
+    `cache_root` (the data's folder: videos.text_cache_root); `captions`: precompute these."""
     spec = text_spec_from_cfg(cfg)
-    root = cache_root(cfg).resolve()
+    root = Path(cache_root).resolve()
     max_len = encoder_max_len(spec, cfg.get("text_len"))
     key = (spec, max_len, str(root))
     with _LOCK:

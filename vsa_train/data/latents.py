@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from .batching import BadInput, ItemStream, eval_batch, holdout_split, make_loader
 from .encoders import ModelSpec, PretrainedTextEncoder, get_text_encoder, load_vae  # noqa: F401 -- re-exported
+from .spec import DataSpec
 from .text import CaptionEncoder
 
 log = logging.getLogger(__name__)
@@ -207,8 +208,6 @@ class LatentStore:
 
 def spec(cfg):
     """Channels and (T, H, W) of the latents, text width and length of the stored embeddings."""
-    from . import DataSpec  # the package imports this module first
-
     index = read_index(cfg.path)
     C, T, H, W = index["latent_shape"]
     L, D = index["text_shape"]

@@ -27,14 +27,13 @@ import torch
 import torch.nn.functional as F
 
 from .batching import BadInput, ItemStream, eval_batch, holdout_split, make_loader  # BadInput: re-exported
+from .encoders import pixel_text_encoder
 from .text import CaptionEncoder
 
 log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".webm", ".mov", ".m4v")
-BACKENDS = ("auto", "decord", "pyav")
 _WORD = re.compile(r"[a-z]+")
-MAX_CAPTION_BYTES = 1 << 24      # the largest data.max_caption_bytes allowed
 _CSV_FIELD_LIMIT = (1 << 31) - 1  # read over-long captions whole (then skip them) instead of crashing mid-row
 
 
@@ -65,12 +64,9 @@ class RowRules:
 
     @classmethod
     def from_cfg(cls, cfg) -> "RowRules":
-        """The rules set by data.max_caption_bytes and data.allow_outside_root (bounds checked)."""
-        rules = cls(int(cfg.get("max_caption_bytes", cls.max_caption_bytes)),
-                    bool(cfg.get("allow_outside_root", cls.allow_outside_root)))
-        if not 1 <= rules.max_caption_bytes <= MAX_CAPTION_BYTES:
-            raise ValueError(f"data.max_caption_bytes={rules.max_caption_bytes} must be in [1, {MAX_CAPTION_BYTES}]")
-        return rules
+        """The rules set by data.max_caption_bytes and data.allow_outside_root (their bounds: data/config.py)."""
+        return cls(int(cfg.get("max_caption_bytes", cls.max_caption_bytes)),
+                   bool(cfg.get("allow_outside_root", cls.allow_outside_root)))
 
 
 # ------------------------------------------------------------------------------------------------ row checks
@@ -260,16 +256,26 @@ def find_clips(folder, rules: RowRules = RowRules()) -> list[Clip]:
 SAMPLE_MANIFEST = Path(__file__).resolve().parents[2] / "data" / "sample_clips.csv"
 
 
+def text_cache_root(cfg) -> Path:
+    """Where pixel data keeps its text cache: the manifest's folder, data.folder, or the dataset's folder."""
+    if cfg.get("source") == "hf":
+        path = Path(cfg.path)
+        return path if path.is_dir() else path.parent
+    if cfg.get("folder") is not None:
+        return Path(cfg.folder)
+    if cfg.get("manifest") is not None:
+        return Path(cfg.manifest).resolve().parent
+    return SAMPLE_MANIFEST.parent
+
+
 def source_name(cfg) -> str:
     """The manifest or folder that data=videos reads, for messages."""
     return str(cfg.get("manifest") or cfg.get("folder") or SAMPLE_MANIFEST)
 
 
 def list_clips(cfg) -> list[Clip]:
-    """The clips named by `data.manifest` or found under `data.folder` (at most one of them; neither: the
-    project's sample manifest, data/sample_clips.csv, wherever the command runs from)."""
-    if cfg.get("manifest") is not None and cfg.get("folder") is not None:
-        raise ValueError("data=videos takes one of data.manifest=FILE (.csv/.jsonl) or data.folder=DIR, not both")
+    """The clips named by `data.manifest` or found under `data.folder` (at most one of them: data/config.py;
+    neither: the project's sample manifest, data/sample_clips.csv, wherever the command runs from)."""
     rules = RowRules.from_cfg(cfg)
     if cfg.get("folder") is not None:
         return find_clips(cfg.folder, rules)
@@ -346,8 +352,6 @@ def open_video(source, backend: str = "auto"):
     backend "auto" uses decord when it is installed and falls back to PyAV when decord is missing or cannot
     open the file; "decord" and "pyav" force one.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"data.backend must be one of {BACKENDS}, got {backend!r}")
     if isinstance(source, str) and not Path(source).is_file():
         raise BadInput("file not found")
     if backend == "pyav" or (backend == "auto" and not _decord_available()):
@@ -407,9 +411,8 @@ def caption_encoder(cfg, clips: list[Clip]) -> CaptionEncoder:
     """The built-in caption encoder over the words of all captions (deterministic in the clip list and seed);
     with data.text_encoder set, that pretrained encoder, the clips' captions encoded once into a disk cache."""
     if cfg.get("text_encoder"):
-        from .encoders import pixel_text_encoder
-
-        return pixel_text_encoder(cfg, captions=[c.caption for c in clips if not c.error])
+        captions = [c.caption for c in clips if not c.error]
+        return pixel_text_encoder(cfg, text_cache_root(cfg), captions=captions)
     vocab = sorted({w for clip in clips for w in _WORD.findall(clip.caption.lower())})
     return CaptionEncoder(vocab, dim=cfg.text_dim, max_len=cfg.text_len, seed=cfg.seed)
 

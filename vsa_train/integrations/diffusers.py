@@ -43,7 +43,7 @@ from diffusers.utils import BaseOutput
 
 from ..data.text import CaptionEncoder
 from ..models import DiTConfig, VideoDiT, is_wan
-from .wan import VSAWanAttnProcessor, VSAWanTransformer3DModel, apply_vsa, set_sparsity_limit
+from ..models.wan_vsa import VSAWanAttnProcessor, VSAWanTransformer3DModel, apply_vsa, set_sparsity_limit
 
 __all__ = ["CaptionTextEncoder", "VSAVideoPipeline", "VSAVideoPipelineOutput", "VSAWanAttnProcessor",
            "VSAWanTransformer3DModel", "VideoDiTTransformer", "apply_vsa", "export_run", "make_scheduler",
@@ -118,6 +118,17 @@ class VSAVideoPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder)
 
+    def _text(self, prompt, prompt_embeds, prompt_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text [B, L, D], mask [B, L]) from the prompts through the text encoder, or the embeddings given."""
+        if prompt_embeds is not None:
+            mask = prompt_mask if prompt_mask is not None else torch.ones(prompt_embeds.shape[:2], dtype=torch.bool)
+            return prompt_embeds, mask
+        if prompt is None:
+            raise ValueError("give a prompt or prompt_embeds")
+        if self.text_encoder is None:
+            raise ValueError("this pipeline has no text encoder (a latents run): pass prompt_embeds/prompt_mask")
+        return self.text_encoder.encode([prompt] if isinstance(prompt, str) else list(prompt))
+
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, num_inference_steps: int = 30,
                  guidance_scale: float = 5.0, generator: torch.Generator | None = None, seed: int | None = None,
@@ -137,16 +148,7 @@ class VSAVideoPipeline(DiffusionPipeline):
         cfg = self.transformer.config
         device = self.transformer.device
         dtype = next(self.transformer.parameters()).dtype
-        if prompt_embeds is None:
-            if prompt is None:
-                raise ValueError("give a prompt or prompt_embeds")
-            if self.text_encoder is None:
-                raise ValueError("this pipeline has no text encoder (a latents run): pass prompt_embeds/prompt_mask")
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            text, text_mask = self.text_encoder.encode(prompts)  # [B, L, D], [B, L]
-        else:
-            text = prompt_embeds
-            text_mask = prompt_mask if prompt_mask is not None else torch.ones(text.shape[:2], dtype=torch.bool)
+        text, text_mask = self._text(prompt, prompt_embeds, prompt_mask)  # [B, L, D], [B, L]
         B = text.shape[0]
         if latents is None:
             T, H, W = cfg.video_shape

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..fields import ConfigError, Section, read_or_raise, text
 from .rope import apply_rope
 from .vsa import VSAAttention, VSAConfig
 
@@ -85,22 +86,37 @@ ATTENTION = {"dense": DenseAttention, "vsa": VSAAttention, "vsa_fine_only": VSAA
              "vsa_coarse_only": VSAAttention, "tile_window": VSAAttention}
 
 
-def attention_class(attn_cfg) -> type[nn.Module]:
-    """The core class named by attn_cfg.name, with a clear error listing the choices."""
-    name = attn_cfg.get("name") if attn_cfg is not None else None
+@dataclass(frozen=True)
+class DenseConfig(Section):
+    """The `attn` config of dense attention: its name only."""
+
+    name: str = text()
+
+
+def attn_section(name) -> type[DenseConfig] | type[VSAConfig]:
+    """The config class of attention `name` (configs/attn/<name>.yaml); ConfigError listing the choices."""
     if name not in ATTENTION:
-        raise ValueError(f"unknown attention {name!r}; choose one of {sorted(ATTENTION)}")
-    return ATTENTION[name]
+        raise ConfigError([f"attn.name must be one of {', '.join(ATTENTION)}, got {name!r}"])
+    return DenseConfig if ATTENTION[name] is DenseAttention else VSAConfig
+
+
+def attn_config(attn_cfg) -> DenseConfig | VSAConfig:
+    """The typed `attn` section from a dict or DictConfig (or itself); ConfigError listing every problem."""
+    if isinstance(attn_cfg, (DenseConfig, VSAConfig)):
+        return attn_cfg
+    return read_or_raise(attn_section(attn_cfg.get("name")), attn_cfg, "attn")
 
 
 def vsa_config(attn_cfg) -> VSAConfig | None:
-    """The validated VSA config of a sparse attention choice; None for dense attention."""
-    return VSAConfig.from_cfg(attn_cfg) if attention_class(attn_cfg) is VSAAttention else None
+    """The VSA config of a sparse attention choice; None for dense attention."""
+    cfg = attn_config(attn_cfg)
+    return cfg if isinstance(cfg, VSAConfig) else None
 
 
 def build_attention(attn_cfg, *, dim: int, num_heads: int) -> nn.Module:
     """One self-attention core for a layer of width dim with num_heads heads."""
-    return attention_class(attn_cfg)(attn_cfg, dim, num_heads)
+    attn_cfg = attn_config(attn_cfg)
+    return ATTENTION[attn_cfg.name](attn_cfg, dim, num_heads)
 
 
 class SelfAttention(nn.Module):

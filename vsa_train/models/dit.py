@@ -2,13 +2,14 @@
 
 See docs/design.md, 'The model family'.
 """
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import AttnContext, CrossAttention, SelfAttention, attention_class
+from ..fields import ConfigError, Section, flag, int_list, integer, positive, read_or_raise, setting, text
+from .attention import AttnContext, CrossAttention, DenseConfig, SelfAttention, attn_config
 from .embed import PatchEmbed, TextProjection, TimestepEmbedder, unpatchify
 from .rope import grid_positions, rope_cos_sin
 from .vsa import VSAAttention
@@ -26,40 +27,33 @@ def checkpointing_policy(value) -> str:
 
 
 @dataclass(frozen=True)
-class DiTConfig:
-    """Architecture of one model size: the keys of the `model` config group."""
+class DiTConfig(Section):
+    """Architecture of one model size: the keys of the `model` config group, each with its rule."""
 
-    name: str
-    hidden_size: int
-    depth: int
-    num_heads: int
-    mlp_ratio: float = 4.0
-    patch_size: tuple[int, int, int] = (1, 2, 2)
-    qk_norm: bool = True
-    grad_checkpointing: str = "none"  # none | full (every block) | selective (every other block)
-    rope_theta: float = 10000.0
-    freq_dim: int = 256  # sinusoid channels of the time embedding
+    name: str = text()
+    hidden_size: int = integer()
+    depth: int = integer()
+    num_heads: int = integer()
+    mlp_ratio: float = positive(4.0)
+    patch_size: tuple[int, int, int] = int_list(3, 1, (1, 2, 2), "3 positive integers [t, h, w]")
+    qk_norm: bool = flag(True)
+    # none | full (every block) | selective (every other block); older configs' booleans read as full / none
+    grad_checkpointing: str = setting("none", ok=lambda v: v in CHECKPOINTING or isinstance(v, bool),
+                                      allowed="one of " + ", ".join(CHECKPOINTING), convert=checkpointing_policy)
+    rope_theta: float = positive(10000.0)
+    freq_dim: int = integer(256)  # sinusoid channels of the time embedding
 
     @classmethod
     def from_cfg(cls, model_cfg) -> "DiTConfig":
-        """Validated config from a dict or DictConfig; unknown or missing keys fail with the list of keys."""
-        cfg = dict(model_cfg.items())
-        known = {f.name for f in fields(cls)}
-        if unknown := set(cfg) - known:
-            raise ValueError(f"unknown model config keys {sorted(unknown)}; known keys: {sorted(known)}")
-        try:
-            ckpt = checkpointing_policy(cfg.get("grad_checkpointing", "none"))
-            c = cls(**{**cfg, "patch_size": tuple(cfg.get("patch_size", cls.patch_size)), "grad_checkpointing": ckpt})
-        except TypeError as e:
-            raise ValueError(f"bad model config {cfg}: {e}") from None
-        if c.grad_checkpointing not in CHECKPOINTING:
-            raise ValueError(f"model.grad_checkpointing must be one of {', '.join(CHECKPOINTING)}, "
-                             f"got {c.grad_checkpointing!r}")
-        if c.hidden_size % c.num_heads:
-            raise ValueError(f"hidden_size {c.hidden_size} is not divisible by num_heads {c.num_heads}")
-        if c.head_dim % 2 or len(c.patch_size) != 3 or min(c.patch_size) < 1:
-            raise ValueError(f"need an even head dim and a 3D patch size, got {c.head_dim} and {c.patch_size}")
-        return c
+        """The config from a dict or DictConfig (or itself); ConfigError listing every bad key or value."""
+        return read_or_raise(cls, model_cfg, "model")
+
+    def validate(self) -> list[str]:
+        if self.hidden_size % self.num_heads:
+            return [f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}"]
+        if self.head_dim % 2:
+            return [f"model.hidden_size / model.num_heads = {self.head_dim} must be even (rotary embedding)"]
+        return []
 
     @property
     def head_dim(self) -> int:
@@ -68,6 +62,15 @@ class DiTConfig:
     @property
     def mlp_hidden(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
+
+
+def attn_problems(cfg: DiTConfig, attn_cfg) -> list[str]:
+    """Why an `attn` config does not fit this DiT: dense layers outside its blocks."""
+    layers = getattr(attn_config(attn_cfg), "dense_layers", ())
+    if any(i >= cfg.depth for i in layers):
+        return [f"attn.dense_layers must be a list of block indices in [0, model.depth={cfg.depth}), "
+                f"got {list(layers)}"]
+    return []
 
 
 class Mlp(nn.Module):
@@ -130,10 +133,10 @@ class VideoDiT(nn.Module):
         super().__init__()
         self.cfg, self.in_channels = cfg, in_channels
         d = cfg.hidden_size
-        attention_class(attn_cfg)  # fails early, listing the choices, on an unknown name
-        dense_layers = sorted(attn_cfg.get("dense_layers") or [])
-        if any(not 0 <= i < cfg.depth for i in dense_layers):
-            raise ValueError(f"attn.dense_layers {dense_layers} must be block indices in [0, {cfg.depth})")
+        attn_cfg = attn_config(attn_cfg)
+        if bad := attn_problems(cfg, attn_cfg):
+            raise ConfigError(bad)
+        dense_layers = sorted(getattr(attn_cfg, "dense_layers", ()))
         sparse_layers = [i for i in range(cfg.depth) if i not in dense_layers]
         # The whole network keeps the token order of its (non-dense) attention cores; dense ones take any order.
         self.order_layer = sparse_layers[0] if sparse_layers else 0
@@ -142,7 +145,7 @@ class VideoDiT(nn.Module):
         self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))  # shared by all blocks
         self.text_embed = TextProjection(text_dim, d)
         self.blocks = nn.ModuleList(
-            DiTBlock(cfg, {"name": "dense"} if i in dense_layers else attn_cfg) for i in range(cfg.depth)
+            DiTBlock(cfg, DenseConfig("dense") if i in dense_layers else attn_cfg) for i in range(cfg.depth)
         )
         self.final = FinalLayer(d, in_channels * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2])
         # Sequence parallelism (vsa_train/parallel.py) sets this: it splits tokens over ranks after the

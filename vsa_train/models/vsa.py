@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import threading
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from ..fields import Section, choice, flag, int_list, integer, is_int, number, positive, read_or_raise, setting, text
 from ..ops import (
     TileLayout,
     block_sparse_attention,
@@ -34,60 +35,45 @@ from ..ops.vsa import warm_up
 
 SCHEDULES = ("constant", "ramp")
 # Attribute (and state-dict name) of the coarse gate VSA adds to each self-attention of a diffusers Wan
-# (integrations/wan.py). Here, without diffusers, so that init_from (checkpoint.py) knows such gates are new.
+# (models/wan_vsa.py). Here, without diffusers, so that init_from (checkpoint.py) knows such gates are new.
 WAN_GATE = "vsa_gate_coarse"
 SELECTIONS = ("topk", "window")
 
 
 @dataclass(frozen=True)
-class VSAConfig:
-    """The keys of a VSA `attn` config (configs/attn/vsa.yaml documents each)."""
+class VSAConfig(Section):
+    """The keys of a VSA `attn` config (configs/attn/vsa.yaml documents each), each with its rule."""
 
-    name: str
-    sparsity: float = 0.875
-    topk: int | None = None
-    tile: tuple[int, int, int] = (4, 4, 4)
-    gate_coarse: bool = True
-    gate_fine: bool = False
-    dense_layers: tuple[int, ...] = ()
-    schedule: str = "constant"
-    ramp_rate: float = 0.125
-    ramp_interval: int = 100
-    coarse: bool = True
-    fine: bool = True
-    select: str = "topk"
-    window: tuple[int, int, int] = (1, 1, 1)
-    backend: str = "auto"
+    name: str = text()
+    sparsity: float = number(0.875, lambda v: 0 <= v < 1, "a number in [0, 1)")
+    topk: int | None = integer(None, optional=True)
+    tile: tuple[int, int, int] = int_list(3, 1, (4, 4, 4), "3 positive integers [t, h, w]")
+    gate_coarse: bool = flag(True)
+    gate_fine: bool = flag(False)
+    # within model.depth: the root config's rule (vsa_train/config_schema.py)
+    dense_layers: tuple[int, ...] = setting([], ok=lambda v: isinstance(v, (list, tuple)) and all(
+        is_int(i) and i >= 0 for i in v), allowed="a list of block indices", convert=tuple)
+    schedule: str = choice("constant", SCHEDULES)
+    ramp_rate: float = positive(0.125)
+    ramp_interval: int = integer(100)
+    coarse: bool = flag(True)
+    fine: bool = flag(True)
+    select: str = choice("topk", SELECTIONS)
+    window: tuple[int, int, int] = int_list(3, 0, (1, 1, 1), "3 integers >= 0 [t, h, w]")
+    backend: str = choice("auto", ("auto", "triton", "torch"))
 
     @classmethod
     def from_cfg(cls, attn_cfg) -> VSAConfig:
-        """Validated config from a dict or DictConfig; bad keys or values fail naming the key."""
-        cfg = dict(attn_cfg.items())
-        known = {f.name for f in fields(cls)}
-        if unknown := set(cfg) - known:
-            raise ValueError(f"unknown attn config keys {sorted(unknown)} for {cfg.get('name')!r}; known: {sorted(known)}")
-        for key in ("tile", "dense_layers", "window"):
-            if cfg.get(key) is not None:
-                cfg[key] = tuple(cfg[key])
-        c = cls(**cfg)
-        if not 0.0 <= c.sparsity < 1.0:
-            raise ValueError(f"attn.sparsity must be in [0, 1), got {c.sparsity}")
-        if c.topk is not None and (not isinstance(c.topk, int) or c.topk < 1):
-            raise ValueError(f"attn.topk must be a positive int or null, got {c.topk!r}")
-        if len(c.tile) != 3 or min(c.tile) < 1 or len(c.window) != 3 or min(c.window) < 0:
-            raise ValueError(f"attn.tile must be 3 positive ints and attn.window 3 ints >= 0, got {c.tile}, {c.window}")
-        if c.schedule not in SCHEDULES:
-            raise ValueError(f"attn.schedule must be one of {SCHEDULES}, got {c.schedule!r}")
-        if c.schedule == "ramp" and (not c.ramp_rate > 0 or not isinstance(c.ramp_interval, int) or c.ramp_interval < 1):
-            raise ValueError(f"a ramp needs attn.ramp_rate > 0 and an int attn.ramp_interval >= 1, got "
-                             f"{c.ramp_rate}, {c.ramp_interval}")
-        if c.select not in SELECTIONS:
-            raise ValueError(f"attn.select must be one of {SELECTIONS}, got {c.select!r}")
-        if not (c.coarse or c.fine):
-            raise ValueError("attn: at least one of coarse and fine must be true")
-        if c.select == "window" and c.coarse:
-            raise ValueError("attn.select=window is a fixed pattern: it takes no coarse stage (set attn.coarse=false)")
-        return c
+        """The config from a dict or DictConfig (or itself); ConfigError listing every bad key or value."""
+        return read_or_raise(cls, attn_cfg, "attn")
+
+    def validate(self) -> list[str]:
+        if not (self.coarse or self.fine):
+            return ["attn.coarse=false and attn.fine=false: at least one of them must be true"]
+        if self.select == "window" and self.coarse:
+            return ["attn.coarse=true with attn.select=window: a fixed window takes no coarse stage "
+                    "(set attn.coarse=false)"]
+        return []
 
     @property
     def uses_op(self) -> bool:

@@ -3,7 +3,7 @@
 `WanConfig` is the `model` group of a Wan; it imports no diffusers, so flops.py and config_schema.py read it. With
 `path` set the shape is the folder's config.json, else the config's keys (a random-init model). `WanVideoModel`
 wraps the transformer behind VideoDiT's call: forward(x [B, C, T, H, W], t [B] in [0, 1], text [B, L, text_dim],
-text_mask [B, L] bool) -> velocity [B, C, T, H, W]; `attn=vsa` installs `integrations.wan.apply_vsa` in it.
+text_mask [B, L] bool) -> velocity [B, C, T, H, W]; `attn=vsa` installs `wan_vsa.apply_vsa` in it.
 
 Conventions, those of diffusers' WanPipeline with FlowMatchEulerDiscreteScheduler: our flow time t is the
 scheduler's sigma (x_t = (1 - t) x0 + t noise, its `scale_noise`) and Wan's `timestep` is 1000 t. Wan's output is
@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from ..fields import ConfigError, Section, choice, flag, int_list, integer, positive, read_or_raise, text
 
 SHAPE = ("num_layers", "num_attention_heads", "attention_head_dim", "ffn_dim", "freq_dim", "patch_size",
          "cross_attn_norm", "qk_norm", "eps", "rope_max_seq_len")  # diffusers' names; from the folder with a path
@@ -28,7 +30,7 @@ CHECKPOINTING = ("none", "full")  # diffusers checkpoints every block or none
 
 def is_wan(model_cfg) -> bool:
     """Whether a `model` config is a diffusers Wan (name wan or wan_<anything>) rather than a VideoDiT."""
-    name = str(model_cfg.get("name") or "")
+    name = str(model_cfg.name if isinstance(model_cfg, Section) else model_cfg.get("name") or "")
     return name == "wan" or name.startswith("wan_")
 
 
@@ -53,48 +55,54 @@ def folder_config(path: str, subfolder: str | None = None) -> dict:
 
 
 @dataclass(frozen=True)
-class WanConfig:
+class WanConfig(Section):
     """The keys of configs/model/wan.yaml (diffusers' names for the shape); in_channels/text_dim: the folder's."""
 
-    name: str
-    path: str | None = None
-    subfolder: str | None = None
-    num_layers: int = 12
-    num_attention_heads: int = 12
-    attention_head_dim: int = 64
-    ffn_dim: int = 3072
-    freq_dim: int = 256
-    patch_size: tuple[int, int, int] = (1, 2, 2)
-    cross_attn_norm: bool = True
-    qk_norm: str | None = "rms_norm_across_heads"
-    eps: float = 1e-6
-    rope_max_seq_len: int = 1024
-    grad_checkpointing: str = "none"
+    name: str = text()
+    path: str | None = text(None, optional=True)
+    subfolder: str | None = text(None, optional=True)
+    num_layers: int = integer(12)
+    num_attention_heads: int = integer(12)
+    attention_head_dim: int = integer(64)
+    ffn_dim: int = integer(3072)
+    freq_dim: int = integer(256)
+    patch_size: tuple[int, int, int] = int_list(3, 1, (1, 2, 2), "3 positive integers [t, h, w]")
+    cross_attn_norm: bool = flag(True)
+    qk_norm: str | None = text("rms_norm_across_heads", optional=True)
+    eps: float = positive(1e-6)
+    rope_max_seq_len: int = integer(1024)
+    grad_checkpointing: str = choice("none", CHECKPOINTING, "one of none, full for model=wan (diffusers "
+                                                            "checkpoints every block or none)")
     in_channels: int | None = None  # set from a folder only: a random model takes the data's
     text_dim: int | None = None
 
     @classmethod
-    def keys(cls) -> set[str]:
-        """The keys a config may set (in_channels and text_dim come from the data or the folder)."""
-        return {f.name for f in fields(cls)} - {"in_channels", "text_dim"}
-
-    @classmethod
     def from_cfg(cls, model_cfg) -> "WanConfig":
-        """Validated config from a dict or DictConfig; with `path`, the shape of the folder's config.json."""
-        cfg = dict(model_cfg.items())
-        if unknown := set(cfg) - cls.keys():
-            raise ValueError(f"unknown model config keys {sorted(unknown)} for model=wan; known: {sorted(cls.keys())}")
-        c = cls(**{**cfg, "patch_size": tuple(cfg.get("patch_size", cls.patch_size))})
-        if c.path:
-            folder = folder_config(str(c.path), c.subfolder)
-            shape = {k: tuple(folder[k]) if k == "patch_size" else folder[k] for k in SHAPE if k in folder}
-            c = replace(c, **shape, in_channels=folder.get("in_channels", 16), text_dim=folder.get("text_dim", 4096))
-        if c.grad_checkpointing not in CHECKPOINTING:
-            raise ValueError(f"model.grad_checkpointing must be one of {', '.join(CHECKPOINTING)} for model=wan, "
-                             f"got {c.grad_checkpointing!r}")
-        if c.head_dim % 2 or len(c.patch_size) != 3 or min(c.patch_size) < 1:
-            raise ValueError(f"need an even head dim and a 3D patch size, got {c.head_dim} and {c.patch_size}")
-        return c
+        """The config from a dict or DictConfig (or itself), with `path` the shape of the folder's config.json;
+        ConfigError listing every bad key or value."""
+        return read_or_raise(cls, model_cfg, "model")
+
+    def validate(self) -> list[str]:
+        if self.attention_head_dim % 2:
+            return [f"model.attention_head_dim must be even (rotary embedding), got {self.attention_head_dim}"]
+        if self.path is None:
+            return []
+        try:
+            folder = folder_config(str(self.path), self.subfolder)
+        except (OSError, ValueError) as e:
+            return [f"model.path={self.path!r}: {e}"]
+        if "patch_size" in folder and self.patch_size != tuple(folder["patch_size"]):
+            return [f"model.patch_size={list(self.patch_size)} differs from the patch size {folder['patch_size']} of "
+                    f"model.path={self.path}: set model.patch_size={folder['patch_size']}"]
+        return []
+
+    def complete(self) -> "WanConfig":
+        """With `path`: the folder's shape, input channels and text width."""
+        if not self.path:
+            return self
+        folder = folder_config(str(self.path), self.subfolder)
+        shape = {k: tuple(folder[k]) if k == "patch_size" else folder[k] for k in SHAPE if k in folder}
+        return replace(self, **shape, in_channels=folder.get("in_channels", 16), text_dim=folder.get("text_dim", 4096))
 
     # What the trainer, flops.py and progress.py read of any model config (DiTConfig's names)
     hidden_size = property(lambda self: self.num_attention_heads * self.attention_head_dim)
@@ -110,7 +118,7 @@ class WanConfig:
                     text_dim=text_dim)
 
 
-def attn_problems(attn_cfg) -> list[str]:
+def attn_problems(cfg: WanConfig, attn_cfg) -> list[str]:
     """Why an `attn` config cannot run in Wan: its processor is the VSA op (coarse + fine, top-k, coarse gate)."""
     from .attention import vsa_config
 
@@ -126,6 +134,15 @@ def attn_problems(attn_cfg) -> list[str]:
         bad.append(f"attn.dense_layers={list(vcfg.dense_layers)} is not supported with model=wan (VSA goes into "
                    "every block): allowed: []")
     return bad
+
+
+def data_problems(cfg: WanConfig, in_channels: int, text_dim: int, data: str = "the data") -> list[str]:
+    """Why a Wan folder cannot train on the data: its input channels and text width differ from the data's."""
+    if not cfg.path or (cfg.in_channels, cfg.text_dim) == (in_channels, text_dim):
+        return []
+    return [f"model.path={cfg.path} takes {cfg.in_channels} input channels and text of width {cfg.text_dim}; "
+            f"{data} gives {in_channels} and {text_dim} (for a pretrained Wan train on its VAE latents and text "
+            f"encoder: data=latents)"]
 
 
 class WanVideoModel(nn.Module):
@@ -158,14 +175,11 @@ def build_wan(cfg: WanConfig, attn_cfg, *, in_channels: int, text_dim: int, load
     with torch.device("cpu"):  # a first import under a meta default device would leave module tensors on meta
         from diffusers import WanTransformer3DModel
 
-        from ..integrations.wan import VSAWanTransformer3DModel, apply_vsa
+        from .wan_vsa import VSAWanTransformer3DModel, apply_vsa
     from .attention import vsa_config
 
-    if bad := attn_problems(attn_cfg):
-        raise ValueError("; ".join(bad))
-    if cfg.path and (cfg.in_channels, cfg.text_dim) != (in_channels, text_dim):
-        raise ValueError(f"model.path={cfg.path} takes {cfg.in_channels} channels and text of width {cfg.text_dim}, "
-                         f"the data gives {in_channels} and {text_dim}")
+    if bad := data_problems(cfg, in_channels, text_dim):
+        raise ConfigError(bad)
     vcfg = vsa_config(attn_cfg)
     vsa = {} if vcfg is None else dict(sparsity=vcfg.sparsity, topk=vcfg.topk, tile=vcfg.tile, backend=vcfg.backend)
     if cfg.path and load_weights and torch.get_default_device().type != "meta":

@@ -31,7 +31,7 @@ import torch.nn as nn
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
-from ..models.vsa import WAN_GATE, VSAConfig
+from .vsa import WAN_GATE, VSAConfig
 from ..ops import TileLayout, video_sparse_attention
 
 try:  # private helper of diffusers (handles fused projections); the fallback covers versions without it

@@ -1,0 +1,106 @@
+"""The checkpoints folder of a run (`run_dir/checkpoints/`): which `step_<N>/` folders there are, which verify,
+which one a launch resumes or a rollback returns to, and publishing a written one (manifest last, rename,
+retention). Files only, no collectives.
+"""
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+from ..files import disk_error, fsync_dir, fsync_tree
+from .format import MANIFEST, CheckpointError, read_state, verify, write_manifest
+
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+
+
+class Checkpoints:
+    """The `checkpoints/` folder of one run directory."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def dirs(self) -> list[Path]:
+        """Renamed (complete or damaged) checkpoint directories, oldest first; `.tmp-*` ones are not listed."""
+        if not self.path.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.path.iterdir() if (m := _STEP_DIR.match(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def step_dir(self, step: int) -> Path:
+        return self.path / f"step_{step:08d}"
+
+    def tmp_dir(self, step: int) -> Path:
+        return self.path / f".tmp-step_{step:08d}"
+
+    def newest_verified(self, warn: bool = True):
+        """Checkpoints whose manifest verifies, newest first, hashed one at a time as the caller asks for them (a
+        resume hashes only the newest good one); each one that does not verify is named in a warning."""
+        for ckpt in reversed(self.dirs()):
+            problem = verify(ckpt)
+            if problem is None:
+                yield ckpt
+            elif warn:
+                warnings.warn(f"skipping checkpoint {ckpt}: {problem}", stacklevel=2)
+
+    def verified(self, warn: bool = True) -> list[Path]:
+        """Every checkpoint whose manifest verifies, oldest first."""
+        return list(reversed(list(self.newest_verified(warn))))
+
+    def resume(self) -> Path | None:
+        """The newest verified checkpoint (None: there are none); CheckpointError if some exist but none verifies."""
+        if not self.dirs():
+            return None
+        newest = next(self.newest_verified(), None)
+        if newest is None:
+            raise CheckpointError(f"no checkpoint under {self.path} verifies (see the warnings above); refusing "
+                                  f"to start the run over. Move them away to start fresh.")
+        return newest
+
+    def last_healthy(self, check: bool = True) -> Path | None:
+        """The newest checkpoint saved while the loss was healthy (finite, not exploding); `check`: verified."""
+        for ckpt in self.newest_verified() if check else reversed(self.dirs()):
+            try:
+                if read_state(ckpt).get("healthy"):
+                    return ckpt
+            except (OSError, ValueError):
+                continue
+        return None
+
+    def publish(self, step: int, keep: int) -> Path:
+        """Seals `.tmp-step_<step>` (manifest last, fsync, rename) and keeps the newest `keep` checkpoints."""
+        tmp, final = self.tmp_dir(step), self.step_dir(step)
+        try:
+            write_manifest(tmp, step)
+            fsync_tree(tmp)
+            if final.exists():  # a damaged copy of this step (its manifest did not verify): replaced
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(self.path)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise disk_error(err, tmp) from err
+        healthy = self.last_healthy(check=False)
+        for old in self.dirs()[:-keep]:
+            if old != healthy:  # a rollback needs one checkpoint saved while the loss was healthy
+                shutil.rmtree(old, ignore_errors=True)
+        for stale in self.path.glob(".tmp-*"):  # left by an earlier crash mid-save
+            if stale != tmp:
+                shutil.rmtree(stale, ignore_errors=True)
+        return final
+
+
+def resolve_checkpoint(path) -> tuple[Path, Path]:
+    """(run_dir, checkpoint dir) from a run directory (its newest verified checkpoint) or a checkpoint directory."""
+    path = Path(path)
+    if (path / MANIFEST).is_file() or _STEP_DIR.match(path.name):
+        problem = verify(path)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {path} is not usable: {problem}")
+        return path.parent.parent, path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is neither a run directory nor a checkpoint directory")
+    ckpt = Checkpoints(path / "checkpoints").resume()
+    if ckpt is None:
+        raise FileNotFoundError(f"{path} holds no checkpoint (looked in {path / 'checkpoints'})")
+    return path, ckpt

@@ -1,0 +1,112 @@
+"""The `data` section, one dataclass per `data.source`, each rule next to its field (configs/data/*.yaml document
+the keys). Sources read their section by key (`cfg.frames`, `cfg.get("fps")`), so they take these dataclasses and
+the DictConfig sections of tests and scripts alike.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..fields import ConfigError, Section, choice, flag, integer, is_int, number, positive, setting, text
+
+
+VIDEO_BACKENDS = ("auto", "decord", "pyav")  # vsa_train/data/videos.py, open_video
+MAX_CAPTION_BYTES = 16 * 2**20  # the largest data.max_caption_bytes allowed
+
+
+class DataSection(Section):
+    def get(self, key: str, default=None):
+        """The value of `key`, or `default` for a key this source does not have (as a mapping's `get`)."""
+        return getattr(self, key, default)
+
+
+def _probability(default):
+    return number(default, lambda v: 0 <= v < 1, "a probability in [0, 1)")
+
+
+def _seed(default=0):
+    return setting(default, ok=is_int, allowed="an integer")
+
+
+@dataclass(frozen=True)
+class SyntheticConfig(DataSection):
+    """data=synthetic: procedurally rendered videos with captions (vsa_train/data/synthetic.py)."""
+
+    name: str = text()
+    source: str = text("synthetic")
+    frames: int = integer(8)
+    height: int = integer(16)
+    width: int = integer(16)
+    max_shapes: int = integer(2)
+    seed: int = _seed()
+    text_len: int = integer(32)
+    text_dim: int = integer(64)
+    num_workers: int = integer(0, low=0)
+
+
+@dataclass(frozen=True)
+class VideosConfig(DataSection):
+    """data=videos: video files listed in a manifest or found under a folder (vsa_train/data/videos.py)."""
+
+    name: str = text()
+    source: str = text("videos")
+    manifest: str | None = text(None, optional=True)
+    folder: str | None = text(None, optional=True)
+    frames: int = integer(8)
+    height: int = integer(32)
+    width: int = integer(32)
+    stride: int = integer(2)
+    fps: float | None = positive(None, optional=True)
+    backend: str = choice("auto", VIDEO_BACKENDS)
+    max_caption_bytes: int = setting(131072, ok=lambda v: is_int(v) and 1 <= v <= MAX_CAPTION_BYTES,
+                                     allowed="an integer in [1, 16 MiB]")
+    allow_outside_root: bool = flag(False)
+    holdout: int = integer(0, low=0)
+    caption_dropout: float = _probability(0.1)
+    seed: int = _seed()
+    text_len: int = integer(32)
+    text_dim: int = integer(64)
+    text_encoder: str | None = text(None, optional=True)
+    text_encoder_subfolder: str | None = text(None, optional=True)
+    tokenizer_subfolder: str | None = text(None, optional=True)
+    text_encoder_revision: str | None = text(None, optional=True)
+    text_encoder_dtype: str = text("bf16")  # its choices: data/encoders.py (ModelSpec), which also reads aliases
+    num_workers: int = integer(2, low=0)
+
+    def validate(self) -> list[str]:
+        if self.manifest is not None and self.folder is not None:
+            return [f"data.manifest={self.manifest!r} and data.folder={self.folder!r}: set only one of them"]
+        return []
+
+
+@dataclass(frozen=True, kw_only=True)
+class HFConfig(VideosConfig):
+    """data=hf: a table of video paths and captions (vsa_train/data/hf.py), decoded as data=videos does."""
+
+    source: str = text("hf")
+    path: str = text()
+    split: str = text("train")
+    video_column: str = text("video")
+    caption_column: str = text("caption")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LatentsConfig(DataSection):
+    """data=latents: VAE latents and text embeddings encoded once (vsa_train/data/latents.py)."""
+
+    name: str = text()
+    source: str = text("latents")
+    path: str = text()
+    holdout: int = integer(0, low=0)
+    caption_dropout: float = _probability(0.1)
+    seed: int = _seed()
+    num_workers: int = integer(0, low=0)
+
+
+SECTIONS = {"hf": HFConfig, "latents": LatentsConfig, "synthetic": SyntheticConfig, "videos": VideosConfig}
+
+
+def data_section(source) -> type[DataSection]:
+    """The config class of `data.source`; ConfigError listing the sources."""
+    if source not in SECTIONS:
+        raise ConfigError([f"data.source must be one of {', '.join(SECTIONS)}, got {source!r}"])
+    return SECTIONS[source]

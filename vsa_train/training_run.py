@@ -1,0 +1,283 @@
+"""A training run, built whole and once: `build_run(config, accelerator)` -> `Run` (the model laid out by
+`parallel`, EMA, optimizer, schedules, data stream, eval set and counters, restored from a checkpoint if given).
+It writes no files; vsa_train/trainer.py runs it.
+
+A benchmark times exactly the step train.py runs:
+
+    config = typed(compose(config_name="train", overrides=[...]))   # vsa_train.config_schema.typed
+    run = build_run(config, make_accelerator(config))
+    run.repeat_batch()                      # one real batch on the device, repeated: the loader is not timed
+    result = train_step(run)                # vsa_train.trainer.train_step (micro-steps, clip, AdamW, EMA)
+    run.close()                             # frees model, optimizer and data before the next run is built
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import itertools
+import math
+import os
+import statistics
+import warnings
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, set_seed
+from omegaconf import DictConfig
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from .checkpoint import init_weights, load_checkpoint
+from .config_schema import Config, typed
+from .data import Data, build_data
+from .evaluation import make_eval_set
+from .models import build_model, vsa_config
+from .models.vsa import warm_up_kernels
+from .ops import warm
+from .parallel import Layout, apply_fsdp, apply_sequence_parallel, compile_blocks, make_layout, sp_group
+from .schedules import LRSchedule, SparsitySchedule
+from .sections import OptimConfig, TrainConfig
+
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainState:
+    """Progress counters, saved as JSON in every checkpoint."""
+
+    step: int = 0
+    samples: int = 0          # samples in the optimizer steps taken (all ranks)
+    position: int = 0         # samples drawn from the data stream: more than `samples` once a rollback skipped some
+    flops: float = 0.0        # cumulative executed training FLOPs, all ranks
+    flops_dense: float = 0.0  # the same samples with dense attention
+    rollbacks: int = 0        # non-finite losses recovered from by reloading a healthy checkpoint
+
+
+class LossHealth:
+    """Recent step losses; healthy = finite and within `factor` of their median (a checkpoint may be "last good")."""
+
+    def __init__(self, factor: float, window: int = 100):
+        self.factor, self.losses = factor, deque(maxlen=window)
+
+    def add(self, loss: float) -> None:
+        self.losses.append(loss)
+
+    def healthy(self) -> bool:
+        if not self.losses or not math.isfinite(self.losses[-1]):
+            return bool(not self.losses)
+        return len(self.losses) < 5 or self.losses[-1] <= self.factor * statistics.median(self.losses)
+
+    def describe(self) -> str:
+        return f"{self.losses[-1]:.4g}, recent median {statistics.median(self.losses):.4g}"
+
+
+@dataclass
+class Run:
+    """Everything a training run is made of, built once by `build_run`."""
+
+    config: Config
+    accelerator: Accelerator
+    layout: Layout
+    precision: torch.dtype | None  # the 16-bit dtype of autocast (bf16, fp16), None without mixed precision
+    model: torch.nn.Module
+    ema: AveragedModel | None
+    optimizer: torch.optim.Optimizer
+    sparsity: SparsitySchedule
+    lr_schedule: LRSchedule
+    global_batch: int
+    state: TrainState
+    health: LossHealth
+    data: Data
+    train_iter: object              # the stream's batches (`repeat_batch` replaces it)
+    eval_set: dict
+    resumed_from: Path | None = None
+    saved_step: int = -1  # the step whose checkpoint this run holds (saved or resumed from): not saved again
+    skipped: set = field(default_factory=set)  # bad inputs this rank's data met (skipped, never trained on)
+
+    def finished(self) -> bool:
+        """train.max_steps reached or train.flops_budget spent."""
+        return self.state.step >= self.config.train.max_steps or self.budget_spent()
+
+    def budget_spent(self) -> bool:
+        budget = self.config.train.flops_budget
+        return budget is not None and self.state.flops >= budget
+
+    def restart_data(self) -> None:
+        """(Re)starts the train stream at `state.position` (rollback); position is a global sample index."""
+        self.data, self.train_iter = _start_data(self.config, self.layout, self.state.position)
+
+    def repeat_batch(self) -> dict:
+        """For benchmarks: one batch of the real stream, on the device; the stream (and its workers) is shut down
+        and every later step trains on this batch, so its host-to-device copies are no-ops. Returns the batch."""
+        device = self.accelerator.device
+        batch = next(self.train_iter)
+        # The stream positions stay on the host: the per-sample noise draws read them there.
+        batch = {k: v.to(device) if k in ("video", "text", "text_mask") else v for k, v in batch.items()
+                 if k != "skipped"}
+        self.train_iter = self.data.train = None  # the last reference to the loader: its workers stop
+        gc.collect()
+        self.train_iter = itertools.repeat(batch)
+        return batch
+
+    def close(self) -> None:
+        """Frees the model, optimizer, EMA and data (a benchmark builds the next run after this)."""
+        warm.join()  # a kernel warm-up may still run
+        self.accelerator.free_memory()
+        self.model = self.optimizer = self.ema = self.train_iter = self.data = self.eval_set = None
+        gc.collect()
+
+    def counters(self) -> dict:
+        """What a checkpoint stores besides tensors: counters, loss health, layout (checked at resume)."""
+        return {**asdict(self.state), "healthy": self.health.healthy(), "recent_losses": list(self.health.losses),
+                "global_batch": self.global_batch, "processes": self.accelerator.num_processes,
+                "strategy": self.layout.strategy, "sp_size": self.layout.sp_size,
+                "seed": self.config.train.seed, "ema_updates": int(self.ema.n_averaged) if self.ema is not None else 0}
+
+    def restore(self, counters: dict) -> None:
+        self.state = TrainState(**{k: counters[k] for k in asdict(TrainState()) if k in counters})
+        self.saved_step = self.state.step
+        self.health.losses.clear()
+        self.health.losses.extend(counters.get("recent_losses", []))
+
+
+# --------------------------------------------------------------------------------------------- building a run
+
+def mixed_precision(train: TrainConfig) -> str:
+    """train.mixed_precision with auto resolved: bf16 on CUDA, no elsewhere."""
+    if train.mixed_precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return train.mixed_precision
+
+
+def make_accelerator(config: Config | DictConfig) -> Accelerator:
+    """accelerate for this machine: bf16 on CUDA (auto), gloo DDP on CPUs, collectives that time out."""
+    config = config if isinstance(config, Config) else typed(config)
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        raise ValueError("accelerate's FSDP plugin is not used: launch with a multi-GPU accelerate config "
+                         "(configs/accelerate/fsdp.yaml) and set parallel.strategy=fsdp")
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=config.train.dist_timeout_s))
+    # cpu=True without CUDA: only then does accelerate turn torchrun's environment into MULTI_CPU (gloo) DDP.
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(config.train),
+                       log_with="wandb" if config.logger.name == "wandb" else None, kwargs_handlers=[timeout])
+
+
+def build_run(config: Config | DictConfig, accelerator: Accelerator, resume_from: Path | None = None,
+              layout: Layout | None = None) -> Run:
+    """The run, restored from `resume_from` if given; `layout` defaults to the one `parallel` gives this process.
+    A composed DictConfig is read (and checked) by `typed` first. Writes no files."""
+    config = config if isinstance(config, Config) else typed(config)
+    train, device = config.train, accelerator.device
+    layout = layout or make_layout(config.parallel, accelerator.num_processes, accelerator.process_index)
+    if train.eval_samples % layout.dp_size:  # equal shards: under FSDP every rank must run the same forwards
+        raise ValueError(f"train.eval_samples={train.eval_samples} must be divisible by the {layout.dp_size} "
+                         f"data-parallel ranks")
+    warn_tf32(config.attn)
+    use_compile_cache(train.compile_cache)
+    precision = HALF.get(accelerator.mixed_precision)
+    model, ema = _model_and_ema(config, accelerator, resume_from)
+    model, optimizer = _lay_out(model, config, layout, accelerator, precision)
+    sparsity = SparsitySchedule(config.model, config.attn, config.spec)
+    global_batch = config.global_batch(layout.dp_size)
+    # Training noise, timesteps and caption dropout are drawn per sample (diffusion.sample_draws); the global RNG,
+    # seeded per data-parallel rank here and restored on resume, only serves anything else that draws from it.
+    set_seed(train.seed + layout.dp_rank)
+    state, saved_step, counters = TrainState(), -1, {}
+    if resume_from is not None:
+        counters = load_checkpoint(accelerator, resume_from, model, optimizer, ema)
+        accelerator.print(f"resumed from {resume_from} (step {counters['step']})")
+    data, train_iter = _start_data(config, layout, counters.get("position", 0))
+    lr_schedule = LRSchedule(config.optim, train, sparsity, global_batch)
+    run = Run(config=config, accelerator=accelerator, layout=layout, precision=precision, model=model, ema=ema,
+              optimizer=optimizer, sparsity=sparsity, lr_schedule=lr_schedule,
+              global_batch=global_batch, state=state, health=LossHealth(train.explode_factor), data=data,
+              train_iter=train_iter, eval_set=make_eval_set(data.eval, train.eval_timesteps, seed=config.data.seed),
+              resumed_from=resume_from, saved_step=saved_step)
+    if counters:
+        run.restore(counters)
+    if train.compile and not run.finished():  # after the data workers forked (_start_data waits for it)
+        warm_up_kernels(accelerator.unwrap_model(model), precision or torch.float32, device)
+    return run
+
+
+def _model_and_ema(config: Config, accelerator: Accelerator, resume_from: Path | None):
+    """The model (same seed on every rank: identical initial weights), `train.init_from` weights, its EMA."""
+    set_seed(config.train.seed)
+    # A VideoDiT is built and initialised on the device: dit_1b's 1.4B weights take seconds there, not ~10 s on the
+    # host plus a copy. (A Wan folder is loaded by diffusers, which places its weights itself.)
+    device = accelerator.device
+    with contextlib.nullcontext() if config.is_wan else torch.device(device):
+        model = build_model(config.model, config.attn, in_channels=config.spec.in_channels,
+                            text_dim=config.spec.text_dim)
+    if config.train.init_from is not None and resume_from is None:  # a resumed run has its own weights
+        accelerator.print(init_weights(model, config.train.init_from))
+    if config.train.ema is None:
+        return model, None
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.train.ema), use_buffers=True)
+    return model, ema.to(device)
+
+
+def _start_data(config: Config, layout: Layout, position: int):
+    """(data, its train iterator) starting at global sample `position` (resume, rollback)."""
+    warm.join()  # no fork while the kernel warm-up's thread may hold a lock the workers need
+    batch_size = config.train.batch_size
+    per_batch = batch_size * layout.dp_size
+    if position % per_batch:
+        raise ValueError(f"data position {position} is not a whole number of batches of {per_batch}")
+    data = build_data(config.data, batch_size=batch_size, eval_samples=config.train.eval_samples,
+                      rank=layout.dp_rank, world_size=layout.dp_size, start_batch=position // per_batch)
+    return data, iter(data.train)
+
+
+def warn_tf32(attn) -> None:
+    """Warns when TF32 is on for fp32 matmuls under top-k VSA (accelerate turns it on for a dynamo backend without
+    mixed precision): the coarse scores are fp32 so that selections do not flip, and TF32 flips them."""
+    vsa = vsa_config(attn)
+    # fp32_precision reads "tf32" whichever API set it; allow_tf32 raises once the newer API was used.
+    if vsa is not None and vsa.selects_topk and torch.backends.cuda.matmul.fp32_precision == "tf32":
+        warnings.warn("TF32 is on for fp32 matmuls: VSA's coarse tile scores lose bits and top-k selections flip "
+                      "(docs/design.md, 'Coarse stage'); set torch.backends.cuda.matmul.fp32_precision = 'ieee'",
+                      stacklevel=2)
+
+
+def use_compile_cache(folder: str | None) -> None:
+    """Points inductor's and Triton's kernel caches into `folder` (train.compile_cache), if set; the config wins over
+    TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR already in the environment. Both read these variables when they
+    look a kernel up, so this works as long as nothing has compiled yet in this process;
+    their on-disk caches are safe for several processes writing at once (each entry lands by an atomic rename)."""
+    if not folder:
+        return
+    root = Path(folder).expanduser().absolute()
+    try:  # every rank: exist_ok makes the race harmless
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file in the way, a read-only disk, no permission
+        raise ValueError(f"train.compile_cache={folder}: cannot use it as a folder ({err.strerror})") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise ValueError(f"train.compile_cache={folder}: the folder is not writable by this user")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
+    os.environ["TRITON_CACHE_DIR"] = str(root / "triton")  # our own kernels' and inductor's compiled Triton
+
+
+def _lay_out(model: torch.nn.Module, config: Config, layout: Layout, accelerator: Accelerator, precision):
+    """(model, optimizer) laid out for this process: sequence parallel, compiled, then DDP or FSDP2."""
+    if layout.sp_size > 1:
+        apply_sequence_parallel(model, layout, sp_group(layout))
+    if config.train.compile in (True, "blocks"):
+        compile_blocks(model)  # in place: parameter names, and so checkpoints, stay those of the plain model
+    elif config.train.compile == "model":
+        model.compile()
+    fused = accelerator.device.type == "cuda"
+    if layout.strategy == "fsdp":
+        apply_fsdp(model.to(accelerator.device), layout, param_dtype=precision)
+        return model, _optimizer(model, config.optim, fused=fused)  # over the sharded parameters
+    return accelerator.prepare(model, _optimizer(model, config.optim, fused=fused))
+
+
+def _optimizer(model: torch.nn.Module, optim: OptimConfig, fused: bool) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (norm gains, biases and other vectors are not decayed)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), fused=fused)

@@ -118,3 +118,13 @@ def test_the_checks_catch_what_they_look_for():
         "vsa_train.models.wan (layer 1) imports vsa_train.trainer (layer 7)"]
     cyclic = {**GRAPH, "vsa_train.data.encoders": GRAPH["vsa_train.data.encoders"] | {"vsa_train.data.videos"}}
     assert _cycle(cyclic) == ["vsa_train.data.encoders", "vsa_train.data.videos", "vsa_train.data.encoders"]
+
+
+def test_no_function_over_60_lines():
+    """docs/design.md: functions stay short enough to read in one screen (kernels included)."""
+    long = []
+    for name, path in sorted(MODULES.items()):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert long == []

@@ -397,3 +397,47 @@ def test_time_limit_requeues_and_the_run_resumes_exactly(slurm, tmp_path):
     _assert_continuous(run, n)
     assert _losses(run) == {step: loss for step, loss in _losses(straight).items() if step <= n}
     assert verify(RunDir(run).checkpoints.dirs()[-1]) is None
+
+
+def _free_port_pair() -> int:
+    """A port p with p and p + 1 free (slurmctld and slurmd of a private cluster)."""
+    import socket
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            if port > 65000:
+                continue
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+            return port
+    raise AssertionError("no two free ports in a row")
+
+
+def test_two_ups_at_once_start_one_cluster():
+    """`local_cluster.sh up` twice at the same time on a fresh VSA_SLURM_HOME (two pytest sessions, or two xdist
+    workers, on a machine where the cluster is not up yet): both succeed and there is one of each daemon. A cluster
+    of its own (home and ports), so the shared one is left alone."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("needs root: the local SLURM's daemons run as root (scripts/slurm/local_cluster.sh up)")
+    import tempfile
+    home = Path(tempfile.mkdtemp(prefix="vsa_slurm_up_"))  # short: munge's socket path must fit in 108 bytes
+    env = dict(os.environ, VSA_SLURM_HOME=str(home), VSA_SLURM_PORT=str(_free_port_pair()))
+    try:
+        ups = [subprocess.Popen(["bash", str(CLUSTER), "up"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+        outs = [up.communicate(timeout=900)[0] for up in ups]
+        if any("apt-get" in out and up.returncode for up, out in zip(ups, outs)):
+            pytest.skip(f"no local SLURM: could not install it: {outs}")
+        assert [up.returncode for up in ups] == [0, 0], outs
+        assert sum("already running" in out for out in outs) == 1, outs  # the second waited for the first
+        for daemon, pattern in (("munged", str(home)), ("slurmctld", f"-f {home}/"), ("slurmd", f"-f {home}/")):
+            pids = subprocess.run(["pgrep", "-f", f"^{daemon} .*{pattern}"], capture_output=True,
+                                  text=True).stdout.split()
+            assert len(pids) == 1, (daemon, pids, outs)
+    finally:
+        subprocess.run(["bash", str(CLUSTER), "down"], env=env, capture_output=True, text=True, timeout=120)
+        shutil.rmtree(home, ignore_errors=True)

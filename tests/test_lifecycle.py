@@ -157,6 +157,23 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
         _run(tmp_path, "train.max_steps=6")
 
 
+@pytest.mark.parametrize("keep", [1, 2])
+def test_retention_keeps_the_newest_checkpoint_that_verifies(tmp_path, keep):
+    """Damaged checkpoints above the resume point neither count toward train.keep_checkpoints nor survive."""
+    _run(tmp_path, "train.max_steps=6", "train.ckpt_every=2", "train.keep_checkpoints=3")
+    for ckpt in RunDir(tmp_path).checkpoints.dirs()[3 - keep:]:  # keep=1: step 6; keep=2: steps 4 and 6
+        weights = ckpt / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.warns(UserWarning, match="skipping checkpoint"):
+        _run(tmp_path, f"train.max_steps={7 - 2 * keep}", f"train.keep_checkpoints={keep}")
+    checkpoints = RunDir(tmp_path).checkpoints
+    assert [c.name for c in checkpoints.verified(warn=False)][-1] == f"step_{7 - 2 * keep:08d}"
+    assert all(verify(c) is None for c in checkpoints.dirs())  # the damaged ones were moved aside
+    assert len(list((tmp_path / "checkpoints").glob(".damaged-*"))) == keep
+    _run(tmp_path, "train.max_steps=8", f"train.keep_checkpoints={keep}")  # and the next launch resumes
+    assert list(_losses(tmp_path)) == list(range(1, 9))
+
+
 def test_missing_rng_state_warns_and_resumes(tmp_path):
     _run(tmp_path, "train.max_steps=2")
     (RunDir(tmp_path).checkpoints.dirs()[-1] / "rng_rank0.safetensors").unlink()

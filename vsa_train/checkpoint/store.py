@@ -19,6 +19,7 @@ class Checkpoints:
 
     def __init__(self, path):
         self.path = Path(path)
+        self._good: set[Path] = set()  # directories seen to verify (see `_verifies`)
 
     def dirs(self) -> list[Path]:
         """Renamed (complete or damaged) checkpoint directories, oldest first; `.tmp-*` ones are not listed."""
@@ -68,7 +69,7 @@ class Checkpoints:
         return None
 
     def publish(self, step: int, keep: int) -> Path:
-        """Seals `.tmp-step_<step>` (manifest last, fsync, rename) and keeps the newest `keep` checkpoints."""
+        """Seals `.tmp-step_<step>` (manifest last, fsync, rename), then retention (`_retain`)."""
         tmp, final = self.tmp_dir(step), self.step_dir(step)
         try:
             write_manifest(tmp, step)
@@ -77,17 +78,60 @@ class Checkpoints:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             fsync_dir(self.path)
+            self._good.add(final)  # its manifest was just computed from these files
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
             raise disk_error(err, tmp) from err
-        healthy = self.last_healthy(check=False)
-        for old in self.dirs()[:-keep]:
-            if old != healthy:  # a rollback needs one checkpoint saved while the loss was healthy
-                shutil.rmtree(old, ignore_errors=True)
+        self._retain(step, keep)
         for stale in self.path.glob(".tmp-*"):  # left by an earlier crash mid-save
             if stale != tmp:
                 shutil.rmtree(stale, ignore_errors=True)
+        for stale in self.path.glob(".discarded-*"):  # left by a crash during `discard_after`
+            shutil.rmtree(stale, ignore_errors=True)
         return final
+
+    def _retain(self, step: int, keep: int) -> None:
+        """Retention after publishing `step`: only checkpoints that verify count toward `keep` (a damaged one
+        must never push out the one just written), and the newest healthy one stays for a rollback. A damaged
+        one above `step` is set aside (`.damaged-step_N`): the launch resumed below it, so a later one must not
+        choose it once it is repaired or half-written files settle."""
+        newer = [c for c in self.dirs() if int(c.name[5:]) > step]
+        for ckpt in newer:
+            if not self._verifies(ckpt):
+                aside = self.path / f".damaged-{ckpt.name}"
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(ckpt, aside)
+                warnings.warn(f"checkpoint {ckpt} does not verify and lies above the resumed trajectory "
+                              f"(now at step {step}): moved aside to {aside}", stacklevel=2)
+        older = [c for c in self.dirs() if int(c.name[5:]) < step]
+        keeping = {self.step_dir(step)}  # just written and sealed: it counts without being hashed again
+        for ckpt in reversed(older):
+            if len(keeping) >= keep:
+                break
+            if self._verifies(ckpt):
+                keeping.add(ckpt)
+        healthy = next((c for c in [self.step_dir(step), *reversed(older)] if _healthy(c) and self._verifies(c)),
+                       None)
+        for ckpt in older:
+            if ckpt not in keeping and ckpt != healthy:
+                shutil.rmtree(ckpt, ignore_errors=True)
+
+    def _verifies(self, ckpt: Path) -> bool:
+        """verify(), remembered per directory: retention runs at every save and must not hash each old
+        checkpoint each time (a checkpoint is written once; one damaged after it was verified is caught at
+        resume, which verifies again)."""
+        if ckpt not in self._good:
+            if verify(ckpt) is not None:
+                return False
+            self._good.add(ckpt)
+        return True
+
+
+def _healthy(ckpt: Path) -> bool:
+    try:
+        return bool(read_state(ckpt).get("healthy"))
+    except (OSError, ValueError):
+        return False
 
 
 def resolve_checkpoint(path) -> tuple[Path, Path]:

@@ -215,7 +215,10 @@ def _poison(monkeypatch, losses: dict):
         loss = real(*args, **kwargs)
         if torch.is_grad_enabled():
             calls.append(1)
-            return loss * losses.get(len(calls), 1.0)
+            factor = losses.get(len(calls), 1.0)
+            if isinstance(factor, type):  # an exception class: a crash at that step
+                raise factor(f"crash at training call {len(calls)}")
+            return loss * factor
         return loss
 
     monkeypatch.setattr(trainer, "flow_loss", poisoned)
@@ -238,6 +241,22 @@ def test_rollback_skips_the_bad_batches_and_continues(tmp_path, monkeypatch):
     assert [r["train/rollbacks"] for r in rows[1:]] == [0, 0, 1, 1, 1, 1]
     state = json.loads((RunDir(tmp_path).checkpoints.dirs()[-1] / "state.json").read_text())
     assert state["samples"] == 12 and state["position"] == 16  # two steps' batches (3 and the bad 4th) skipped
+
+
+def test_a_crash_after_a_rollback_resumes_on_the_new_trajectory(tmp_path, monkeypatch):
+    """Checkpoints of the abandoned trajectory (above the rollback point) are gone before training goes on."""
+    _poison(monkeypatch, {6: 1e5, 7: 1e5, 8: float("nan"), 9: RuntimeError})
+    with pytest.raises(RuntimeError, match="crash at training call 9"):
+        _run(tmp_path, "train.max_steps=10", "train.ckpt_every=1", "train.keep_checkpoints=2",
+             "train.on_nonfinite=rollback")
+    steps = [int(c.name[5:]) for c in RunDir(tmp_path).checkpoints.dirs()]
+    back_to = max(steps)
+    assert back_to <= 5 and not list((tmp_path / "checkpoints").glob(".discarded-*"))
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == list(range(back_to + 1))
+    monkeypatch.undo()
+    _run(tmp_path, "train.max_steps=8")
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(9))  # one trajectory: no step missing, none twice
 
 
 def test_rollback_gives_up_after_max_rollbacks(tmp_path, monkeypatch):

@@ -226,10 +226,14 @@ def _on_nonfinite(run: Run, run_dir: RunDir, saver: Checkpointing, result: StepR
             f"optim.lr, or check the data.")
     skip_to, rollbacks = run.state.position, run.state.rollbacks + 1
     run.restore(load_checkpoint(accelerator, good, run.model, run.optimizer, run.ema))
+    # The diverged trajectory's checkpoints go before training goes on: a crash must not resume from one of them
+    # (the caller rewinds metrics.jsonl to this step).
+    dropped = on_main(accelerator, run_dir.checkpoints.discard_after, run.state.step)
     run.state.position, run.state.rollbacks = skip_to, rollbacks
     run.restart_data()
     accelerator.print(f"{what}. Rolled back to {good} (step {run.state.step}); skipping the batches up to sample "
-                      f"{skip_to} (rollback {rollbacks} of {train.max_rollbacks})")
+                      f"{skip_to} (rollback {rollbacks} of {train.max_rollbacks}); "
+                      f"{dropped} checkpoints of the abandoned trajectory removed")
 
 
 def _finish(run: Run, run_dir: RunDir) -> None:

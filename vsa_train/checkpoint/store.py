@@ -90,6 +90,22 @@ class Checkpoints:
             shutil.rmtree(stale, ignore_errors=True)
         return final
 
+    def discard_after(self, step: int) -> int:
+        """A rollback to `step`: the checkpoints above it hold the abandoned trajectory; none may be resumed.
+        Each is renamed to `.discarded-step_N` first (atomic; the rename is fsynced before any deletion), so a
+        crash mid-way leaves nothing a resume would choose; the next publish removes what a crash left."""
+        doomed = [c for c in self.dirs() if int(c.name[5:]) > step]
+        aside = [self.path / f".discarded-{c.name}" for c in doomed]
+        for ckpt, to in zip(doomed, aside):
+            shutil.rmtree(to, ignore_errors=True)
+            os.replace(ckpt, to)
+            self._good.discard(ckpt)
+        if doomed:
+            fsync_dir(self.path)
+        for to in aside:
+            shutil.rmtree(to, ignore_errors=True)
+        return len(doomed)
+
     def _retain(self, step: int, keep: int) -> None:
         """Retention after publishing `step`: only checkpoints that verify count toward `keep` (a damaged one
         must never push out the one just written), and the newest healthy one stays for a rollback. A damaged

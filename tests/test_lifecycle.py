@@ -16,6 +16,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from safetensors.torch import load_file
 
 from vsa_train import trainer
 from vsa_train.checkpoint import CheckpointError
@@ -227,10 +228,12 @@ def _poison(monkeypatch, losses: dict):
 
 def test_last_good_checkpoint_is_one_with_a_healthy_loss(tmp_path, monkeypatch):
     _poison(monkeypatch, {6: 1e5, 7: 1e5, 8: float("nan")})
-    with pytest.raises(FloatingPointError, match=r"at step 8.*Last healthy checkpoint: .*step_00000005"):
+    # Step 5 was saved after a healthy loss, but step 6's loss (from step 5's weights) exploded: step 4 is the
+    # last one whose weights are healthy, and retention kept it (step 5 it did not need).
+    with pytest.raises(FloatingPointError, match=r"at step 8.*Last healthy checkpoint: .*step_00000004"):
         _run(tmp_path, "train.max_steps=10", "train.ckpt_every=1", "train.keep_checkpoints=2")
     states = [json.loads((c / "state.json").read_text()) for c in RunDir(tmp_path).checkpoints.dirs()]
-    assert [(s["step"], s["healthy"]) for s in states] == [(5, True), (6, False), (7, False)]
+    assert [(s["step"], s["healthy"]) for s in states] == [(4, True), (6, False), (7, False)]
 
 
 def test_rollback_skips_the_bad_batches_and_continues(tmp_path, monkeypatch):
@@ -259,8 +262,33 @@ def test_a_crash_after_a_rollback_resumes_on_the_new_trajectory(tmp_path, monkey
     assert [r["step"] for r in rows] == list(range(9))  # one trajectory: no step missing, none twice
 
 
+def test_a_rollback_point_is_one_whose_weights_are_healthy(tmp_path, monkeypatch, capsys):
+    """Update 5 blows the weights up (|w| x 1e6) after a healthy loss; step 6's loss, computed from them, is the
+    evidence: the rollback goes to step 4, not to the diverged step 5 again and again."""
+    _poison(monkeypatch, {6: float("nan")})
+    clips, real_clip = [], trainer.clip_grad_norm
+
+    def diverge(model, *args):
+        clips.append(1)
+        if len(clips) == 5:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(1e6)
+        return real_clip(model, *args)
+
+    monkeypatch.setattr(trainer, "clip_grad_norm", diverge)
+    _run(tmp_path, "train.max_steps=8", "train.ckpt_every=1", "train.on_nonfinite=rollback")
+    assert "Rolled back to " in capsys.readouterr().out
+    ckpt = RunDir(tmp_path).checkpoints.dirs()[-1]
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] == 8 and state["rollbacks"] == 1
+    weights = load_file(ckpt / "model.safetensors")
+    assert max(w.abs().max().item() for w in weights.values()) < 1e3
+
+
 def test_rollback_gives_up_after_max_rollbacks(tmp_path, monkeypatch):
-    _poison(monkeypatch, {k: float("nan") for k in range(3, 50)})
+    # Step 3 fails three times; each failure refutes step 2's weights, so each rollback returns to step 1.
+    _poison(monkeypatch, {k: float("nan") for k in (3, 5, 7)})
     with pytest.raises(FloatingPointError, match="2 rollbacks of train.max_rollbacks=2 used"):
         _run(tmp_path, "train.max_steps=8", "train.ckpt_every=1", "train.on_nonfinite=rollback",
              "train.max_rollbacks=2")

@@ -93,7 +93,7 @@ def train_step(run: Run, stop_requested: bool = False) -> StepResult:
     state.samples += run.global_batch
     state.flops += per_sample.executed * run.global_batch
     state.flops_dense += per_sample.dense * run.global_batch
-    run.health.add(result.loss)
+    run.health.add(result.loss, state.step)
     return result
 
 
@@ -213,7 +213,8 @@ def _on_nonfinite(run: Run, run_dir: RunDir, saver: Checkpointing, result: StepR
     healthy checkpoint, skip the batches that led here and go on (at most train.max_rollbacks times)."""
     train, accelerator = run.config.train, run.accelerator
     saver.writer.wait()  # a checkpoint still being written may be the one to roll back to
-    good = on_main(accelerator, run_dir.checkpoints.last_healthy)
+    run.health.add(float("nan"), run.state.step + 1)  # evidence against the weights of this step
+    good = on_main(accelerator, run_dir.checkpoints.last_healthy, evidence=run.health.verdict)
     what = (f"non-finite training loss ({result.loss}) or gradient norm ({result.grad_norm}) at step "
             f"{run.state.step + 1}; this update was not applied")
     if train.on_nonfinite == "stop" or run.state.rollbacks >= train.max_rollbacks or good is None:

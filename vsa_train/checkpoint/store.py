@@ -40,6 +40,7 @@ class Checkpoints:
         for ckpt in reversed(self.dirs()):
             problem = verify(ckpt)
             if problem is None:
+                self._good.add(ckpt)  # retention will not hash it again
                 yield ckpt
             elif warn:
                 warnings.warn(f"skipping checkpoint {ckpt}: {problem}", stacklevel=2)
@@ -58,14 +59,14 @@ class Checkpoints:
                                   f"to start the run over. Move them away to start fresh.")
         return newest
 
-    def last_healthy(self, check: bool = True) -> Path | None:
-        """The newest checkpoint saved while the loss was healthy (finite, not exploding); `check`: verified."""
+    def last_healthy(self, check: bool = True, evidence=None) -> Path | None:
+        """The newest checkpoint whose weights are healthy (`check`: that verifies): saved while the loss was
+        healthy, and not refuted by the loss of the step after it, which its weights computed (`evidence`: step
+        -> healthy, None if unknown; that loss is the first evidence about the checkpoint's last update)."""
         for ckpt in self.newest_verified() if check else reversed(self.dirs()):
-            try:
-                if read_state(ckpt).get("healthy"):
-                    return ckpt
-            except (OSError, ValueError):
-                continue
+            state = _state(ckpt)
+            if state.get("healthy") and (evidence is None or evidence(state["step"] + 1) is not False):
+                return ckpt
         return None
 
     def publish(self, step: int, keep: int) -> Path:
@@ -108,7 +109,7 @@ class Checkpoints:
 
     def _retain(self, step: int, keep: int) -> None:
         """Retention after publishing `step`: only checkpoints that verify count toward `keep` (a damaged one
-        must never push out the one just written), and the newest healthy one stays for a rollback. A damaged
+        must never push out the one just written), and the healthy ones a rollback may need stay. A damaged
         one above `step` is set aside (`.damaged-step_N`): the launch resumed below it, so a later one must not
         choose it once it is repaired or half-written files settle."""
         newer = [c for c in self.dirs() if int(c.name[5:]) > step]
@@ -126,11 +127,28 @@ class Checkpoints:
                 break
             if self._verifies(ckpt):
                 keeping.add(ckpt)
-        healthy = next((c for c in [self.step_dir(step), *reversed(older)] if _healthy(c) and self._verifies(c)),
-                       None)
+        keeping |= self._rollback_points(step, older)
         for ckpt in older:
-            if ckpt not in keeping and ckpt != healthy:
+            if ckpt not in keeping:
                 shutil.rmtree(ckpt, ignore_errors=True)
+
+    def _rollback_points(self, step: int, older: list[Path]) -> set[Path]:
+        """The checkpoints a rollback may still need: newest first, each healthy one that verifies and that the
+        losses in `step`'s state.json do not refute, up to the first one they confirm (or know nothing of); the
+        one just written is not yet confirmed, so the previous healthy one stays too."""
+        verdicts = _state(self.step_dir(step)).get("recent_healthy")
+        verdicts = verdicts if isinstance(verdicts, list) else []
+        points = set()
+        for ckpt in [self.step_dir(step), *reversed(older)]:
+            state = _state(ckpt)
+            back = step - (state.get("step", step) + 1)  # the verdict of the step after it, counted from the end
+            known = verdicts[-1 - back] if 0 <= back < len(verdicts) else None
+            if not state.get("healthy") or known is False or not self._verifies(ckpt):
+                continue
+            points.add(ckpt)
+            if back >= 0:  # confirmed, or too old to know: no older one is needed
+                break
+        return points
 
     def _verifies(self, ckpt: Path) -> bool:
         """verify(), remembered per directory: retention runs at every save and must not hash each old
@@ -143,11 +161,13 @@ class Checkpoints:
         return True
 
 
-def _healthy(ckpt: Path) -> bool:
+def _state(ckpt: Path) -> dict:
+    """state.json, or {} where it cannot be read or has no integer step (such a checkpoint is no rollback point)."""
     try:
-        return bool(read_state(ckpt).get("healthy"))
+        state = read_state(ckpt)
     except (OSError, ValueError):
-        return False
+        return {}
+    return state if isinstance(state.get("step"), int) else {}
 
 
 def resolve_checkpoint(path) -> tuple[Path, Path]:

@@ -17,6 +17,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from safetensors.torch import load_file
 
 from vsa_train import trainer
 from vsa_train.checkpoint import CheckpointError
@@ -158,6 +159,23 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
         _run(tmp_path, "train.max_steps=6")
 
 
+@pytest.mark.parametrize("keep", [1, 2])
+def test_retention_keeps_the_newest_checkpoint_that_verifies(tmp_path, keep):
+    """Damaged checkpoints above the resume point neither count toward train.keep_checkpoints nor survive."""
+    _run(tmp_path, "train.max_steps=6", "train.ckpt_every=2", "train.keep_checkpoints=3")
+    for ckpt in RunDir(tmp_path).checkpoints.dirs()[3 - keep:]:  # keep=1: step 6; keep=2: steps 4 and 6
+        weights = ckpt / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.warns(UserWarning, match="skipping checkpoint"):
+        _run(tmp_path, f"train.max_steps={7 - 2 * keep}", f"train.keep_checkpoints={keep}")
+    checkpoints = RunDir(tmp_path).checkpoints
+    assert [c.name for c in checkpoints.verified(warn=False)][-1] == f"step_{7 - 2 * keep:08d}"
+    assert all(verify(c) is None for c in checkpoints.dirs())  # the damaged ones were moved aside
+    assert len(list((tmp_path / "checkpoints").glob(".damaged-*"))) == keep
+    _run(tmp_path, "train.max_steps=8", f"train.keep_checkpoints={keep}")  # and the next launch resumes
+    assert list(_losses(tmp_path)) == list(range(1, 9))
+
+
 def test_missing_rng_state_warns_and_resumes(tmp_path):
     _run(tmp_path, "train.max_steps=2")
     (RunDir(tmp_path).checkpoints.dirs()[-1] / "rng_rank0.safetensors").unlink()
@@ -199,7 +217,10 @@ def _poison(monkeypatch, losses: dict):
         loss = real(*args, **kwargs)
         if torch.is_grad_enabled():
             calls.append(1)
-            return loss * losses.get(len(calls), 1.0)
+            factor = losses.get(len(calls), 1.0)
+            if isinstance(factor, type):  # an exception class: a crash at that step
+                raise factor(f"crash at training call {len(calls)}")
+            return loss * factor
         return loss
 
     monkeypatch.setattr(trainer, "flow_loss", poisoned)
@@ -208,10 +229,12 @@ def _poison(monkeypatch, losses: dict):
 
 def test_last_good_checkpoint_is_one_with_a_healthy_loss(tmp_path, monkeypatch):
     _poison(monkeypatch, {6: 1e5, 7: 1e5, 8: float("nan")})
-    with pytest.raises(FloatingPointError, match=r"at step 8.*Last healthy checkpoint: .*step_00000005"):
+    # Step 5 was saved after a healthy loss, but step 6's loss (from step 5's weights) exploded: step 4 is the
+    # last one whose weights are healthy, and retention kept it (step 5 it did not need).
+    with pytest.raises(FloatingPointError, match=r"at step 8.*Last healthy checkpoint: .*step_00000004"):
         _run(tmp_path, "train.max_steps=10", "train.ckpt_every=1", "train.keep_checkpoints=2")
     states = [json.loads((c / "state.json").read_text()) for c in RunDir(tmp_path).checkpoints.dirs()]
-    assert [(s["step"], s["healthy"]) for s in states] == [(5, True), (6, False), (7, False)]
+    assert [(s["step"], s["healthy"]) for s in states] == [(4, True), (6, False), (7, False)]
 
 
 def test_rollback_skips_the_bad_batches_and_continues(tmp_path, monkeypatch):
@@ -224,8 +247,49 @@ def test_rollback_skips_the_bad_batches_and_continues(tmp_path, monkeypatch):
     assert state["samples"] == 12 and state["position"] == 16  # two steps' batches (3 and the bad 4th) skipped
 
 
+def test_a_crash_after_a_rollback_resumes_on_the_new_trajectory(tmp_path, monkeypatch):
+    """Checkpoints of the abandoned trajectory (above the rollback point) are gone before training goes on."""
+    _poison(monkeypatch, {6: 1e5, 7: 1e5, 8: float("nan"), 9: RuntimeError})
+    with pytest.raises(RuntimeError, match="crash at training call 9"):
+        _run(tmp_path, "train.max_steps=10", "train.ckpt_every=1", "train.keep_checkpoints=2",
+             "train.on_nonfinite=rollback")
+    steps = [int(c.name[5:]) for c in RunDir(tmp_path).checkpoints.dirs()]
+    back_to = max(steps)
+    assert back_to <= 5 and not list((tmp_path / "checkpoints").glob(".discarded-*"))
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == list(range(back_to + 1))
+    monkeypatch.undo()
+    _run(tmp_path, "train.max_steps=8")
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(9))  # one trajectory: no step missing, none twice
+
+
+def test_a_rollback_point_is_one_whose_weights_are_healthy(tmp_path, monkeypatch, capsys):
+    """Update 5 blows the weights up (|w| x 1e6) after a healthy loss; step 6's loss, computed from them, is the
+    evidence: the rollback goes to step 4, not to the diverged step 5 again and again."""
+    _poison(monkeypatch, {6: float("nan")})
+    clips, real_clip = [], trainer.clip_grad_norm
+
+    def diverge(model, *args):
+        clips.append(1)
+        if len(clips) == 5:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(1e6)
+        return real_clip(model, *args)
+
+    monkeypatch.setattr(trainer, "clip_grad_norm", diverge)
+    _run(tmp_path, "train.max_steps=8", "train.ckpt_every=1", "train.on_nonfinite=rollback")
+    assert "Rolled back to " in capsys.readouterr().out
+    ckpt = RunDir(tmp_path).checkpoints.dirs()[-1]
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] == 8 and state["rollbacks"] == 1
+    weights = load_file(ckpt / "model.safetensors")
+    assert max(w.abs().max().item() for w in weights.values()) < 1e3
+
+
 def test_rollback_gives_up_after_max_rollbacks(tmp_path, monkeypatch):
-    _poison(monkeypatch, {k: float("nan") for k in range(3, 50)})
+    # Step 3 fails three times; each failure refutes step 2's weights, so each rollback returns to step 1.
+    _poison(monkeypatch, {k: float("nan") for k in (3, 5, 7)})
     with pytest.raises(FloatingPointError, match="2 rollbacks of train.max_rollbacks=2 used"):
         _run(tmp_path, "train.max_steps=8", "train.ckpt_every=1", "train.on_nonfinite=rollback",
              "train.max_rollbacks=2")

@@ -98,7 +98,7 @@ def train_step(run: Run, stop_signal: int | None = None) -> StepResult:
     state.samples += run.global_batch
     state.flops += per_sample.executed * run.global_batch
     state.flops_dense += per_sample.dense * run.global_batch
-    run.health.add(result.loss)
+    run.health.add(result.loss, state.step)
     return result
 
 
@@ -218,7 +218,8 @@ def _on_nonfinite(run: Run, run_dir: RunDir, saver: Checkpointing, result: StepR
     healthy checkpoint, skip the batches that led here and go on (at most train.max_rollbacks times)."""
     train, accelerator = run.config.train, run.accelerator
     saver.writer.wait()  # a checkpoint still being written may be the one to roll back to
-    good = on_main(accelerator, run_dir.checkpoints.last_healthy)
+    run.health.add(float("nan"), run.state.step + 1)  # evidence against the weights of this step
+    good = on_main(accelerator, run_dir.checkpoints.last_healthy, evidence=run.health.verdict)
     what = (f"non-finite training loss ({result.loss}) or gradient norm ({result.grad_norm}) at step "
             f"{run.state.step + 1}; this update was not applied")
     if train.on_nonfinite == "stop" or run.state.rollbacks >= train.max_rollbacks or good is None:
@@ -231,10 +232,14 @@ def _on_nonfinite(run: Run, run_dir: RunDir, saver: Checkpointing, result: StepR
             f"optim.lr, or check the data.")
     skip_to, rollbacks = run.state.position, run.state.rollbacks + 1
     run.restore(load_checkpoint(accelerator, good, run.model, run.optimizer, run.ema))
+    # The diverged trajectory's checkpoints go before training goes on: a crash must not resume from one of them
+    # (the caller rewinds metrics.jsonl to this step).
+    dropped = on_main(accelerator, run_dir.checkpoints.discard_after, run.state.step)
     run.state.position, run.state.rollbacks = skip_to, rollbacks
     run.restart_data()
     accelerator.print(f"{what}. Rolled back to {good} (step {run.state.step}); skipping the batches up to sample "
-                      f"{skip_to} (rollback {rollbacks} of {train.max_rollbacks})")
+                      f"{skip_to} (rollback {rollbacks} of {train.max_rollbacks}); "
+                      f"{dropped} checkpoints of the abandoned trajectory removed")
 
 
 def _finish(run: Run, run_dir: RunDir) -> None:

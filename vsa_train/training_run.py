@@ -57,13 +57,31 @@ class TrainState:
 
 
 class LossHealth:
-    """Recent step losses; healthy = finite and within `factor` of their median (a checkpoint may be "last good")."""
+    """Recent step losses and, per step, whether it was healthy: finite and within `factor` of their median.
+    A checkpoint's weights are judged by the step after it (the first loss they compute), not by the loss of
+    their own step, which was computed before their last update (see `Checkpoints.last_healthy`)."""
 
     def __init__(self, factor: float, window: int = 100):
-        self.factor, self.losses = factor, deque(maxlen=window)
+        self.factor, self.losses, self.verdicts = factor, deque(maxlen=window), deque(maxlen=window)
+        self.step = 0  # the step of the newest loss
 
-    def add(self, loss: float) -> None:
+    def add(self, loss: float, step: int) -> None:
         self.losses.append(loss)
+        self.verdicts.append(self.healthy())
+        self.step = step
+
+    def verdict(self, step: int) -> bool | None:
+        """Whether the loss of `step` was healthy; None: not known (not yet taken, or out of the window)."""
+        back = self.step - step
+        return self.verdicts[-1 - back] if 0 <= back < len(self.verdicts) else None
+
+    def reset(self, losses: list, step: int) -> None:
+        """The window a checkpoint of `step` stored (its losses end at `step`), verdicts replayed."""
+        self.losses.clear()
+        self.verdicts.clear()
+        for i, loss in enumerate(losses):
+            self.add(loss, step - len(losses) + 1 + i)
+        self.step = step
 
     def healthy(self) -> bool:
         if not self.losses or not math.isfinite(self.losses[-1]):
@@ -132,6 +150,7 @@ class Run:
     def counters(self) -> dict:
         """What a checkpoint stores besides tensors: counters, loss health, layout (checked at resume)."""
         return {**asdict(self.state), "healthy": self.health.healthy(), "recent_losses": list(self.health.losses),
+                "recent_healthy": list(self.health.verdicts),
                 "global_batch": self.global_batch, "processes": self.accelerator.num_processes,
                 "strategy": self.layout.strategy, "sp_size": self.layout.sp_size,
                 "seed": self.config.train.seed, "ema_updates": int(self.ema.n_averaged) if self.ema is not None else 0}
@@ -139,8 +158,7 @@ class Run:
     def restore(self, counters: dict) -> None:
         self.state = TrainState(**{k: counters[k] for k in asdict(TrainState()) if k in counters})
         self.saved_step = self.state.step
-        self.health.losses.clear()
-        self.health.losses.extend(counters.get("recent_losses", []))
+        self.health.reset(counters.get("recent_losses", []), self.state.step)
 
 
 # --------------------------------------------------------------------------------------------- building a run

@@ -127,6 +127,10 @@ def test_readme_command_runs(command, project, monkeypatch, capsys):
                                                                                   a.split("=", 1)[1])))
             for a in words[2:]]
     monkeypatch.chdir(project)
+    # Run directories the README names (runs/...) are pinned to this project folder by absolute path: the process's
+    # cwd is shared with whatever else this xdist worker has run, and a later command must find an earlier one's run.
+    args = [f"{a.split('=', 1)[0]}={project / a.split('=', 1)[1]}" if a.split("=", 1)[-1].startswith("runs/") else a
+            for a in args]
     if words[1] == "sample.py":
         written = _load("sample").main([*args, "steps=2"])
         assert written and all(Path(p).exists() for p in written)
@@ -140,7 +144,9 @@ def test_readme_command_runs(command, project, monkeypatch, capsys):
         overrides.append("model.depth=1")
     run_dir = cfg.hydra.run.dir
     if run_dir in _USED_RUN_DIRS or dry:
-        overrides.append(f"hydra.run.dir=runs/readme_{len(_USED_RUN_DIRS)}_{abs(hash(command)) % 10**6}")
+        overrides.append(f"hydra.run.dir={project}/runs/readme_{len(_USED_RUN_DIRS)}_{abs(hash(command)) % 10**6}")
+    elif not Path(run_dir).is_absolute():
+        overrides.append(f"hydra.run.dir={project / run_dir}")
     _USED_RUN_DIRS.add(run_dir)
     GlobalHydra.instance().clear()
     monkeypatch.setattr(sys, "argv", ["train.py", *overrides])

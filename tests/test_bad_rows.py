@@ -166,3 +166,12 @@ def test_all_bad_rows_fail_at_build_and_runtime_errors_name_the_source(tmp_path)
     data = build_data(_cfg(manifest=str(manifest), holdout=1), batch_size=1, eval_samples=1)
     with pytest.raises(RuntimeError, match=r"none of the 2 inputs is usable \(.*m\.csv\)"):
         next(iter(data.train))
+
+
+def test_jsonl_line_nested_too_deep_is_a_bad_row(tmp_path):
+    _clips(tmp_path, "a.mp4", "b.mp4")
+    lines = [json.dumps({"path": "a.mp4", "caption": GOOD[0]}), "[" * 100_000,
+             json.dumps({"path": "b.mp4", "caption": GOOD[1]})]
+    skipped, captions = _run(_cfg(manifest=str(_write(tmp_path / "m.jsonl", lines))))
+    _assert_skipped(skipped, {"m.jsonl line 2": "nested too deeply"})
+    assert captions == set(GOOD)

@@ -5,9 +5,9 @@ it covers `height` x `width`, center-cropped, scaled to [-1, 1]. Bad input (miss
 truncated or too-short clip, empty caption) is skipped with a warning naming the file and reported in the
 batch (`batch["skipped"]`) so the trainer can count it; it is never trained on.
 
-Bad rows found while listing (a manifest line that is malformed JSON, not valid UTF-8, has a path that is not
-a string or lies outside the manifest's folder, a caption over `data.max_caption_bytes`; the same for
-sidecar captions and data=hf rows) do not abort the listing: each stays in the clip list as a Clip whose
+Bad rows found while listing (a manifest line that is malformed JSON or nested too deeply to parse, not valid
+UTF-8, has a path that is not a string or lies outside the manifest's folder, a caption over
+`data.max_caption_bytes`; the same for sidecar captions and data=hf rows) do not abort the listing: each stays in the clip list as a Clip whose
 `error` holds the reason and whose name is "<manifest> line <n>" (1-based, blank lines counted). Loading it
 raises BadInput(error), so the stream skips, warns about and reports it exactly once, like a bad video,
 and the trainer's `data/skipped` counts it. Listing fails only when no row is usable.
@@ -183,6 +183,9 @@ def _jsonl_rows(path: Path) -> list[tuple[int, dict | BadInput]]:
             row = json.loads(raw.decode("utf-8-sig", errors="surrogateescape"))
         except json.JSONDecodeError as e:
             rows.append((line, BadInput(f"malformed JSON ({e.msg} at column {e.colno})")))
+            continue
+        except RecursionError:  # json recurses per nesting level; the stack unwinds cleanly, the row is bad
+            rows.append((line, BadInput("malformed JSON (nested too deeply to parse)")))
             continue
         rows.append((line, row if isinstance(row, dict) else BadInput(f"the line is {_kind(row)}, not an object")))
     return rows

@@ -175,3 +175,18 @@ def test_jsonl_line_nested_too_deep_is_a_bad_row(tmp_path):
     skipped, captions = _run(_cfg(manifest=str(_write(tmp_path / "m.jsonl", lines))))
     _assert_skipped(skipped, {"m.jsonl line 2": "nested too deeply"})
     assert captions == set(GOOD)
+
+
+def test_csv_unbalanced_quote_is_a_bad_row_and_the_rows_after_it_are_read(tmp_path):
+    _clips(tmp_path, "a.mp4", "b.mp4")
+    # the stray quote of line 2 would swallow the rest of the file (strict parsing finds no closing quote) ...
+    manifest = _write(tmp_path / "m.csv", ["path,caption", 'a.mp4,"oops', f"b.mp4,{GOOD[1]}", f"a.mp4,{GOOD[0]}"])
+    skipped, captions = _run(_cfg(manifest=str(manifest)))
+    _assert_skipped(skipped, {"m.csv line 2": "unbalanced quote"})
+    assert captions == set(GOOD)
+    # ... or lines up to a later quote that ends a field: rows inside a quoted field are no caption
+    manifest = _write(tmp_path / "m.csv", ["path,caption", 'a.mp4,"oops', f"b.mp4,{GOOD[1]}", f'a.mp4,{GOOD[0]}"',
+                                           'b.mp4,"a man on', 'the, phone"'])  # a caption may hold line breaks
+    skipped, captions = _run(_cfg(manifest=str(manifest)))
+    _assert_skipped(skipped, {"m.csv line 2": "unbalanced quote"})
+    assert captions == {GOOD[1], f'{GOOD[0]}"', "a man on\nthe, phone"}

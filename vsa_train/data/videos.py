@@ -7,13 +7,16 @@ batch (`batch["skipped"]`) so the trainer can count it; it is never trained on.
 
 Bad rows found while listing (a manifest line that is malformed JSON or nested too deeply to parse, not valid
 UTF-8, has a path that is not a string or lies outside the manifest's folder, a caption over
-`data.max_caption_bytes`; the same for sidecar captions and data=hf rows) do not abort the listing: each stays in the clip list as a Clip whose
+`data.max_caption_bytes`; a CSV record with a quote left open, which is reported at its first line and
+reading goes on at the next line, so the rows a stray quote would swallow are still read; the same for
+sidecar captions and data=hf rows) do not abort the listing: each stays in the clip list as a Clip whose
 `error` holds the reason and whose name is "<manifest> line <n>" (1-based, blank lines counted). Loading it
 raises BadInput(error), so the stream skips, warns about and reports it exactly once, like a bad video,
 and the trainer's `data/skipped` counts it. Listing fails only when no row is usable.
 """
 import csv
 import io
+import itertools
 import json
 import logging
 import math
@@ -143,32 +146,57 @@ def checked(clips: list[Clip], source) -> list[Clip]:
 
 # ------------------------------------------------------------------------------------------------ listing clips
 
+def _looks_like_row(line: str, header: list[str]) -> bool:
+    """Whether a physical line read alone is a manifest row (the header's width, a video file in 'path')."""
+    try:
+        fields = next(csv.reader([line]), [])
+    except csv.Error:
+        return False
+    return len(fields) == len(header) and Path(fields[header.index("path")].strip()).suffix.lower() in VIDEO_EXTENSIONS
+
+
+def _csv_records(lines: list[str], start: int, header: list[str], rows: list) -> int:
+    """Appends (line, fields by column or BadInput) for the records from line index `start` on, up to one that
+    is malformed; returns the index to read on from (the line after that record's first, so a stray quote
+    loses one row, not the rows its quoted field swallowed), or len(lines) at the end."""
+    reader = csv.reader(itertools.islice(lines, start, None), strict=True)  # strict: a quote left open is an error
+    while True:
+        first = start + reader.line_num  # the record's first line (0-based)
+        try:
+            record = next(reader)
+        except StopIteration:
+            return len(lines)
+        except csv.Error as e:
+            rows.append((first + 1, BadInput(f"malformed CSV up to line {start + reader.line_num} ({e}; an "
+                                             "unbalanced quote?)")))
+            return first + 1
+        last = start + reader.line_num  # a quoted field may hold line breaks, but not lines that are rows
+        if any(_looks_like_row(line, header) for line in lines[first + 1: last]):
+            rows.append((first + 1, BadInput(f"a quoted field runs over the rows up to line {last} (an "
+                                             "unbalanced quote?)")))
+            return first + 1
+        if len(record) == len(header):
+            rows.append((first + 1, dict(zip(header, record))))
+        elif record:  # blank lines are no records
+            rows.append((first + 1, BadInput(f"{len(record)} fields, the header has {len(header)} "
+                                             "(quote fields that hold commas)")))
+
+
 def _csv_rows(path: Path) -> list[tuple[int, dict | BadInput]]:
     """(first line of the record, its fields by column, or BadInput) for each non-blank CSV record."""
+    # surrogateescape: a non-UTF-8 byte spoils only the field that holds it, flagged by check_caption/path
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        lines = f.readlines()  # with newline="": split at \n, \r\n and \r, as the csv module counts lines
     old = csv.field_size_limit(_CSV_FIELD_LIMIT)
     try:
-        # surrogateescape: a non-UTF-8 byte spoils only the field that holds it, flagged by check_caption/path
-        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-            reader = csv.reader(f)
-            header = [h.strip() for h in next(reader, [])]
-            if "path" not in header:
-                raise ValueError(f"{path}: no 'path' column (columns: {sorted(header)})")
-            rows = []
-            while True:
-                line = reader.line_num + 1
-                try:
-                    record = next(reader)
-                except StopIteration:
-                    break
-                except csv.Error as e:  # the reader resumes on the next line
-                    rows.append((line, BadInput(f"malformed CSV ({e})")))
-                    continue
-                if len(record) == len(header):
-                    rows.append((line, dict(zip(header, record))))
-                elif record:  # blank lines are no records
-                    rows.append((line, BadInput(f"{len(record)} fields, the header has {len(header)} "
-                                                "(quote fields that hold commas)")))
-            return rows
+        reader = csv.reader(lines)
+        header = [h.strip() for h in next(reader, [])]
+        if "path" not in header:
+            raise ValueError(f"{path}: no 'path' column (columns: {sorted(header)})")
+        rows, start = [], reader.line_num
+        while start < len(lines):
+            start = _csv_records(lines, start, header, rows)
+        return rows
     finally:
         csv.field_size_limit(old)
 

@@ -323,6 +323,25 @@ def test_corrupt_index_is_a_clear_error(tmp_path, encoded):
         data_spec(OmegaConf.create({"source": "latents", "path": str(out)}))
 
 
+def test_shard_paths_outside_the_folder_are_refused(tmp_path, encoded):
+    out = shutil.copytree(encoded, tmp_path / "latents")
+    index = json.loads((out / "index.json").read_text())
+    (out / "inside.safetensors").symlink_to(out / "shard_00000.safetensors")
+    (out / "escape.safetensors").symlink_to(encoded / "shard_00000.safetensors")
+    (tmp_path / "link").symlink_to(out)  # the folder itself may be a link
+    for name in ("../../etc/passwd", "/etc/passwd", "escape.safetensors", "sub/../../latents2/x.safetensors"):
+        index["shards"][0]["file"] = name
+        (out / "index.json").write_text(json.dumps(index))
+        for call in (lambda: LatentStore(out), lambda: data_spec(OmegaConf.create({"source": "latents",
+                                                                                    "path": str(out)}))):
+            with pytest.raises(ValueError, match=r"shard .* lies outside the latent folder") as e:
+                call()
+            assert name in str(e.value) and "\n" not in str(e.value)
+    index["shards"][0]["file"] = "inside.safetensors"
+    (out / "index.json").write_text(json.dumps(index))
+    assert LatentStore(tmp_path / "link").load(0)["caption"] == CAPTIONS[0]
+
+
 def test_missing_index_and_bad_video_size(tmp_path, vae_dir):
     with pytest.raises(FileNotFoundError, match="encode_latents"):
         data_spec(OmegaConf.create({"source": "latents", "path": str(tmp_path)}))

@@ -9,7 +9,8 @@ latent's, so patching follows the latent grid.
 
 A shard that cannot be used (missing, truncated, a tensor missing or of the wrong shape, unreadable
 captions, fewer items than index.json says) does not stop a run: its affected items raise BadInput naming
-the shard, so the stream skips and counts them. A missing or corrupt index.json is an error at start.
+the shard, so the stream skips and counts them. A missing or corrupt index.json, or one naming a shard
+outside the folder (an absolute path, `..`, a symlink leading out), is an error at start.
 """
 import functools
 import json
@@ -110,7 +111,24 @@ def read_index(root) -> dict:
     missing = [k for k in ("latent_shape", "text_shape") if k not in index]
     if missing:
         raise ValueError(f"{path} lacks {missing}; rewrite it with scripts/encode_latents.py")
+    for shard in shards:
+        _check_inside(path, shard["file"])
     return index
+
+
+def _check_inside(index: Path, file: str) -> None:
+    """ValueError unless shard `file` of `index`, with `..` and symlinks resolved, lies inside the index's folder.
+
+    The index names what is opened, so it must not reach other files (an absolute path, `..`, or a symlink
+    leading out); the folder itself may be a symlink, and symlinks between files inside it are followed.
+    """
+    root = index.parent
+    try:
+        real, real_root = (root / file).resolve(), root.resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # symlink loops, NUL bytes
+        raise ValueError(f"{index}: shard {file!r} cannot be resolved ({e})") from None
+    if not real.is_relative_to(real_root):
+        raise ValueError(f"{index}: shard {file!r} lies outside the latent folder {real_root} ({real})")
 
 
 class _Shard:

@@ -19,6 +19,7 @@ The text length is the tokenizer's model_max_length (512 for UMT5; data.text_len
 sampling and resizing at a fixed middle window; bad inputs are skipped, named and recorded in the index.
 Shard k holds clips [k * shard_size, (k + 1) * shard_size) and belongs to process k mod N; a shard file
 that exists is complete (written under a temporary name, then renamed), so a re-run skips finished shards.
+Each item's sha256 is stored in its shard's metadata; data=latents checks it whenever it reads the item.
 """
 import argparse
 import json
@@ -160,7 +161,7 @@ def write_index(out: Path, vae_spec: ModelSpec, text_spec: ModelSpec | None, dat
         "latent_shape": first["latent_shape"], "latent_dtype": first["latent_dtype"],
         "text_shape": first["text_shape"], "text_dtype": first["text_dtype"],
         "count": sum(s["count"] for s in shards),
-        "shards": [{"file": s["file"], "count": s["count"]} for s in shards],
+        "shards": [{"file": s["file"], "count": s["count"], "checksums": s["checksums"]} for s in shards],
         "skipped": [name for s in shards for name in s["skipped"]],
         "vae": vae_spec.to_dict(),
         "latent_norm": "(posterior mode - vae.config.latents_mean) / vae.config.latents_std",

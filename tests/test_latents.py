@@ -258,16 +258,20 @@ def test_bad_latents_are_skipped(tmp_path, encoded):
     out = shutil.copytree(encoded, tmp_path / "latents")
     shard = load_file(str(out / "shard_00001.safetensors"))
     shard["latent"][0, 0, 0, 0, 0] = float("nan")
+    shard["text"][1, 0, 0] = float("inf")
     write_shard(out / "shard_00001.safetensors", shard["latent"], shard["text"], shard["text_mask"],
                 ["a blurry man in a car", "a man talks"], [])
     store = LatentStore(out)
-    with pytest.raises(BadInput, match="non-finite"):
+    with pytest.raises(BadInput, match="non-finite latent"):
         store.load(1)
+    with pytest.raises(BadInput, match="non-finite text"):
+        store.load(2)
     data = build_data(OmegaConf.create({"source": "latents", "path": str(out), "seed": 0, "num_workers": 0}),
                       batch_size=3, eval_samples=1)
     batch = next(iter(data.train))
-    assert torch.isfinite(batch["video"]).all() and "a blurry man in a car" not in batch["caption"]
-    assert batch["skipped"] == ["shard_00001.safetensors[0]: non-finite latent"]
+    assert torch.isfinite(batch["video"]).all() and set(batch["caption"]) == {"a man in a car"}
+    assert sorted(batch["skipped"]) == ["shard_00001.safetensors[0]: non-finite latent",
+                                        "shard_00001.safetensors[1]: non-finite text embedding"]
 
 
 CAPTIONS = ["a man in a car", "a blurry man in a car", "a man talks"]  # items 0 (shard 0), 1 and 2 (shard 1)
@@ -311,6 +315,37 @@ def test_damaged_shards_are_skipped_and_counted(tmp_path, encoded, how, caplog):
     assert all("shard shard_00001.safetensors" in s and reason in s for s in skipped), skipped
     assert {c for b in batches for c in b["caption"]} == set(CAPTIONS) - {CAPTIONS[i] for i in lost}
     assert "shard_00001.safetensors" in caplog.text
+
+
+def _flip(path, tensor: str, byte: int) -> None:
+    """Flips the lowest bit of byte `byte` of `tensor`'s data in a safetensors file, as a failing disk might."""
+    data = bytearray(path.read_bytes())
+    header = int.from_bytes(data[:8], "little")
+    begin = json.loads(data[8: 8 + header])[tensor]["data_offsets"][0]
+    data[8 + header + begin + byte] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_fail_their_checksum_and_are_skipped(tmp_path, encoded, caplog):
+    out = shutil.copytree(encoded, tmp_path / "latents")
+    path = out / "shard_00001.safetensors"
+    _flip(path, "latent", 0)  # item 1: its first latent value changes in the last digits, still finite
+    _flip(path, "text", 32 * 64 * 4 + 5)  # item 2: a text embedding value
+    cfg = OmegaConf.create({"source": "latents", "path": str(out), "seed": 0, "num_workers": 0})
+    batches = [b for b, _ in zip(build_data(cfg, batch_size=2, eval_samples=1).train, range(3))]
+    skipped = sorted(s for b in batches for s in b["skipped"])
+    assert [s.split(": ", 1)[0] for s in skipped] == ["shard_00001.safetensors[0]", "shard_00001.safetensors[1]"]
+    assert all("checksum mismatch" in s for s in skipped), skipped
+    assert {c for b in batches for c in b["caption"]} == {CAPTIONS[0]}
+    # an index written before checksums still loads, with one warning, and cannot tell the damage
+    index = json.loads((out / "index.json").read_text())
+    for shard in index["shards"]:
+        del shard["checksums"]
+    (out / "index.json").write_text(json.dumps(index))
+    with caplog.at_level(logging.WARNING):
+        build_data(cfg, batch_size=2, eval_samples=1)
+    assert caplog.text.count("no checksums") == 1
+    assert LatentStore(out).load(1)["caption"] == CAPTIONS[1]
 
 
 def test_corrupt_index_is_a_clear_error(tmp_path, encoded):

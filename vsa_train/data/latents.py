@@ -1,18 +1,21 @@
 """Precomputed latents: VAE latents and text embeddings in safetensors shards (scripts/encode_latents.py).
 
 `data.path` holds `index.json` (shapes, dtypes, the VAE and text encoder used as {path, subfolder, revision,
-dtype} dicts -- Hub ids stay ids; older indexes hold bare paths, still read --, the shards and their
-counts, the inputs skipped while encoding) and `shard_<k>.safetensors` files with
-latent [n, C, T, H, W] (normalised with the VAE's latents_mean / latents_std), text [n, L, D],
-text_mask [n, L] and the captions in the metadata. The model's input channels and video shape are the
-latent's, so patching follows the latent grid.
+dtype} dicts -- Hub ids stay ids; older indexes hold bare paths, still read --, the shards with their
+counts and whether they carry checksums, the inputs skipped while encoding) and `shard_<k>.safetensors`
+files with latent [n, C, T, H, W] (normalised with the VAE's latents_mean / latents_std), text [n, L, D],
+text_mask [n, L], and the captions and each item's sha256 (item_checksum) in the metadata. The model's input
+channels and video shape are the latent's, so patching follows the latent grid.
 
 A shard that cannot be used (missing, truncated, a tensor missing or of the wrong shape, unreadable
-captions, fewer items than index.json says) does not stop a run: its affected items raise BadInput naming
-the shard, so the stream skips and counts them. A missing or corrupt index.json, or one naming a shard
+captions or checksums, fewer items than index.json says) does not stop a run: its affected items raise
+BadInput naming the shard, so the stream skips and counts them; so does an item whose bytes fail its
+checksum (checked each time it is read) or hold non-finite values. Shards of an index written before
+checksums are read unchecked, with one warning. A missing or corrupt index.json, or one naming a shard
 outside the folder (an absolute path, `..`, a symlink leading out), is an error at start.
 """
 import functools
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -74,24 +77,38 @@ def encoder_from_index(index: dict, device="cpu"):
 
 # ---------------------------------------------------------------------------------------------------- shards
 
+def item_checksum(latent: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, caption: str) -> str:
+    """sha256 of one item as stored: the bytes of its latent, text and text_mask (their shapes are the index's)
+    and its caption."""
+    digest = hashlib.sha256()
+    for t in (latent, text, text_mask):
+        digest.update(t.contiguous().view(torch.uint8).numpy())
+    digest.update(caption.encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
+
+
 def write_shard(path, latent: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, captions: list[str],
                 skipped: list[str]) -> None:
-    """One shard, written to a temporary name and renamed, so that a file that exists is complete."""
+    """One shard with each item's checksum in its metadata, written to a temporary name and renamed, so that a
+    file that exists is complete."""
     path = Path(path)
     tmp = path.with_suffix(".tmp")
-    save_file({"latent": latent.contiguous(), "text": text.contiguous(), "text_mask": text_mask.contiguous()},
-              str(tmp), metadata={"captions": json.dumps(captions), "skipped": json.dumps(skipped)})
+    tensors = {"latent": latent.contiguous(), "text": text.contiguous(), "text_mask": text_mask.contiguous()}
+    checksums = [item_checksum(*(tensors[t][i] for t in _TENSORS), c) for i, c in enumerate(captions)]
+    save_file(tensors, str(tmp), metadata={"captions": json.dumps(captions), "skipped": json.dumps(skipped),
+                                           "checksums": json.dumps(checksums)})
     tmp.replace(path)
 
 
 def shard_info(path) -> dict:
-    """Count, shapes, dtypes and skipped inputs of a shard, from its header."""
+    """Count, shapes, dtypes, skipped inputs and whether items carry checksums, of a shard, from its header."""
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         latent, text = f.get_slice("latent"), f.get_slice("text")
         return {"file": Path(path).name, "count": latent.get_shape()[0], "latent_shape": latent.get_shape()[1:],
                 "latent_dtype": latent.get_dtype(), "text_shape": text.get_shape()[1:],
-                "text_dtype": text.get_dtype(), "skipped": json.loads(meta["skipped"])}
+                "text_dtype": text.get_dtype(), "skipped": json.loads(meta["skipped"]),
+                "checksums": "checksums" in meta}
 
 
 def read_index(root) -> dict:
@@ -132,9 +149,10 @@ def _check_inside(index: Path, file: str) -> None:
 
 
 class _Shard:
-    """An open shard checked against the index: the file handle, its item count and captions."""
+    """An open shard checked against the index: the file handle, its item count, captions and the items'
+    checksums (None for a shard the index records without them)."""
 
-    def __init__(self, path: Path, latent_shape: list, text_shape: list):
+    def __init__(self, path: Path, latent_shape: list, text_shape: list, checksums: bool):
         self.file = safe_open(str(path), framework="pt")  # raises on a truncated file
         missing = [t for t in _TENSORS if t not in self.file.keys()]
         if missing:
@@ -152,6 +170,17 @@ class _Shard:
         if not (isinstance(self.captions, list) and len(self.captions) == self.count
                 and all(isinstance(c, str) for c in self.captions)):
             raise BadInput(f"captions are not a list of {self.count} strings")
+        self.checksums = self._checksums() if checksums else None
+
+    def _checksums(self) -> list[str]:
+        """The items' checksums from the metadata; BadInput when they are missing or malformed."""
+        try:
+            checksums = json.loads(self.file.metadata()["checksums"])
+        except (KeyError, json.JSONDecodeError) as e:
+            raise BadInput(f"checksums unreadable ({type(e).__name__}: {e})") from None
+        if not (isinstance(checksums, list) and len(checksums) == self.count):
+            raise BadInput(f"checksums are not a list of {self.count}")
+        return checksums
 
 
 class LatentStore:
@@ -166,6 +195,11 @@ class LatentStore:
         self.offsets = np.cumsum([0] + [s["count"] for s in self.shards])
         self.latent_shape = list(self.index["latent_shape"])
         self._files: dict[int, _Shard | str] = {}  # shard k -> open shard, or why it is unusable
+        unchecked = sum(not s.get("checksums") for s in self.shards)
+        if unchecked:  # indexes written before checksums: still read, their damage found only if non-finite
+            log.warning("%s: %d of %d shards have no checksums (encoded before checksums were recorded), so "
+                        "changed bytes in them go unnoticed unless non-finite; re-encode them to check them",
+                        self.root / INDEX, unchecked, len(self.shards))
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -185,7 +219,8 @@ class LatentStore:
             file = self.shards[k]["file"]
             path = self.root / file
             try:
-                self._files[k] = _Shard(path, self.latent_shape, list(self.index["text_shape"]))
+                self._files[k] = _Shard(path, self.latent_shape, list(self.index["text_shape"]),
+                                        bool(self.shards[k].get("checksums")))
             except BadInput as e:
                 self._files[k] = f"shard {file}: {e}"
             except Exception as e:  # noqa: BLE001 -- safetensors raises its own error type on damaged files
@@ -199,7 +234,8 @@ class LatentStore:
         return shard
 
     def load(self, i: int, position: int | None = None) -> dict:
-        """Item i as dict(video=latent, text, text_mask, caption); BadInput on a bad shard or non-finite values.
+        """Item i as dict(video=latent, text, text_mask, caption); BadInput on a bad shard, a checksum mismatch
+        or non-finite values.
 
         `position` (the stream position, as ItemStream passes it) is unused: a latent has no window to choose.
         """
@@ -208,14 +244,18 @@ class LatentStore:
         if j >= shard.count:
             raise BadInput(f"shard {self.shards[k]['file']} holds {shard.count} items, {INDEX} says "
                            f"{self.shards[k]['count']}")
-        f = shard.file
         try:
-            latent = f.get_slice("latent")[j: j + 1][0].float()
-            text, text_mask = f.get_slice("text")[j: j + 1][0].float(), f.get_slice("text_mask")[j: j + 1][0].bool()
+            stored = [shard.file.get_slice(t)[j: j + 1][0] for t in _TENSORS]
         except Exception as e:  # noqa: BLE001 -- an I/O error on one item leaves the others usable
             raise BadInput(f"shard {self.shards[k]['file']} unreadable ({type(e).__name__}: {e})") from None
+        # per item, not per file: hashing costs what reading the item costs, not a whole shard at first touch
+        if shard.checksums and item_checksum(*stored, shard.captions[j]) != shard.checksums[j]:
+            raise BadInput("checksum mismatch (the shard's bytes changed since it was encoded)")
+        latent, text, text_mask = stored[0].float(), stored[1].float(), stored[2].bool()
         if not torch.isfinite(latent).all():
             raise BadInput("non-finite latent")
+        if not torch.isfinite(text).all():
+            raise BadInput("non-finite text embedding")
         return {"video": latent, "text": text, "text_mask": text_mask, "caption": shard.captions[j]}
 
     def __getstate__(self):  # open file handles do not travel to DataLoader workers

@@ -1,4 +1,5 @@
 """Agreement between ranks: one rank does file work, all ranks learn whether it failed (no rank hangs waiting)."""
+import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
@@ -21,3 +22,22 @@ def on_main(accelerator: Accelerator, fn, *args, **kwargs):
     if error is not None:
         raise error
     return result
+
+
+# Default process groups that were shut down, kept to the end of the process (see leave_together).
+_RETIRED: list = []
+
+
+def leave_together(accelerator: Accelerator) -> None:
+    """Waits for every rank, then shuts the default process group down without freeing its object.
+
+    Freeing a gloo group joins its worker threads while this thread holds the GIL; a worker still releasing the
+    Python tensors of a just-finished collective needs the GIL to do so: a deadlock, seen under load on 2 CPUs
+    (py-spy: the main thread in ~ProcessGroupGloo's join, a worker in ~AsyncBroadcastWork waiting for the GIL).
+    Kept to interpreter exit, the object is freed when its workers have long been idle.
+    """
+    if not torch.distributed.is_initialized():
+        return
+    accelerator.wait_for_everyone()  # under srun, rank 0 hosts the rendezvous store: no rank leaves early
+    _RETIRED.append(torch.distributed.group.WORLD)
+    torch.distributed.destroy_process_group()

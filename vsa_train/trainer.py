@@ -23,7 +23,7 @@ from . import progress
 from .checkpoint import load_checkpoint
 from .config_schema import Config, typed
 from .diffusion import flow_loss, sample_draws
-from .distributed import on_main
+from .distributed import leave_together, on_main
 from .flops import training_flops_per_sample
 from .models import build_model
 from .parallel import Layout, clip_grad_norm, gradient_sync, make_layout
@@ -124,9 +124,7 @@ def train(cfg: Config | DictConfig) -> dict:
             last = _loop(run, run_dir, saver)
         finally:  # a crash still lets a checkpoint being written in the background finish, inside the lock
             saver.writer.close()
-    if torch.distributed.is_initialized():  # leave together: under srun, rank 0 hosts the rendezvous store
-        accelerator.wait_for_everyone()
-        torch.distributed.destroy_process_group()
+    leave_together(accelerator)
     return last
 
 

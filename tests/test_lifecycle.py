@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import signal
 import socket
 import subprocess
@@ -490,6 +491,8 @@ def test_second_sigint_exits_at_once(tmp_path):
 
 @pytest.mark.slow
 def test_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """Every rank saves the same step once and exits 75, the one without the signal too (under srun each task's
+    status is the job's: one rank's 1 would keep SLURM from requeueing it)."""
     run = tmp_path / "run"
     run.mkdir()
     proc = _launch(run, "train.max_steps=100000", "train.ckpt_every=100000", torchrun=2)
@@ -498,6 +501,10 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert len(ranks) == 2
     os.kill(ranks[1], signal.SIGTERM)  # one rank only: the step flag all-reduce tells the other
     out, _ = proc.communicate(timeout=120)
+    # torchrun itself exits 1 whenever a worker exits non-zero; its summary gives each worker's status.
+    assert sorted(re.findall(r"^\s*exitcode\s+:\s+(-?\d+)", out, re.M)) == ["75", "75"], out[-3000:]
+    assert "stopped by SIGTERM (received by another rank)" in out and "valid Signals" not in out, out[-3000:]
+    assert len(RunDir(run).checkpoints.dirs()) == 1, out[-3000:]  # saved once
     ckpt = RunDir(run).checkpoints.dirs()[-1]
     assert (ckpt / "rng_rank0.safetensors").is_file() and (ckpt / "rng_rank1.safetensors").is_file(), out[-3000:]
     assert verify(ckpt) is None
@@ -592,3 +599,23 @@ def test_stop_hands_the_signal_to_the_handler_it_replaced():
         assert signal.getsignal(signal.SIGUSR2) is not stop._handle  # restored
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+def test_a_rank_without_the_signal_stops_for_the_one_the_ranks_agreed_on():
+    """Rank 0 of a job whose rank 1 got SIGUSR2: it exits 75 too, and submitit's handler (which requeues from
+    rank 0) is called with that signal."""
+    from vsa_train.preemption import REQUEUE_EXIT_CODE, StopSignals
+
+    called = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    signal.signal(signal.SIGUSR2, lambda sig, frame: called.append(sig))
+    try:
+        with StopSignals(announce=lambda message: None) as stop:
+            assert not stop.requested()
+            with pytest.raises(SystemExit) as exit_:
+                stop.exit_for_requeue("step_00000007", signal.SIGUSR2)
+        assert called == [signal.SIGUSR2] and exit_.value.code == REQUEUE_EXIT_CODE
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # on its way out: the launcher's SIGTERM is moot
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -44,12 +44,27 @@ class StopSignals:
     def requested(self) -> bool:
         return self.received is not None
 
-    def exit_for_requeue(self, checkpoint) -> None:
-        """After the checkpoint is saved: hands the signal to the handler we replaced (submitit), then exits."""
-        previous = self._previous.get(self.received)
+    def exit_for_requeue(self, checkpoint, signum: int | None = None) -> None:
+        """After the checkpoint is saved: hands the signal to the handler we replaced (submitit), then exits.
+        `signum` is the signal the ranks agreed on: a rank that received none stops for another rank's."""
+        own = self.received is not None
+        stopped_by = self.received if own else (signum or signal.SIGTERM)
+        previous = self._previous.get(stopped_by)
         self.__exit__()
-        if callable(previous) and self.received != signal.SIGINT:
-            previous(self.received, None)  # submitit: requeue the job (rank 0) and exit
-        print(f"stopped by {signal.Signals(self.received).name}; resume from {checkpoint} by re-running the same "
-              f"command (exit code {REQUEUE_EXIT_CODE})", file=sys.stderr, flush=True)
+        self._ignore_while_leaving()
+        if callable(previous) and stopped_by != signal.SIGINT:
+            previous(stopped_by, None)  # submitit: requeue the job (rank 0) and exit
+        where = "" if own else " (received by another rank)"
+        print(f"stopped by {signal.Signals(stopped_by).name}{where}; resume from {checkpoint} by re-running the "
+              f"same command (exit code {REQUEUE_EXIT_CODE})", file=sys.stderr, flush=True)
         raise SystemExit(REQUEUE_EXIT_CODE)
+
+    @staticmethod
+    def _ignore_while_leaving() -> None:
+        """The checkpoint is written and this process is on its way out with 75. torchrun sends SIGTERM to the ranks
+        still running as soon as one exits non-zero: a rank one step slower to leave would die of it (-15) instead
+        of exiting 75. (A second Ctrl-C still exits at once: SIGINT keeps the handler restored above.)"""
+        if threading.current_thread() is threading.main_thread():
+            for sig in SIGNALS:
+                if sig != signal.SIGINT:
+                    signal.signal(sig, signal.SIG_IGN)

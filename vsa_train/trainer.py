@@ -28,7 +28,7 @@ from .flops import training_flops_per_sample
 from .models import build_model
 from .parallel import Layout, clip_grad_norm, gradient_sync, make_layout
 from .periodic import Checkpointing, Evaluator, MetricsLogger, Sampler
-from .preemption import StopSignals
+from .preemption import SIGNALS, StopSignals
 from .rundir import Launch, RunDir
 from .schedules import SparsitySchedule
 from .training_run import Run, build_run, make_accelerator, mixed_precision
@@ -43,13 +43,15 @@ class StepResult:
     grad_norm: float
     lr: float
     stop: bool          # some rank received a stop signal: every rank stops after this step
+    stop_signal: int = 0  # which one (the first of preemption.SIGNALS that any rank received), for every rank
 
 
 # ------------------------------------------------------------------------------------------------- one step
 
-def train_step(run: Run, stop_requested: bool = False) -> StepResult:
+def train_step(run: Run, stop_signal: int | None = None) -> StepResult:
     """One optimizer step: grad_accum micro-batches, backward, clip; the ranks agree (one all-reduce) on the
-    loss, its finiteness and any stop request; then AdamW and EMA. A non-finite step updates nothing."""
+    loss, its finiteness and any stop signal (this rank's in `stop_signal`); then AdamW and EMA. A non-finite step
+    updates nothing."""
     config, accelerator, model, state = run.config, run.accelerator, run.model, run.state
     device = accelerator.device
     lr = run.lr_schedule(state.step)
@@ -76,12 +78,15 @@ def train_step(run: Run, stop_requested: bool = False) -> StepResult:
         step_loss += loss.detach() / accum
     # Without clipping, max_norm=inf still returns the global norm, which the finiteness check needs.
     grad_norm = clip_grad_norm(model, accelerator, config.optim.grad_clip or float("inf"))
-    flags = torch.stack([(~torch.isfinite(step_loss)).float(), (~torch.isfinite(grad_norm)).float(),
-                         torch.tensor(float(stop_requested), device=device), step_loss.float()])
-    bad_loss, bad_grad, stop, loss_sum = accelerator.reduce(flags, reduction="sum").tolist()
+    # One slot per stop signal: a rank that received none learns which one stops it (submitit's handler for it).
+    stops = torch.tensor([float(sig == stop_signal) for sig in SIGNALS], device=device)
+    flags = torch.cat([torch.stack([(~torch.isfinite(step_loss)).float(), (~torch.isfinite(grad_norm)).float(),
+                                    step_loss.float()]), stops])
+    bad_loss, bad_grad, loss_sum, *received = accelerator.reduce(flags, reduction="sum").tolist()
+    stop_signal = next((int(sig) for sig, count in zip(SIGNALS, received) if count), 0)
     state.position += run.global_batch  # consumed either way: a rollback skips them
     result = StepResult(ok=not (bad_loss or bad_grad), loss=loss_sum / accelerator.num_processes,  # sp ranks agree
-                        grad_norm=float(grad_norm), lr=lr, stop=stop > 0)
+                        grad_norm=float(grad_norm), lr=lr, stop=bool(stop_signal), stop_signal=stop_signal)
     if not result.ok:  # stopping before optimizer.step keeps the weights as the last step left them
         run.optimizer.zero_grad(set_to_none=True)
         return result
@@ -141,7 +146,7 @@ def _loop(run: Run, run_dir: RunDir, saver: Checkpointing) -> dict:
     with StopSignals(announce=say) as signals:
         while not run.finished():
             flops_before, started = run.state.flops, time.perf_counter()
-            result = train_step(run, stop_requested=signals.requested())
+            result = train_step(run, stop_signal=signals.received)
             if first_step:
                 first_step = False
                 say(f"first step: {time.perf_counter() - started:.1f} s (compilation and the first batch included)")
@@ -161,7 +166,7 @@ def _loop(run: Run, run_dir: RunDir, saver: Checkpointing) -> dict:
             if result.stop:
                 logger.close()
                 run.accelerator.end_training()
-                signals.exit_for_requeue(ckpt)
+                signals.exit_for_requeue(ckpt, result.stop_signal)
             if row or saving or sampling:  # eval, saving and sampling are not throughput
                 logger.window.reset()
     logger.close()

@@ -588,7 +588,9 @@ def test_stop_hands_the_signal_to_the_handler_it_replaced():
     from vsa_train.preemption import REQUEUE_EXIT_CODE, StopSignals
 
     called = []
-    previous = signal.signal(signal.SIGUSR2, lambda sig, frame: called.append(sig))
+    # exit_for_requeue leaves SIGTERM/USR1/USR2 ignored (the process is leaving): put them back for this one
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    signal.signal(signal.SIGUSR2, lambda sig, frame: called.append(sig))
     try:
         with StopSignals(announce=lambda message: None) as stop:
             os.kill(os.getpid(), signal.SIGUSR2)
@@ -598,7 +600,8 @@ def test_stop_hands_the_signal_to_the_handler_it_replaced():
         assert called == [signal.SIGUSR2] and exit_.value.code == REQUEUE_EXIT_CODE
         assert signal.getsignal(signal.SIGUSR2) is not stop._handle  # restored
     finally:
-        signal.signal(signal.SIGUSR2, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def test_a_rank_without_the_signal_stops_for_the_one_the_ranks_agreed_on():

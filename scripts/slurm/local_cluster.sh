@@ -15,11 +15,11 @@
 # on the host is left alone. Clients find this cluster only through SLURM_CONF=$VSA_SLURM_HOME/etc/slurm.conf.
 # Written against Debian 12's SLURM 22.05; `down` keeps the state and logs (job ids continue at the next `up`).
 #
-# The node: `hostname -s`, all `nproc` CPUs, one partition ($VSA_SLURM_PARTITION, default "local"); jobs are
-# placed per CPU (select/cons_tres, CR_CPU: memory is not a consumable), processes are tracked without
-# cgroups (proctrack/linuxproc, task/none: works in containers), jobs may be requeued (JobRequeue=1),
-# nothing is preempted, a time limit is exact (OverTimeLimit=0) and a killed job gets KillWait=5 s between
-# SIGTERM and SIGKILL. SLURM checks time limits about every 30 s, so `--time=1` ends a job 60-90 s in.
+# The node: `hostname -s`, all CPUs (`nproc`, OMP_NUM_THREADS aside), one partition ($VSA_SLURM_PARTITION,
+# default "local"); jobs are placed per CPU (select/cons_tres, CR_CPU: memory is not a consumable), processes
+# are tracked without cgroups (proctrack/linuxproc, task/none: works in containers), jobs may be requeued
+# (JobRequeue=1), nothing is preempted, a time limit is exact (OverTimeLimit=0) and a killed job gets KillWait=5 s
+# between SIGTERM and SIGKILL. SLURM checks time limits about every 30 s, so `--time=1` ends a job 60-90 s in.
 #
 # `up` is idempotent and safe to run several at once (two pytest sessions or xdist workers on a fresh machine): `up`
 # and `down` hold an flock on $VSA_SLURM_HOME/cluster.lock, so a second `up` waits for the first and then finds the

@@ -99,6 +99,31 @@ def cluster():
         pytest.skip("needs root: the local SLURM's daemons run as root (scripts/slurm/local_cluster.sh up)")
     if shutil.which("bash") is None:
         pytest.skip("needs bash for scripts/slurm/local_cluster.sh")
+    export = subprocess.run(["bash", str(CLUSTER), "env"], capture_output=True, text=True, check=True).stdout
+    conf = Path(export.strip().split("=", 1)[1])
+    sessions = conf.parents[1] / "test_sessions"  # who is using the cluster
+    sessions.mkdir(parents=True, exist_ok=True)
+    mine = sessions / str(os.getpid())
+    mine.touch()  # before `up`: a session that ends while this one starts sees it and leaves the cluster up
+    try:
+        up = _up()
+        env = dict(os.environ, SLURM_CONF=str(conf), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+        for key in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and k != "SLURM_CONF"]:
+            del env[key]  # pytest itself running inside a SLURM job: those would describe the outer allocation
+        partition, cpus = subprocess.run(["sinfo", "-h", "-o", "%P %c"], env=env, capture_output=True, text=True,
+                                         check=True).stdout.split()[:2]
+        found = Cluster(env, partition.rstrip("*"), int(cpus))
+        found.cancel(mine=False)  # left over by an interrupted earlier run of these tests
+        yield found
+    finally:
+        mine.unlink(missing_ok=True)
+    others = [p for p in sessions.iterdir() if p.name.isdigit() and _alive(f"vsa_test_{p.name}_")]
+    if "already running" not in up.stdout and not others:  # started here, and nobody else's tests use it
+        subprocess.run(["bash", str(CLUSTER), "down"], capture_output=True, text=True, timeout=120)
+
+
+def _up() -> subprocess.CompletedProcess:
+    """`local_cluster.sh up` (safe beside another session's: it waits for that one's lock); skips if it fails."""
     try:
         up = subprocess.run(["bash", str(CLUSTER), "up"], capture_output=True, text=True, timeout=900)
     except subprocess.TimeoutExpired:
@@ -106,23 +131,7 @@ def cluster():
     if up.returncode != 0:
         pytest.skip(f"no local SLURM: `scripts/slurm/local_cluster.sh up` failed (status {up.returncode}): "
                     f"{(up.stdout + up.stderr).strip()[-1500:]}")
-    export = subprocess.run(["bash", str(CLUSTER), "env"], capture_output=True, text=True, check=True).stdout
-    env = dict(os.environ, SLURM_CONF=export.strip().split("=", 1)[1], OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=str(ROOT))
-    for key in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and k != "SLURM_CONF"]:
-        del env[key]  # pytest itself running inside a SLURM job: those would describe the outer allocation
-    partition, cpus = subprocess.run(["sinfo", "-h", "-o", "%P %c"], env=env, capture_output=True, text=True,
-                                     check=True).stdout.split()[:2]
-    found = Cluster(env, partition.rstrip("*"), int(cpus))
-    found.cancel(mine=False)  # left over by an interrupted earlier run of these tests
-    sessions = Path(found.env["SLURM_CONF"]).parents[1] / "test_sessions"  # who is using the cluster
-    sessions.mkdir(exist_ok=True)
-    (sessions / str(os.getpid())).touch()
-    yield found
-    (sessions / str(os.getpid())).unlink(missing_ok=True)
-    others = [p for p in sessions.iterdir() if p.name.isdigit() and _alive(f"vsa_test_{p.name}_")]
-    if "already running" not in up.stdout and not others:  # started here, and nobody else's tests use it
-        subprocess.run(["bash", str(CLUSTER), "down"], capture_output=True, text=True, timeout=120)
+    return up
 
 
 @pytest.fixture
@@ -417,15 +426,17 @@ def _free_port_pair() -> int:
     raise AssertionError("no two free ports in a row")
 
 
-def test_two_ups_at_once_start_one_cluster():
+def test_two_ups_at_once_start_one_cluster_with_every_cpu():
     """`local_cluster.sh up` twice at the same time on a fresh VSA_SLURM_HOME (two pytest sessions, or two xdist
     workers, on a machine where the cluster is not up yet): both succeed and there is one of each daemon. A cluster
-    of its own (home and ports), so the shared one is left alone."""
+    of its own (home and ports), so the shared one is left alone. Brought up from an xdist worker, the node still has
+    every CPU (the two-task test needs two)."""
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         pytest.skip("needs root: the local SLURM's daemons run as root (scripts/slurm/local_cluster.sh up)")
     import tempfile
     home = Path(tempfile.mkdtemp(prefix="vsa_slurm_up_"))  # short: munge's socket path must fit in 108 bytes
-    env = dict(os.environ, VSA_SLURM_HOME=str(home), VSA_SLURM_PORT=str(_free_port_pair()))
+    # OMP_NUM_THREADS=1 as in an xdist worker (conftest.py): the node still gets every CPU
+    env = dict(os.environ, VSA_SLURM_HOME=str(home), VSA_SLURM_PORT=str(_free_port_pair()), OMP_NUM_THREADS="1")
     try:
         ups = [subprocess.Popen(["bash", str(CLUSTER), "up"], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for _ in range(2)]
@@ -438,6 +449,7 @@ def test_two_ups_at_once_start_one_cluster():
             pids = subprocess.run(["pgrep", "-f", f"^{daemon} .*{pattern}"], capture_output=True,
                                   text=True).stdout.split()
             assert len(pids) == 1, (daemon, pids, outs)
+        assert f"CPUs={len(os.sched_getaffinity(0))} " in (home / "etc" / "slurm.conf").read_text()
     finally:
         subprocess.run(["bash", str(CLUSTER), "down"], env=env, capture_output=True, text=True, timeout=120)
         shutil.rmtree(home, ignore_errors=True)

@@ -60,9 +60,14 @@ install_if_missing() {
     say "installed $(slurmctld -V)"
 }
 
+cpus() {  # the CPUs this machine gives us: nproc without OMP_NUM_THREADS, which nproc obeys (pytest's xdist
+    # workers set it to 1, and a cluster brought up from one would have one CPU: the two-task test would skip)
+    env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc
+}
+
 write_conf() {
     local cpus mem_mb
-    cpus=$(nproc)
+    cpus=$(cpus)
     # RealMemory below the real amount: slurmd drains a node that has less memory than slurm.conf says.
     mem_mb=$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 0.8}' /proc/meminfo)
     : >"$H/etc/plugstack.conf"  # no SPANK plugins (the default would be the system's plugstack.conf)
@@ -185,7 +190,7 @@ up() {
     if alive "$H/run/slurmd.pid"; then
         say "slurmd already running (pid $(cat "$H/run/slurmd.pid"))"
     else
-        say "starting slurmd (node $NODE, $(nproc) CPUs, log $H/log/slurmd.log)"
+        say "starting slurmd (node $NODE, $(cpus) CPUs, log $H/log/slurmd.log)"
         slurmd -f "$CONF" -N "$NODE" 9>&- || die "slurmd did not start (see $H/log/slurmd.log)"
     fi
     wait_for 30 "node $NODE did not come up (sinfo: $(sinfo -h -o '%T %E' 2>&1); see $H/log/slurmd.log)" node_ready

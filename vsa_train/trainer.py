@@ -129,7 +129,6 @@ def train(cfg: Config | DictConfig) -> dict:
             last = _loop(run, run_dir, saver)
         finally:  # a crash still lets a checkpoint being written in the background finish, inside the lock
             saver.writer.close()
-    leave_together(accelerator)
     return last
 
 
@@ -165,7 +164,7 @@ def _loop(run: Run, run_dir: RunDir, saver: Checkpointing) -> dict:
                 sampler.sample()
             if result.stop:
                 logger.close()
-                run.accelerator.end_training()
+                _end_training(run.accelerator)
                 signals.exit_for_requeue(ckpt, result.stop_signal)
             if row or saving or sampling:  # eval, saving and sampling are not throughput
                 logger.window.reset()
@@ -221,7 +220,7 @@ def _on_nonfinite(run: Run, run_dir: RunDir, saver: Checkpointing, result: StepR
     what = (f"non-finite training loss ({result.loss}) or gradient norm ({result.grad_norm}) at step "
             f"{run.state.step + 1}; this update was not applied")
     if train.on_nonfinite == "stop" or run.state.rollbacks >= train.max_rollbacks or good is None:
-        accelerator.end_training()
+        _end_training(accelerator)
         why = ("train.on_nonfinite=stop" if train.on_nonfinite == "stop" else
                f"{run.state.rollbacks} rollbacks of train.max_rollbacks={train.max_rollbacks} used"
                if good is not None else "no healthy checkpoint to roll back to")
@@ -240,6 +239,13 @@ def _on_nonfinite(run: Run, run_dir: RunDir, saver: Checkpointing, result: StepR
                       f"{dropped} checkpoints of the abandoned trajectory removed")
 
 
+def _end_training(accelerator: Accelerator) -> None:
+    """Trackers finished and the ranks' process group left together, kept alive (distributed.leave_together says
+    why accelerate's end_training must not free it first)."""
+    leave_together(accelerator)
+    accelerator.end_training()
+
+
 def _finish(run: Run, run_dir: RunDir) -> None:
     accelerator = run.accelerator
     if run.skipped:
@@ -251,7 +257,7 @@ def _finish(run: Run, run_dir: RunDir) -> None:
     elif budget is not None:
         accelerator.print(f"train.max_steps={run.config.train.max_steps} ended the run before the flops budget "
                           f"{budget:.3e}: {run.state.flops:.3e} executed ({100 * run.state.flops / budget:.3g}%)")
-    accelerator.end_training()
+    _end_training(accelerator)
     if accelerator.is_main_process:
         from .analysis.plot import plot_loss_vs_flops  # here: matplotlib costs every launch ~0.5 s of start-up
 

@@ -17,10 +17,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from vsa_train import rundir, trainer
 from vsa_train.checkpoint import CheckpointError
+from vsa_train.checkpoint import format as checkpoint_format  # the module that calls safetensors (patched)
 from vsa_train.checkpoint import save as checkpoint  # the module that writes (patched below)
 from vsa_train.checkpoint.format import verify, write_manifest
 from vsa_train.metrics import read_metrics
@@ -204,6 +206,27 @@ def test_full_disk_names_the_path_and_keeps_the_last_checkpoint(tmp_path, monkey
         _run(tmp_path, "train.max_steps=3")
     assert _steps(tmp_path) == ["step_00000002"] and verify(RunDir(tmp_path).checkpoints.dirs()[-1]) is None
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_a_full_disk_in_a_background_save_stops_the_run_at_once_with_one_message(tmp_path, monkeypatch, capsys):
+    _run(tmp_path, "train.max_steps=2")
+    real = checkpoint_format.save_file
+
+    def full(tensors, path, *args, **kwargs):  # what safetensors raises on a full disk
+        if Path(path).name == "model.safetensors":
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        real(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_format, "save_file", full)
+    capsys.readouterr()
+    with pytest.raises(OSError, match=r"cannot write .*tmp-step_00000003: disk full \(No space left on device\) "
+                                      r"\(\d[\d,]* bytes free on that file system; writing it needs about [\d,]+ "):
+        _run(tmp_path, "train.max_steps=20", "train.ckpt_every=3")
+    said = "".join(capsys.readouterr())
+    assert "checkpoint step 3 failed" in said and "No space left" not in said  # the error once: raised
+    assert max(r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")) < 6  # stopped before the next save
+    assert _steps(tmp_path) == ["step_00000002"] and verify(RunDir(tmp_path).checkpoints.dirs()[-1]) is None
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*")) and not (tmp_path / LOCK).exists()
 
 
 # ----------------------------------------------------------------------------------------- non-finite loss

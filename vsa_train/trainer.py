@@ -43,13 +43,15 @@ class StepResult:
     grad_norm: float
     lr: float
     stop: bool          # some rank received a stop signal: every rank stops after this step
+    save_failed: bool = False  # rank 0's background checkpoint failed: every rank raises its error now
 
 
 # ------------------------------------------------------------------------------------------------- one step
 
-def train_step(run: Run, stop_requested: bool = False) -> StepResult:
+def train_step(run: Run, stop_requested: bool = False, save_failed: bool = False) -> StepResult:
     """One optimizer step: grad_accum micro-batches, backward, clip; the ranks agree (one all-reduce) on the
-    loss, its finiteness and any stop request; then AdamW and EMA. A non-finite step updates nothing."""
+    loss, its finiteness, any stop request and any failed background save; then AdamW and EMA. A non-finite step
+    updates nothing."""
     config, accelerator, model, state = run.config, run.accelerator, run.model, run.state
     device = accelerator.device
     lr = run.lr_schedule(state.step)
@@ -77,11 +79,12 @@ def train_step(run: Run, stop_requested: bool = False) -> StepResult:
     # Without clipping, max_norm=inf still returns the global norm, which the finiteness check needs.
     grad_norm = clip_grad_norm(model, accelerator, config.optim.grad_clip or float("inf"))
     flags = torch.stack([(~torch.isfinite(step_loss)).float(), (~torch.isfinite(grad_norm)).float(),
-                         torch.tensor(float(stop_requested), device=device), step_loss.float()])
-    bad_loss, bad_grad, stop, loss_sum = accelerator.reduce(flags, reduction="sum").tolist()
+                         torch.tensor(float(stop_requested), device=device), step_loss.float(),
+                         torch.tensor(float(save_failed), device=device)])
+    bad_loss, bad_grad, stop, loss_sum, failed = accelerator.reduce(flags, reduction="sum").tolist()
     state.position += run.global_batch  # consumed either way: a rollback skips them
     result = StepResult(ok=not (bad_loss or bad_grad), loss=loss_sum / accelerator.num_processes,  # sp ranks agree
-                        grad_norm=float(grad_norm), lr=lr, stop=stop > 0)
+                        grad_norm=float(grad_norm), lr=lr, stop=stop > 0, save_failed=failed > 0)
     if not result.ok:  # stopping before optimizer.step keeps the weights as the last step left them
         run.optimizer.zero_grad(set_to_none=True)
         return result
@@ -143,7 +146,9 @@ def _loop(run: Run, run_dir: RunDir, saver: Checkpointing) -> dict:
     with StopSignals(announce=say) as signals:
         while not run.finished():
             flops_before, started = run.state.flops, time.perf_counter()
-            result = train_step(run, stop_requested=signals.requested())
+            result = train_step(run, stop_requested=signals.requested(), save_failed=saver.writer.failed())
+            if result.save_failed and not result.stop:  # (a stop's save is tried anyway and prints the error)
+                saver.writer.wait()  # raises its error on every rank: the run stops now, not at the next save
             if first_step:
                 first_step = False
                 say(f"first step: {time.perf_counter() - started:.1f} s (compilation and the first batch included)")

@@ -306,9 +306,10 @@ class _Heartbeat:
     def _beat(self) -> None:
         while not self._stop.wait(self.interval_s):
             holder = _parse_lock(_read_lock(self.path))
-            if holder.get("token") != self.token:  # taken over (we were frozen past lock_stale_s): not ours
-                warnings.warn(f"{self.path} was taken over by {holder.get('host')} pid {holder.get('pid')}: "
-                              f"another launch now writes this run directory", stacklevel=1)
+            if holder.get("token") != self.token:  # removed, or taken over (we were frozen past lock_stale_s)
+                who = f"now held by {holder.get('host')} pid {holder.get('pid')}" if holder else "removed"
+                warnings.warn(f"{self.path} is no longer this process's lock ({who}): another launch may write "
+                              f"this run directory too", stacklevel=1)
                 return
             with contextlib.suppress(OSError):  # a failed refresh is retried at the next beat
                 os.utime(self.path)

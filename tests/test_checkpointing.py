@@ -5,6 +5,8 @@ import errno
 import hashlib
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,10 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from vsa_train import trainer
 from vsa_train.checkpoint import Checkpointer
+from vsa_train.checkpoint import format as checkpoint_format  # the module that calls safetensors (patched)
 from vsa_train.checkpoint import save as checkpoint  # the module that writes (patched below)
 from vsa_train.checkpoint.format import digest, optimizer_from_files, read_json, verify, write_json
 from vsa_train.rundir import RunDir
@@ -93,6 +97,73 @@ def test_format_1_checkpoints_still_verify_and_hostile_block_sizes_are_refused(t
     assert "no size and checksum for state.json" in verify(ckpt)
     write_json({**manifest, "format": 3}, ckpt / "manifest.json")
     assert "this vsa_train reads 1 or 2" in verify(ckpt)
+
+
+# ------------------------------------------------------------------------------------------------ full disks
+
+FULL = (r"cannot write .*\.tmp-step_00000002: disk full .*\((\d[\d,]*) bytes free on that file system; "
+        r"writing it needs about (\d[\d,]*) bytes\)")
+
+
+@pytest.mark.parametrize("message", ["Error while serializing: I/O error: No space left on device (os error 28)",
+                                     "Error while serializing: something went wrong"])
+def test_a_full_disk_in_safetensors_names_the_sizes_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch,
+                                                                                      message):
+    """safetensors reports a full disk as its own SafetensorError, without the path; without an errno in it, free
+    space below the checkpoint's size tells a full disk."""
+    accelerator, model, optimizer = _linear()
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()  # the optimizer holds state: its file counts toward the size
+    ckpts = Checkpointer(accelerator, RunDir(tmp_path).checkpoints, keep=2)
+    first = ckpts.save(model, optimizer, None, {"step": 1})
+    real = checkpoint_format.save_file
+
+    def full(tensors, path, *args, **kwargs):
+        if Path(path).name == "model.safetensors":
+            Path(path).write_bytes(b"x" * 100)  # what a real write leaves behind in the folder
+            raise SafetensorError(message)
+        real(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_format, "save_file", full)
+    if "os error" not in message:
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**6, 10**6 - 10, 10))
+    with pytest.raises(OSError, match=FULL) as raised:
+        ckpts.save(model, optimizer, None, {"step": 2})
+    free, needed = (int(n.replace(",", "")) for n in re.search(FULL, str(raised.value)).groups())
+    assert needed == 3 * (12 + 3) * 4 + 2 * 4  # weight and bias; AdamW's two moments of each, two step counts
+    assert free > 0
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    assert RunDir(tmp_path).checkpoints.dirs() == [first] and verify(first) is None
+
+
+FILE_SIZE_LIMIT = """
+import resource, signal, sys, torch
+from accelerate import Accelerator
+from vsa_train.checkpoint import Checkpointer
+from vsa_train.rundir import RunDir
+model = torch.nn.Linear(256, 256)
+ckpts = Checkpointer(Accelerator(cpu=True), RunDir(sys.argv[1]).checkpoints, keep=2)
+optimizer = torch.optim.AdamW(model.parameters())
+ckpts.save(model, optimizer, None, {"step": 1})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as a full disk fails
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    ckpts.save(model, optimizer, None, {"step": 2})
+except Exception as err:
+    print(f"{type(err).__name__}: {err}")
+"""
+
+
+def test_a_real_failed_write_names_the_sizes_and_keeps_the_previous_checkpoint(tmp_path):
+    """A real write error from safetensors (not a stand-in): a process whose file size limit (RLIMIT_FSIZE) is
+    below the size of its model file (256 x 257 float32 weights; with AdamW's moments and steps 789,512 B)."""
+    out = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMIT, str(tmp_path)], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
+    assert re.search(r"^OSError: .*cannot write .*\.tmp-step_00000002: File too large .*\(\d[\d,]* bytes free on "
+                     r"that file system; writing it needs about 789,512 bytes\)", out.stdout, re.M), out
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    (first,) = RunDir(tmp_path).checkpoints.dirs()
+    assert first.name == "step_00000001" and verify(first) is None
 
 
 # ---------------------------------------------------------------------------------------- background saves

@@ -2,6 +2,7 @@
 torn metrics, non-finite losses, two writers, full disks and stop signals. CPU, tiny model (64 tokens)."""
 import errno
 import json
+import multiprocessing
 import os
 import pickle
 import re
@@ -17,10 +18,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from vsa_train import trainer
+from vsa_train import rundir, trainer
 from vsa_train.checkpoint import CheckpointError
+from vsa_train.checkpoint import format as checkpoint_format  # the module that calls safetensors (patched)
 from vsa_train.checkpoint import save as checkpoint  # the module that writes (patched below)
 from vsa_train.checkpoint.format import verify, write_manifest
 from vsa_train.metrics import read_metrics
@@ -206,6 +209,27 @@ def test_full_disk_names_the_path_and_keeps_the_last_checkpoint(tmp_path, monkey
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
 
 
+def test_a_full_disk_in_a_background_save_stops_the_run_at_once_with_one_message(tmp_path, monkeypatch, capsys):
+    _run(tmp_path, "train.max_steps=2")
+    real = checkpoint_format.save_file
+
+    def full(tensors, path, *args, **kwargs):  # what safetensors raises on a full disk
+        if Path(path).name == "model.safetensors":
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        real(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_format, "save_file", full)
+    capsys.readouterr()
+    with pytest.raises(OSError, match=r"cannot write .*tmp-step_00000003: disk full \(No space left on device\) "
+                                      r"\(\d[\d,]* bytes free on that file system; writing it needs about [\d,]+ "):
+        _run(tmp_path, "train.max_steps=20", "train.ckpt_every=3")
+    said = "".join(capsys.readouterr())
+    assert "checkpoint step 3 failed" in said and "No space left" not in said  # the error once: raised
+    assert max(r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")) < 6  # stopped before the next save
+    assert _steps(tmp_path) == ["step_00000002"] and verify(RunDir(tmp_path).checkpoints.dirs()[-1]) is None
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*")) and not (tmp_path / LOCK).exists()
+
+
 # ----------------------------------------------------------------------------------------- non-finite loss
 
 def _poison(monkeypatch, losses: dict):
@@ -318,6 +342,107 @@ def test_a_live_writer_keeps_the_run_and_a_dead_one_does_not(tmp_path):
     os.utime(tmp_path / LOCK, (old, old))
     with pytest.warns(UserWarning, match="not refreshed for"):
         _run(tmp_path, "train.max_steps=2")
+
+
+def _hold_lock(run_dir, stale_s, host, report, release):
+    """A forked process holding run_dir's lock (as `host`), writing nothing, until `release` is set."""
+    if host is not None:
+        socket.gethostname = lambda: host
+    try:
+        with RunDir(run_dir).lock(stale_s):
+            report.put("won")
+            release.wait(60)
+    except RunDirError as err:
+        report.put(f"lost: {err}")
+
+
+def _race_for_lock(run_dir, report, release):
+    """`_hold_lock` by a launch that is slow between judging the lock stale and taking it over: every racer has
+    judged before any acts, the interleaving in which a check-then-replace lets two launches win."""
+    judge = rundir._stale_reason
+
+    def slow(*args):
+        reason = judge(*args)
+        time.sleep(0.2)
+        return reason
+
+    rundir._stale_reason = slow
+    _hold_lock(run_dir, 60, None, report, release)
+
+
+def _forked(target, *args):
+    proc = multiprocessing.get_context("fork").Process(target=target, args=args, daemon=True)
+    proc.start()
+    return proc
+
+
+def test_a_live_lock_is_kept_by_its_heartbeat_however_long_nothing_is_logged(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    report, release = ctx.Queue(), ctx.Event()
+    holder = _forked(_hold_lock, tmp_path, 0.5, "elsewhere", report, release)  # another host: judged by age
+    try:
+        assert report.get(timeout=30) == "won"
+        time.sleep(2)  # four times train.lock_stale_s without a metrics row
+        with pytest.raises(RunDirError, match="in use by elsewhere"):
+            with RunDir(tmp_path).lock(0.5):
+                pass
+    finally:
+        release.set()
+        holder.join(30)
+    assert not (tmp_path / LOCK).exists()
+
+
+def test_the_heartbeat_stops_on_release(tmp_path):
+    with RunDir(tmp_path).lock(0.2):
+        old = time.time() - 3600
+        os.utime(tmp_path / LOCK, (old, old))
+        time.sleep(0.3)
+        assert time.time() - (tmp_path / LOCK).stat().st_mtime < 5  # refreshed while held
+    assert not (tmp_path / LOCK).exists()
+    assert not [t for t in threading.enumerate() if "run.lock" in t.name]
+    (tmp_path / LOCK).write_text(json.dumps({"host": "elsewhere", "pid": 1}))  # a later holder's
+    old = time.time() - 3600
+    os.utime(tmp_path / LOCK, (old, old))
+    time.sleep(0.3)
+    assert (tmp_path / LOCK).stat().st_mtime == old
+
+
+def test_launches_racing_for_a_stale_lock_leave_one_writer(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    for race in range(20):
+        run_dir = tmp_path / str(race)
+        run_dir.mkdir()
+        (run_dir / LOCK).write_text(json.dumps({"host": "elsewhere", "pid": 1}))
+        old = time.time() - 3600
+        os.utime(run_dir / LOCK, (old, old))
+        report, release = ctx.Queue(), ctx.Event()
+        racers = [_forked(_race_for_lock, run_dir, report, release) for _ in range(3)]
+        try:
+            results = [report.get(timeout=60) for _ in racers]
+        finally:
+            release.set()
+            for racer in racers:
+                racer.join(30)
+        assert results.count("won") == 1 and sum("in use by" in r for r in results) == 2, (race, results)
+
+
+def test_a_lock_whose_pid_now_names_another_process_is_taken_over(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stat = Path(f"/proc/{holder.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(stat[19])  # field 22: start time in clock ticks after boot
+        record = {"host": socket.gethostname(), "pid": holder.pid, "pid_start": started}
+        (tmp_path / LOCK).write_text(json.dumps(record))
+        with pytest.raises(RunDirError, match=f"in use by {socket.gethostname()} pid {holder.pid}"):
+            with RunDir(tmp_path).lock(900):
+                pass
+        (tmp_path / LOCK).write_text(json.dumps({**record, "pid_start": started - 1}))  # an earlier process's pid
+        with pytest.warns(UserWarning, match="stale lock .* another process"):
+            with RunDir(tmp_path).lock(900):
+                assert json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 # ------------------------------------------------------------------------------------- processes and signals

@@ -8,17 +8,23 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 
-def disk_error(err: OSError, path) -> OSError:
-    """An OSError that names the path and the bytes left on its file system (a full disk says so plainly)."""
+def disk_error(err: OSError, path, needed: int | None = None) -> OSError:
+    """An OSError that names the path, the bytes left on its file system and, if known, the bytes the write
+    needed; a full disk says so plainly (ENOSPC, EDQUOT, or an error without errno while less is free than
+    needed: safetensors' own errors may carry none)."""
     where = next((p for p in (Path(path), *Path(path).parents) if p.exists()), Path("/"))
     try:
-        free = f"{shutil.disk_usage(where).free:,} bytes free"
+        free = shutil.disk_usage(where).free
     except OSError:
-        free = "free space unknown"
-    what = err.strerror or type(err).__name__
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = None
+    what = err.strerror or str(err) or type(err).__name__
+    short = err.errno is None and needed is not None and free is not None and free < needed
+    if err.errno in (errno.ENOSPC, errno.EDQUOT) or short:
         what = f"disk full ({what})"
-    return OSError(err.errno, f"cannot write {path}: {what} ({free} on that file system)")
+    sizes = ("free space unknown" if free is None else f"{free:,} bytes free") + " on that file system"
+    if needed is not None:
+        sizes += f"; writing it needs about {needed:,} bytes"
+    return OSError(err.errno, f"cannot write {path}: {what} ({sizes})")
 
 
 @contextmanager

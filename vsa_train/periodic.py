@@ -103,15 +103,13 @@ class MetricsLogger:
         return row
 
     def write(self, row: dict) -> None:
-        """Logs a row (if any) with the run's counters and refreshes run.lock (a file time stamp: no collective)."""
+        """Logs a row (if any) with the run's counters."""
         if not row:
             return
         state = self.run.state
         row = dict(step=state.step, flops=state.flops, flops_dense=state.flops_dense, samples=state.samples, **row)
         self.file.log(row)
         self.last.update(row)
-        if self.main:
-            self.run_dir.touch_lock()
 
     def close(self) -> None:
         self.bar.close()

@@ -44,14 +44,15 @@ class StepResult:
     lr: float
     stop: bool          # some rank received a stop signal: every rank stops after this step
     stop_signal: int = 0  # which one (the first of preemption.SIGNALS that any rank received), for every rank
+    save_failed: bool = False  # rank 0's background checkpoint failed: every rank raises its error now
 
 
 # ------------------------------------------------------------------------------------------------- one step
 
-def train_step(run: Run, stop_signal: int | None = None) -> StepResult:
+def train_step(run: Run, stop_signal: int | None = None, save_failed: bool = False) -> StepResult:
     """One optimizer step: grad_accum micro-batches, backward, clip; the ranks agree (one all-reduce) on the
-    loss, its finiteness and any stop signal (this rank's in `stop_signal`); then AdamW and EMA. A non-finite step
-    updates nothing."""
+    loss, its finiteness, any stop signal (this rank's in `stop_signal`) and any failed background save; then
+    AdamW and EMA. A non-finite step updates nothing."""
     config, accelerator, model, state = run.config, run.accelerator, run.model, run.state
     device = accelerator.device
     lr = run.lr_schedule(state.step)
@@ -81,12 +82,13 @@ def train_step(run: Run, stop_signal: int | None = None) -> StepResult:
     # One slot per stop signal: a rank that received none learns which one stops it (submitit's handler for it).
     stops = torch.tensor([float(sig == stop_signal) for sig in SIGNALS], device=device)
     flags = torch.cat([torch.stack([(~torch.isfinite(step_loss)).float(), (~torch.isfinite(grad_norm)).float(),
-                                    step_loss.float()]), stops])
-    bad_loss, bad_grad, loss_sum, *received = accelerator.reduce(flags, reduction="sum").tolist()
+                                    step_loss.float(), torch.tensor(float(save_failed), device=device)]), stops])
+    bad_loss, bad_grad, loss_sum, failed, *received = accelerator.reduce(flags, reduction="sum").tolist()
     stop_signal = next((int(sig) for sig, count in zip(SIGNALS, received) if count), 0)
     state.position += run.global_batch  # consumed either way: a rollback skips them
     result = StepResult(ok=not (bad_loss or bad_grad), loss=loss_sum / accelerator.num_processes,  # sp ranks agree
-                        grad_norm=float(grad_norm), lr=lr, stop=bool(stop_signal), stop_signal=stop_signal)
+                        grad_norm=float(grad_norm), lr=lr, stop=bool(stop_signal), stop_signal=stop_signal,
+                        save_failed=failed > 0)
     if not result.ok:  # stopping before optimizer.step keeps the weights as the last step left them
         run.optimizer.zero_grad(set_to_none=True)
         return result
@@ -145,7 +147,9 @@ def _loop(run: Run, run_dir: RunDir, saver: Checkpointing) -> dict:
     with StopSignals(announce=say) as signals:
         while not run.finished():
             flops_before, started = run.state.flops, time.perf_counter()
-            result = train_step(run, stop_signal=signals.received)
+            result = train_step(run, stop_signal=signals.received, save_failed=saver.writer.failed())
+            if result.save_failed and not result.stop:  # (a stop's save is tried anyway and prints the error)
+                saver.writer.wait()  # raises its error on every rank: the run stops now, not at the next save
             if first_step:
                 first_step = False
                 say(f"first step: {time.perf_counter() - started:.1f} s (compilation and the first batch included)")

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 MANIFEST = "manifest.json"
@@ -27,6 +28,7 @@ BLOCK_BYTES = 64 << 20
 _READ_BYTES = 16 << 20
 _HASH_THREADS = min(8, os.cpu_count() or 1)
 _RNG_FILE = re.compile(r"^rng_rank\d+\.safetensors$")
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors (Rust) quotes the errno of an I/O error
 
 
 class CheckpointError(RuntimeError):
@@ -36,8 +38,27 @@ class CheckpointError(RuntimeError):
 # ------------------------------------------------------------------------------------------ checkpoint files
 
 def save_tensors(tensors: dict, path: Path) -> None:
-    """One safetensors file (CPU, contiguous copies: views of shared storage cannot be stored)."""
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
+    """One safetensors file (CPU, contiguous copies: views of shared storage cannot be stored). A failed write is
+    an OSError, as for any other file: safetensors raises its own SafetensorError, without the path and with the
+    errno only in its text ("... (os error 28)")."""
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
+    except SafetensorError as err:
+        number = _OS_ERROR.search(str(err))
+        if number is None:
+            raise OSError(None, f"safetensors: {err}") from err
+        raise OSError(int(number[1]), os.strerror(int(number[1]))) from err
+
+
+def tensor_bytes(tree) -> int:
+    """The bytes of the tensors in `tree` (dicts, lists, tuples): about what writing them takes on disk."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(tensor_bytes(v) for v in tree)
+    return 0
 
 
 def load_tensors(path: Path) -> dict:

@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 from ..distributed import on_main
 from ..files import disk_error
 from ..parallel import is_fsdp
-from .format import STATE, optimizer_to_files, rng_file, rng_state, save_tensors, write_json
+from .format import STATE, optimizer_to_files, rng_file, rng_state, save_tensors, tensor_bytes, write_json
 from .store import Checkpoints
 
 
@@ -104,10 +104,11 @@ class Checkpointer:
         except Exception as err:  # noqa: BLE001 (host memory, disk): raised below, after every rank knows
             error = err
         self._agree(error, tmp, "could not copy the state or make the checkpoint folder")
+        rng = rng_state()
         try:  # every rank its own RNG state
-            save_tensors(rng_state(), rng_file(tmp, accelerator.process_index))
+            save_tensors(rng, rng_file(tmp, accelerator.process_index))
         except OSError as err:
-            error = disk_error(err, tmp)
+            error = disk_error(err, tmp, needed=tensor_bytes([rng, state]))
         self._agree(error, tmp, f"could not write its RNG state into {tmp}")
         if not accelerator.is_main_process:
             return None if background else self.wait()
@@ -125,8 +126,8 @@ class Checkpointer:
                     raise  # Ctrl-C or exit in the main thread: as anywhere else in the loop
                 # `on_main` shares an Exception with the other ranks; anything else would leave them waiting.
                 self._outcome = (None, err if isinstance(err, Exception) else RuntimeError(f"interrupted: {err!r}"))
-                if background:
-                    self.announce(f"checkpoint step {step} failed: {err} (the run stops at its next save)")
+                if background:  # the error itself reaches the user once: raised by `wait`, or printed by a stop
+                    self.announce(f"checkpoint step {step} failed; the run stops with its error")
 
         self._outcome = (None, None)
         if not background:
@@ -146,6 +147,11 @@ class Checkpointer:
             if self.accelerator.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise error or RuntimeError(f"another rank {what}")
+
+    def failed(self) -> bool:
+        """A background save here has failed and `wait` has not raised its error yet (this process only)."""
+        thread, (_, error) = self._thread, self._outcome
+        return thread is not None and not thread.is_alive() and error is not None
 
     def wait(self) -> Path | None:
         """Ends the save in flight (collective): its directory on every rank, or its error raised on every rank."""
@@ -211,5 +217,5 @@ def _write_files(state: dict, tmp: Path) -> None:
                 future.result()
         write_json(state["counters"], tmp / STATE)
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise disk_error(err, tmp) from err
+        shutil.rmtree(tmp, ignore_errors=True)  # before the free space is measured: the space it would leave
+        raise disk_error(err, tmp, needed=tensor_bytes(state)) from err

@@ -126,6 +126,20 @@ def test_forced_resume_is_recorded(tmp_path):
         _run(tmp_path, "train.max_steps=4", "optim.lr=1e-3", "train.resume=never")
 
 
+def _history(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "config_history.jsonl").read_text().splitlines()]
+
+
+def test_forced_resume_applies_the_optimizer_settings(tmp_path):
+    """optimizer.load_state_dict brings back the checkpoint's betas and weight decay: the forced ones must win."""
+    _run(tmp_path, "train.max_steps=2")
+    _run(tmp_path, "train.max_steps=3", "optim.betas=[0.5,0.6]", "optim.weight_decay=0.5", "train.resume=force")
+    groups = json.loads((RunDir(tmp_path).checkpoints.dirs()[-1] / "optimizer.json").read_text())["param_groups"]
+    assert [(g["betas"], g["weight_decay"]) for g in groups] == [([0.5, 0.6], 0.5), ([0.5, 0.6], 0.0)]
+    assert _history(tmp_path)[1]["changed"] == {"optim.betas": [[0.9, 0.95], [0.5, 0.6]],
+                                                "optim.weight_decay": [0.01, 0.5]}
+
+
 def test_same_global_batch_other_split_resumes_at_the_same_sample(tmp_path):
     """batch 2 x accum 1 for 2 steps, then batch 1 x accum 2: the data continues where it stopped."""
     split, straight = tmp_path / "split", tmp_path / "straight"

@@ -130,6 +130,91 @@ def test_forced_resume_is_recorded(tmp_path):
         _run(tmp_path, "train.max_steps=4", "optim.lr=1e-3", "train.resume=never")
 
 
+def _history(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "config_history.jsonl").read_text().splitlines()]
+
+
+def test_forced_resume_applies_the_optimizer_settings(tmp_path):
+    """optimizer.load_state_dict brings back the checkpoint's betas and weight decay: the forced ones must win."""
+    _run(tmp_path, "train.max_steps=2")
+    _run(tmp_path, "train.max_steps=3", "optim.betas=[0.5,0.6]", "optim.weight_decay=0.5", "train.resume=force")
+    groups = json.loads((RunDir(tmp_path).checkpoints.dirs()[-1] / "optimizer.json").read_text())["param_groups"]
+    assert [(g["betas"], g["weight_decay"]) for g in groups] == [([0.5, 0.6], 0.5), ([0.5, 0.6], 0.0)]
+    assert _history(tmp_path)[1]["changed"] == {"optim.betas": [[0.9, 0.95], [0.5, 0.6]],
+                                                "optim.weight_decay": [0.01, 0.5]}
+
+
+def test_forced_global_batch_is_recorded_and_one_that_misses_the_data_position_is_named(tmp_path):
+    _run(tmp_path, "train.max_steps=2")  # 2 steps of 2 samples: the data stands at sample 4
+    _run(tmp_path, "train.max_steps=3", "train.batch_size=4", "train.resume=force")  # now at sample 8
+    last = _history(tmp_path)[1]
+    assert last["forced"] is True and last["changed"] == {"global_batch": [2, 4]}
+    with pytest.raises(RunDirError) as err:
+        _run(tmp_path, "train.max_steps=4", "train.batch_size=3", "train.resume=force")
+    message = str(err.value)
+    assert "\n" not in message and "sample 8" in message and "train.batch_size=3" in message
+    assert "train.batch_size=2" in message  # the largest one below that continues at sample 8
+    assert len(_history(tmp_path)) == 2
+
+
+def test_refused_launch_leaves_the_run_directory_byte_identical(tmp_path):
+    """Through train.py: Hydra's .hydra/ record is written only once the launch is accepted."""
+    run = tmp_path / "run"
+    out, _ = _launch(run, "train.max_steps=2").communicate(timeout=120)
+    assert (run / ".hydra" / "config.yaml").is_file() and (run / ".hydra" / "overrides.yaml").is_file(), out
+    assert "train.max_steps=2" in (run / ".hydra" / "overrides.yaml").read_text()
+
+    def files():
+        return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+    before = files()
+    proc = _launch(run, "train.max_steps=4", "model.hidden_size=64")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "model.hidden_size: run has 128, this launch 64" in out
+    assert files() == before
+
+
+def test_a_changed_eval_set_is_refused_unless_forced_and_then_recorded(tmp_path):
+    """The eval curve is one set's: train.eval_samples / eval_timesteps decide it (eval_batch_size only chunks it)."""
+    _run(tmp_path, "train.max_steps=2")
+    for key in ("train.eval_samples=2", "train.eval_timesteps=3"):
+        with pytest.raises(RunDirError, match=rf"{key.split('=')[0]}: run has \d, this launch \d"):
+            _run(tmp_path, "train.max_steps=3", key)
+    _run(tmp_path, "train.max_steps=3", "train.eval_batch_size=2")  # the same set, in other chunks
+    _run(tmp_path, "train.max_steps=4", "train.eval_timesteps=3", "train.resume=force")
+    last = _history(tmp_path)[-1]
+    assert last["forced"] is True and last["changed"] == {"train.eval_timesteps": [2, 3]}
+
+
+def test_raising_max_steps_of_a_decaying_schedule_keeps_the_final_rate_and_says_so(tmp_path):
+    """The docs' promise: steps past the run's end keep the final rate (no jump back up); the history says so."""
+    cosine = ("optim.schedule=cosine", "optim.warmup_steps=0")
+    _run(tmp_path, "train.max_steps=2", *cosine)
+    _run(tmp_path, "train.max_steps=4", *cosine)
+    lr = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "metrics.jsonl") if "lr" in r}
+    assert lr[3] == lr[4] == lr[2] == pytest.approx(6e-4 * 0.1)
+    last = _history(tmp_path)[-1]
+    assert last["kept"] == {"lr_end_step": [2, 4]} and last["forced"] is False and last["changed"] == {}
+    # forced: the launch's end wins, the decay starts over towards it (recorded as forced)
+    _run(tmp_path, "train.max_steps=8", *cosine, "train.resume=force")
+    lr = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "metrics.jsonl") if "lr" in r}
+    assert lr[5] > lr[4]
+    last = _history(tmp_path)[-1]
+    assert last["forced"] is True and last["changed"] == {"lr_end_step": [2, 8]}
+
+
+def test_a_changed_init_from_on_resume_is_refused_unless_forced_and_then_recorded(tmp_path):
+    """A resumed run keeps its own weights: another train.init_from would be ignored, so it is not silently."""
+    source, run = tmp_path / "source", tmp_path / "run"
+    _run(source, "train.max_steps=1")
+    _run(run, "train.max_steps=2")
+    with pytest.raises(RunDirError, match=r"train.init_from: run has None, this launch '.*source'"):
+        _run(run, "train.max_steps=3", f"train.init_from={source}")
+    _run(run, "train.max_steps=3", f"train.init_from={source}", "train.resume=force")
+    last = _history(run)[-1]
+    assert last["forced"] is True and last["changed"] == {"train.init_from": [None, str(source)]}
+
+
 def test_same_global_batch_other_split_resumes_at_the_same_sample(tmp_path):
     """batch 2 x accum 1 for 2 steps, then batch 1 x accum 2: the data continues where it stopped."""
     split, straight = tmp_path / "split", tmp_path / "straight"

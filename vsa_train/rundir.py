@@ -2,14 +2,15 @@
 
     run_dir/
       config.yaml             the resolved config the run started with; kept (a forced resume replaces it)
-      config_history.jsonl    one line per launch: host, processes, global batch, keys that differ, forced or not
+      config_history.jsonl    one line per launch: host, processes, global batch, what it changed or kept, forced or not
+      .hydra/                 Hydra's record of the launch (config, hydra, overrides), written once it is accepted
       run.lock                the one writer: host, pid, SLURM job; refreshed by a heartbeat while held
       metrics.jsonl           one row per logged step (vsa_train/metrics.py)
       checkpoints/step_<N>/   the checkpoints (vsa_train/checkpoint/: format, listing, saving, loading)
 
 Nothing here is ever unpickled: everything is JSON or YAML. A launch resumes the newest checkpoint that verifies
-and names the ones it skips. This module does files only (no collectives): the trainer calls it on the ranks
-that must write and agrees across ranks around it.
+and names the ones it skips. A launch it refuses leaves the directory byte-identical. This module does files only
+(no collectives): the trainer calls it on the ranks that must write and agrees across ranks around it.
 """
 import contextlib
 import hashlib
@@ -39,6 +40,15 @@ TRAJECTORY = ("model", "attn", "data", "optim", "train.seed", "train.ema", "trai
 NOT_TRAJECTORY = ("data.num_workers", "model.grad_checkpointing")  # parallel.* is outside TRAJECTORY too
 HEARTBEAT_S = 10.0  # the lock is refreshed this often (or 4 times per train.lock_stale_s, if that is shorter)
 CLAIM_WAIT_S = 30.0  # how long a launch waits for another one's takeover of a stale lock to finish
+# The eval set (vsa_train/evaluation.py; with the data section): one run's eval curve is measured on one set.
+EVAL_SET = ("train.eval_samples", "train.eval_timesteps")
+# What a resume must match besides the trajectory: the eval set, and the weights the run started from (a resumed
+# run keeps its own, so another train.init_from would be ignored).
+FIXED = (*TRAJECTORY, *EVAL_SET, "train.init_from")
+# Why a key outside the trajectory is fixed, for the refusal's lines.
+WHY_FIXED = {**dict.fromkeys(EVAL_SET, "it decides the eval set: the run's eval curve would mix two sets"),
+             "train.init_from": "a resumed run keeps its own weights: this one would be ignored"}
+HYDRA_RECORD = ".hydra"  # configs/train.yaml sets hydra.output_subdir to null: `record_launch` writes it
 
 
 class RunDirError(RuntimeError):
@@ -65,12 +75,12 @@ def _flatten(tree, prefix="") -> dict:
     return {prefix[:-1]: tree}
 
 
-def trajectory_diff(old: DictConfig, new: DictConfig) -> list[tuple[str, object, object]]:
-    """(key, old value, new value) for every trajectory key that differs (missing keys count as None)."""
+def config_diff(old: DictConfig, new: DictConfig) -> list[tuple[str, object, object]]:
+    """(key, old value, new value) for every FIXED key that differs (missing keys count as None)."""
     def pick(cfg):
         flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
         return {k: v for k, v in flat.items()
-                if any(k == t or k.startswith(t + ".") for t in TRAJECTORY)
+                if any(k == t or k.startswith(t + ".") for t in FIXED)
                 and not any(k == n or k.startswith(n + ".") for n in NOT_TRAJECTORY)}
     a, b = pick(old), pick(new)
     return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
@@ -87,6 +97,7 @@ class Launch:
     global_batch: int
     resume: str  # train.resume: auto | never | force (sections.RESUME_MODES)
     data_parallel: int = 1  # processes / parallel.sp_size
+    lr_end_step: int | None = None  # where the configured learning-rate decay ends (None: it does not decay)
 
 
 class RunDir:
@@ -102,51 +113,73 @@ class RunDir:
     def check_launch(self, launch: Launch) -> "Path | None":
         """Read-only: refuses a launch that does not fit the run (RunDirError), returns the checkpoint to resume.
 
-        auto: resume the newest verified checkpoint if the trajectory keys and global batch match; never: the
+        auto: resume the newest verified checkpoint if the FIXED keys and global batch match; never: the
         directory must hold no checkpoint; force: resume whatever differs (recorded by `record_launch`).
         """
-        has_checkpoints = bool(self.checkpoints.dirs())
         if launch.resume == "never":
-            if has_checkpoints:
+            if self.checkpoints.dirs():
                 raise RunDirError(f"train.resume=never, but {self.checkpoints.path} holds checkpoints; choose another "
                                   f"run_dir or delete them")
             return None
-        if launch.resume == "auto" and (self.path / CONFIG).is_file():
-            diff = trajectory_diff(OmegaConf.load(self.path / CONFIG), launch.cfg)
-            if diff:
-                raise RunDirError(
-                    f"{self.path} belongs to a run with another config; refusing to resume it with:\n"
-                    + "\n".join(f"  {k}: run has {a!r}, this launch {b!r}" for k, a, b in diff)
-                    + "\nUse another run_dir (exp_name=... or hydra.run.dir=...), or train.resume=force to resume "
-                      "anyway (recorded in config_history.jsonl).")
-        ckpt = self.checkpoints.resume() if has_checkpoints else None
-        if ckpt is not None and launch.resume == "auto":
-            saved = read_state(ckpt).get("global_batch")
-            if saved is not None and saved != launch.global_batch:
-                raise RunDirError(
-                    f"{ckpt} was trained with global batch {saved}; this launch has {launch.global_batch} "
-                    f"(train.batch_size={launch.cfg.train.batch_size} x train.grad_accum="
-                    f"{launch.cfg.train.grad_accum} x {launch.data_parallel} data-parallel ranks). Keep the global "
-                    f"batch (e.g. batch_size x grad_accum = {saved / launch.data_parallel:g} per data-parallel rank), "
-                    f"or train.resume=force.")
+        diff = self._config_changes(launch)
+        if launch.resume == "auto" and diff:
+            raise RunDirError(
+                f"{self.path} belongs to a run with another config; refusing to resume it with:\n"
+                + "\n".join(f"  {k}: run has {a!r}, this launch {b!r}" + _why(k) for k, a, b in diff)
+                + "\nUse another run_dir (exp_name=... or hydra.run.dir=...), or train.resume=force to resume "
+                  "anyway (recorded in config_history.jsonl).")
+        ckpt = self.checkpoints.resume()
+        state = read_state(ckpt) if ckpt is not None else {}
+        batch, _ = _state_changes(launch, state)
+        if launch.resume == "auto" and batch:
+            raise RunDirError(
+                f"{ckpt} was trained with global batch {state['global_batch']}; this launch has {launch.global_batch} "
+                f"(train.batch_size={launch.cfg.train.batch_size} x train.grad_accum="
+                f"{launch.cfg.train.grad_accum} x {launch.data_parallel} data-parallel ranks). Keep the global "
+                f"batch (e.g. batch_size x grad_accum = {state['global_batch'] / launch.data_parallel:g} per "
+                f"data-parallel rank), or train.resume=force.")
+        if ckpt is not None:
+            _check_position(ckpt, state, launch)
         return ckpt
 
     def record_launch(self, launch: Launch, resumed_from: "Path | None") -> None:
-        """Writes config.yaml on a run's first launch (or a forced one) and appends the launch to the history."""
+        """Writes config.yaml on a run's first launch (or one that changed it), Hydra's record, and appends the
+        launch to the history: what it changed (forced, or a fresh start under never) and what the run kept."""
         self.path.mkdir(parents=True, exist_ok=True)
-        config = self.path / CONFIG
-        diff = trajectory_diff(OmegaConf.load(config), launch.cfg) if config.is_file() else []
-        if not config.is_file() or (launch.resume == "force" and diff):
-            atomic_write(config, OmegaConf.to_yaml(launch.cfg, resolve=True))
+        batch, ends = _state_changes(launch, read_state(resumed_from) if resumed_from is not None else {})
+        forced = launch.resume == "force"
+        changed = self._config_changes(launch) + batch + (ends if forced else [])  # auto got here with none
+        kept = [] if forced else ends  # auto: the run's learning-rate decay goes on to its own end
+        if not (self.path / CONFIG).is_file() or changed:
+            atomic_write(self.path / CONFIG, OmegaConf.to_yaml(launch.cfg, resolve=True))
+        self._record_hydra(launch.cfg)
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "pid": os.getpid(),
                  "slurm_job": _slurm_job(), "processes": launch.processes, "global_batch": launch.global_batch,
                  "resume": launch.resume, "resumed_from": resumed_from and resumed_from.name,
-                 "changed": {k: [a, b] for k, a, b in diff}, "forced": bool(diff)}
+                 "changed": {k: [a, b] for k, a, b in changed}, "kept": {k: [a, b] for k, a, b in kept},
+                 "forced": forced and bool(changed)}
         try:
             with open(self.path / HISTORY, "a") as f:
                 f.write(json.dumps(entry, default=str) + "\n")
         except OSError as err:
             raise disk_error(err, self.path / HISTORY) from err
+
+    def _config_changes(self, launch: Launch) -> list[tuple[str, object, object]]:
+        """The FIXED keys this launch changes against the run's config.yaml (none on a first launch)."""
+        config = self.path / CONFIG
+        return config_diff(OmegaConf.load(config), launch.cfg) if config.is_file() else []
+
+    def _record_hydra(self, cfg: DictConfig) -> None:
+        """Under Hydra, its record of this launch (what Hydra writes at job start, before any launch check)."""
+        from hydra.core.hydra_config import HydraConfig  # here: only train.py's launches run under Hydra
+
+        if not HydraConfig.initialized() or HydraConfig.get().output_subdir is not None:
+            return  # not under Hydra, or Hydra wrote its record itself (hydra.output_subdir set on the command line)
+        hydra = HydraConfig.instance().cfg
+        folder = Path(hydra.hydra.runtime.output_dir) / HYDRA_RECORD
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra), ("overrides.yaml", hydra.hydra.overrides.task)):
+            atomic_write(folder / name, OmegaConf.to_yaml(node))
 
     # -- the lock
 
@@ -171,6 +204,36 @@ class RunDir:
             heartbeat.stop()
             if _parse_lock(_read_lock(path)).get("token") == me["token"]:
                 path.unlink(missing_ok=True)
+
+# ---------------------------------------------------------------------------------------------- launch helpers
+
+def _why(key: str) -> str:
+    return f" ({WHY_FIXED[key]})" if key in WHY_FIXED else ""
+
+
+def _state_changes(launch: Launch, state: dict) -> tuple[list, list]:
+    """Against the resumed checkpoint's counters: (its global batch, which auto refuses to change; its learning-rate
+    decay's end, which auto keeps), each as [(key, checkpoint's value, this launch's)]."""
+    batch = [("global_batch", state["global_batch"], launch.global_batch)] \
+        if state.get("global_batch") not in (None, launch.global_batch) else []
+    end = [("lr_end_step", state["lr_end_step"], launch.lr_end_step)] \
+        if state.get("lr_end_step") not in (None, launch.lr_end_step) else []
+    return batch, end
+
+
+def _check_position(ckpt: Path, state: dict, launch: Launch) -> None:
+    """The stream restarts at a whole number of this launch's batches (batch_size x data-parallel ranks), so they
+    must divide the data position; a forced global batch may not."""
+    position, size, ranks = state.get("position", 0), launch.cfg.train.batch_size, launch.data_parallel
+    if position % (size * ranks) == 0:
+        return
+    fits = next((b for b in range(size, 0, -1) if position % (b * ranks) == 0), None)
+    way = (f"train.batch_size={fits} would (the largest up to {size} that does)" if fits else
+           f"no train.batch_size does with {ranks} data-parallel ranks")
+    raise RunDirError(f"{ckpt} stopped at sample {position}; this launch's batches of {size * ranks} "
+                      f"(train.batch_size={size} x {ranks} data-parallel ranks) do not divide it, so the data cannot "
+                      f"continue there: {way}")
+
 
 # ------------------------------------------------------------------------------------------------ lock helpers
 
@@ -320,3 +383,4 @@ class _Heartbeat:
 
 
 __all__ = ["CONFIG", "Launch", "RunDir", "RunDirError", "load_run_config", "trajectory_diff"]
+__all__ = ["CONFIG", "Launch", "RunDir", "RunDirError", "config_diff", "load_run_config"]

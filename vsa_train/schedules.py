@@ -15,7 +15,9 @@ The run's end is `train.max_steps`, or, when `train.flops_budget` is set, the st
 cumulative executed FLOPs first reach the budget, whichever comes first. That step is found by adding up the
 FLOPs of each step exactly as the trainer does (`SparsitySchedule.flops_per_sample(step).executed x global
 batch`), so a VSA run whose sparsity ramps, and hence whose FLOPs per step change, still decays to the step at
-which it stops. A step after the end (train.max_steps raised later) keeps the final rate.
+which it stops. A step after the end keeps the final rate: each checkpoint keeps the end (`lr_end_step`), and a
+resume goes on to it whatever train.max_steps or train.flops_budget now say (raised later: the run goes on at the
+final rate; config_history.jsonl records the end kept), unless train.resume=force moves it (vsa_train/rundir.py).
 """
 import functools
 import math
@@ -118,11 +120,17 @@ def end_step(max_steps: int, flops_budget: float | None, sparsity: SparsitySched
 class LRSchedule:
     """`optim.schedule` for one run: built once (the end step is computed here), then `schedule(step) -> lr`."""
 
-    def __init__(self, optim: OptimConfig, train: TrainConfig, sparsity: SparsitySchedule, global_batch: int):
+    def __init__(self, optim: OptimConfig, train: TrainConfig, sparsity: SparsitySchedule, global_batch: int,
+                 end: int | None = None):
+        """`end`: the step the decay ends at, if the run already has one (a resume); else the config's."""
         self.optim = optim
         self.decays = optim.schedule != "constant"
         # constant never looks at the end: skip summing the FLOPs of every step
-        self.end_step = end_step(train.max_steps, train.flops_budget, sparsity, global_batch) if self.decays else None
+        if not self.decays:
+            self.end_step = None
+        else:
+            self.end_step = end if end is not None else end_step(train.max_steps, train.flops_budget, sparsity,
+                                                                  global_batch)
 
     def __call__(self, step: int) -> float:
         return lr_at(step, self.optim, self.end_step)

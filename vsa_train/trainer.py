@@ -30,7 +30,7 @@ from .parallel import Layout, clip_grad_norm, gradient_sync, make_layout
 from .periodic import Checkpointing, Evaluator, MetricsLogger, Sampler
 from .preemption import SIGNALS, StopSignals
 from .rundir import Launch, RunDir
-from .schedules import SparsitySchedule
+from .schedules import LRSchedule, SparsitySchedule
 from .training_run import Run, build_run, make_accelerator, mixed_precision
 
 __all__ = ["Run", "StepResult", "build_run", "dry_run", "make_accelerator", "train", "train_step"]
@@ -115,9 +115,11 @@ def train(cfg: Config | DictConfig) -> dict:
     accelerator = make_accelerator(config)
     run_dir = RunDir(config.run_dir)
     layout = make_layout(config.parallel, accelerator.num_processes, accelerator.process_index)
-    launch = Launch(cfg=config.source, processes=accelerator.num_processes,
-                    global_batch=config.global_batch(layout.dp_size), resume=config.train.resume,
-                    data_parallel=layout.dp_size)
+    global_batch = config.global_batch(layout.dp_size)
+    lr_end = LRSchedule(config.optim, config.train, SparsitySchedule(config.model, config.attn, config.spec),
+                        global_batch).end_step
+    launch = Launch(cfg=config.source, processes=accelerator.num_processes, global_batch=global_batch,
+                    resume=config.train.resume, data_parallel=layout.dp_size, lr_end_step=lr_end)
     # Checked before anything is written: a launch that does not fit the run leaves its directory untouched.
     resume_from = on_main(accelerator, run_dir.check_launch, launch)
     with contextlib.ExitStack() as held:

@@ -153,7 +153,8 @@ class Run:
                 "recent_healthy": list(self.health.verdicts),
                 "global_batch": self.global_batch, "processes": self.accelerator.num_processes,
                 "strategy": self.layout.strategy, "sp_size": self.layout.sp_size,
-                "seed": self.config.train.seed, "ema_updates": int(self.ema.n_averaged) if self.ema is not None else 0}
+                "seed": self.config.train.seed, "ema_updates": int(self.ema.n_averaged) if self.ema is not None else 0,
+                "lr_end_step": self.lr_schedule.end_step}
 
     def restore(self, counters: dict) -> None:
         self.state = TrainState(**{k: counters[k] for k in asdict(TrainState()) if k in counters})
@@ -207,7 +208,9 @@ def build_run(config: Config | DictConfig, accelerator: Accelerator, resume_from
         counters = load_checkpoint(accelerator, resume_from, model, optimizer, ema)
         accelerator.print(f"resumed from {resume_from} (step {counters['step']})")
     data, train_iter = _start_data(config, layout, counters.get("position", 0))
-    lr_schedule = LRSchedule(config.optim, train, sparsity, global_batch)
+    # A resume keeps the run's end of the decay (raising train.max_steps goes on at the final rate) unless forced.
+    kept_end = counters.get("lr_end_step") if train.resume != "force" else None
+    lr_schedule = LRSchedule(config.optim, train, sparsity, global_batch, end=kept_end)
     run = Run(config=config, accelerator=accelerator, layout=layout, precision=precision, model=model, ema=ema,
               optimizer=optimizer, sparsity=sparsity, lr_schedule=lr_schedule,
               global_batch=global_batch, state=state, health=LossHealth(train.explode_factor), data=data,

@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ..metrics import read_metrics
-from ..rundir import HISTORY, NOT_TRAJECTORY, TRAJECTORY, load_run_config
+from ..rundir import EVAL_SET, HISTORY, NOT_TRAJECTORY, TRAJECTORY, load_run_config
 
 EVAL = "eval/loss"
 RECORD = "record.json"
@@ -155,7 +155,7 @@ def run_from(path: Path, cfg: DictConfig, rows: list[dict], record: dict | None 
 # the recipe: the trajectory sections (rundir.TRAJECTORY) and what ends the run; the seed is dropped from it
 _RECIPE = (*TRAJECTORY, "train.flops_budget", "train.max_steps", "train.batch_size", "train.grad_accum",
            "train.init_from")
-_PROTOCOL = ("data", "train.eval_samples", "train.eval_timesteps")  # the eval set: evaluation.py
+_PROTOCOL = ("data", *EVAL_SET)  # the eval set: evaluation.py
 _IGNORED = (*NOT_TRAJECTORY, "data.name")  # data.name: two names of one data config score alike
 
 

@@ -20,7 +20,12 @@ def load_checkpoint(accelerator: Accelerator, ckpt: Path, model, optimizer, ema)
     # Every rank reads the full files; under FSDP each keeps its shard (full_state_dict) of them.
     options = StateDictOptions(full_state_dict=is_fsdp(model))
     set_model_state_dict(model, load_tensors(ckpt / "model.safetensors"), options=options)
+    configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     set_optimizer_state_dict(model, optimizer, optimizer_from_files(ckpt), options=options)
+    # Loading brings back the checkpoint's hyper-parameters (betas, weight decay, ...); this launch's config wins
+    # (they differ only under train.resume=force, which config_history.jsonl records).
+    for group, settings in zip(optimizer.param_groups, configured, strict=True):
+        group.update(settings)
     counters = read_state(ckpt)
     if ema is not None:
         if not (ckpt / "ema.safetensors").is_file():

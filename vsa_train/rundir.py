@@ -205,6 +205,7 @@ class RunDir:
             if _parse_lock(_read_lock(path)).get("token") == me["token"]:
                 path.unlink(missing_ok=True)
 
+
 # ---------------------------------------------------------------------------------------------- launch helpers
 
 def _why(key: str) -> str:

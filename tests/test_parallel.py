@@ -106,3 +106,25 @@ def test_one_process_then_fsdp_and_sequence_parallel(tmp_path):
                            "steps=2", f"out={out}"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0 and out.stat().st_size > 0, proc.stderr[-3000:]
     assert "initialised from" in _done(init)
+
+
+def test_leaving_keeps_the_gloo_group_alive_until_exit(tmp_path):
+    """leave_together shuts the default group down but keeps its object: freeing a gloo group joins its workers
+    while holding the GIL, which deadlocked two-process CPU runs at their end (vsa_train/distributed.py)."""
+    import torch.distributed as dist
+    from vsa_train import distributed
+
+    class Ranks:  # the one Accelerator method leave_together uses
+        waited = 0
+
+        def wait_for_everyone(self):
+            self.waited += 1
+            dist.barrier()
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    group, ranks = dist.group.WORLD, Ranks()
+    distributed.leave_together(ranks)
+    assert ranks.waited == 1 and not dist.is_initialized()
+    assert distributed._RETIRED[-1] is group  # freed at interpreter exit, not when the trainer drops the model
+    distributed.leave_together(ranks)  # a second end (a stop after end_training) is a no-op
+    assert ranks.waited == 1

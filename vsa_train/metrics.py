@@ -24,6 +24,11 @@ from accelerate import Accelerator
 
 from .files import atomic_write, naming_free_space
 
+# A run stops at the first step that reaches train.flops_budget, so its last step crosses the budget; a study holds
+# its runs to at most this overshoot (the grid runner refuses a record past it, the analysis flags one, and runs of
+# one budget count as one point of the loss-vs-FLOPs frontier within it).
+BUDGET_OVERSHOOT = 0.02
+
 
 class MetricsWarning(UserWarning):
     """A line of a metrics file that is not a row (torn by a crash, or junk) and was skipped."""

@@ -4,11 +4,11 @@ FLOPs, interpolated in log-log), and at each eval timestep; with a bootstrap int
 the frontiers share no loss range."""
 import math
 
+from ..metrics import BUDGET_OVERSHOOT
 from .bootstrap import aligned, bootstrap_multiplier, mean_curve, pooled_seed_sd
 from .runs import EVAL, Run, timestep_of
 from .scaling import flops_bound, flops_multiplier, pareto_frontier
 
-TOLERANCE = 0.02  # runs of one budget stop up to a step past it (the study allows +2%): one FLOPs value on a frontier
 
 
 def cells_of(runs: list[Run], key: str = EVAL, all_points: bool = False, notes: list | None = None) -> dict:
@@ -35,7 +35,7 @@ def frontiers_of(cells: dict) -> dict:
     points = {}
     for key, curves in cells.items():
         points.setdefault(key[0], []).extend(mean_curve(curves))
-    return {attn: pareto_frontier(p, TOLERANCE) for attn, p in sorted(points.items())}
+    return {attn: pareto_frontier(p, BUDGET_OVERSHOOT) for attn, p in sorted(points.items())}
 
 
 def seed_spread(runs: list[Run]) -> float | None:
@@ -57,7 +57,7 @@ def compare(cells: dict, base: str, other: str, resamples: int, seed_sd: float |
     low, high, ratio = flops_multiplier(frontiers[base], frontiers[other])
     if math.isnan(ratio):
         return {**flops_bound(frontiers[base], frontiers[other]), "ci": None, **counts}
-    ci = bootstrap_multiplier(mine, base, other, resamples=resamples, seed_sd=seed_sd, tolerance=TOLERANCE)
+    ci = bootstrap_multiplier(mine, base, other, resamples=resamples, seed_sd=seed_sd, tolerance=BUDGET_OVERSHOOT)
     why = ("no grid point has a second seed" if seed_sd is None else "no bootstrap asked for" if resamples <= 0
            else "too few bootstrap resamples gave a ratio")
     return {"low": low, "high": high, "ratio": ratio, "ci": ci, "bound": None, "no_ci": None if ci else why,

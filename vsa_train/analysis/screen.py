@@ -16,9 +16,9 @@ left out, cut or flagged:
 import dataclasses
 from collections import Counter
 
+from ..metrics import BUDGET_OVERSHOOT
 from .runs import EVAL, Run, finite
 
-OVERSHOOT = 0.02  # the study's tolerance for the last step crossing the budget
 
 
 def screen(runs: list[Run]) -> tuple[list[Run], list[str]]:
@@ -35,9 +35,9 @@ def screen(runs: list[Run]) -> tuple[list[Run], list[str]]:
     kept = _no_copies(kept, notes)
     notes += [_record_note(run) for run in kept if _record_note(run)]
     over = [f"{run.path.name} (+{100 * overshoot(run):.1f}%)" for run in kept
-            if overshoot(run) is not None and overshoot(run) > OVERSHOOT]
+            if overshoot(run) is not None and overshoot(run) > BUDGET_OVERSHOOT]
     if over:  # a flag, not a reason to leave them out: their FLOPs are what they executed
-        notes.append(f"{len(over)} run(s) overshot their budget by more than +{100 * OVERSHOOT:.0f}% (the last step "
+        notes.append(f"{len(over)} run(s) overshot their budget by more than +{100 * BUDGET_OVERSHOOT:.0f}% (the last step "
                      f"crosses it; the FLOPs axis has what they executed): {', '.join(over)}")
     return kept, notes
 

@@ -12,10 +12,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..metrics import read_metrics
+from ..metrics import BUDGET_OVERSHOOT, read_metrics
 from .ledger import Estimate, Point, estimate, group_speeds, read_record, speed, status
 
-BUDGET_TOLERANCE = 0.02  # a run may overshoot its budget by its last step, never by more than this
 SAFETY = 1.1             # estimates are multiplied by this before asking whether a run fits
 
 
@@ -105,8 +104,8 @@ def check_finished(point: Point, run_dir: Path) -> tuple[list[dict], str | None]
     flops = rows[-1]["flops"]
     if flops < point.budget:
         return rows, f"stopped at {flops:.4g} FLOPs, short of its budget {point.budget:.4g}"
-    if flops > point.budget * (1 + BUDGET_TOLERANCE):
-        return rows, f"overshot its budget: {flops:.4g} FLOPs > {point.budget:.4g} + {BUDGET_TOLERANCE:.0%}"
+    if flops > point.budget * (1 + BUDGET_OVERSHOOT):
+        return rows, f"overshot its budget: {flops:.4g} FLOPs > {point.budget:.4g} + {BUDGET_OVERSHOOT:.0%}"
     if "eval/loss" not in rows[-1]:
         return rows, "no eval at its last step"
     if not (run_dir / "config.yaml").exists():

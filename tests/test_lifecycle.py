@@ -2,6 +2,7 @@
 torn metrics, non-finite losses, two writers, full disks and stop signals. CPU, tiny model (64 tokens)."""
 import errno
 import json
+import statistics
 import multiprocessing
 import os
 import pickle
@@ -394,6 +395,22 @@ def test_a_rollback_point_is_one_whose_weights_are_healthy(tmp_path, monkeypatch
     assert state["step"] == 8 and state["rollbacks"] == 1
     weights = load_file(ckpt / "model.safetensors")
     assert max(w.abs().max().item() for w in weights.values()) < 1e3
+
+
+def test_a_loss_drifting_up_slowly_turns_unhealthy_against_the_runs_best_median():
+    """A loss rising 4% a step stays within 10x of its recent median (which drifts along) for ever; against the
+    lowest median the run had, it turns unhealthy once 10x above it, and a resume keeps that reference."""
+    from vsa_train.training_run import LossHealth
+
+    health, losses, verdicts = LossHealth(factor=10.0), [1.0] * 20 + [1.04 ** k for k in range(1, 200)], []
+    for step, loss in enumerate(losses, start=1):
+        health.add(loss, step)
+        verdicts.append(health.verdict(step))
+        assert loss / statistics.median(health.losses) < 10  # what the recent median alone would say: healthy
+    assert verdicts == [loss <= 10.0 for loss in losses] and health.best == 1.0
+    resumed = LossHealth(factor=10.0)
+    resumed.reset(list(health.losses), health.step, health.best)
+    assert resumed.best == 1.0 and not any(list(resumed.verdicts)[LossHealth.MIN_LOSSES:])
 
 
 def test_rollback_gives_up_after_max_rollbacks(tmp_path, monkeypatch):

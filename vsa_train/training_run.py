@@ -57,17 +57,24 @@ class TrainState:
 
 
 class LossHealth:
-    """Recent step losses and, per step, whether it was healthy: finite and within `factor` of their median.
-    A checkpoint's weights are judged by the step after it (the first loss they compute), not by the loss of
-    their own step, which was computed before their last update (see `Checkpoints.last_healthy`)."""
+    """Recent step losses and, per step, whether it was healthy: finite and within `factor` of the reference, the
+    lower of their median and the lowest median the run has had (`best`: a loss drifting up slowly drags the
+    recent median along, the best one stays). A checkpoint's weights are judged by the step after it (the first
+    loss they compute), not by the loss of their own step, which was computed before their last update (see
+    `Checkpoints.last_healthy`)."""
+
+    MIN_LOSSES = 5  # fewer recent losses than this judge nothing (the first steps of a run are all healthy)
 
     def __init__(self, factor: float, window: int = 100):
         self.factor, self.losses, self.verdicts = factor, deque(maxlen=window), deque(maxlen=window)
         self.step = 0  # the step of the newest loss
+        self.best = math.inf  # the lowest median of MIN_LOSSES or more recent finite losses so far
 
     def add(self, loss: float, step: int) -> None:
         self.losses.append(loss)
         self.verdicts.append(self.healthy())
+        if self.verdicts[-1] and len(self.losses) >= self.MIN_LOSSES:  # an exploding loss lowers no reference
+            self.best = min(self.best, statistics.median(self.losses))
         self.step = step
 
     def verdict(self, step: int) -> bool | None:
@@ -75,10 +82,12 @@ class LossHealth:
         back = self.step - step
         return self.verdicts[-1 - back] if 0 <= back < len(self.verdicts) else None
 
-    def reset(self, losses: list, step: int) -> None:
-        """The window a checkpoint of `step` stored (its losses end at `step`), verdicts replayed."""
+    def reset(self, losses: list, step: int, best: float = math.inf) -> None:
+        """The window a checkpoint of `step` stored (its losses end at `step`) and its best median, verdicts
+        replayed."""
         self.losses.clear()
         self.verdicts.clear()
+        self.best = best
         for i, loss in enumerate(losses):
             self.add(loss, step - len(losses) + 1 + i)
         self.step = step
@@ -86,10 +95,14 @@ class LossHealth:
     def healthy(self) -> bool:
         if not self.losses or not math.isfinite(self.losses[-1]):
             return bool(not self.losses)
-        return len(self.losses) < 5 or self.losses[-1] <= self.factor * statistics.median(self.losses)
+        return len(self.losses) < self.MIN_LOSSES or self.losses[-1] <= self.factor * self.reference()
+
+    def reference(self) -> float:
+        return min(statistics.median(self.losses), self.best)
 
     def describe(self) -> str:
-        return f"{self.losses[-1]:.4g}, recent median {statistics.median(self.losses):.4g}"
+        return (f"{self.losses[-1]:.4g}, recent median {statistics.median(self.losses):.4g}, lowest median of the "
+                f"run {self.best:.4g}")
 
 
 @dataclass
@@ -151,6 +164,7 @@ class Run:
         """What a checkpoint stores besides tensors: counters, loss health, layout (checked at resume)."""
         return {**asdict(self.state), "healthy": self.health.healthy(), "recent_losses": list(self.health.losses),
                 "recent_healthy": list(self.health.verdicts),
+                "best_median": self.health.best if math.isfinite(self.health.best) else None,
                 "global_batch": self.global_batch, "processes": self.accelerator.num_processes,
                 "strategy": self.layout.strategy, "sp_size": self.layout.sp_size,
                 "seed": self.config.train.seed, "ema_updates": int(self.ema.n_averaged) if self.ema is not None else 0,
@@ -159,7 +173,8 @@ class Run:
     def restore(self, counters: dict) -> None:
         self.state = TrainState(**{k: counters[k] for k in asdict(TrainState()) if k in counters})
         self.saved_step = self.state.step
-        self.health.reset(counters.get("recent_losses", []), self.state.step)
+        best = counters.get("best_median")  # None: not yet known, or a checkpoint from before it was stored
+        self.health.reset(counters.get("recent_losses", []), self.state.step, math.inf if best is None else best)
 
 
 # --------------------------------------------------------------------------------------------- building a run

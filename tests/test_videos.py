@@ -296,3 +296,23 @@ def test_holdout_clips_are_eval_only(tmp_path):
     with pytest.raises(ValueError, match="data.holdout=2"):
         build_data(_cfg(manifest=str(_manifest(tmp_path, rows)), holdout=2, allow_outside_root=True), batch_size=1,
                    eval_samples=1)
+
+
+def test_pyav_frames_are_scaled_on_one_thread():
+    """FFmpeg's automatic scaler slice threads deadlocked a data worker: frames convert with threads=1 where PyAV
+    takes the key, and without it on an older PyAV."""
+    from vsa_train.data.videos import _rgb
+
+    class Frame:
+        def __init__(self, takes_threads):
+            self.takes_threads, self.calls = takes_threads, []
+
+        def to_ndarray(self, **kwargs):
+            self.calls.append(kwargs)
+            if "threads" in kwargs and not self.takes_threads:
+                raise TypeError("reformat() got an unexpected keyword argument 'threads'")
+            return np.zeros((2, 2, 3), np.uint8)
+
+    new, old = Frame(True), Frame(False)
+    assert _rgb(new).shape == (2, 2, 3) and new.calls == [{"format": "rgb24", "threads": 1}]
+    assert _rgb(old).shape == (2, 2, 3) and old.calls[-1] == {"format": "rgb24"}

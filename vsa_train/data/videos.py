@@ -361,12 +361,22 @@ class _PyAVReader:
             for i, frame in enumerate(container.decode(video=0)):
                 decoded = i + 1
                 if i in wanted:
-                    frames[i] = frame.to_ndarray(format="rgb24")
+                    frames[i] = _rgb(frame)
                 if i >= max(indices):
                     break
         if len(frames) < len(wanted):
             raise BadInput(f"decoded {decoded} frames, the container claims {self.count} (truncated?)")
         return np.stack([frames[i] for i in indices])  # [T, H, W, 3] uint8
+
+
+def _rgb(frame) -> np.ndarray:
+    """[H, W, 3] uint8 of a PyAV frame, scaled on this thread: PyAV 17+ hands FFmpeg's scaler slice threads
+    (threads=0, automatic) that deadlocked a data worker in CI (the caller and both slice threads waiting); the
+    loader's worker processes are the parallelism anyway. Older PyAV scales on one thread and has no such key."""
+    try:
+        return frame.to_ndarray(format="rgb24", threads=1)
+    except TypeError:  # PyAV < 17
+        return frame.to_ndarray(format="rgb24")
 
 
 def _decord_available() -> bool:

@@ -204,6 +204,20 @@ def test_ddp_two_cpu_processes_agree(tmp_path):
     assert rows[0]["eval/loss"] == pytest.approx(_losses(tmp_path / "single", "eval/loss")[0], rel=1e-5)
 
 
+@pytest.mark.slow
+def test_accelerate_config_takes_the_process_count_and_an_uneven_eval_set_says_what_to_do(tmp_path):
+    """accelerate_configs/ddp.yaml names no process count (accelerate asks for --num_processes) and starts as many
+    as asked, CPUs too; an eval set the ranks cannot share equally stops the launch naming the multiple to use."""
+    launch = (sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "accelerate_configs" / "ddp.yaml"))
+    proc = _train_py(*TINY, tmp_path=tmp_path, launcher=launch)
+    assert proc.returncode != 0 and "pass in `--num_processes`" in proc.stderr, proc.stderr[-2000:]
+    proc = _train_py(*TINY, "train.eval_samples=3", tmp_path=tmp_path, launcher=(*launch, "--num_processes", "2"))
+    assert proc.returncode != 0
+    assert ("train.eval_samples=3 must be divisible by the 2 data-parallel ranks: use train.eval_samples=4 (or "
+            "another multiple of 2), or launch fewer processes") in proc.stderr, proc.stderr[-2000:]
+
+
 def test_compiled_run_warms_up_vsa_kernels_after_forking_and_joins_before_forking_again(tmp_path, monkeypatch):
     """train.compile starts the VSA kernel warm-up once the data workers exist (not for a run with nothing left to
     do); restarting the data (a rollback) waits for it first, as forking while another thread runs can deadlock the

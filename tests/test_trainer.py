@@ -169,6 +169,28 @@ def _train_py(*args, tmp_path, launcher=(sys.executable,)):
                           check=False, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
 
 
+# `python -c` with triton unimportable (`import triton` raises ImportError), as on a CPU install without it
+WITHOUT_TRITON = ("import runpy, sys; sys.modules['triton'] = None; sys.argv = sys.argv[1:]; "
+                  "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def test_cpu_install_without_triton_trains_dense_and_vsa(tmp_path):
+    """triton is no dependency (pyproject.toml: ~1 GB that torch's CPU build does not need): without it dense and VSA
+    (its PyTorch path, attn.backend=auto on CPU) train, and attn.backend=triton is refused at launch in one line."""
+    launcher = (sys.executable, "-c", WITHOUT_TRITON)
+    for attn in ("dense", "vsa"):
+        (tmp_path / attn).mkdir()
+        proc = _train_py(*TINY, f"attn={attn}", "train.max_steps=1", tmp_path=tmp_path / attn, launcher=launcher)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "rank 0/1: finished at step 1" in proc.stdout
+    (tmp_path / "triton").mkdir()
+    proc = _train_py(*TINY, "attn=vsa", "attn.backend=triton", tmp_path=tmp_path / "triton", launcher=launcher)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        "invalid config (1 problem):", "  attn.backend=triton needs the triton package, which is not installed: "
+        "`pip install triton` (torch's CUDA build brings it); or attn.backend=auto (PyTorch on CPU)"]
+
+
 def test_dry_run_dit_1b_allocates_no_weights(tmp_path):
     # A wrapper process reports the peak RSS of its one child (this process's children include other tests').
     wrapper = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "

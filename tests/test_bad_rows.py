@@ -153,7 +153,7 @@ def test_folder_symlinks_and_hf_paths_outside_are_refused(tmp_path):
     del hf["defaults"]  # videos.yaml, merged here as Hydra would
     hf.path = str(_write(root / "rows.jsonl", map(json.dumps, rows)))
     skipped, captions = _run(OmegaConf.merge(_cfg(), hf))
-    _assert_skipped(skipped, {"rows.jsonl[1]": "outside the dataset's folder"})
+    _assert_skipped(skipped, {"rows.jsonl[1]": "outside the folder holding the dataset"})
     assert captions == set(GOOD)
 
 

@@ -213,6 +213,7 @@ def test_help_shows_the_projects_usage(tmp_path):
     for text in ("Usage: python train.py", "attn: dense", "model: dit_120m", "Examples:", "Launching",
                  "hydra/launcher=slurm", "accelerate launch", "torchrun"):
         assert text in proc.stdout
+    assert "accelerate: " not in proc.stdout  # accelerate's launch files are no Hydra group (accelerate_configs/)
     proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--help"], capture_output=True, text=True,
                           cwd=tmp_path, timeout=120)
     assert proc.returncode == 0 and "Usage: python sample.py" in proc.stdout and "cfg_scale" in proc.stdout

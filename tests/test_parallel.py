@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from vsa_train.metrics import read_metrics
 from vsa_train.rundir import RunDir
@@ -75,8 +76,13 @@ def test_fsdp_then_one_process_equals_one_process(tmp_path, attn):
     """2-process FSDP (batch 1 each) for 3 steps, resumed by one process (batch 2) to 5 == one process, 5 steps."""
     moved, single = tmp_path / "moved", tmp_path / "single"
     attn = VSA if attn == "vsa" else ["attn=dense"]
-    _train(moved, *attn, "train.batch_size=1", "train.max_steps=3", "parallel.strategy=fsdp", procs=2)
+    out = _train(moved, *attn, "train.batch_size=1", "train.max_steps=3", "parallel.strategy=fsdp", procs=2)
     state = json.loads((RunDir(moved).checkpoints.dirs()[-1] / "state.json").read_text())
+    # each rank prints the whole model's fingerprint, not its shard's: the same number, the checkpoint's weights' sum
+    prints = dict(re.findall(r"rank (\d)/2: finished at step 3, weights fingerprint (\S+)", out))
+    weights = load_file(str(RunDir(moved).checkpoints.dirs()[-1] / "model.safetensors"))
+    assert set(prints) == {"0", "1"} and prints["0"] == prints["1"], out[-2000:]
+    assert float(prints["0"]) == pytest.approx(sum(w.double().sum().item() for w in weights.values()), rel=1e-9)
     assert (state["strategy"], state["processes"], state["global_batch"]) == ("fsdp", 2, 2)
     rows = [r for r in read_metrics(moved / "metrics.jsonl") if "TFLOP/s" in r]
     # FLOPs count per sample (the global batch), throughput per device divides by the devices

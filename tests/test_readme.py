@@ -98,8 +98,7 @@ def project(tmp_path_factory):
     rows = {"video": ["clips/phone.mp4"], "caption": ["a man talks on a phone"]}
     Dataset.from_dict(rows).to_parquet(str(root / "clips.parquet"))
     Dataset.from_dict(rows).to_csv(str(root / "clips_hf.csv"), index=False)
-    Dataset.from_dict(rows).save_to_disk(str(root / "dataset"))
-    shutil.copytree(root / "clips", root / "dataset" / "clips")
+    Dataset.from_dict(rows).save_to_disk(str(root / "dataset"))  # its paths resolve against root, as a file's do
     return root
 
 

@@ -169,6 +169,28 @@ def _train_py(*args, tmp_path, launcher=(sys.executable,)):
                           check=False, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
 
 
+# `python -c` with triton unimportable (`import triton` raises ImportError), as on a CPU install without it
+WITHOUT_TRITON = ("import runpy, sys; sys.modules['triton'] = None; sys.argv = sys.argv[1:]; "
+                  "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def test_cpu_install_without_triton_trains_dense_and_vsa(tmp_path):
+    """triton is no dependency (pyproject.toml: ~1 GB that torch's CPU build does not need): without it dense and VSA
+    (its PyTorch path, attn.backend=auto on CPU) train, and attn.backend=triton is refused at launch in one line."""
+    launcher = (sys.executable, "-c", WITHOUT_TRITON)
+    for attn in ("dense", "vsa"):
+        (tmp_path / attn).mkdir()
+        proc = _train_py(*TINY, f"attn={attn}", "train.max_steps=1", tmp_path=tmp_path / attn, launcher=launcher)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "rank 0/1: finished at step 1" in proc.stdout
+    (tmp_path / "triton").mkdir()
+    proc = _train_py(*TINY, "attn=vsa", "attn.backend=triton", tmp_path=tmp_path / "triton", launcher=launcher)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        "invalid config (1 problem):", "  attn.backend=triton needs the triton package, which is not installed: "
+        "`pip install triton` (torch's CUDA build brings it); or attn.backend=auto (PyTorch on CPU)"]
+
+
 def test_dry_run_dit_1b_allocates_no_weights(tmp_path):
     # A wrapper process reports the peak RSS of its one child (this process's children include other tests').
     wrapper = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
@@ -202,6 +224,20 @@ def test_ddp_two_cpu_processes_agree(tmp_path):
     # the eval loss of the same initial weights does not depend on how the eval set is sharded
     _run(tmp_path / "single", "train.max_steps=0")
     assert rows[0]["eval/loss"] == pytest.approx(_losses(tmp_path / "single", "eval/loss")[0], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_accelerate_config_takes_the_process_count_and_an_uneven_eval_set_says_what_to_do(tmp_path):
+    """accelerate_configs/ddp.yaml names no process count (accelerate asks for --num_processes) and starts as many
+    as asked, CPUs too; an eval set the ranks cannot share equally stops the launch naming the multiple to use."""
+    launch = (sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "accelerate_configs" / "ddp.yaml"))
+    proc = _train_py(*TINY, tmp_path=tmp_path, launcher=launch)
+    assert proc.returncode != 0 and "pass in `--num_processes`" in proc.stderr, proc.stderr[-2000:]
+    proc = _train_py(*TINY, "train.eval_samples=3", tmp_path=tmp_path, launcher=(*launch, "--num_processes", "2"))
+    assert proc.returncode != 0
+    assert ("train.eval_samples=3 must be divisible by the 2 data-parallel ranks: use train.eval_samples=4 (or "
+            "another multiple of 2), or launch fewer processes") in proc.stderr, proc.stderr[-2000:]
 
 
 def test_compiled_run_warms_up_vsa_kernels_after_forking_and_joins_before_forking_again(tmp_path, monkeypatch):

@@ -254,18 +254,35 @@ def test_hf_formats_with_path_strings(tmp_path, fmt):
     path = tmp_path / ("ds" if fmt == "save_to_disk" else f"clips.{fmt}")
     {"csv": lambda: ds.to_csv(str(path), index=False), "parquet": lambda: ds.to_parquet(str(path)),
      "jsonl": lambda: ds.to_json(str(path), lines=True), "save_to_disk": lambda: ds.save_to_disk(str(path))}[fmt]()
-    if fmt == "save_to_disk":  # relative paths resolve against the dataset's own directory
-        shutil.move(tmp_path / "clips", path / "clips")
-    root = path if fmt == "save_to_disk" else tmp_path
     base = OmegaConf.load(ROOT / "configs" / "data" / "hf.yaml")
     base.pop("defaults")
     cfg = OmegaConf.merge(_cfg(), base, {"path": str(path)})
     clips = hf_source.load_clips(cfg)
     assert [c.caption for c in clips] == ["a man in a car", "lost"]
-    assert clips[0].source == str((root / "clips" / "a.mp4").resolve())
+    # relative paths resolve against the folder holding data.path: a save_to_disk directory's parent, as a file's
+    assert clips[0].source == str((tmp_path / "clips" / "a.mp4").resolve())
     data = build_data(cfg, batch_size=2, eval_samples=1)
     batch = next(iter(data.train))
     assert batch["video"].shape == (2, 3, 4, 16, 16) and batch["caption"] == ["a man in a car"] * 2
+
+
+def test_hf_dataset_whose_videos_are_not_found_names_the_first_file_and_where_it_looked(tmp_path):
+    """A save_to_disk dataset of relative paths with the videos elsewhere: one error naming the first file as looked
+    for and the folder relative paths resolve against."""
+    from datasets import Dataset
+
+    (tmp_path / "data").mkdir()
+    Dataset.from_dict({"video": ["clips/a.mp4", "clips/b.mp4"], "caption": ["a", "b"]}).save_to_disk(
+        str(tmp_path / "data" / "ds"))
+    base = OmegaConf.load(ROOT / "configs" / "data" / "hf.yaml")
+    base.pop("defaults")
+    cfg = OmegaConf.merge(_cfg(), base, {"path": str(tmp_path / "data" / "ds")})
+    looked = tmp_path / "data" / "clips" / "a.mp4"
+    with pytest.raises(RuntimeError) as err:
+        build_data(cfg, batch_size=1, eval_samples=1)
+    assert str(err.value) == (f"no usable input for the eval set ({tmp_path / 'data' / 'ds'}, relative video paths "
+                              f"from {(tmp_path / 'data').resolve()}); the first: {tmp_path / 'data' / 'ds'}[0] "
+                              f"{looked}: file not found (the others in the warnings above)")
 
 
 def test_training_goes_on_past_bad_inputs_and_counts_them(tmp_path):

@@ -187,6 +187,17 @@ def is_fsdp(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def weights_fingerprint(model: nn.Module) -> float:
+    """The float64 sum of every weight of the whole model, the same number on every rank (a collective under FSDP)."""
+    total = 0.0
+    for p in model.parameters():
+        local = p.detach().double().sum()
+        # A sharded parameter's sum is a partial DTensor: full_tensor() all-reduces it over the shards, so that
+        # FSDP ranks print the whole model's sum, not their own shard's (which would look like diverged replicas).
+        total += (local.full_tensor() if hasattr(local, "full_tensor") else local).item()
+    return total
+
+
 def gradient_sync(model: nn.Module, accelerator, sync: bool):
     """Context for one micro-step's backward: gradients reduced across ranks only when `sync` (the last one)."""
     import contextlib

@@ -26,7 +26,7 @@ from .diffusion import flow_loss, sample_draws
 from .distributed import leave_together, on_main
 from .flops import training_flops_per_sample
 from .models import build_model
-from .parallel import Layout, clip_grad_norm, gradient_sync, make_layout
+from .parallel import Layout, clip_grad_norm, gradient_sync, make_layout, weights_fingerprint
 from .periodic import Checkpointing, Evaluator, MetricsLogger, Sampler
 from .preemption import SIGNALS, StopSignals
 from .rundir import Launch, RunDir
@@ -263,13 +263,14 @@ def _finish(run: Run, run_dir: RunDir) -> None:
     elif budget is not None:
         accelerator.print(f"train.max_steps={run.config.train.max_steps} ended the run before the flops budget "
                           f"{budget:.3e}: {run.state.flops:.3e} executed ({100 * run.state.flops / budget:.3g}%)")
+    # One line per rank: equal fingerprints mean the replicas ended with the same weights. Before the process group
+    # is left: under FSDP it sums the shards of all ranks.
+    fingerprint = weights_fingerprint(accelerator.unwrap_model(run.model))
     _end_training(accelerator)
     if accelerator.is_main_process:
         from .analysis.plot import plot_loss_vs_flops  # here: matplotlib costs every launch ~0.5 s of start-up
 
         plot_loss_vs_flops(run_dir.metrics, run_dir.path / "loss_vs_flops.png", title=run_dir.path.name)
-    # One line per rank: equal fingerprints mean the replicas ended with the same weights.
-    fingerprint = sum(p.detach().double().sum().item() for p in accelerator.unwrap_model(run.model).parameters())
     print(f"rank {accelerator.process_index}/{accelerator.num_processes}: finished at step {run.state.step}, "
           f"weights fingerprint {fingerprint:.10e}", flush=True)
 

@@ -191,7 +191,7 @@ def make_accelerator(config: Config | DictConfig) -> Accelerator:
     config = config if isinstance(config, Config) else typed(config)
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
         raise ValueError("accelerate's FSDP plugin is not used: launch with a multi-GPU accelerate config "
-                         "(configs/accelerate/fsdp.yaml) and set parallel.strategy=fsdp")
+                         "(accelerate_configs/fsdp.yaml) and set parallel.strategy=fsdp")
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=config.train.dist_timeout_s))
     # cpu=True without CUDA: only then does accelerate turn torchrun's environment into MULTI_CPU (gloo) DDP.
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(config.train),
@@ -206,8 +206,10 @@ def build_run(config: Config | DictConfig, accelerator: Accelerator, resume_from
     train, device = config.train, accelerator.device
     layout = layout or make_layout(config.parallel, accelerator.num_processes, accelerator.process_index)
     if train.eval_samples % layout.dp_size:  # equal shards: under FSDP every rank must run the same forwards
+        fit = -(-train.eval_samples // layout.dp_size) * layout.dp_size
         raise ValueError(f"train.eval_samples={train.eval_samples} must be divisible by the {layout.dp_size} "
-                         f"data-parallel ranks")
+                         f"data-parallel ranks: use train.eval_samples={fit} (or another multiple of "
+                         f"{layout.dp_size}), or launch fewer processes")
     warn_tf32(config.attn)
     use_compile_cache(train.compile_cache)
     precision = HALF.get(accelerator.mixed_precision)

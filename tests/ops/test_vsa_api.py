@@ -2,6 +2,9 @@
 import importlib.util
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,6 +142,36 @@ ERRORS = [
 def test_clear_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
         _call(**kwargs)
+
+
+WITHOUT_TRITON = """
+import sys
+sys.modules["triton"] = None  # `import triton` raises ImportError, as where it is not installed
+import torch
+from vsa_train.ops import block_sparse_attention, video_sparse_attention
+x = torch.randn(4, 1, 256, 1, 64).unbind(0)
+out = video_sparse_attention(*x[:3], video_shape=(4, 8, 8), topk=2, gate_coarse=x[3])  # auto: PyTorch on CPU
+print("torch backend", tuple(out.shape))
+for op in (lambda: video_sparse_attention(*x[:3], video_shape=(4, 8, 8), topk=2, backend="triton"),
+           lambda: block_sparse_attention(*x[:3], torch.zeros(1, 1, 4, 1, dtype=torch.int32),
+                                          torch.ones(1, 1, 4, dtype=torch.int32),
+                                          torch.full((4,), 64, dtype=torch.int32), backend="triton")):
+    try:
+        op()
+    except RuntimeError as e:
+        print(e)
+"""
+
+
+def test_without_triton_the_torch_backend_runs_and_triton_says_how_to_get_it():
+    """triton is optional (pyproject.toml): without it the package imports, "auto" runs PyTorch on CPU, and
+    backend="triton" is one line saying `pip install triton`."""
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_TRITON], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    why = "block_sparse_attention: backend='triton' needs the triton package, which is not installed: " \
+          "`pip install triton` (torch's CUDA build brings it); or use backend='torch'"
+    assert proc.stdout.splitlines() == ["torch backend (1, 256, 1, 64)", why, why]
 
 
 @pytest.mark.skipif(not _triton_backend_available(),

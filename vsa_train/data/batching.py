@@ -84,16 +84,18 @@ def collate(items: list[dict], encoder) -> dict:
 
 def eval_batch(indices, load, encoder, eval_samples: int, names=None, source: str = "the data source") -> dict:
     """The fixed eval set: the first `eval_samples` usable items of `indices` (cycled if fewer), bad ones skipped."""
-    items = []
+    items, first_bad = [], None
     for i in indices:
         if len(items) == eval_samples:
             break
         try:
             items.append(load(i, None))
         except BadInput as e:
+            first_bad = first_bad or f"{names[i] if names else i}: {e}"
             log.warning("skipping %s (eval set): %s", names[i] if names else i, e)
-    if not items:
-        raise RuntimeError(f"no usable input for the eval set ({source}); see the warnings above")
+    if not items:  # the first failure names the file as looked for: a wrong base folder shows at once
+        first = f"; the first: {first_bad} (the others in the warnings above)" if first_bad else ""
+        raise RuntimeError(f"no usable input for the eval set ({source}){first}")
     return collate([items[k % len(items)] for k in range(eval_samples)], encoder)
 
 

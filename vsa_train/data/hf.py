@@ -1,9 +1,10 @@
 """A local Hugging Face `datasets` dataset of videos: the video column stays undecoded and goes through decord.
 
 `data.path` is a directory written by `save_to_disk`, or JSON-lines / CSV / parquet file(s) with a video
-column (file paths, relative to the data file, or bytes) and a caption column. Rows are checked as
-data=videos checks manifest rows: a path that is not a string or lies outside the dataset's folder (unless
-data.allow_outside_root=true), a caption that is not a string or is over data.max_caption_bytes, make the
+column (file paths or bytes) and a caption column. Relative paths resolve against the folder that holds
+data.path, the data file's or the save_to_disk directory's (so rows written next to the dataset, as for a file).
+Rows are checked as data=videos checks manifest rows: a path that is not a string or lies outside that folder
+(unless data.allow_outside_root=true), a caption that is not a string or is over data.max_caption_bytes, make the
 row a bad clip "<path>[<row index>]" that is skipped and counted when met (see videos.py).
 """
 from pathlib import Path
@@ -14,6 +15,11 @@ from .videos import Clip, RowRules, build_from_clips, caption_encoder, check_cap
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
+def _video_root(path: Path) -> Path:
+    """The folder relative video paths resolve against: the one holding data.path, file or save_to_disk directory."""
+    return path.parent  # a save_to_disk directory is one entry of its folder, as a data file is
+
+
 def _row_clip(name: str, video, caption, base: Path, rules: RowRules) -> Clip:
     """One dataset row as a Clip (bytes kept as they are, paths checked), or a bad Clip holding the reason."""
     try:
@@ -21,7 +27,7 @@ def _row_clip(name: str, video, caption, base: Path, rules: RowRules) -> Clip:
         if isinstance(video, dict) and video.get("bytes"):
             return Clip(name=name, source=video["bytes"], caption=caption)
         path = video.get("path") if isinstance(video, dict) else video  # a struct, or a path string as it is
-        file, real = check_path(path, base, rules, "the dataset's folder")
+        file, real = check_path(path, base, rules, "the folder holding the dataset")
     except BadInput as e:
         return Clip.bad(name, str(e))
     return Clip(name=f"{name} {file}", source=str(real), caption=caption)
@@ -35,10 +41,8 @@ def load_clips(cfg) -> list[Clip]:
     path = Path(cfg.path)
     if path.is_dir():
         ds = load_from_disk(str(path))
-        base = path
     elif path.suffix in _BUILDERS:
         ds = load_dataset(_BUILDERS[path.suffix], data_files=str(path), split=cfg.split)
-        base = path.parent
     else:
         raise FileNotFoundError(f"data.path={str(path)!r} is neither a save_to_disk directory nor a "
                                 f"{'/'.join(_BUILDERS)} file")
@@ -57,7 +61,7 @@ def load_clips(cfg) -> list[Clip]:
     if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
         ds = ds.cast_column(cfg.video_column, Video(decode=False))
     rules = RowRules.from_cfg(cfg)
-    clips = [_row_clip(f"{path}[{i}]", row[cfg.video_column], row[cfg.caption_column], base, rules)
+    clips = [_row_clip(f"{path}[{i}]", row[cfg.video_column], row[cfg.caption_column], _video_root(path), rules)
              for i, row in enumerate(ds)]
     return checked(clips, f"{path} (split {cfg.split!r})")
 
@@ -65,7 +69,8 @@ def load_clips(cfg) -> list[Clip]:
 def build(cfg, *, batch_size: int, eval_samples: int, rank: int = 0, world_size: int = 1, start_batch: int = 0):
     """data=hf: train loader and eval batch, exactly as data=videos but over the dataset's rows."""
     return build_from_clips(cfg, load_clips(cfg), batch_size=batch_size, eval_samples=eval_samples, rank=rank,
-                            world_size=world_size, start_batch=start_batch, source=str(cfg.path))
+                            world_size=world_size, start_batch=start_batch,
+                            source=f"{cfg.path}, relative video paths from {_video_root(Path(cfg.path)).resolve()}")
 
 
 def text_encoder(cfg):

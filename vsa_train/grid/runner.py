@@ -42,8 +42,11 @@ def machine() -> dict:
     except (OSError, subprocess.SubprocessError, IndexError, ValueError):
         card, memory_gib = "cpu", 0.0
     import torch
-    import triton
 
+    try:
+        import triton
+    except ImportError:  # a CPU install needs none (pyproject.toml)
+        return {"card": card, "card_gib": round(memory_gib, 1), "torch": torch.__version__, "triton": "none"}
     return {"card": card, "card_gib": round(memory_gib, 1), "torch": torch.__version__, "triton": triton.__version__}
 
 

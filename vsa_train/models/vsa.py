@@ -31,6 +31,7 @@ from ..ops import (
     video_sparse_attention_tiled,
 )
 from ..ops import warm
+from ..ops.launch import HAVE_TRITON, NO_TRITON
 from ..ops.vsa import warm_up
 
 SCHEDULES = ("constant", "ramp")
@@ -68,6 +69,8 @@ class VSAConfig(Section):
         return read_or_raise(cls, attn_cfg, "attn")
 
     def validate(self) -> list[str]:
+        if self.backend == "triton" and not HAVE_TRITON:  # at launch, not at the first forward
+            return [f"attn.backend=triton needs {NO_TRITON}; or attn.backend=auto (PyTorch on CPU)"]
         if not (self.coarse or self.fine):
             return ["attn.coarse=false and attn.fine=false: at least one of them must be true"]
         if self.select == "window" and self.coarse:

@@ -21,7 +21,8 @@ mode and torch.compile run the same Function (its bodies registered as custom op
     reference.py, naive.py          PyTorch reference and float64 ground truth
     warm.py           the background kernel compile and the waits for it
 
-This package imports nothing else of vsa_train: it is usable on its own as a kernel library.
+This package imports nothing else of vsa_train: it is usable on its own as a kernel library. triton is optional:
+without it the kernel modules are not imported and backend="torch" (what "auto" picks on CPU) runs.
 """
 from .block_sparse import block_sparse_attention
 from .launch import KernelOptions

@@ -8,7 +8,16 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BLOCK", "DEFAULT_OPTIONS", "KernelOptions"]
+try:  # the Triton kernels need it; the PyTorch backend (what "auto" runs on CPU) does not, so it is optional
+    import triton  # noqa: F401
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+
+__all__ = ["BLOCK", "DEFAULT_OPTIONS", "HAVE_TRITON", "NO_TRITON", "KernelOptions"]
+
+# Why backend="triton" cannot run here, for the errors that say so (pyproject.toml: triton is no dependency).
+NO_TRITON = "the triton package, which is not installed: `pip install triton` (torch's CUDA build brings it)"
 
 # Rows of a padded tile = rows of one kernel block. The Triton backend needs prod(tile) == BLOCK; the tiling
 # (tiling.py) and the PyTorch reference take any tile.

@@ -12,10 +12,12 @@ import torch
 from .block_sparse import block_sparse_attention
 from .block_sparse import resolve_backend as resolve_block_sparse_backend
 from .coarse import coarse_attention, tile_mean, topk_tiles
-from .launch import BLOCK, KernelOptions, check_options
+from .launch import BLOCK, HAVE_TRITON, KernelOptions, check_options
 from .reference import block_sparse_attention_torch
 from .tiling import TileLayout
-from .vsa_function import VideoSparseAttentionFunction
+
+if HAVE_TRITON:  # the Triton op; without triton, _check_inputs refuses backend="triton" (resolve_backend)
+    from .vsa_function import VideoSparseAttentionFunction
 
 __all__ = ["combine", "video_sparse_attention", "video_sparse_attention_tiled", "warm_up"]
 

@@ -8,10 +8,12 @@ import os
 
 import torch
 
-from ..launch import BLOCK, KernelOptions, check_options
+from ..launch import BLOCK, HAVE_TRITON, NO_TRITON, KernelOptions, check_options
 from ..reference import block_sparse_attention_torch
-from .function import BlockSparseAttentionFunction
-from .launch import key_shift as mean_key
+
+if HAVE_TRITON:  # the kernels' modules import triton; without it only backend="torch" runs (resolve_backend)
+    from .function import BlockSparseAttentionFunction
+    from .launch import key_shift as mean_key
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -92,11 +94,14 @@ def _key_shift(q, k, kv_tile_sizes, key_shift, build_k2q: bool, options: KernelO
 
 
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
-    """The concrete backend ("triton" or "torch") for q; a clear error for Triton on CPU without the interpreter."""
+    """The concrete backend ("triton" or "torch") for q; a clear error for Triton without the triton package, or on
+    CPU without its interpreter."""
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"block_sparse_attention: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if backend == "auto":
-        return "triton" if q.is_cuda else "torch"
+        backend = "triton" if q.is_cuda else "torch"
+    if backend == "triton" and not HAVE_TRITON:
+        raise RuntimeError(f"block_sparse_attention: backend='triton' needs {NO_TRITON}; or use backend='torch'")
     if backend == "triton" and not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             "block_sparse_attention: backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton "

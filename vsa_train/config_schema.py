@@ -37,7 +37,7 @@ from .models import DenseConfig, DiTConfig, VSAConfig, WanConfig, attn_section, 
 from .models.wan import data_problems as wan_data_problems
 from .sections import LoggerConfig, OptimConfig, ParallelConfig, TrainConfig
 
-__all__ = ["Config", "ConfigCheck", "ConfigError", "check", "problems", "remove_if_empty", "typed"]
+__all__ = ["Config", "ConfigCheck", "ConfigError", "JobFailed", "check", "problems", "remove_if_empty", "typed"]
 
 # section -> its config class, given the section's values (model, attn and data depend on a choice in them)
 SECTIONS = {
@@ -179,15 +179,14 @@ def register() -> None:
 
 
 def remove_if_empty(run_dir) -> bool:
-    """Removes a run directory that holds nothing but Hydra's .hydra/ and empty log files (a launch that failed
-    the check); a directory with anything else (an existing run) is left alone. True if it was removed."""
+    """Removes a run directory that holds nothing of a run, only Hydra's .hydra/ and log files: a launch that
+    stopped before the trainer accepted it (which writes config.yaml) and released its lock. A directory with
+    anything else (an existing run, a live launch's run.lock) is left alone. True if it was removed."""
     path = Path(run_dir)
     if not path.is_dir():
         return False
     for entry in path.iterdir():
-        if entry.name == ".hydra" and entry.is_dir():
-            continue
-        if entry.is_file() and entry.suffix == ".log" and entry.stat().st_size == 0:
+        if (entry.name == ".hydra" and entry.is_dir()) or (entry.is_file() and entry.suffix == ".log"):
             continue
         return False
     shutil.rmtree(path, ignore_errors=True)
@@ -195,9 +194,15 @@ def remove_if_empty(run_dir) -> bool:
 
 
 try:
+    from hydra.errors import CompactHydraException
     from hydra.experimental.callback import Callback
 except ImportError:  # pragma: no cover
-    Callback = object
+    Callback, CompactHydraException = object, Exception
+
+
+class JobFailed(CompactHydraException):
+    """A multirun job's expected failure (errors.LaunchError), as its one line: Hydra prints it without a traceback
+    once the sweep's other jobs ran, and exits non-zero (a SLURM job's result carries it back pickled)."""
 
 
 class ConfigCheck(Callback):

@@ -12,8 +12,8 @@
 A rule is written once, on its field (type, range, choice) or in the section's `validate` (keys that depend on
 each other); rules that join sections are the root config's `validate` (vsa_train/config_schema.py). Problems read
 as `optim.lr must be a positive number, got -1` and `unknown key optim.betas2; did you mean optim.betas?`. Fields
-without a rule are derived, not config keys. This module imports nothing else of vsa_train, so every layer can
-declare its section with it.
+without a rule are derived, not config keys. Of vsa_train this module imports only errors.py (ConfigError is a
+LaunchError), so every layer can declare its section with it.
 """
 from __future__ import annotations
 
@@ -23,14 +23,20 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass
 
+from .errors import LaunchError
 
-class ConfigError(ValueError):
-    """A config with bad values; `problems` holds one line per bad value."""
+
+class ConfigError(LaunchError, ValueError):
+    """A config with bad values; `problems` holds one line per bad value (one problem reads as one line)."""
 
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
         n = len(self.problems)
-        super().__init__(f"invalid config ({n} problem{'s' * (n != 1)}):\n  " + "\n  ".join(self.problems))
+        super().__init__(f"invalid config: {self.problems[0]}" if n == 1 else
+                         f"invalid config ({n} problems):\n  " + "\n  ".join(self.problems))
+
+    def __reduce__(self):  # pickled with its problems (a SLURM job's result travels pickled)
+        return type(self), (self.problems,)
 
 
 class Section:

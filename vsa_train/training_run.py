@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .checkpoint import init_weights, load_checkpoint
-from .config_schema import Config, typed
+from .config_schema import Config, ConfigError, typed
 from .data import Data, build_data
 from .evaluation import make_eval_set
 from .models import build_model, vsa_config
@@ -190,8 +190,8 @@ def make_accelerator(config: Config | DictConfig) -> Accelerator:
     """accelerate for this machine: bf16 on CUDA (auto), gloo DDP on CPUs, collectives that time out."""
     config = config if isinstance(config, Config) else typed(config)
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-        raise ValueError("accelerate's FSDP plugin is not used: launch with a multi-GPU accelerate config "
-                         "(configs/accelerate/fsdp.yaml) and set parallel.strategy=fsdp")
+        raise ConfigError(["accelerate's FSDP plugin is not used: launch with a multi-GPU accelerate config "
+                           "(configs/accelerate/fsdp.yaml) and set parallel.strategy=fsdp"])
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=config.train.dist_timeout_s))
     # cpu=True without CUDA: only then does accelerate turn torchrun's environment into MULTI_CPU (gloo) DDP.
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(config.train),
@@ -206,8 +206,8 @@ def build_run(config: Config | DictConfig, accelerator: Accelerator, resume_from
     train, device = config.train, accelerator.device
     layout = layout or make_layout(config.parallel, accelerator.num_processes, accelerator.process_index)
     if train.eval_samples % layout.dp_size:  # equal shards: under FSDP every rank must run the same forwards
-        raise ValueError(f"train.eval_samples={train.eval_samples} must be divisible by the {layout.dp_size} "
-                         f"data-parallel ranks")
+        raise ConfigError([f"train.eval_samples={train.eval_samples} must be divisible by the {layout.dp_size} "
+                           f"data-parallel ranks"])
     warn_tf32(config.attn)
     use_compile_cache(train.compile_cache)
     precision = HALF.get(accelerator.mixed_precision)
@@ -289,9 +289,9 @@ def use_compile_cache(folder: str | None) -> None:
     try:  # every rank: exist_ok makes the race harmless
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # a file in the way, a read-only disk, no permission
-        raise ValueError(f"train.compile_cache={folder}: cannot use it as a folder ({err.strerror})") from None
+        raise ConfigError([f"train.compile_cache={folder}: cannot use it as a folder ({err.strerror})"]) from None
     if not os.access(root, os.W_OK | os.X_OK):
-        raise ValueError(f"train.compile_cache={folder}: the folder is not writable by this user")
+        raise ConfigError([f"train.compile_cache={folder}: the folder is not writable by this user"])
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
     os.environ["TRITON_CACHE_DIR"] = str(root / "triton")  # our own kernels' and inductor's compiled Triton
 

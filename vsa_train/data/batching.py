@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..errors import MissingInput
+
 log = logging.getLogger(__name__)
 
 
@@ -93,7 +95,7 @@ def eval_batch(indices, load, encoder, eval_samples: int, names=None, source: st
         except BadInput as e:
             log.warning("skipping %s (eval set): %s", names[i] if names else i, e)
     if not items:
-        raise RuntimeError(f"no usable input for the eval set ({source}); see the warnings above")
+        raise MissingInput(f"no usable input for the eval set ({source}); see the warnings above")
     return collate([items[k % len(items)] for k in range(eval_samples)], encoder)
 
 

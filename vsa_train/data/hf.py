@@ -8,6 +8,7 @@ row a bad clip "<path>[<row index>]" that is skipped and counted when met (see v
 """
 from pathlib import Path
 
+from ..errors import MissingInput
 from .batching import BadInput
 from .videos import Clip, RowRules, build_from_clips, caption_encoder, check_caption, check_path, checked
 
@@ -40,7 +41,7 @@ def load_clips(cfg) -> list[Clip]:
         ds = load_dataset(_BUILDERS[path.suffix], data_files=str(path), split=cfg.split)
         base = path.parent
     else:
-        raise FileNotFoundError(f"data.path={str(path)!r} is neither a save_to_disk directory nor a "
+        raise MissingInput(f"data.path={str(path)!r} is neither a save_to_disk directory nor a "
                                 f"{'/'.join(_BUILDERS)} file")
     if isinstance(ds, DatasetDict):
         if cfg.split not in ds:

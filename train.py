@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from vsa_train.config_schema import JobFailed, register, remove_if_empty, typed
+from vsa_train.config_schema import ConfigError, JobFailed, override_problems, register, remove_if_empty, typed
 from vsa_train.errors import LaunchError
 from vsa_train.trainer import train
 
@@ -108,6 +108,16 @@ def _report(err: BaseException) -> None:
     raise SystemExit(2)
 
 
+def _check_overrides() -> None:
+    """A key=value whose key the config lacks (a typo, or a key of another group option) gets the schema's line
+    ("did you mean", "belongs to attn=vsa") before Hydra composes: Hydra's own advice is to append it with +."""
+    found = override_problems(sys.argv[1:], Path(__file__).resolve().parent / "configs")
+    if found:
+        print(ConfigError(found), file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+
 if __name__ == "__main__":
     register()  # the typed sections in Hydra's ConfigStore (schema/<section>/<class>)
+    _check_overrides()
     main()

@@ -91,3 +91,38 @@ def test_a_multirun_jobs_expected_failure_is_named_without_a_traceback(tmp_path)
     assert "Error executing job with overrides" in proc.stderr
     assert "no usable input for the eval set (m.csv)" in proc.stderr
     assert not [p for p in sweep.iterdir() if p.is_dir()]  # the job's directory went with it
+
+
+# ------------------------------------------------------------------------ item 2: key typos without a `+`
+
+@pytest.mark.parametrize("args,line", [
+    (["train.max_step=5"], "invalid config: unknown key train.max_step; did you mean train.max_steps?"),
+    (["attn.sparsity=0.5"], "invalid config: attn.sparsity belongs to attn=vsa (also attn=tile_window, "
+                            "attn=vsa_coarse_only, attn=vsa_fine_only), not attn=dense"),
+])
+def test_a_mistyped_key_gets_the_schemas_line_not_hydras_append_advice(tmp_path, args, line):
+    proc = _train_py(*args, cwd=tmp_path)
+    assert proc.returncode == 2 and _one_line(proc) == line
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args,found", [
+    (["model.hiden_size=3"], ["unknown key model.hiden_size; did you mean model.hidden_size?"]),
+    (["trian.max_steps=3"], ["unknown key trian; did you mean train?"]),
+    (["data.folder=x"], ["data.folder belongs to data=videos (also data=hf), not data=synthetic"]),
+    (["train.max_step=5", "optim.lrr=1"], ["unknown key train.max_step; did you mean train.max_steps?",
+                                           "unknown key optim.lrr; did you mean optim.lr?"]),
+    # fine, or left to others: the chosen option has it; `+key` (the schema's check); Hydra's keys; list indices;
+    # a swept group (Hydra reports); a line that does not parse (Hydra reports)
+    (["attn=vsa", "attn.sparsity=0.5"], []),
+    (["experiment=dit120m_16k", "train.max_steps=3", "data.frames=4"], []),
+    (["+train.max_step=5"], []),
+    (["hydra.run.dir=x", "hydra.job.chdir=false"], []),
+    (["model.patch_size.0=1"], []),
+    (["-m", "attn=dense,vsa", "attn.sparsity=0.5"], []),
+    (["train.max_step=[1"], []),
+])
+def test_command_line_keys_are_checked_against_the_composed_config(args, found):
+    from vsa_train.config_schema import override_problems
+
+    assert override_problems(args, ROOT / "configs") == found

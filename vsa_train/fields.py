@@ -128,7 +128,7 @@ def read(cls, node, section: str, defer_unresolved: bool = False):
     values, missing, unresolved = _plain(node)
     rules = {f.name: f for f in dataclasses.fields(cls) if "rule" in f.metadata}
     problems = [] if defer_unresolved else [f"{section}.{k} does not resolve: {e}" for k, e in unresolved.items()]
-    problems += [_unknown(key, section, rules) for key in sorted(set(values) - set(rules) - set(unresolved))]
+    problems += [unknown_key(key, section, rules) for key in sorted(set(values) - set(rules) - set(unresolved))]
     kwargs = {}
     for name, f in rules.items():
         key, rule = f"{section}.{name}", f.metadata["rule"]
@@ -190,7 +190,10 @@ def _plain(node) -> tuple[dict, set, dict]:
     return values, missing, unresolved
 
 
-def _unknown(key: str, section: str, known) -> str:
+def unknown_key(key: str, section: str, known) -> str:
+    """The line for `key` of `section` ("" for the root), which has only the keys `known`: the closest one, else
+    all of them."""
+    prefix = f"{section}." if section else ""
     close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
-    hint = f"did you mean {section}.{close[0]}?" if close else f"known: {', '.join(sorted(known))}"
-    return f"unknown key {section}.{key}; {hint}"
+    hint = f"did you mean {prefix}{close[0]}?" if close else f"known: {', '.join(sorted(known))}"
+    return f"unknown key {prefix}{key}; {hint}"

@@ -199,9 +199,10 @@ def make_accelerator(config: Config | DictConfig) -> Accelerator:
 
 
 def build_run(config: Config | DictConfig, accelerator: Accelerator, resume_from: Path | None = None,
-              layout: Layout | None = None) -> Run:
-    """The run, restored from `resume_from` if given; `layout` defaults to the one `parallel` gives this process.
-    A composed DictConfig is read (and checked) by `typed` first. Writes no files."""
+              layout: Layout | None = None, report=None) -> Run:
+    """The run, restored from `resume_from` if given; `layout` defaults to the one `parallel` gives this process;
+    `report(done, total)` hears the eval set's inputs as they are loaded. A composed DictConfig is read (and
+    checked) by `typed` first. Writes no files."""
     config = config if isinstance(config, Config) else typed(config)
     train, device = config.train, accelerator.device
     layout = layout or make_layout(config.parallel, accelerator.num_processes, accelerator.process_index)
@@ -222,7 +223,7 @@ def build_run(config: Config | DictConfig, accelerator: Accelerator, resume_from
     if resume_from is not None:
         counters = load_checkpoint(accelerator, resume_from, model, optimizer, ema)
         accelerator.print(f"resumed from {resume_from} (step {counters['step']})")
-    data, train_iter = _start_data(config, layout, counters.get("position", 0))
+    data, train_iter = _start_data(config, layout, counters.get("position", 0), report)
     # A resume keeps the run's end of the decay (raising train.max_steps goes on at the final rate) unless forced.
     kept_end = counters.get("lr_end_step") if train.resume != "force" else None
     lr_schedule = LRSchedule(config.optim, train, sparsity, global_batch, end=kept_end)
@@ -255,7 +256,7 @@ def _model_and_ema(config: Config, accelerator: Accelerator, resume_from: Path |
     return model, ema.to(device)
 
 
-def _start_data(config: Config, layout: Layout, position: int):
+def _start_data(config: Config, layout: Layout, position: int, report=None):
     """(data, its train iterator) starting at global sample `position` (resume, rollback)."""
     warm.join()  # no fork while the kernel warm-up's thread may hold a lock the workers need
     batch_size = config.train.batch_size
@@ -263,7 +264,8 @@ def _start_data(config: Config, layout: Layout, position: int):
     if position % per_batch:
         raise ValueError(f"data position {position} is not a whole number of batches of {per_batch}")
     data = build_data(config.data, batch_size=batch_size, eval_samples=config.train.eval_samples,
-                      rank=layout.dp_rank, world_size=layout.dp_size, start_batch=position // per_batch)
+                      rank=layout.dp_rank, world_size=layout.dp_size, start_batch=position // per_batch,
+                      report=report)
     return data, iter(data.train)
 
 

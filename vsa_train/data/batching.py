@@ -84,8 +84,10 @@ def collate(items: list[dict], encoder) -> dict:
             "caption": captions}
 
 
-def eval_batch(indices, load, encoder, eval_samples: int, names=None, source: str = "the data source") -> dict:
-    """The fixed eval set: the first `eval_samples` usable items of `indices` (cycled if fewer), bad ones skipped."""
+def eval_batch(indices, load, encoder, eval_samples: int, names=None, source: str = "the data source",
+               report=None) -> dict:
+    """The fixed eval set: the first `eval_samples` usable items of `indices` (cycled if fewer), bad ones skipped;
+    `report(done, total)` hears each item loaded (decoding videos can take minutes: the trainer prints an estimate)."""
     items = []
     for i in indices:
         if len(items) == eval_samples:
@@ -94,6 +96,9 @@ def eval_batch(indices, load, encoder, eval_samples: int, names=None, source: st
             items.append(load(i, None))
         except BadInput as e:
             log.warning("skipping %s (eval set): %s", names[i] if names else i, e)
+            continue
+        if report is not None:
+            report(len(items), eval_samples)
     if not items:
         raise MissingInput(f"no usable input for the eval set ({source}); see the warnings above")
     return collate([items[k % len(items)] for k in range(eval_samples)], encoder)

@@ -63,10 +63,11 @@ def load_clips(cfg) -> list[Clip]:
     return checked(clips, f"{path} (split {cfg.split!r})")
 
 
-def build(cfg, *, batch_size: int, eval_samples: int, rank: int = 0, world_size: int = 1, start_batch: int = 0):
+def build(cfg, *, batch_size: int, eval_samples: int, rank: int = 0, world_size: int = 1, start_batch: int = 0,
+          report=None):
     """data=hf: train loader and eval batch, exactly as data=videos but over the dataset's rows."""
     return build_from_clips(cfg, load_clips(cfg), batch_size=batch_size, eval_samples=eval_samples, rank=rank,
-                            world_size=world_size, start_batch=start_batch, source=str(cfg.path))
+                            world_size=world_size, start_batch=start_batch, source=str(cfg.path), report=report)
 
 
 def text_encoder(cfg):

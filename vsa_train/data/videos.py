@@ -469,20 +469,22 @@ class ClipLoader:
 
 
 def build_from_clips(cfg, clips: list[Clip], *, batch_size: int, eval_samples: int, rank: int = 0,
-                     world_size: int = 1, start_batch: int = 0, source: str = "the clip list"):
-    """Train loader and eval batch over a clip list (shared by data=videos and data=hf); `source` names it."""
+                     world_size: int = 1, start_batch: int = 0, source: str = "the clip list", report=None):
+    """Train loader and eval batch over a clip list (shared by data=videos and data=hf); `source` names it;
+    `report` hears the eval set's progress (`eval_batch`)."""
     train, held = holdout_split(cfg, len(clips))
     load, encoder, names = ClipLoader(cfg, clips), caption_encoder(cfg, clips), [c.name for c in clips]
     stream = ItemStream(len(train), load, encoder, batch_size, cfg.seed, rank, world_size, start_batch, names,
                         source)
-    eval_set = eval_batch(held, load, encoder, eval_samples, names=names, source=source)
+    eval_set = eval_batch(held, load, encoder, eval_samples, names=names, source=source, report=report)
     return make_loader(stream, cfg.num_workers, cfg.seed), eval_set
 
 
-def build(cfg, *, batch_size: int, eval_samples: int, rank: int = 0, world_size: int = 1, start_batch: int = 0):
+def build(cfg, *, batch_size: int, eval_samples: int, rank: int = 0, world_size: int = 1, start_batch: int = 0,
+          report=None):
     """data=videos: train loader (infinite, this rank's shard) and the fixed eval batch."""
     return build_from_clips(cfg, list_clips(cfg), batch_size=batch_size, eval_samples=eval_samples, rank=rank,
-                            world_size=world_size, start_batch=start_batch, source=source_name(cfg))
+                            world_size=world_size, start_batch=start_batch, source=source_name(cfg), report=report)
 
 
 def text_encoder(cfg) -> CaptionEncoder:

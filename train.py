@@ -10,7 +10,9 @@
     python train.py model=dit_1b train.dry_run=true   # parameters and FLOPs per sample, no weights allocated
 
 Re-running a command resumes from the latest checkpoint in its run_dir (runs/<exp>_<attn>_<data>_s<seed>);
-raise train.max_steps to train further. See README.md.
+raise train.max_steps to train further. A failure you fix from its message (a bad value or key, a missing input,
+a run directory that refuses the launch) prints one line and exits 2, leaving no run directory; HYDRA_FULL_ERROR=1
+shows its traceback (vsa_train/errors.py). See README.md.
 """
 import contextlib
 import os

@@ -10,7 +10,9 @@
     python train.py model=dit_1b train.dry_run=true   # parameters and FLOPs per sample, no weights allocated
 
 Re-running a command resumes from the latest checkpoint in its run_dir (runs/<exp>_<attn>_<data>_s<seed>);
-raise train.max_steps to train further. See README.md.
+raise train.max_steps to train further. A failure you fix from its message (a bad value or key, a missing input,
+a run directory that refuses the launch) prints one line and exits 2, leaving no run directory; HYDRA_FULL_ERROR=1
+shows its traceback (vsa_train/errors.py). See README.md.
 """
 import contextlib
 import os
@@ -19,9 +21,11 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from vsa_train.config_schema import ConfigError, register, remove_if_empty, typed
+from vsa_train.config_schema import ConfigError, JobFailed, override_problems, register, remove_if_empty, typed
+from vsa_train.errors import LaunchError
 from vsa_train.trainer import train
 
 
@@ -71,18 +75,51 @@ def _run_log():
 def main(cfg: DictConfig) -> None:
     _export_slurm_ranks()
     # configs/train.yaml's hydra.callbacks checked a single run before Hydra made its directory; here the config is
-    # read into its typed sections, which checks a multirun job (local or SLURM) with its sweep values; a job that
-    # fails leaves no empty job directory.
+    # read into its typed sections, which checks a multirun job (local or SLURM) with its sweep values.
     try:
         config = typed(cfg)
-    except ConfigError:
-        if HydraConfig.initialized():
-            remove_if_empty(HydraConfig.get().runtime.output_dir)
-        raise  # the sweep's other jobs still run; Hydra reports this one as failed
-    with _run_log():
-        train(config)
+        with _run_log():
+            train(config)
+    except BaseException as err:
+        _remove_stub()
+        if isinstance(err, (LaunchError, KeyboardInterrupt)):
+            _report(err)
+        raise
+
+
+def _remove_stub() -> None:
+    """A launch that stopped before the trainer accepted it leaves no directory (rank 0 removes Hydra's, if it
+    holds nothing but log files: config_schema.remove_if_empty)."""
+    if HydraConfig.initialized() and int(os.environ.get("RANK", "0")) == 0:
+        remove_if_empty(HydraConfig.get().runtime.output_dir)
+
+
+def _report(err: BaseException) -> None:
+    """An expected failure (errors.LaunchError) or a Ctrl-C as one line on stderr and exit 2 (Ctrl-C: 130); a
+    multirun job's LaunchError goes to Hydra as JobFailed, which names the job and lets the sweep's other jobs run.
+    Returns (the caller re-raises with its traceback) under HYDRA_FULL_ERROR=1."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return
+    if isinstance(err, KeyboardInterrupt):
+        print(f"{err or 'interrupted (Ctrl-C)'}; re-running the same command resumes from the last checkpoint",
+              file=sys.stderr, flush=True)
+        raise SystemExit(130)
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise JobFailed(str(err)) from None
+    print(err, file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def _check_overrides() -> None:
+    """A key=value whose key the config lacks (a typo, or a key of another group option) gets the schema's line
+    ("did you mean", "belongs to attn=vsa") before Hydra composes: Hydra's own advice is to append it with +."""
+    found = override_problems(sys.argv[1:], Path(__file__).resolve().parent / "configs")
+    if found:
+        print(ConfigError(found), file=sys.stderr, flush=True)
+        raise SystemExit(2)
 
 
 if __name__ == "__main__":
     register()  # the typed sections in Hydra's ConfigStore (schema/<section>/<class>)
+    _check_overrides()
     main()

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from vsa_train.data import build_data, videos
 from vsa_train.data.config import VideosConfig
+from vsa_train.errors import MissingInput
 from vsa_train.fields import read_or_raise
 
 skvideo = pytest.importorskip("skvideo")
@@ -159,7 +160,7 @@ def test_folder_symlinks_and_hf_paths_outside_are_refused(tmp_path):
 
 def test_all_bad_rows_fail_at_build_and_runtime_errors_name_the_source(tmp_path):
     manifest = _write(tmp_path / "m.jsonl", ["{oops", json.dumps({"path": 3})])
-    with pytest.raises(ValueError, match=r"none of the 2 rows of .*m\.jsonl is usable, e\.g\. .*line 1: malformed"):
+    with pytest.raises(MissingInput, match=r"none of the 2 rows of .*m\.jsonl is usable, e\.g\. .*line 1: malformed"):
         build_data(_cfg(manifest=str(manifest)), batch_size=1, eval_samples=1)
     _clips(tmp_path, "eval.mp4")  # the held-out clip is fine, the training ones are missing
     manifest = _write(tmp_path / "m.csv", ["path,caption", "gone.mp4,x", "lost.mp4,y", "eval.mp4,z"])

@@ -158,7 +158,7 @@ def test_all_problems_are_collected_into_one_error():
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
 def test_every_shipped_option_passes_the_check(group, option):
-    extra = ["data.path=/nonexistent.csv"] if (group, option) == ("data", "hf") else []
+    extra = [f"data.path={ROOT / 'data' / 'sample_clips.csv'}"] if (group, option) == ("data", "hf") else []
     if (group, option) == ("data", "latents"):  # reading the index is the check: a missing one is named
         assert any("data.path=" in p and "index" in p for p in _problems("data=latents", "data.path=/nonexistent"))
         return
@@ -205,6 +205,13 @@ def test_remove_if_empty_keeps_a_real_run(tmp_path):
     (tmp_path / "b" / ".hydra").mkdir(parents=True)
     (tmp_path / "b" / "metrics.jsonl").write_text("{}\n")
     assert not config_schema.remove_if_empty(tmp_path / "b") and (tmp_path / "b").exists()
+    (tmp_path / "c").mkdir()  # a launch that failed while building: its log lines go with it
+    (tmp_path / "c" / "train.log").write_text("building the model: ...\n")
+    assert config_schema.remove_if_empty(tmp_path / "c") and not (tmp_path / "c").exists()
+    (tmp_path / "d").mkdir()  # a live launch that has not written config.yaml yet holds the lock
+    (tmp_path / "d" / "train.log").write_text("")
+    (tmp_path / "d" / "run.lock").write_text("{}")
+    assert not config_schema.remove_if_empty(tmp_path / "d") and (tmp_path / "d").exists()
 
 
 def test_help_shows_the_projects_usage(tmp_path):

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from vsa_train.data import build_data, build_text_encoder, data_spec, videos
 from vsa_train.data.config import VideosConfig
+from vsa_train.errors import MissingInput
 from vsa_train.fields import read_or_raise
 from vsa_train.data import hf as hf_source
 from vsa_train.data.videos import (
@@ -197,7 +198,7 @@ def test_stream_is_deterministic_and_resumable():
 
 def test_all_bad_fails_clearly(tmp_path):
     cfg = _cfg(manifest=str(_manifest(tmp_path, [("missing.mp4", "x"), ("gone.mp4", "y")])))
-    with pytest.raises(RuntimeError, match="no usable input for the eval set"):
+    with pytest.raises(MissingInput, match="no usable input for the eval set"):
         build_data(cfg, batch_size=1, eval_samples=1)
 
 

@@ -32,12 +32,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from .data import DataSpec, data_spec
 from .data.config import SECTIONS as DATA_SECTIONS, DataSection, data_section
-from .fields import ConfigError, Section, read
+from .fields import ConfigError, Section, read, unknown_key
 from .models import DenseConfig, DiTConfig, VSAConfig, WanConfig, attn_section, model_problems, model_section
 from .models.wan import data_problems as wan_data_problems
 from .sections import LoggerConfig, OptimConfig, ParallelConfig, TrainConfig
 
-__all__ = ["Config", "ConfigCheck", "ConfigError", "check", "problems", "remove_if_empty", "typed"]
+__all__ = ["Config", "ConfigCheck", "ConfigError", "JobFailed", "check", "override_problems", "problems",
+           "remove_if_empty", "typed"]
 
 # section -> its config class, given the section's values (model, attn and data depend on a choice in them)
 SECTIONS = {
@@ -178,16 +179,108 @@ def register() -> None:
             store.store(group=f"schema/{section}", name=cls.__name__, node=cls)
 
 
+# ------------------------------------------------------------------------------- command-line keys, before Hydra
+
+def override_problems(args: list[str], config_dir, config_name: str = "train") -> list[str]:
+    """One line per `key=value` of the command line `args` whose key the config composed with its group choices
+    lacks: the group options that have it (`attn.sparsity` under attn=dense), else the closest key. Hydra itself
+    would refuse it with "To append to your config use +key=value", the wrong fix for a typo. Empty where the line
+    does not parse, sweeps a group or does not compose: Hydra then reports as it does."""
+    config_dir = Path(config_dir).resolve()
+    keys, choices = _command_line(args, config_dir)
+    cfg = _compose(config_dir, config_name, choices) if keys and choices is not None else None
+    if cfg is None:
+        return []
+    tree, found = _tree(cfg), []
+    for key in keys:
+        line, group = _missing_key(tree, key), key.split(".")[0]
+        if line and group in tree and (config_dir / group).is_dir():  # a key of another option of the group?
+            owners = _options_with(key, group, choices, config_dir, config_name)
+            if owners:
+                also = f" (also {', '.join(f'{group}={o}' for o in owners[1:])})" if owners[1:] else ""
+                line = f"{key} belongs to {group}={owners[0]}{also}, not {group}={cfg.hydra.runtime.choices[group]}"
+        found += [line] if line else []
+    return found
+
+
+def _command_line(args: list[str], config_dir: Path) -> tuple[list[str], list[str] | None]:
+    """(the keys that `args` set as key=value, the overrides that choose group options); choices None where the line
+    does not parse or sweeps a group. Hydra's own keys and groups are Hydra's business."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import HydraException
+
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
+    except HydraException:
+        return [], None
+    groups = {p.name for p in config_dir.iterdir() if p.is_dir()}
+    keys, choices = [], []
+    for override in overrides:
+        name = override.key_or_group
+        if name.split("/")[0].split(".")[0] == "hydra":
+            continue
+        if name in groups or "/" in name:
+            if override.is_sweep_override():
+                return keys, None
+            choices.append(override.input_line)
+        elif override.type == OverrideType.CHANGE and override.package is None:  # `+key`: the schema's check
+            keys.append(name)
+    return keys, choices
+
+
+def _compose(config_dir: Path, config_name: str, overrides: list[str]) -> DictConfig | None:
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+            return compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    except Exception:  # noqa: BLE001 (Hydra reports the same failure when it composes)
+        return None
+
+
+def _tree(cfg: DictConfig) -> dict:
+    """The config as plain dicts and lists, interpolations unresolved, without Hydra's own node."""
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    tree.pop("hydra", None)
+    return tree
+
+
+def _missing_key(tree: dict, key: str) -> str | None:
+    """The line for `key` if `tree` lacks it (its closest key at the first missing level), else None."""
+    parts, node = key.split("."), tree
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict):
+            return None  # a list index, or inside a value: Hydra's own check
+        if part not in node:
+            return unknown_key(part, ".".join(parts[:i]), node)
+        node = node[part]
+    return None
+
+
+def _options_with(key: str, group: str, choices: list[str], config_dir: Path, config_name: str) -> list[str]:
+    """The options of `group` whose composed config has `key`; first those whose own file sets it."""
+    others = [c for c in choices if c.lstrip("+~").split("=")[0] != group]
+    owners = []
+    for option in sorted(p.stem for p in (config_dir / group).glob("*.yaml")):
+        cfg = _compose(config_dir, config_name, [*others, f"{group}={option}"])
+        if cfg is not None and _missing_key(_tree(cfg), key) is None:
+            own = OmegaConf.to_container(OmegaConf.load(config_dir / group / f"{option}.yaml"))
+            owners.append((_missing_key(own, key.split(".", 1)[1]) is not None, option))
+    return [option for _, option in sorted(owners)]
+
+
+# ------------------------------------------------------------------------------------ Hydra's run directory
+
 def remove_if_empty(run_dir) -> bool:
-    """Removes a run directory that holds nothing but Hydra's .hydra/ and empty log files (a launch that failed
-    the check); a directory with anything else (an existing run) is left alone. True if it was removed."""
+    """Removes a run directory that holds nothing of a run, only Hydra's .hydra/ and log files: a launch that
+    stopped before the trainer accepted it (which writes config.yaml) and released its lock. A directory with
+    anything else (an existing run, a live launch's run.lock) is left alone. True if it was removed."""
     path = Path(run_dir)
     if not path.is_dir():
         return False
     for entry in path.iterdir():
-        if entry.name == ".hydra" and entry.is_dir():
-            continue
-        if entry.is_file() and entry.suffix == ".log" and entry.stat().st_size == 0:
+        if (entry.name == ".hydra" and entry.is_dir()) or (entry.is_file() and entry.suffix == ".log"):
             continue
         return False
     shutil.rmtree(path, ignore_errors=True)
@@ -195,9 +288,15 @@ def remove_if_empty(run_dir) -> bool:
 
 
 try:
+    from hydra.errors import CompactHydraException
     from hydra.experimental.callback import Callback
 except ImportError:  # pragma: no cover
-    Callback = object
+    Callback, CompactHydraException = object, Exception
+
+
+class JobFailed(CompactHydraException):
+    """A multirun job's expected failure (errors.LaunchError), as its one line: Hydra prints it without a traceback
+    once the sweep's other jobs ran, and exits non-zero (a SLURM job's result carries it back pickled)."""
 
 
 class ConfigCheck(Callback):

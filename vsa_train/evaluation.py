@@ -37,11 +37,13 @@ class EvalLoss(NamedTuple):
 
 
 @torch.no_grad()
-def evaluate(model, eval_set: dict, accelerator: Accelerator, batch_size: int, layout=None) -> EvalLoss:
+def evaluate(model, eval_set: dict, accelerator: Accelerator, batch_size: int, layout=None, stop=None,
+             report=None) -> EvalLoss | None:
     """Mean flow loss over the eval set, overall and per timestep. Each data-parallel rank takes every
     dp_size-th video (equal shards; the ranks of a sequence-parallel group take the same videos and compute the
     same loss); the float64 sums are all-reduced, so the values do not depend on the number of processes.
-    `layout` (vsa_train/parallel.py) defaults to plain data parallelism over all processes."""
+    `layout` (vsa_train/parallel.py) defaults to plain data parallelism over all processes. After each batch
+    `report(done, total)` hears the progress and `stop()` is asked whether to give up (the ranks agree): None then."""
     was_training = model.training
     model.eval()
     device = accelerator.device
@@ -49,12 +51,12 @@ def evaluate(model, eval_set: dict, accelerator: Accelerator, batch_size: int, l
     timesteps = eval_set["timesteps"].tolist()
     dp_rank, dp_size, sp_size = ((layout.dp_rank, layout.dp_size, layout.sp_size) if layout is not None else
                                  (accelerator.process_index, accelerator.num_processes, 1))
-    mine = torch.arange(dp_rank, n, dp_size)
+    chunks = torch.arange(dp_rank, n, dp_size).split(batch_size)  # as many on every rank (equal shards)
     totals = torch.zeros(len(timesteps), device=device, dtype=torch.float64)  # loss sums per timestep
     # Eagerly under train.compile: compiling a second (no-grad, eval-batch) graph cost minutes on dit_120m, and
     # the extra shape would make dynamo recompile the training graph with dynamic shapes.
     with accelerator.autocast(), torch.compiler.set_stance("force_eager"):
-        for chunk in mine.split(batch_size):
+        for done, chunk in enumerate(chunks, 1):
             video = eval_set["video"][chunk].to(device)
             text = eval_set["text"][chunk].to(device)
             text_mask = eval_set["text_mask"][chunk].to(device)
@@ -63,6 +65,18 @@ def evaluate(model, eval_set: dict, accelerator: Accelerator, batch_size: int, l
                 loss = flow_loss(model, video, text, text_mask, t=torch.full((len(chunk),), t, device=device),
                                  noise=noise)
                 totals[j] += loss.double() * len(chunk)
+            if report is not None:
+                report(done, len(chunks))
+            if stop is not None and done < len(chunks) and _any_rank(accelerator, stop()):
+                model.train(was_training)
+                return None
     model.train(was_training)
     totals = (accelerator.reduce(totals, reduction="sum") / sp_size).tolist()  # each video counted sp_size times
     return EvalLoss(mean=sum(totals) / (n * len(timesteps)), per_t={t: s / n for t, s in zip(timesteps, totals)})
+
+
+def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """Whether `flag` holds on any rank (a collective: every rank asks after the same batch)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum").item() > 0

@@ -12,8 +12,8 @@
 A rule is written once, on its field (type, range, choice) or in the section's `validate` (keys that depend on
 each other); rules that join sections are the root config's `validate` (vsa_train/config_schema.py). Problems read
 as `optim.lr must be a positive number, got -1` and `unknown key optim.betas2; did you mean optim.betas?`. Fields
-without a rule are derived, not config keys. This module imports nothing else of vsa_train, so every layer can
-declare its section with it.
+without a rule are derived, not config keys. Of vsa_train this module imports only errors.py (ConfigError is a
+LaunchError), so every layer can declare its section with it.
 """
 from __future__ import annotations
 
@@ -23,14 +23,20 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass
 
+from .errors import LaunchError
 
-class ConfigError(ValueError):
-    """A config with bad values; `problems` holds one line per bad value."""
+
+class ConfigError(LaunchError, ValueError):
+    """A config with bad values; `problems` holds one line per bad value (one problem reads as one line)."""
 
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
         n = len(self.problems)
-        super().__init__(f"invalid config ({n} problem{'s' * (n != 1)}):\n  " + "\n  ".join(self.problems))
+        super().__init__(f"invalid config: {self.problems[0]}" if n == 1 else
+                         f"invalid config ({n} problems):\n  " + "\n  ".join(self.problems))
+
+    def __reduce__(self):  # pickled with its problems (a SLURM job's result travels pickled)
+        return type(self), (self.problems,)
 
 
 class Section:
@@ -122,7 +128,7 @@ def read(cls, node, section: str, defer_unresolved: bool = False):
     values, missing, unresolved = _plain(node)
     rules = {f.name: f for f in dataclasses.fields(cls) if "rule" in f.metadata}
     problems = [] if defer_unresolved else [f"{section}.{k} does not resolve: {e}" for k, e in unresolved.items()]
-    problems += [_unknown(key, section, rules) for key in sorted(set(values) - set(rules) - set(unresolved))]
+    problems += [unknown_key(key, section, rules) for key in sorted(set(values) - set(rules) - set(unresolved))]
     kwargs = {}
     for name, f in rules.items():
         key, rule = f"{section}.{name}", f.metadata["rule"]
@@ -184,7 +190,10 @@ def _plain(node) -> tuple[dict, set, dict]:
     return values, missing, unresolved
 
 
-def _unknown(key: str, section: str, known) -> str:
+def unknown_key(key: str, section: str, known) -> str:
+    """The line for `key` of `section` ("" for the root), which has only the keys `known`: the closest one, else
+    all of them."""
+    prefix = f"{section}." if section else ""
     close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
-    hint = f"did you mean {section}.{close[0]}?" if close else f"known: {', '.join(sorted(known))}"
-    return f"unknown key {section}.{key}; {hint}"
+    hint = f"did you mean {prefix}{close[0]}?" if close else f"known: {', '.join(sorted(known))}"
+    return f"unknown key {prefix}{key}; {hint}"

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.nn.functional import all_to_all_single
 
+from .fields import ConfigError
 from .sections import ParallelConfig
 
 
@@ -51,7 +52,7 @@ def make_layout(parallel: ParallelConfig, world: int, rank: int) -> Layout:
     """The layout from the (checked) `parallel` section and the process count, which sp_size must divide."""
     sp = parallel.sp_size
     if world % sp:
-        raise ValueError(f"parallel.sp_size={sp} must divide the {world} processes")
+        raise ConfigError([f"parallel.sp_size={sp} must divide the {world} processes"])
     return Layout(world=world, rank=rank, sp_size=sp, strategy=parallel.strategy,
                   reshard_after_forward=parallel.reshard_after_forward)
 

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from .checkpoint import Checkpointer
 from .evaluation import evaluate
 from .metrics import MetricsLog, define_flops_axis, wandb_init_kwargs, wandb_project
+from .progress import Eta
 from .rundir import RunDir
 from .sampling import save_samples
 from .schedules import end_step
@@ -117,10 +118,11 @@ class MetricsLogger:
 
 class Evaluator:
     """The fixed eval set's loss (and the EMA weights'): every train.eval_every steps, each time cumulative FLOPs
-    pass a multiple of train.eval_every_flops, and at the end; never at a stop."""
+    pass a multiple of train.eval_every_flops, and at the end; never at a stop. A long one prints its progress
+    (progress.Eta) and gives up at a stop signal (`stop`, asked after each batch)."""
 
-    def __init__(self, run: Run, say):
-        self.run, self.say = run, say
+    def __init__(self, run: Run, say, stop=None):
+        self.run, self.say, self.stop = run, say, stop
 
     def due(self, flops_before: float, stopping: bool) -> bool:
         train, state = self.run.config.train, self.run.state
@@ -128,24 +130,31 @@ class Evaluator:
             math.floor(state.flops / train.eval_every_flops) > math.floor(flops_before / train.eval_every_flops))
         return (every(state.step, train.eval_every) or self.run.finished() or crossed) and not stopping
 
-    def into(self, row: dict) -> None:
-        """eval/loss (mean) and eval/loss_t<t> per timestep; the same under eval/loss_ema for the EMA weights."""
-        run, batch_size = self.run, self.run.config.train.eval_batch_size
-        row.update(evaluate(run.model, run.eval_set, run.accelerator, batch_size, run.layout).row())
-        if run.ema is not None:
-            row.update(evaluate(run.ema.module, run.eval_set, run.accelerator, batch_size,
-                                run.layout).row("eval/loss_ema"))
+    def into(self, row: dict) -> bool:
+        """eval/loss (mean) and eval/loss_t<t> per timestep; the same under eval/loss_ema for the EMA weights.
+        False (the row untouched): a stop signal ended the evaluation."""
+        run = self.run
+        models = [(run.model, "eval/loss", "eval")] + ([(run.ema.module, "eval/loss_ema", "eval (EMA)")]
+                                                       if run.ema is not None else [])
+        values = {}
+        for model, key, what in models:
+            loss = evaluate(model, run.eval_set, run.accelerator, run.config.train.eval_batch_size, run.layout,
+                            stop=self.stop, report=Eta(what, "batches", self.say))
+            if loss is None:
+                return False
+            values.update(loss.row(key))
+        row.update(values)
         self.say(f"step {run.state.step}: eval/loss {row['eval/loss']:.5f}")
+        return True
 
-    def first_row(self) -> dict:
-        """The untrained model's row at step 0, which anchors the curve."""
+    def first_row(self) -> dict | None:
+        """The untrained model's row at step 0, which anchors the curve (None: a stop signal ended it)."""
         run, train = self.run, self.run.config.train
         run.sparsity.apply(0, run.accelerator.unwrap_model(run.model), run.ema and run.ema.module)
         self.say(f"evaluating {train.eval_samples} videos x {train.eval_timesteps} timesteps"
                  f"{' (weights and EMA)' if run.ema is not None else ''} ...")
         row = {"step": 0, "flops": 0.0, "flops_dense": 0.0, **run.sparsity.row(0)}
-        self.into(row)
-        return row
+        return row if self.into(row) else None
 
 
 class Sampler:

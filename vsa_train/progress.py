@@ -1,7 +1,10 @@
 """What a long job tells its user while it runs (issue #14, "honest progress"): the training-memory estimate and
-the warning when the machine has less, the VSA-costs-more-than-dense note, the FLOPs budget's end line.
+the warning when the machine has less, the VSA-costs-more-than-dense note, the FLOPs budget's end line, and
+progress lines for long work that has no bar of its own (issue 29: evaluation, the eval set's inputs, the first
+step), so that it does not look hung.
 
-Pure functions returning text (or None); vsa_train/trainer.py prints them on the main process.
+Pure functions returning text (or None), which vsa_train/trainer.py prints on the main process; `Eta` and
+`heartbeat` print through the `say` they are given.
 
 Memory estimate (per process, a rough one, labelled so wherever it is printed):
 
@@ -18,8 +21,11 @@ Memory estimate (per process, a rough one, labelled so wherever it is printed):
   (materialised by non-fused attention paths), the eval batch, the allocator's slack and framework overhead are
   not counted.
 """
+import contextlib
 import math
 import os
+import threading
+import time
 
 import torch
 
@@ -27,6 +33,8 @@ from .models import is_wan, model_config
 from .models.dit import checkpointing_policy
 
 GiB = 2**30
+LONG_S = 10.0   # work that looks longer than this (after its first unit) gets progress lines
+EVERY_S = 30.0  # and then at most one line per this many seconds: a log file stays readable
 VALUES_PER_TOKEN_DIM = 28  # activations kept per video token, per hidden unit, per block (see the docstring)
 
 
@@ -121,3 +129,43 @@ def budget_line(budget: float, step: int, executed: float) -> str:
 
 def seconds(s: float) -> str:
     return f"{s:.1f}s" if s < 120 else f"{s / 60:.1f} min"
+
+
+class Eta:
+    """Progress lines for long work of known size, `say`'s "eval: 1/32 batches in 1.6 min, ~49.3 min left": the
+    first once the first unit is done and the whole looks longer than LONG_S, then at most every EVERY_S seconds;
+    none for short work, none at the last unit (its caller's own line ends the work). Called as
+    `eta(done, total)`; `clock` is the time source (tests give their own)."""
+
+    def __init__(self, what: str, unit: str, say, clock=time.perf_counter):
+        self.what, self.unit, self.say, self.clock = what, unit, say, clock
+        self.start, self.last = clock(), None
+
+    def __call__(self, done: int, total: int) -> None:
+        now = self.clock()
+        elapsed = now - self.start
+        if not 0 < done < total:
+            return
+        left = elapsed / done * (total - done)
+        if (elapsed + left >= LONG_S) if self.last is None else (now - self.last >= EVERY_S):
+            self.last = now
+            self.say(f"{self.what}: {done}/{total} {self.unit} in {seconds(elapsed)}, ~{seconds(left)} left")
+
+
+@contextlib.contextmanager
+def heartbeat(say, what: str, every_s: float = EVERY_S):
+    """While the block runs, `say`s "<what>: 1.0 min so far" every `every_s` seconds: long work of unknown length
+    (the first step, compilation included), from a daemon thread."""
+    done, start = threading.Event(), time.perf_counter()
+
+    def beat() -> None:
+        while not done.wait(every_s):
+            say(f"{what}: {seconds(time.perf_counter() - start)} so far")
+
+    thread = threading.Thread(target=beat, name=f"heartbeat: {what}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()

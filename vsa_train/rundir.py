@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint.format import read_state
 from .checkpoint.store import Checkpoints
+from .errors import LaunchError
 from .files import atomic_write, disk_error
 
 CONFIG = "config.yaml"
@@ -51,7 +52,7 @@ WHY_FIXED = {**dict.fromkeys(EVAL_SET, "it decides the eval set: the run's eval 
 HYDRA_RECORD = ".hydra"  # configs/train.yaml sets hydra.output_subdir to null: `record_launch` writes it
 
 
-class RunDirError(RuntimeError):
+class RunDirError(LaunchError, RuntimeError):
     """A launch that the run directory refuses (mismatching config, a live writer, no usable checkpoint)."""
 
 
@@ -252,9 +253,9 @@ def _acquire(path: Path, record: str, stale_after_s: float) -> None:
         holder = _parse_lock(raw)
         reason = _stale_reason(holder, path, stale_after_s)
         if reason is None:
-            raise RunDirError(f"{path.parent} is in use by {holder.get('host')} pid {holder.get('pid')} "
-                              f"(SLURM job {holder.get('slurm_job')}; {path}). One writer per run directory: wait "
-                              f"for it, or delete {path} if that process is gone.")
+            job = f"SLURM job {holder['slurm_job']}; " if holder.get("slurm_job") is not None else ""
+            raise RunDirError(f"{path.parent} is in use by {holder.get('host')} pid {holder.get('pid')} ({job}{path}). "
+                              f"One writer per run directory: wait for it, or delete {path} if that process is gone.")
         taken = _take_over(path, raw, record)
         if taken:
             warnings.warn(f"taking over the stale lock {path} of {holder.get('host')} pid {holder.get('pid')}: "

@@ -1,12 +1,15 @@
 """The training loop, read top to bottom (`train`):
 
     check the launch against the run directory, take its lock, build the run whole (`build_run`,
-        vsa_train/training_run.py), resumed from the newest verified checkpoint;
+        vsa_train/training_run.py), resumed from the newest verified checkpoint; long work that has no progress
+        bar (the build, the eval set's inputs, an evaluation, the first step) prints its progress (progress.py);
     then `train_step` (micro-steps, clipping, non-finite check, optimizer, EMA) until `train.max_steps` or
         `train.flops_budget`; after each step the loop's components (vsa_train/periodic.py: metrics logger,
         evaluator, checkpointing, sampler) each decide whether it is their time and do their work;
-    a stop signal (SIGTERM, SIGUSR1, SIGINT) ends the step, saves and exits for requeue; a non-finite loss
-        stops the run or rolls back to the last healthy checkpoint (`train.on_nonfinite`).
+    a stop signal (SIGTERM, SIGUSR1, SIGINT) ends the step, saves and exits for requeue; one during the build or
+        an evaluation ends it there (an evaluation after its current batch), saving the step if this launch
+        trained one; a non-finite loss stops the run or rolls back to the last healthy checkpoint
+        (`train.on_nonfinite`).
 
 The run directory's files belong to vsa_train/rundir.py; the checkpoint format to vsa_train/checkpoint/.
 """
@@ -28,7 +31,7 @@ from .flops import training_flops_per_sample
 from .models import build_model
 from .parallel import Layout, clip_grad_norm, gradient_sync, make_layout, weights_fingerprint
 from .periodic import Checkpointing, Evaluator, MetricsLogger, Sampler
-from .preemption import SIGNALS, StopSignals
+from .preemption import StopSignals, agreed, slots
 from .rundir import Launch, RunDir
 from .schedules import LRSchedule, SparsitySchedule
 from .training_run import Run, build_run, make_accelerator, mixed_precision
@@ -80,11 +83,11 @@ def train_step(run: Run, stop_signal: int | None = None, save_failed: bool = Fal
     # Without clipping, max_norm=inf still returns the global norm, which the finiteness check needs.
     grad_norm = clip_grad_norm(model, accelerator, config.optim.grad_clip or float("inf"))
     # One slot per stop signal: a rank that received none learns which one stops it (submitit's handler for it).
-    stops = torch.tensor([float(sig == stop_signal) for sig in SIGNALS], device=device)
+    stops = torch.tensor(slots(stop_signal), device=device)
     flags = torch.cat([torch.stack([(~torch.isfinite(step_loss)).float(), (~torch.isfinite(grad_norm)).float(),
                                     step_loss.float(), torch.tensor(float(save_failed), device=device)]), stops])
     bad_loss, bad_grad, loss_sum, failed, *received = accelerator.reduce(flags, reduction="sum").tolist()
-    stop_signal = next((int(sig) for sig, count in zip(SIGNALS, received) if count), 0)
+    stop_signal = agreed(received)
     state.position += run.global_batch  # consumed either way: a rollback skips them
     result = StepResult(ok=not (bad_loss or bad_grad), loss=loss_sum / accelerator.num_processes,  # sp ranks agree
                         grad_norm=float(grad_norm), lr=lr, stop=bool(stop_signal), stop_signal=stop_signal,
@@ -112,7 +115,15 @@ def train(cfg: Config | DictConfig) -> dict:
     config = cfg if isinstance(cfg, Config) else typed(cfg)
     if config.train.dry_run:
         return dry_run(config)
+    # From here a stop signal ends the launch at its next safe point: the end of the build, an eval batch, a step.
+    with StopSignals() as signals:
+        return _launch(config, signals)
+
+
+def _launch(config: Config, signals: StopSignals) -> dict:
+    """The launch checked against the run directory, the run built under its lock, then trained."""
     accelerator = make_accelerator(config)
+    signals.announce = accelerator.print  # the main process says it, once
     run_dir = RunDir(config.run_dir)
     layout = make_layout(config.parallel, accelerator.num_processes, accelerator.process_index)
     global_batch = config.global_batch(layout.dp_size)
@@ -125,59 +136,85 @@ def train(cfg: Config | DictConfig) -> dict:
     with contextlib.ExitStack() as held:
         on_main(accelerator, lambda: held.enter_context(run_dir.lock(config.train.lock_stale_s)))
         _announce_build(config, accelerator, layout)
-        run = build_run(config, accelerator, resume_from, layout)
+        with progress.heartbeat(accelerator.print, "building the run (model, data, eval set)"):
+            run = build_run(config, accelerator, resume_from, layout,
+                            report=progress.Eta("eval set", "inputs loaded", accelerator.print))
+        stop = _agreed_stop(accelerator, signals)
+        if stop:  # before the launch is recorded: the directory stays as it was
+            _stop_before_training(run, signals, stop)
         on_main(accelerator, run_dir.record_launch, launch, resume_from)
         saver = Checkpointing(run, run_dir)
         _announce_start(run, run_dir)
         try:
-            last = _loop(run, run_dir, saver)
+            last = _loop(run, run_dir, saver, signals)
         finally:  # a crash still lets a checkpoint being written in the background finish, inside the lock
             saver.writer.close()
     return last
 
 
-def _loop(run: Run, run_dir: RunDir, saver: Checkpointing) -> dict:
+def _loop(run: Run, run_dir: RunDir, saver: Checkpointing, signals: StopSignals) -> dict:
     logger = MetricsLogger(run, run_dir)
-    say = logger.say
+    say = signals.announce = logger.say
     saver.announce_with(say)
-    evaluator, sampler = Evaluator(run, say), Sampler(run)
+    evaluator, sampler = Evaluator(run, say, stop=signals.requested), Sampler(run)
     _announce_compile(run, say)
     if run.state.step == 0 and run.resumed_from is None:  # the untrained model's eval loss anchors the curve
-        logger.file.log(evaluator.first_row())
+        row = evaluator.first_row()
+        if row is None:  # a stop signal during it: nothing trained yet
+            _stop_before_training(run, signals, signals.received or 0, logger)
+        logger.file.log(row)
     run.model.train()
     first_step = True  # of this launch: its time, compilation included, is worth a line
-    with StopSignals(announce=say) as signals:
-        while not run.finished():
-            flops_before, started = run.state.flops, time.perf_counter()
+    while not run.finished():
+        flops_before, started = run.state.flops, time.perf_counter()
+        with progress.heartbeat(say, "first step") if first_step else contextlib.nullcontext():
             result = train_step(run, stop_signal=signals.received, save_failed=saver.writer.failed())
-            if result.save_failed and not result.stop:  # (a stop's save is tried anyway and prints the error)
-                saver.writer.wait()  # raises its error on every rank: the run stops now, not at the next save
-            if first_step:
-                first_step = False
-                say(f"first step: {time.perf_counter() - started:.1f} s (compilation and the first batch included)")
-            if not result.ok:
-                _on_nonfinite(run, run_dir, saver, result)
-                logger.rewind(run.state.step)
-                continue
-            logger.add(run.state.flops - flops_before, result.loss)
-            row = logger.train_row(result) if logger.due(result.stop) else {}
-            if evaluator.due(flops_before, result.stop):
-                evaluator.into(row)
-            logger.write(row)
-            saving, sampling = saver.due(result.stop), sampler.due(result.stop)
-            ckpt = saver.save(stop=result.stop) if saving else None
-            if sampling:
-                sampler.sample()
-            if result.stop:
-                logger.close()
-                _end_training(run.accelerator)
-                signals.exit_for_requeue(ckpt, result.stop_signal)
-            if row or saving or sampling:  # eval, saving and sampling are not throughput
-                logger.window.reset()
+        if result.save_failed and not result.stop:  # (a stop's save is tried anyway and prints the error)
+            saver.writer.wait()  # raises its error on every rank: the run stops now, not at the next save
+        if first_step:
+            first_step = False
+            say(f"first step: {time.perf_counter() - started:.1f} s (compilation and the first batch included)")
+        if not result.ok:
+            _on_nonfinite(run, run_dir, saver, result)
+            logger.rewind(run.state.step)
+            continue
+        logger.add(run.state.flops - flops_before, result.loss)
+        row = logger.train_row(result) if logger.due(result.stop) else {}
+        if evaluator.due(flops_before, result.stop) and not evaluator.into(row):
+            # A stop signal ended the eval: the step is saved as a stop's (without its eval row).
+            result.stop, result.stop_signal = True, signals.received or 0
+        logger.write(row)
+        saving, sampling = saver.due(result.stop), sampler.due(result.stop)
+        ckpt = saver.save(stop=result.stop) if saving else None
+        if sampling:
+            sampler.sample()
+        if result.stop:
+            logger.close()
+            _end_training(run.accelerator)
+            signals.exit_for_requeue(ckpt, result.stop_signal)
+        if row or saving or sampling:  # eval, saving and sampling are not throughput
+            logger.window.reset()
     logger.close()
     saver.finish()  # nothing should be in flight here (the last save is in the foreground); if it is, it ends now
     _finish(run, run_dir)
     return logger.last
+
+
+def _agreed_stop(accelerator: Accelerator, signals: StopSignals) -> int:
+    """The stop signal of any rank at a safe point outside a step (0: none), the same on every rank (a collective)."""
+    counts = torch.tensor(slots(signals.received), device=accelerator.device)
+    if accelerator.num_processes > 1:
+        counts = accelerator.reduce(counts, reduction="sum")
+    return agreed(counts.tolist())
+
+
+def _stop_before_training(run: Run, signals: StopSignals, signum: int, logger: MetricsLogger | None = None) -> None:
+    """Stop signal `signum` before this launch's first step: nothing new to save; the run resumes (or starts) from
+    where it was."""
+    if logger is not None:
+        logger.close()
+    _end_training(run.accelerator)
+    signals.exit_for_requeue(run.resumed_from, signum)
 
 
 def _announce_build(config: Config, accelerator: Accelerator, layout: Layout) -> None:

@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .checkpoint import init_weights, load_checkpoint
-from .config_schema import Config, typed
+from .config_schema import Config, ConfigError, typed
 from .data import Data, build_data
 from .evaluation import make_eval_set
 from .models import build_model, vsa_config
@@ -190,8 +190,8 @@ def make_accelerator(config: Config | DictConfig) -> Accelerator:
     """accelerate for this machine: bf16 on CUDA (auto), gloo DDP on CPUs, collectives that time out."""
     config = config if isinstance(config, Config) else typed(config)
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-        raise ValueError("accelerate's FSDP plugin is not used: launch with a multi-GPU accelerate config "
-                         "(accelerate_configs/fsdp.yaml) and set parallel.strategy=fsdp")
+        raise ConfigError(["accelerate's FSDP plugin is not used: launch with a multi-GPU accelerate config "
+                           "(accelerate_configs/fsdp.yaml) and set parallel.strategy=fsdp"])
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=config.train.dist_timeout_s))
     # cpu=True without CUDA: only then does accelerate turn torchrun's environment into MULTI_CPU (gloo) DDP.
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(config.train),
@@ -199,17 +199,18 @@ def make_accelerator(config: Config | DictConfig) -> Accelerator:
 
 
 def build_run(config: Config | DictConfig, accelerator: Accelerator, resume_from: Path | None = None,
-              layout: Layout | None = None) -> Run:
-    """The run, restored from `resume_from` if given; `layout` defaults to the one `parallel` gives this process.
-    A composed DictConfig is read (and checked) by `typed` first. Writes no files."""
+              layout: Layout | None = None, report=None) -> Run:
+    """The run, restored from `resume_from` if given; `layout` defaults to the one `parallel` gives this process;
+    `report(done, total)` hears the eval set's inputs as they are loaded. A composed DictConfig is read (and
+    checked) by `typed` first. Writes no files."""
     config = config if isinstance(config, Config) else typed(config)
     train, device = config.train, accelerator.device
     layout = layout or make_layout(config.parallel, accelerator.num_processes, accelerator.process_index)
     if train.eval_samples % layout.dp_size:  # equal shards: under FSDP every rank must run the same forwards
         fit = -(-train.eval_samples // layout.dp_size) * layout.dp_size
-        raise ValueError(f"train.eval_samples={train.eval_samples} must be divisible by the {layout.dp_size} "
-                         f"data-parallel ranks: use train.eval_samples={fit} (or another multiple of "
-                         f"{layout.dp_size}), or launch fewer processes")
+        raise ConfigError([f"train.eval_samples={train.eval_samples} must be divisible by the {layout.dp_size} "
+                           f"data-parallel ranks: use train.eval_samples={fit} (or another multiple of "
+                           f"{layout.dp_size}), or launch fewer processes"])
     warn_tf32(config.attn)
     use_compile_cache(train.compile_cache)
     precision = HALF.get(accelerator.mixed_precision)
@@ -224,7 +225,7 @@ def build_run(config: Config | DictConfig, accelerator: Accelerator, resume_from
     if resume_from is not None:
         counters = load_checkpoint(accelerator, resume_from, model, optimizer, ema)
         accelerator.print(f"resumed from {resume_from} (step {counters['step']})")
-    data, train_iter = _start_data(config, layout, counters.get("position", 0))
+    data, train_iter = _start_data(config, layout, counters.get("position", 0), report)
     # A resume keeps the run's end of the decay (raising train.max_steps goes on at the final rate) unless forced.
     kept_end = counters.get("lr_end_step") if train.resume != "force" else None
     lr_schedule = LRSchedule(config.optim, train, sparsity, global_batch, end=kept_end)
@@ -257,7 +258,7 @@ def _model_and_ema(config: Config, accelerator: Accelerator, resume_from: Path |
     return model, ema.to(device)
 
 
-def _start_data(config: Config, layout: Layout, position: int):
+def _start_data(config: Config, layout: Layout, position: int, report=None):
     """(data, its train iterator) starting at global sample `position` (resume, rollback)."""
     warm.join()  # no fork while the kernel warm-up's thread may hold a lock the workers need
     batch_size = config.train.batch_size
@@ -265,7 +266,8 @@ def _start_data(config: Config, layout: Layout, position: int):
     if position % per_batch:
         raise ValueError(f"data position {position} is not a whole number of batches of {per_batch}")
     data = build_data(config.data, batch_size=batch_size, eval_samples=config.train.eval_samples,
-                      rank=layout.dp_rank, world_size=layout.dp_size, start_batch=position // per_batch)
+                      rank=layout.dp_rank, world_size=layout.dp_size, start_batch=position // per_batch,
+                      report=report)
     return data, iter(data.train)
 
 
@@ -291,9 +293,9 @@ def use_compile_cache(folder: str | None) -> None:
     try:  # every rank: exist_ok makes the race harmless
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # a file in the way, a read-only disk, no permission
-        raise ValueError(f"train.compile_cache={folder}: cannot use it as a folder ({err.strerror})") from None
+        raise ConfigError([f"train.compile_cache={folder}: cannot use it as a folder ({err.strerror})"]) from None
     if not os.access(root, os.W_OK | os.X_OK):
-        raise ValueError(f"train.compile_cache={folder}: the folder is not writable by this user")
+        raise ConfigError([f"train.compile_cache={folder}: the folder is not writable by this user"])
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
     os.environ["TRITON_CACHE_DIR"] = str(root / "triton")  # our own kernels' and inductor's compiled Triton
 

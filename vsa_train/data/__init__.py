@@ -1,6 +1,6 @@
 """Data sources, chosen by `data.source`: `build_data` returns the train stream, the fixed eval set and the spec.
 
-A source is a module with `build(cfg, *, batch_size, eval_samples, rank, world_size, start_batch)` ->
+A source is a module with `build(cfg, *, batch_size, eval_samples, rank, world_size, start_batch, report)` ->
 (train loader, eval batch dict). Batches are dict(video [B, C, T, H, W] float32 (pixels in [-1, 1], or
 normalised VAE latents), text [B, L, text_dim] float32, text_mask [B, L] bool, caption list[str], position
 [B] int64 (each sample's index in the global training stream: batch b of rank r holds (b * world + r) * B + j;
@@ -46,11 +46,12 @@ def data_spec(cfg) -> DataSpec:
 
 
 def build_data(cfg, *, batch_size: int, eval_samples: int, rank: int = 0, world_size: int = 1,
-               start_batch: int = 0) -> Data:
-    """Builds data source `cfg.source` for one rank; `start_batch` skips batches already trained on (resume)."""
+               start_batch: int = 0, report=None) -> Data:
+    """Builds data source `cfg.source` for one rank; `start_batch` skips batches already trained on (resume);
+    `report(done, total)` hears the eval set's items as they are loaded."""
     spec = data_spec(cfg)
     train, eval_set = _source(cfg).build(cfg, batch_size=batch_size, eval_samples=eval_samples, rank=rank,
-                                         world_size=world_size, start_batch=start_batch)
+                                         world_size=world_size, start_batch=start_batch, report=report)
     return Data(train=train, eval=eval_set, spec=spec)
 
 

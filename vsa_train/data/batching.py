@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..errors import MissingInput
+
 log = logging.getLogger(__name__)
 
 
@@ -82,8 +84,10 @@ def collate(items: list[dict], encoder) -> dict:
             "caption": captions}
 
 
-def eval_batch(indices, load, encoder, eval_samples: int, names=None, source: str = "the data source") -> dict:
-    """The fixed eval set: the first `eval_samples` usable items of `indices` (cycled if fewer), bad ones skipped."""
+def eval_batch(indices, load, encoder, eval_samples: int, names=None, source: str = "the data source",
+               report=None) -> dict:
+    """The fixed eval set: the first `eval_samples` usable items of `indices` (cycled if fewer), bad ones skipped;
+    `report(done, total)` hears each item loaded (decoding videos can take minutes: the trainer prints an estimate)."""
     items, first_bad = [], None
     for i in indices:
         if len(items) == eval_samples:
@@ -93,9 +97,12 @@ def eval_batch(indices, load, encoder, eval_samples: int, names=None, source: st
         except BadInput as e:
             first_bad = first_bad or f"{names[i] if names else i}: {e}"
             log.warning("skipping %s (eval set): %s", names[i] if names else i, e)
+            continue
+        if report is not None:
+            report(len(items), eval_samples)
     if not items:  # the first failure names the file as looked for: a wrong base folder shows at once
         first = f"; the first: {first_bad} (the others in the warnings above)" if first_bad else ""
-        raise RuntimeError(f"no usable input for the eval set ({source}){first}")
+        raise MissingInput(f"no usable input for the eval set ({source}){first}")
     return collate([items[k % len(items)] for k in range(eval_samples)], encoder)
 
 

@@ -5,6 +5,7 @@ the DictConfig sections of tests and scripts alike.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..fields import ConfigError, Section, choice, flag, integer, is_int, number, positive, setting, text
 
@@ -75,7 +76,7 @@ class VideosConfig(DataSection):
     def validate(self) -> list[str]:
         if self.manifest is not None and self.folder is not None:
             return [f"data.manifest={self.manifest!r} and data.folder={self.folder!r}: set only one of them"]
-        return []
+        return missing_input("manifest", self.manifest) + missing_input("folder", self.folder)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,6 +88,9 @@ class HFConfig(VideosConfig):
     split: str = text("train")
     video_column: str = text("video")
     caption_column: str = text("caption")
+
+    def validate(self) -> list[str]:
+        return super().validate() + missing_input("path", self.path)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,6 +104,14 @@ class LatentsConfig(DataSection):
     caption_dropout: float = _probability(0.1)
     seed: int = _seed()
     num_workers: int = integer(0, low=0)
+
+
+def missing_input(key: str, value: str | None) -> list[str]:
+    """The line for an input path the section names that is not there (checked with the config, before any run
+    directory is made; the sources raise errors.MissingInput for what they find only when reading it)."""
+    if value is None or (Path(value).is_dir() if key == "folder" else Path(value).exists()):
+        return []
+    return [f"data.{key}={value!r} {'is not a directory' if key == 'folder' else 'does not exist'}"]
 
 
 SECTIONS = {"hf": HFConfig, "latents": LatentsConfig, "synthetic": SyntheticConfig, "videos": VideosConfig}

@@ -9,6 +9,7 @@ row a bad clip "<path>[<row index>]" that is skipped and counted when met (see v
 """
 from pathlib import Path
 
+from ..errors import MissingInput
 from .batching import BadInput
 from .videos import Clip, RowRules, build_from_clips, caption_encoder, check_caption, check_path, checked
 
@@ -44,7 +45,7 @@ def load_clips(cfg) -> list[Clip]:
     elif path.suffix in _BUILDERS:
         ds = load_dataset(_BUILDERS[path.suffix], data_files=str(path), split=cfg.split)
     else:
-        raise FileNotFoundError(f"data.path={str(path)!r} is neither a save_to_disk directory nor a "
+        raise MissingInput(f"data.path={str(path)!r} is neither a save_to_disk directory nor a "
                                 f"{'/'.join(_BUILDERS)} file")
     if isinstance(ds, DatasetDict):
         if cfg.split not in ds:
@@ -66,10 +67,11 @@ def load_clips(cfg) -> list[Clip]:
     return checked(clips, f"{path} (split {cfg.split!r})")
 
 
-def build(cfg, *, batch_size: int, eval_samples: int, rank: int = 0, world_size: int = 1, start_batch: int = 0):
+def build(cfg, *, batch_size: int, eval_samples: int, rank: int = 0, world_size: int = 1, start_batch: int = 0,
+          report=None):
     """data=hf: train loader and eval batch, exactly as data=videos but over the dataset's rows."""
     return build_from_clips(cfg, load_clips(cfg), batch_size=batch_size, eval_samples=eval_samples, rank=rank,
-                            world_size=world_size, start_batch=start_batch,
+                            world_size=world_size, start_batch=start_batch, report=report,
                             source=f"{cfg.path}, relative video paths from {_video_root(Path(cfg.path)).resolve()}")
 
 

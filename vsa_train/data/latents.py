@@ -272,14 +272,16 @@ def spec(cfg):
     return DataSpec(in_channels=C, text_dim=D, text_len=L, video_shape=(T, H, W))
 
 
-def build(cfg, *, batch_size: int, eval_samples: int, rank: int = 0, world_size: int = 1, start_batch: int = 0):
+def build(cfg, *, batch_size: int, eval_samples: int, rank: int = 0, world_size: int = 1, start_batch: int = 0,
+          report=None):
     """data=latents: train loader over the shards (the last `data.holdout` items held out) and the eval batch."""
     store = LatentStore(cfg.path)
     train, held = holdout_split(cfg, len(store))
     names = [store.name(i) for i in range(len(store))]
     stream = ItemStream(len(train), store.load, None, batch_size, cfg.seed, rank, world_size, start_batch, names,
                         str(cfg.path))
-    eval_set = eval_batch(held, store.load, None, eval_samples, names=names, source=str(cfg.path))
+    eval_set = eval_batch(held, store.load, None, eval_samples, names=names, source=str(cfg.path),
+                          report=report)
     return make_loader(stream, cfg.num_workers, cfg.seed), eval_set
 
 

@@ -158,8 +158,10 @@ def make_batch(cfg, encoder: CaptionEncoder, split: str, indices) -> dict:
     return {"video": video, "text": text, "text_mask": text_mask, "caption": scene.captions}
 
 
-def build(cfg, *, batch_size: int, eval_samples: int, rank: int = 0, world_size: int = 1, start_batch: int = 0):
-    """Train loader (infinite, this rank's shard) and the full fixed eval set (a single batch dict)."""
+def build(cfg, *, batch_size: int, eval_samples: int, rank: int = 0, world_size: int = 1, start_batch: int = 0,
+          report=None):
+    """Train loader (infinite, this rank's shard) and the full fixed eval set (a single batch dict; rendered at once,
+    so `report` hears nothing)."""
     encoder = CaptionEncoder(VOCAB, dim=cfg.text_dim, max_len=cfg.text_len, seed=cfg.seed)
     stream = SyntheticVideos(cfg, encoder, batch_size, rank, world_size, start_batch)
     # Its own generator: DataLoader draws worker base seeds from it instead of the global RNG, which the

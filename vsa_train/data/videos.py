@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import MissingInput
 from .batching import BadInput, ItemStream, eval_batch, holdout_split, make_loader  # BadInput: re-exported
 from .encoders import pixel_text_encoder
 from .text import CaptionEncoder
@@ -132,12 +133,12 @@ def check_path(value, root: Path, rules: RowRules, where: str) -> tuple[Path, Pa
 
 
 def checked(clips: list[Clip], source) -> list[Clip]:
-    """`clips` after one warning counting the bad rows; ValueError naming `source` when no row is usable."""
+    """`clips` after one warning counting the bad rows; MissingInput naming `source` when no row is usable."""
     bad = [c for c in clips if c.error]
     if not clips:
-        raise ValueError(f"no clips in {source}")
+        raise MissingInput(f"no clips in {source}")
     if len(bad) == len(clips):
-        raise ValueError(f"none of the {len(clips)} rows of {source} is usable, e.g. {bad[0].name}: {bad[0].error}")
+        raise MissingInput(f"none of the {len(clips)} rows of {source} is usable, e.g. {bad[0].name}: {bad[0].error}")
     if bad:
         log.warning("%s: %d of %d rows are unusable and are skipped when met, e.g. %s: %s", source, len(bad),
                     len(clips), bad[0].name, bad[0].error)
@@ -237,7 +238,7 @@ def read_manifest(path, rules: RowRules = RowRules()) -> list[Clip]:
     """Clips of a CSV (columns path, caption) or JSON-lines manifest; relative paths resolve against its folder."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data.manifest={str(path)!r} does not exist")
+        raise MissingInput(f"data.manifest={str(path)!r} does not exist")
     if path.suffix == ".csv":
         rows = _csv_rows(path)
     elif path.suffix in (".jsonl", ".json"):
@@ -277,7 +278,7 @@ def find_clips(folder, rules: RowRules = RowRules()) -> list[Clip]:
     """Video files under `folder` (sorted); the caption is a sidecar `<name>.txt`, else the file name's words."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"data.folder={str(folder)!r} is not a directory")
+        raise MissingInput(f"data.folder={str(folder)!r} is not a directory")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS)
     return checked([_folder_clip(file, folder, rules) for file in files], folder)
 
@@ -478,20 +479,22 @@ class ClipLoader:
 
 
 def build_from_clips(cfg, clips: list[Clip], *, batch_size: int, eval_samples: int, rank: int = 0,
-                     world_size: int = 1, start_batch: int = 0, source: str = "the clip list"):
-    """Train loader and eval batch over a clip list (shared by data=videos and data=hf); `source` names it."""
+                     world_size: int = 1, start_batch: int = 0, source: str = "the clip list", report=None):
+    """Train loader and eval batch over a clip list (shared by data=videos and data=hf); `source` names it;
+    `report` hears the eval set's progress (`eval_batch`)."""
     train, held = holdout_split(cfg, len(clips))
     load, encoder, names = ClipLoader(cfg, clips), caption_encoder(cfg, clips), [c.name for c in clips]
     stream = ItemStream(len(train), load, encoder, batch_size, cfg.seed, rank, world_size, start_batch, names,
                         source)
-    eval_set = eval_batch(held, load, encoder, eval_samples, names=names, source=source)
+    eval_set = eval_batch(held, load, encoder, eval_samples, names=names, source=source, report=report)
     return make_loader(stream, cfg.num_workers, cfg.seed), eval_set
 
 
-def build(cfg, *, batch_size: int, eval_samples: int, rank: int = 0, world_size: int = 1, start_batch: int = 0):
+def build(cfg, *, batch_size: int, eval_samples: int, rank: int = 0, world_size: int = 1, start_batch: int = 0,
+          report=None):
     """data=videos: train loader (infinite, this rank's shard) and the fixed eval batch."""
     return build_from_clips(cfg, list_clips(cfg), batch_size=batch_size, eval_samples=eval_samples, rank=rank,
-                            world_size=world_size, start_batch=start_batch, source=source_name(cfg))
+                            world_size=world_size, start_batch=start_batch, source=source_name(cfg), report=report)
 
 
 def text_encoder(cfg) -> CaptionEncoder:

@@ -57,7 +57,8 @@ def test_a_data_failure_found_while_building_removes_the_launchs_directory(tmp_p
     args = ("data=videos", "data.manifest=m.csv", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
     proc = _train_py(*args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert _one_line(proc) == "no usable input for the eval set (m.csv); see the warnings above"
+    assert _one_line(proc) == ("no usable input for the eval set (m.csv); the first: gone.mp4: file not found (the "
+                               "others in the warnings above)")
     assert not (tmp_path / "run").exists()
     proc = _train_py(*args, cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"})
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "MissingInput" in proc.stderr

@@ -279,7 +279,7 @@ def test_hf_dataset_whose_videos_are_not_found_names_the_first_file_and_where_it
     base.pop("defaults")
     cfg = OmegaConf.merge(_cfg(), base, {"path": str(tmp_path / "data" / "ds")})
     looked = tmp_path / "data" / "clips" / "a.mp4"
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(MissingInput) as err:
         build_data(cfg, batch_size=1, eval_samples=1)
     assert str(err.value) == (f"no usable input for the eval set ({tmp_path / 'data' / 'ds'}, relative video paths "
                               f"from {(tmp_path / 'data').resolve()}); the first: {tmp_path / 'data' / 'ds'}[0] "

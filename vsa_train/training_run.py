@@ -130,7 +130,7 @@ class Run:
 
     def finished(self) -> bool:
         """train.max_steps reached or train.flops_budget spent."""
-        return self.state.step >= self.config.train.max_steps or self.budget_spent()
+        return run_finished(self.config.train, self.state.step, self.state.flops)
 
     def budget_spent(self) -> bool:
         budget = self.config.train.flops_budget
@@ -175,6 +175,11 @@ class Run:
         self.saved_step = self.state.step
         best = counters.get("best_median")  # None: not yet known, or a checkpoint from before it was stored
         self.health.reset(counters.get("recent_losses", []), self.state.step, math.inf if best is None else best)
+
+
+def run_finished(train: TrainConfig, step: int, flops: float) -> bool:
+    """Whether a run at `step` with `flops` executed is done: train.max_steps reached or train.flops_budget spent."""
+    return step >= train.max_steps or (train.flops_budget is not None and flops >= train.flops_budget)
 
 
 # --------------------------------------------------------------------------------------------- building a run

@@ -216,7 +216,7 @@ class RunDir:
                   and len(p.name) == len(self.path.name) and _values(load_run_config(p), FIXED) == mine]
         if not others:
             return None
-        budgets = ", ".join(f"{p} has train.flops_budget={load_run_config(p).train.get('flops_budget')}"
+        budgets = ", ".join(f"{p} has train.flops_budget={_budget(load_run_config(p).train.get('flops_budget'))}"
                             for p in others)
         return (f"note: a new run (train.flops_budget is part of a run directory's name): {budgets}, and otherwise "
                 f"these settings. To continue that run under this budget instead, add run_dir={others[-1]}")
@@ -277,6 +277,10 @@ class HydraRunDir(Callback):
 
 
 # ---------------------------------------------------------------------------------------------- launch helpers
+
+def _budget(value) -> str:
+    return "null" if value is None else f"{value:g}"
+
 
 def _why(key: str) -> str:
     return f" ({WHY_FIXED[key]})" if key in WHY_FIXED else ""

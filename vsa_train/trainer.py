@@ -1,7 +1,8 @@
 """The training loop, read top to bottom (`train`):
 
-    check the launch against the run directory, take its lock, build the run whole (`build_run`,
-        vsa_train/training_run.py), resumed from the newest verified checkpoint;
+    check the launch against the run directory (a run its checkpoint already finished says so and returns), take
+        its lock, build the run whole (`build_run`, vsa_train/training_run.py), resumed from the newest verified
+        checkpoint;
     then `train_step` (micro-steps, clipping, non-finite check, optimizer, EMA) until `train.max_steps` or
         `train.flops_budget`; after each step the loop's components (vsa_train/periodic.py: metrics logger,
         evaluator, checkpointing, sampler) each decide whether it is their time and do their work;
@@ -122,9 +123,10 @@ def train(cfg: Config | DictConfig) -> dict:
                         global_batch).end_step
     launch = Launch(cfg=config.source, processes=accelerator.num_processes, global_batch=global_batch,
                     resume=config.train.resume, data_parallel=layout.dp_size, lr_end_step=lr_end)
-    accelerator.print(f"run_dir: {run_dir.path}")
-    # Checked before anything is written: a launch that does not fit the run leaves its directory untouched.
+    # Checked before anything is written: a launch that does not fit the run leaves its directory untouched (its
+    # error names the directory).
     resume_from = on_main(accelerator, run_dir.check_launch, launch)
+    accelerator.print(f"run_dir: {run_dir.path}")
     done = on_main(accelerator, _finished, config, run_dir, resume_from)
     if done is not None:  # nothing to train: no lock, no record, no tracker run
         accelerator.print(done["line"])

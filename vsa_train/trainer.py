@@ -69,7 +69,7 @@ def train_step(run: Run, stop_signal: int | None = None, save_failed: bool = Fal
         video = batch["video"].to(device, non_blocking=True)          # [B, C, T, H, W]
         text = batch["text"].to(device, non_blocking=True)            # [B, L, text_dim]
         text_mask = batch["text_mask"].to(device, non_blocking=True)  # [B, L]
-        run.skipped.update(batch.get("skipped", ()))
+        run.met_bad_inputs(batch.get("skipped", ()))
         t, noise, u = sample_draws(config.train.seed, batch["position"], video.shape[1:], device)  # per sample
         if dropout:  # an all-False mask is the empty caption that guidance samples against
             text_mask = text_mask & (u >= dropout)[:, None]
@@ -286,9 +286,9 @@ def _end_training(accelerator: Accelerator) -> None:
 
 def _finish(run: Run, run_dir: RunDir) -> None:
     accelerator = run.accelerator
-    if run.skipped:
-        print(f"rank {accelerator.process_index}: skipped {len(run.skipped)} bad inputs:\n  "
-              + "\n  ".join(sorted(run.skipped)), flush=True)
+    if run.skipped:  # each was named once when met
+        print(f"rank {accelerator.process_index}: skipped {len(run.skipped)} bad inputs (named in the warnings above "
+              f"and in train.log; data/skipped in metrics.jsonl)", flush=True)
     budget = run.config.train.flops_budget
     if run.budget_spent():
         accelerator.print(progress.budget_line(budget, run.state.step, run.state.flops))

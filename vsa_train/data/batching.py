@@ -1,8 +1,9 @@
 """Generic batching over N indexable items: the shuffled infinite train stream, the fixed eval batch, the loader.
 
 A source supplies `load(i, position) -> dict(video, caption[, text, text_mask])` that raises BadInput for an
-item it cannot use; the stream skips that item, warns naming it and lists it in the batch's `skipped`
-("name: reason"), which the trainer counts as `data/skipped`.
+item it cannot use; the stream skips that item and lists it in the batch's `skipped` ("name: reason"), which the
+trainer counts as `data/skipped`. Each bad input is named once per process (`name_bad_input`), the first time it
+is met, by the eval set, the stream or, for a loader worker's, the trainer when the batch arrives.
 """
 import itertools
 import logging
@@ -18,14 +19,25 @@ class BadInput(Exception):
     """An item that cannot be trained on (the message says why)."""
 
 
+_NAMED: set[str] = set()  # the bad inputs this process has warned about
+
+
+def name_bad_input(name: str, reason) -> None:
+    """Warns about a bad input the first time this process meets it: the eval set and the stream meet the same
+    items, and a loader worker's warnings would repeat each other's (workers leave it to the trainer)."""
+    if get_worker_info() is None and name not in _NAMED:
+        _NAMED.add(name)
+        log.warning("skipping %s: %s", name, reason)
+
+
 class ItemStream(IterableDataset):
     """Infinite stream of batches over N items, reshuffled every epoch; bad items are skipped and reported.
 
     Batch b of rank r holds stream positions (b * world + r) * B + j. Position p is item perm_e[p mod N] of
     epoch e = p // N; an unusable item is replaced by the next position's, so a batch is a pure function of
     (seed, b, r) whatever the workers (exact resume; `start_batch` skips consumed batches). `load(i, p)`
-    returns the item as dict(video, caption[, text, text_mask]) or raises BadInput; each bad item is warned
-    about and reported once per worker. `source` names the data (manifest, folder, dataset) in errors.
+    returns the item as dict(video, caption[, text, text_mask]) or raises BadInput; each bad item is reported
+    once per worker (and named once per process). `source` names the data (manifest, folder, dataset) in errors.
     """
 
     def __init__(self, n: int, load, encoder, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
@@ -62,7 +74,7 @@ class ItemStream(IterableDataset):
                     except BadInput as e:
                         bad.add(i)
                         name = self.names[i] if self.names else str(i)
-                        log.warning("skipping %s: %s", name, e)
+                        name_bad_input(name, e)
                         skipped.append(f"{name}: {e}")
                         continue
                     break
@@ -91,7 +103,7 @@ def eval_batch(indices, load, encoder, eval_samples: int, names=None, source: st
         try:
             items.append(load(i, None))
         except BadInput as e:
-            log.warning("skipping %s (eval set): %s", names[i] if names else i, e)
+            name_bad_input(names[i] if names else str(i), e)
     if not items:
         raise RuntimeError(f"no usable input for the eval set ({source}); see the warnings above")
     return collate([items[k % len(items)] for k in range(eval_samples)], encoder)

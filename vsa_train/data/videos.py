@@ -131,6 +131,9 @@ def check_path(value, root: Path, rules: RowRules, where: str) -> tuple[Path, Pa
     return file, resolve_inside(file, root, rules, where)
 
 
+_COUNTED: set[str] = set()  # the sources whose bad rows this process has counted
+
+
 def checked(clips: list[Clip], source) -> list[Clip]:
     """`clips` after one warning counting the bad rows; ValueError naming `source` when no row is usable."""
     bad = [c for c in clips if c.error]
@@ -138,9 +141,10 @@ def checked(clips: list[Clip], source) -> list[Clip]:
         raise ValueError(f"no clips in {source}")
     if len(bad) == len(clips):
         raise ValueError(f"none of the {len(clips)} rows of {source} is usable, e.g. {bad[0].name}: {bad[0].error}")
-    if bad:
-        log.warning("%s: %d of %d rows are unusable and are skipped when met, e.g. %s: %s", source, len(bad),
-                    len(clips), bad[0].name, bad[0].error)
+    if bad and str(source) not in _COUNTED:  # once per source and process (training and sampling both list it)
+        _COUNTED.add(str(source))
+        log.warning("%s: %d of %d rows are unusable; each is skipped, and named when first met", source, len(bad),
+                    len(clips))
     return clips
 
 

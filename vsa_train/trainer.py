@@ -157,6 +157,7 @@ def _loop(run: Run, run_dir: RunDir, saver: Checkpointing) -> dict:
     _announce_compile(run, say)
     if run.state.step == 0 and run.resumed_from is None:  # the untrained model's eval loss anchors the curve
         logger.file.log(evaluator.first_row())
+        logger.skip_pause()
     run.model.train()
     first_step = True  # of this launch: its time, compilation included, is worth a line
     with StopSignals(announce=say) as signals:
@@ -186,7 +187,7 @@ def _loop(run: Run, run_dir: RunDir, saver: Checkpointing) -> dict:
                 _end_training(run.accelerator)
                 signals.exit_for_requeue(ckpt, result.stop_signal)
             if row or saving or sampling:  # eval, saving and sampling are not throughput
-                logger.window.reset()
+                logger.skip_pause()
     logger.close()
     saver.finish()  # nothing should be in flight here (the last save is in the foreground); if it is, it ends now
     _finish(run, run_dir)

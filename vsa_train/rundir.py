@@ -1,4 +1,8 @@
-"""The run directory: its paths, the launch record and checks, and the lock.
+"""The run directory: its name, paths, the launch record and checks, and the lock.
+
+Its default name is runs/<exp_name>_<attn>_<data>_s<seed>_<settings_hash> (configs/train.yaml, the ${run_hash:}
+resolver): the hash covers what a resume must match (FIXED) and the FLOPs budget (NAMED), so the same command
+resumes and other settings get their own directory. Under Hydra, `HydraRunDir` keeps Hydra's own files in it.
 
     run_dir/
       config.yaml             the resolved config the run started with; kept (a forced resume replaces it)

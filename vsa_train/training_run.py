@@ -33,7 +33,6 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from .checkpoint import init_weights, load_checkpoint
 from .config_schema import Config, typed
 from .data import Data, build_data
-from .data.batching import name_bad_input
 from .evaluation import make_eval_set
 from .models import build_model, vsa_config
 from .models.vsa import warm_up_kernels
@@ -138,12 +137,13 @@ class Run:
         return budget is not None and self.state.flops >= budget
 
     def met_bad_inputs(self, entries) -> None:
-        """A batch's bad inputs ("name: reason"): counted, and named once (a loader worker's are named here)."""
+        """A batch's bad inputs ("name: reason"): counted, and named once by the stream's record (a loader worker's
+        are named here)."""
         for entry in entries:
             if entry not in self.skipped:
                 self.skipped.add(entry)
                 name, _, reason = entry.partition(": ")
-                name_bad_input(name, reason)
+                self.data.train.dataset.bad.name(name, reason)
 
     def restart_data(self) -> None:
         """(Re)starts the train stream at `state.position` (rollback); position is a global sample index."""

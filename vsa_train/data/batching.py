@@ -2,8 +2,8 @@
 
 A source supplies `load(i, position) -> dict(video, caption[, text, text_mask])` that raises BadInput for an
 item it cannot use; the stream skips that item and lists it in the batch's `skipped` ("name: reason"), which the
-trainer counts as `data/skipped`. Each bad input is named once per process (`name_bad_input`), the first time it
-is met, by the eval set, the stream or, for a loader worker's, the trainer when the batch arrives.
+trainer counts as `data/skipped`. Each bad input is named once (`BadInputs`, one record per build), the first time
+it is met, by the eval set, the stream or, for a loader worker's, the trainer when the batch arrives.
 """
 import itertools
 import logging
@@ -19,15 +19,18 @@ class BadInput(Exception):
     """An item that cannot be trained on (the message says why)."""
 
 
-_NAMED: set[str] = set()  # the bad inputs this process has warned about
+class BadInputs:
+    """The bad inputs one build of a data source has named: each once, the first time it is met. The eval set and
+    the stream meet the same items; a loader worker names none (its copy of this record would repeat the other
+    workers'), the trainer names a worker's as their batch arrives (`training_run.Run.met_bad_inputs`)."""
 
+    def __init__(self):
+        self.named: set[str] = set()
 
-def name_bad_input(name: str, reason) -> None:
-    """Warns about a bad input the first time this process meets it: the eval set and the stream meet the same
-    items, and a loader worker's warnings would repeat each other's (workers leave it to the trainer)."""
-    if get_worker_info() is None and name not in _NAMED:
-        _NAMED.add(name)
-        log.warning("skipping %s: %s", name, reason)
+    def name(self, name: str, reason) -> None:
+        if get_worker_info() is None and name not in self.named:
+            self.named.add(name)
+            log.warning("skipping %s: %s", name, reason)
 
 
 class ItemStream(IterableDataset):
@@ -37,14 +40,15 @@ class ItemStream(IterableDataset):
     epoch e = p // N; an unusable item is replaced by the next position's, so a batch is a pure function of
     (seed, b, r) whatever the workers (exact resume; `start_batch` skips consumed batches). `load(i, p)`
     returns the item as dict(video, caption[, text, text_mask]) or raises BadInput; each bad item is reported
-    once per worker (and named once per process). `source` names the data (manifest, folder, dataset) in errors.
+    once per worker; `bad` names each once (shared with the eval set of the same build). `source` names the data
+    (manifest, folder, dataset) in errors.
     """
 
     def __init__(self, n: int, load, encoder, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  start_batch: int = 0, names=None, source: str = "the data source"):
         self.n, self.load, self.encoder, self.batch_size, self.seed = n, load, encoder, batch_size, seed
         self.rank, self.world_size, self.start_batch, self.names = rank, world_size, start_batch, names
-        self.source = source
+        self.source, self.bad = source, BadInputs()
         self._epoch, self._perm = None, None
 
     def _item(self, p: int) -> int:
@@ -74,7 +78,7 @@ class ItemStream(IterableDataset):
                     except BadInput as e:
                         bad.add(i)
                         name = self.names[i] if self.names else str(i)
-                        name_bad_input(name, e)
+                        self.bad.name(name, e)
                         skipped.append(f"{name}: {e}")
                         continue
                     break
@@ -94,16 +98,18 @@ def collate(items: list[dict], encoder) -> dict:
             "caption": captions}
 
 
-def eval_batch(indices, load, encoder, eval_samples: int, names=None, source: str = "the data source") -> dict:
-    """The fixed eval set: the first `eval_samples` usable items of `indices` (cycled if fewer), bad ones skipped."""
-    items = []
+def eval_batch(indices, load, encoder, eval_samples: int, names=None, source: str = "the data source",
+               bad: BadInputs | None = None) -> dict:
+    """The fixed eval set: the first `eval_samples` usable items of `indices` (cycled if fewer), bad ones skipped
+    and named through `bad` (the stream's record of the same build)."""
+    items, bad = [], bad or BadInputs()
     for i in indices:
         if len(items) == eval_samples:
             break
         try:
             items.append(load(i, None))
         except BadInput as e:
-            name_bad_input(names[i] if names else str(i), e)
+            bad.name(names[i] if names else str(i), e)
     if not items:
         raise RuntimeError(f"no usable input for the eval set ({source}); see the warnings above")
     return collate([items[k % len(items)] for k in range(eval_samples)], encoder)

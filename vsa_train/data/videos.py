@@ -478,7 +478,7 @@ def build_from_clips(cfg, clips: list[Clip], *, batch_size: int, eval_samples: i
     load, encoder, names = ClipLoader(cfg, clips), caption_encoder(cfg, clips), [c.name for c in clips]
     stream = ItemStream(len(train), load, encoder, batch_size, cfg.seed, rank, world_size, start_batch, names,
                         source)
-    eval_set = eval_batch(held, load, encoder, eval_samples, names=names, source=source)
+    eval_set = eval_batch(held, load, encoder, eval_samples, names=names, source=source, bad=stream.bad)
     return make_loader(stream, cfg.num_workers, cfg.seed), eval_set
 
 

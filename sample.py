@@ -1,15 +1,17 @@
 r"""Generate videos from a trained run (latest checkpoint, EMA weights when present) and write mp4 + GIF.
 
-    python sample.py checkpoint=runs/dit_tiny_dense_videos_s0 prompt="a man talks on a phone" \
-        steps=30 cfg_scale=5 out=samples/phone.mp4
+    python sample.py checkpoint=RUN_DIR prompt="a man talks on a phone" steps=30 cfg_scale=5   # RUN_DIR/samples/
+    python sample.py checkpoint=RUN_DIR prompt="a man talks on a phone" out=phone.mp4          # ./phone.mp4, .gif
     python sample.py checkpoint=RUN_DIR/checkpoints/step_00001000 prompt="..." num=4 seed=1 ema=false
 
 Keys (key=value): checkpoint (run dir or one checkpoint dir), prompt, steps (30), cfg_scale (5.0),
-out (sample.mp4; num > 1 writes out_0.mp4, out_1.mp4, ...), num (1), seed (0), ema (true), fps (8),
-device (cuda if available, else cpu). Runs trained on latents are decoded through the VAE of their index.
+out (default: RUN_DIR/samples/<checkpoint>_<prompt>.mp4; num > 1 writes out_0.mp4, out_1.mp4, ...), num (1),
+seed (0), ema (true), fps (8), device (cuda if available, else cpu). Each mp4 comes with a GIF beside it. Runs trained
+on latents are decoded through the VAE of their index.
 
 Usage: python sample.py checkpoint=RUN_DIR prompt="..." [key=value ...]     (python sample.py --help: this text)
 """
+import re
 import sys
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ from omegaconf import OmegaConf
 from vsa_train.data.videos import write_video
 from vsa_train.sampling import generate, load_model
 
-DEFAULTS = {"checkpoint": None, "prompt": None, "steps": 30, "cfg_scale": 5.0, "out": "sample.mp4", "num": 1,
+DEFAULTS = {"checkpoint": None, "prompt": None, "steps": 30, "cfg_scale": 5.0, "out": None, "num": 1,
             "seed": 0, "ema": True, "fps": 8.0, "device": "cuda" if torch.cuda.is_available() else "cpu"}
 
 
@@ -41,6 +43,14 @@ def parse(argv: list[str]):
     return args
 
 
+def default_out(ckpt: Path, prompt: str) -> Path:
+    """RUN_DIR/samples/<checkpoint>_<prompt's first words>.mp4: beside the run's own samples, not in the current
+    folder."""
+    words = re.findall(r"[a-z0-9]+", prompt.lower())
+    slug = "_".join(words)[:60].rstrip("_") or "sample"
+    return ckpt.parent.parent / "samples" / f"{ckpt.name}_{slug}.mp4"
+
+
 def main(argv: list[str]) -> list[Path]:
     args = parse(argv)
     start = time.perf_counter()
@@ -48,7 +58,7 @@ def main(argv: list[str]) -> list[Path]:
     print(f"loaded {ckpt} ({'EMA' if args.ema and cfg.train.get('ema') is not None else 'raw'} weights, "
           f"data={cfg.data.name})")
     videos = generate(model, cfg.data, [str(args.prompt)] * args.num, args.steps, args.cfg_scale, args.seed)
-    out = Path(args.out)
+    out = Path(args.out) if args.out is not None else default_out(ckpt, str(args.prompt))
     written = []
     for k, video in enumerate(videos):
         path = out if args.num == 1 else out.with_name(f"{out.stem}_{k}{out.suffix}")

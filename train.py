@@ -9,10 +9,10 @@
     python train.py -m hydra/launcher=slurm hydra.launcher.partition=gpu model=dit_60m,dit_120m   # SLURM sweep
     python train.py model=dit_1b train.dry_run=true   # parameters and FLOPs per sample, no weights allocated
 
-Re-running a command resumes from the latest checkpoint in its run_dir (runs/<exp>_<attn>_<data>_s<seed>);
-raise train.max_steps to train further. A failure you fix from its message (a bad value or key, a missing input,
-a run directory that refuses the launch) prints one line and exits 2, leaving no run directory; HYDRA_FULL_ERROR=1
-shows its traceback (vsa_train/errors.py). See README.md.
+Re-running a command resumes from the latest checkpoint in its run_dir (runs/<exp>_<attn>_<data>_s<seed>_<hash of
+the settings>, printed at start); raise train.max_steps to train further. A failure you fix from its message (a bad
+value or key, a missing input, a run directory that refuses the launch) prints one line and exits 2, leaving no run
+directory; HYDRA_FULL_ERROR=1 shows its traceback (vsa_train/errors.py). See README.md.
 """
 import contextlib
 import os
@@ -56,14 +56,14 @@ class _Tee:
 
 
 @contextlib.contextmanager
-def _run_log():
-    """Rank 0's stdout also goes to run_dir/train.log, where Hydra's file handler writes every INFO log line;
-    the console shows warnings and errors of libraries only (configs/train.yaml, hydra.job_logging)."""
-    if not HydraConfig.initialized() or int(os.environ.get("RANK", "0")) != 0:
+def _run_log(config):
+    """Rank 0's stdout also goes to run_dir/train.log, where Hydra's file handler writes every INFO log line (Hydra's
+    directory is the run directory: vsa_train.rundir.HydraRunDir); the console shows warnings and errors of libraries
+    only (configs/train.yaml, hydra.job_logging). A dry run writes no file."""
+    if not HydraConfig.initialized() or int(os.environ.get("RANK", "0")) != 0 or config.train.dry_run:
         yield
         return
-    hc = HydraConfig.get()
-    with open(Path(hc.runtime.output_dir) / f"{hc.job.name}.log", "a", buffering=1, encoding="utf-8") as file:
+    with open(Path(config.run_dir) / f"{HydraConfig.get().job.name}.log", "a", buffering=1, encoding="utf-8") as file:
         stdout, sys.stdout = sys.stdout, _Tee(sys.stdout, file)
         try:
             yield
@@ -78,7 +78,7 @@ def main(cfg: DictConfig) -> None:
     # read into its typed sections, which checks a multirun job (local or SLURM) with its sweep values.
     try:
         config = typed(cfg)
-        with _run_log():
+        with _run_log(config):
             train(config)
     except BaseException as err:
         _remove_stub()

@@ -69,6 +69,29 @@ def test_non_utf8_csv_caption_is_skipped_with_its_line(tmp_path, caplog):
     assert captions == {"a man in a car", "a man on the phone"} and "m.csv line 4" in caplog.text
 
 
+def test_a_training_run_names_each_bad_input_once(tmp_path, caplog, capsys):
+    """Issue 29, item 5d: the eval set and the stream meet the same bad row; one warning names it, the manifest's
+    line counts the bad rows and the end says how many were skipped."""
+    from hydra import compose, initialize_config_dir
+
+    from vsa_train import trainer
+
+    _clips(tmp_path, "a.mp4", "b.mp4")
+    manifest = _write(tmp_path / "m.csv", ["path,caption", "a.mp4,a man in a car", "../x.mp4,outside",
+                                           "b.mp4,a man on the phone"])
+    overrides = ["data=videos", f"data.manifest={manifest}", "data.frames=4", "data.height=8", "data.width=8",
+                 "data.stride=3", "data.backend=pyav", "data.num_workers=0", "train.batch_size=2",
+                 "train.eval_samples=2", "train.eval_timesteps=1", "train.max_steps=3", "logger=none",
+                 f"run_dir={tmp_path / 'run'}"]
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        cfg = compose(config_name="train", overrides=overrides)
+    with caplog.at_level(logging.WARNING):
+        trainer.train(cfg)
+    assert caplog.text.count("m.csv line 3") == 1, caplog.text
+    assert caplog.text.count("1 of 3 rows are unusable") == 1
+    assert "skipped 1 bad inputs (named in the warnings above" in capsys.readouterr().out
+
+
 def test_non_utf8_sidecar_caption_and_file_name_are_skipped(tmp_path):
     a, b, _, _ = _clips(tmp_path, "a.mp4", "b.mp4", "a_man_on_the_phone.mp4", os.fsdecode(b"caf\xe9.mp4"))
     _write(a.with_suffix(".txt"), ["a man in a car"])

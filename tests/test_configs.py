@@ -1,5 +1,7 @@
 """Every config group option and experiment composes; bad choices fail with the list of choices."""
 import dataclasses
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
+import vsa_train.rundir  # noqa: F401 (the run_hash resolver that configs/train.yaml's hydra.run.dir uses)
 from vsa_train.data import data_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,16 +62,39 @@ def test_paper_shapes_and_recipe():
     assert optim["warmup_steps"] == 100 and optim["grad_clip"] == 1.0
 
 
+def _run_dir(*overrides) -> str:
+    return _compose(*overrides, hydra_cfg=True).hydra.run.dir
+
+
 def test_run_dir_is_deterministic_from_choices():
-    cfg = _compose("attn=dense", "train.seed=3", hydra_cfg=True)
-    assert cfg.hydra.run.dir == "runs/dit_tiny_dense_synthetic_s3"
+    assert re.fullmatch(r"runs/dit_tiny_dense_synthetic_s3_[0-9a-f]{8}", _run_dir("attn=dense", "train.seed=3"))
     cfg = _compose("experiment=dit120m_16k", hydra_cfg=True)
-    assert cfg.hydra.run.dir == "runs/dit120m_16k_dense_synthetic_16k_s0"
+    assert re.fullmatch(r"runs/dit120m_16k_dense_synthetic_16k_s0_[0-9a-f]{8}", cfg.hydra.run.dir)
     assert cfg.hydra.sweep.dir == "runs/multirun/dit120m_16k_synthetic_16k"
     # the run length is not part of a sweep job's directory, so extending a run resumes it
     assert "train.max_steps" in cfg.hydra.job.config.override_dirname.exclude_keys
     # where compiled kernels are cached moves no run either (a relaunch with or without it resumes)
     assert "train.compile_cache" in cfg.hydra.job.config.override_dirname.exclude_keys
+
+
+def test_other_settings_get_their_own_run_dir_and_the_same_command_resumes():
+    """Issue 29, item 1: the hash in the name covers what a resume must match (rundir.FIXED) and the FLOPs budget;
+    the run length, cadence, logger and speed-only keys keep the directory."""
+    from vsa_train.rundir import settings_hash
+
+    base = _run_dir()
+    assert base == _run_dir() and base.endswith("_" + settings_hash(_compose()))
+    for same in (["train.max_steps=300"], ["train.log_every=3", "logger=none"], ["data.num_workers=0"],
+                 ["model.grad_checkpointing=full"], ["train.resume=force"], ["train.eval_batch_size=4"]):
+        assert _run_dir(*same) == base, same
+    vsa = _run_dir("attn=vsa")
+    others = [vsa, _run_dir("attn=vsa", "attn.topk=4", "attn.dense_layers=[0]"), _run_dir("train.flops_budget=1e9"),
+              _run_dir("optim.lr=3e-4"), _run_dir("train.ema=0.999"), _run_dir("train.eval_samples=8"),
+              _run_dir("train.init_from=runs/x"), _run_dir("data.frames=4")]
+    assert len({base, *others}) == 1 + len(others)
+    # the name train.py --help gives the quick start's run is the one it gets
+    help_text = _compose(hydra_cfg=True).hydra.help.template
+    assert re.findall(r"runs/dit_tiny_dense_synthetic_s0\w*", help_text) == [base]
 
 
 def test_slurm_launcher_preset_composes():
@@ -256,6 +282,38 @@ def test_run_log_holds_the_runs_lines_and_the_console_no_library_info(tmp_path):
     log = (run_dir / "train.log").read_text()
     for line in (f"run_dir: {run_dir}", "step 0: eval/loss", "step 1: eval/loss", "finished at step 1"):
         assert line in log and line in proc.stdout
+
+
+TINY_RUN = ("train.max_steps=1", "data.frames=4", "data.height=8", "data.width=8", "train.batch_size=2",
+            "train.eval_samples=2", "train.eval_timesteps=1", "train.eval_batch_size=2", "logger=none",
+            "data.num_workers=0")
+
+
+def test_run_dir_given_holds_everything_the_launch_writes(tmp_path):
+    """Issue 29, item 5a: run_dir=X puts Hydra's train.log and .hydra/ in X too, and nothing in the default one."""
+    proc = _train_py(*TINY_RUN, "run_dir=X", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["X"]  # no runs/<default name>/
+    assert (tmp_path / "X" / ".hydra" / "overrides.yaml").is_file()
+    log = (tmp_path / "X" / "train.log").read_text()
+    assert "run_dir: X" in log and "finished at step 1" in log and proc.stdout.startswith("run_dir: X\n")
+
+
+def test_a_dry_run_prints_a_summary_and_writes_nothing(tmp_path):
+    """Issue 29, item 5b: a few lines (choices, parameters, FLOPs, the run directory it would use), no directory."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = dict(os.environ, TMPDIR=str(scratch))  # where Hydra's own directory of a dry run goes, and is removed
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "attn=vsa", "train.dry_run=true"], check=False,
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tmp"] and not list(scratch.iterdir())
+    lines = proc.stdout.splitlines()
+    assert len(lines) <= 8, proc.stdout  # not the whole config
+    assert f"run_dir (not created): {_run_dir('attn=vsa')}" in lines
+    assert lines[0].startswith("dry run: model=dit_tiny attn=vsa data=synthetic")
+    assert any(re.fullmatch(r"params: \d+", line) for line in lines)
+    assert any(line.startswith("flops_per_sample: ") for line in lines)
 
 
 # ---------------------------------------------------------------------------------- typed sections (ConfigStore)

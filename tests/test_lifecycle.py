@@ -216,6 +216,45 @@ def test_a_changed_init_from_on_resume_is_refused_unless_forced_and_then_recorde
     assert last["forced"] is True and last["changed"] == {"train.init_from": [None, str(source)]}
 
 
+def test_a_finished_run_says_so_and_opens_no_tracker_run(tmp_path, capsys):
+    """Issue 29, item 5e: re-running a finished run trains nothing, writes nothing and says where its results are."""
+    first = _run(tmp_path, "train.max_steps=2", "train.eval_every=2", "logger=wandb")
+    capsys.readouterr()
+    files = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    again = _run(tmp_path, "train.max_steps=2", "train.eval_every=2", "logger=wandb")
+    out = capsys.readouterr().out
+    assert f"{tmp_path} is finished at step 2 (train.max_steps=2): final eval/loss {first['eval/loss']:.5f} " \
+           f"(step 2); metrics in {tmp_path / 'metrics.jsonl'}. To train it further, raise train.max_steps." in out
+    assert "resumed" not in out and "train:" not in out and again["step"] == 2
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == files  # no wandb run, no record
+    # a run its FLOPs budget ended says that, and how to go on (in this directory, with a larger budget)
+    budget = tmp_path / "budget"
+    _run(budget, "train.max_steps=100", "train.flops_budget=1e9", "train.eval_every=100")
+    capsys.readouterr()
+    _run(budget, "train.max_steps=100", "train.flops_budget=1e9", "train.eval_every=100")
+    out = capsys.readouterr().out
+    assert re.search(r"is finished at step \d+ \(train.flops_budget=1.000e\+09 spent\): final eval/loss", out), out
+    assert f"name it with run_dir={budget} and a larger train.flops_budget" in out
+
+
+def test_a_new_budget_is_a_new_run_that_names_the_run_it_differs_from(tmp_path, capsys):
+    """Issue 29, item 1: train.flops_budget is in the default directory's name; the new run says which run has the
+    other budget and how to continue that one instead."""
+    def default_dir(*overrides):  # runs/<...>_<hash>, as configs/train.yaml names it
+        return tmp_path / f"dit_tiny_dense_synthetic_s0_{rundir.settings_hash(_cfg(tmp_path, *overrides))}"
+
+    first = default_dir("train.flops_budget=1e9")
+    _run(first, "train.max_steps=100", "train.flops_budget=1e9", "train.eval_every=100")
+    second = default_dir("train.flops_budget=2e9")
+    assert second != first and default_dir("train.flops_budget=1e9", "train.max_steps=7") == first
+    capsys.readouterr()
+    _run(second, "train.max_steps=1", "train.flops_budget=2e9")
+    out = capsys.readouterr().out
+    assert f"note: a new run (train.flops_budget is part of a run directory's name): {first} has " \
+           f"train.flops_budget=1e+09, and otherwise these settings. To continue that run under this budget " \
+           f"instead, add run_dir={first}" in out
+
+
 def test_same_global_batch_other_split_resumes_at_the_same_sample(tmp_path):
     """batch 2 x accum 1 for 2 steps, then batch 1 x accum 2: the data continues where it stopped."""
     split, straight = tmp_path / "split", tmp_path / "straight"

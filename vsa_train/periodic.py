@@ -67,6 +67,7 @@ class MetricsLogger:
             self.bar = tqdm(total=train.max_steps, initial=state.step, disable=not self.main, desc="train",
                             dynamic_ncols=True)
         self.last = {"step": state.step}
+        self.stepped = time.perf_counter()  # when the last step ended (its bar update)
 
     def say(self, message: str) -> None:
         """A status line from the main process (tqdm.write: it stays above the bar, also once closed)."""
@@ -83,6 +84,14 @@ class MetricsLogger:
         self.window.add(self.run.global_batch, flops, loss)
         # In FLOPs the bar stops at the budget; the end line says by how much the last step overshot it.
         self.bar.update(min(flops, max(0.0, self.bar.total - self.bar.n)) if self.by_flops else 1)
+        self.stepped = time.perf_counter()
+
+    def skip_pause(self) -> None:
+        """Eval, saving or sampling ran since the last step: the next row's throughput starts now, and the bar's
+        rate, from which tqdm estimates the time left, leaves their time out (the ETA would jump after each)."""
+        self.window.reset()
+        if not self.bar.disable:  # tqdm's rate: progress over the time since its last refresh (a step's end)
+            self.bar.last_print_t += time.perf_counter() - self.stepped
 
     def due(self, stopping: bool) -> bool:
         return every(self.run.state.step, self.run.config.train.log_every) or self.run.finished() or stopping

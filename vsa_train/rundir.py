@@ -1,4 +1,8 @@
-"""The run directory: its paths, the launch record and checks, and the lock.
+"""The run directory: its name, paths, the launch record and checks, and the lock.
+
+Its default name is runs/<exp_name>_<attn>_<data>_s<seed>_<settings_hash> (configs/train.yaml, the ${run_hash:}
+resolver): the hash covers what a resume must match (FIXED) and the FLOPs budget (NAMED), so the same command
+resumes and other settings get their own directory. Under Hydra, `HydraRunDir` keeps Hydra's own files in it.
 
     run_dir/
       config.yaml             the resolved config the run started with; kept (a forced resume replaces it)
@@ -16,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -25,7 +30,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, read_write
 
 from .checkpoint.format import read_state
 from .checkpoint.store import Checkpoints
@@ -50,6 +55,11 @@ FIXED = (*TRAJECTORY, *EVAL_SET, "train.init_from")
 WHY_FIXED = {**dict.fromkeys(EVAL_SET, "it decides the eval set: the run's eval curve would mix two sets"),
              "train.init_from": "a resumed run keeps its own weights: this one would be ignored"}
 HYDRA_RECORD = ".hydra"  # configs/train.yaml sets hydra.output_subdir to null: `record_launch` writes it
+# What names a run's default directory, runs/<exp_name>_<attn>_<data>_s<seed>_<hash> (configs/train.yaml): the keys
+# a resume must match, and the FLOPs budget: another budget is another run (a finished run must not go on under a
+# new budget). train.max_steps stays out: raising it continues the run in its directory.
+NAMED = (*FIXED, "train.flops_budget")
+HASH_DIGITS = 8
 
 
 class RunDirError(LaunchError, RuntimeError):
@@ -76,15 +86,32 @@ def _flatten(tree, prefix="") -> dict:
     return {prefix[:-1]: tree}
 
 
+def _values(cfg: DictConfig, keys) -> dict:
+    """{key: resolved value} of `keys`, sections flattened, NOT_TRAJECTORY left out; a missing key is None. Only
+    these keys are resolved (Hydra's ${hydra:...} elsewhere may not resolve yet)."""
+    out = {}
+    for key in keys:
+        node = OmegaConf.select(cfg, key, default=None)
+        value = OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+        out.update(_flatten(value, f"{key}.") if isinstance(value, dict) else {key: value})
+    return {k: v for k, v in out.items() if not any(k == n or k.startswith(n + ".") for n in NOT_TRAJECTORY)}
+
+
 def config_diff(old: DictConfig, new: DictConfig) -> list[tuple[str, object, object]]:
     """(key, old value, new value) for every FIXED key that differs (missing keys count as None)."""
-    def pick(cfg):
-        flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
-        return {k: v for k, v in flat.items()
-                if any(k == t or k.startswith(t + ".") for t in FIXED)
-                and not any(k == n or k.startswith(n + ".") for n in NOT_TRAJECTORY)}
-    a, b = pick(old), pick(new)
+    a, b = _values(old, FIXED), _values(new, FIXED)
     return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
+def settings_hash(cfg: DictConfig) -> str:
+    """The hash in a default run directory's name: SHA-256 of the canonical JSON of the NAMED values, shortened."""
+    text = json.dumps(_values(cfg, NAMED), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:HASH_DIGITS]
+
+
+# configs/train.yaml's hydra.run.dir ends in ${run_hash:}. Registered on import: train.py (through the trainer) and
+# the tests that compose configs import this module before Hydra resolves that key.
+OmegaConf.register_new_resolver("run_hash", lambda *, _root_: settings_hash(_root_), replace=True)
 
 
 # --------------------------------------------------------------------------------------------- the directory
@@ -171,16 +198,33 @@ class RunDir:
         return config_diff(OmegaConf.load(config), launch.cfg) if config.is_file() else []
 
     def _record_hydra(self, cfg: DictConfig) -> None:
-        """Under Hydra, its record of this launch (what Hydra writes at job start, before any launch check)."""
+        """Under Hydra, its record of this launch (what Hydra writes at job start, before any launch check), in the
+        run directory (run_dir=X: in X)."""
         from hydra.core.hydra_config import HydraConfig  # here: only train.py's launches run under Hydra
 
         if not HydraConfig.initialized() or HydraConfig.get().output_subdir is not None:
             return  # not under Hydra, or Hydra wrote its record itself (hydra.output_subdir set on the command line)
         hydra = HydraConfig.instance().cfg
-        folder = Path(hydra.hydra.runtime.output_dir) / HYDRA_RECORD
+        folder = self.path / HYDRA_RECORD
         folder.mkdir(parents=True, exist_ok=True)
         for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra), ("overrides.yaml", hydra.hydra.overrides.task)):
             atomic_write(folder / name, OmegaConf.to_yaml(node))
+
+    def budget_note(self, cfg: DictConfig) -> str | None:
+        """For a new run in a default-named directory: a note naming the runs beside it that differ only in
+        train.flops_budget (a new budget starts a new run; the user may have meant to continue one of those)."""
+        digest = settings_hash(cfg)
+        if (self.path / CONFIG).is_file() or not self.path.name.endswith(f"_{digest}"):
+            return None
+        mine, stem = _values(cfg, FIXED), self.path.name[:-len(digest)]
+        others = [p for p in sorted(self.path.parent.glob(f"{stem}*")) if p != self.path and (p / CONFIG).is_file()
+                  and len(p.name) == len(self.path.name) and _values(load_run_config(p), FIXED) == mine]
+        if not others:
+            return None
+        budgets = ", ".join(f"{p} has train.flops_budget={_budget(load_run_config(p).train.get('flops_budget'))}"
+                            for p in others)
+        return (f"note: a new run (train.flops_budget is part of a run directory's name): {budgets}, and otherwise "
+                f"these settings. To continue that run under this budget instead, add run_dir={others[-1]}")
 
     # -- the lock
 
@@ -207,7 +251,41 @@ class RunDir:
                 path.unlink(missing_ok=True)
 
 
+# ------------------------------------------------------------------------------------------------ under Hydra
+
+try:
+    from hydra.experimental.callback import Callback
+except ImportError:  # pragma: no cover
+    Callback = object
+
+
+class HydraRunDir(Callback):
+    """Hydra callback (configs/train.yaml, hydra.callbacks): Hydra's own directory, where its train.log goes, is the
+    run directory. `run_dir=X` on the command line moves it to X, so nothing is written elsewhere; a dry run, which
+    writes no run, gets a temporary one, removed when it ends, and keeps run_dir as where the run would live."""
+
+    def __init__(self):
+        self.scratch = None
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        given = any(o.split("=", 1)[0].lstrip("+~") == "run_dir" for o in config.hydra.overrides.task)
+        if config.train.get("dry_run"):
+            config.run_dir = str(config.run_dir if given else config.hydra.run.dir)  # printed, never made
+            self.scratch = tempfile.mkdtemp(prefix="vsa_train_dry_run.")
+        if given or self.scratch:
+            with read_write(config.hydra):
+                config.hydra.run.dir = self.scratch or str(config.run_dir)
+
+    def on_run_end(self, config: DictConfig, **kwargs) -> None:
+        if self.scratch:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------------------------- launch helpers
+
+def _budget(value) -> str:
+    return "null" if value is None else f"{value:g}"
+
 
 def _why(key: str) -> str:
     return f" ({WHY_FIXED[key]})" if key in WHY_FIXED else ""
@@ -384,5 +462,5 @@ class _Heartbeat:
         self._thread.join()
 
 
-__all__ = ["CONFIG", "Launch", "RunDir", "RunDirError", "load_run_config", "trajectory_diff"]
-__all__ = ["CONFIG", "Launch", "RunDir", "RunDirError", "config_diff", "load_run_config"]
+__all__ = ["CONFIG", "HydraRunDir", "Launch", "RunDir", "RunDirError", "config_diff", "load_run_config",
+           "settings_hash"]

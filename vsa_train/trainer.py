@@ -1,8 +1,9 @@
 """The training loop, read top to bottom (`train`):
 
-    check the launch against the run directory, take its lock, build the run whole (`build_run`,
-        vsa_train/training_run.py), resumed from the newest verified checkpoint; long work that has no progress
-        bar (the build, the eval set's inputs, an evaluation, the first step) prints its progress (progress.py);
+    check the launch against the run directory (a run its checkpoint already finished says so and returns), take
+        its lock, build the run whole (`build_run`, vsa_train/training_run.py), resumed from the newest verified
+        checkpoint; long work that has no progress bar (the build, the eval set's inputs, an evaluation, the first
+        step) prints its progress (progress.py);
     then `train_step` (micro-steps, clipping, non-finite check, optimizer, EMA) until `train.max_steps` or
         `train.flops_budget`; after each step the loop's components (vsa_train/periodic.py: metrics logger,
         evaluator, checkpointing, sampler) each decide whether it is their time and do their work;
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from . import progress
 from .checkpoint import load_checkpoint
@@ -31,10 +32,12 @@ from .flops import training_flops_per_sample
 from .models import build_model
 from .parallel import Layout, clip_grad_norm, gradient_sync, make_layout, weights_fingerprint
 from .periodic import Checkpointing, Evaluator, MetricsLogger, Sampler
+from .checkpoint.format import read_state
+from .metrics import read_metrics
 from .preemption import StopSignals, agreed, slots
 from .rundir import Launch, RunDir
 from .schedules import LRSchedule, SparsitySchedule
-from .training_run import Run, build_run, make_accelerator, mixed_precision
+from .training_run import Run, build_run, make_accelerator, mixed_precision, run_finished
 
 __all__ = ["Run", "StepResult", "build_run", "dry_run", "make_accelerator", "train", "train_step"]
 
@@ -69,7 +72,7 @@ def train_step(run: Run, stop_signal: int | None = None, save_failed: bool = Fal
         video = batch["video"].to(device, non_blocking=True)          # [B, C, T, H, W]
         text = batch["text"].to(device, non_blocking=True)            # [B, L, text_dim]
         text_mask = batch["text_mask"].to(device, non_blocking=True)  # [B, L]
-        run.skipped.update(batch.get("skipped", ()))
+        run.met_bad_inputs(batch.get("skipped", ()))
         t, noise, u = sample_draws(config.train.seed, batch["position"], video.shape[1:], device)  # per sample
         if dropout:  # an all-False mask is the empty caption that guidance samples against
             text_mask = text_mask & (u >= dropout)[:, None]
@@ -131,8 +134,18 @@ def _launch(config: Config, signals: StopSignals) -> dict:
                         global_batch).end_step
     launch = Launch(cfg=config.source, processes=accelerator.num_processes, global_batch=global_batch,
                     resume=config.train.resume, data_parallel=layout.dp_size, lr_end_step=lr_end)
-    # Checked before anything is written: a launch that does not fit the run leaves its directory untouched.
+    # Checked before anything is written: a launch that does not fit the run leaves its directory untouched (its
+    # error names the directory).
     resume_from = on_main(accelerator, run_dir.check_launch, launch)
+    accelerator.print(f"run_dir: {run_dir.path}")
+    done = on_main(accelerator, _finished, config, run_dir, resume_from)
+    if done is not None:  # nothing to train: no lock, no record, no tracker run
+        accelerator.print(done["line"])
+        _end_training(accelerator)
+        return done["row"]
+    note = on_main(accelerator, run_dir.budget_note, config.source) if resume_from is None else None
+    if note:
+        accelerator.print(note)
     with contextlib.ExitStack() as held:
         on_main(accelerator, lambda: held.enter_context(run_dir.lock(config.train.lock_stale_s)))
         _announce_build(config, accelerator, layout)
@@ -163,6 +176,7 @@ def _loop(run: Run, run_dir: RunDir, saver: Checkpointing, signals: StopSignals)
         if row is None:  # a stop signal during it: nothing trained yet
             _stop_before_training(run, signals, signals.received or 0, logger)
         logger.file.log(row)
+        logger.skip_pause()
     run.model.train()
     first_step = True  # of this launch: its time, compilation included, is worth a line
     while not run.finished():
@@ -193,7 +207,7 @@ def _loop(run: Run, run_dir: RunDir, saver: Checkpointing, signals: StopSignals)
             _end_training(run.accelerator)
             signals.exit_for_requeue(ckpt, result.stop_signal)
         if row or saving or sampling:  # eval, saving and sampling are not throughput
-            logger.window.reset()
+            logger.skip_pause()
     logger.close()
     saver.finish()  # nothing should be in flight here (the last save is in the foreground); if it is, it ends now
     _finish(run, run_dir)
@@ -234,10 +248,29 @@ def _announce_build(config: Config, accelerator: Accelerator, layout: Layout) ->
         print(warning, flush=True)
 
 
+def _finished(config: Config, run_dir: RunDir, resume_from) -> dict | None:
+    """When the checkpoint to resume already ends the run under this launch's train.max_steps and
+    train.flops_budget: {"line": one line saying so, with the final eval loss and where the metrics are, "row": the
+    last metrics row}; else None."""
+    state = read_state(resume_from) if resume_from is not None else None
+    if state is None or not run_finished(config.train, state["step"], state["flops"]):
+        return None
+    rows = read_metrics(run_dir.metrics) if run_dir.metrics.is_file() else []
+    evals = [r for r in rows if "eval/loss" in r]
+    train, step = config.train, state["step"]
+    why = (f"train.max_steps={train.max_steps}" if step >= train.max_steps else
+           f"train.flops_budget={train.flops_budget:.3e} spent")
+    loss = f"final eval/loss {evals[-1]['eval/loss']:.5f} (step {evals[-1]['step']})" if evals else "no eval loss"
+    further = ("raise train.max_steps" if step >= train.max_steps else
+               f"name it with run_dir={run_dir.path} and a larger train.flops_budget")
+    return {"line": f"{run_dir.path} is finished at step {step} ({why}): {loss}; metrics in {run_dir.metrics}. "
+                    f"To train it further, {further}.", "row": rows[-1] if rows else {"step": step}}
+
+
 def _announce_start(run: Run, run_dir: RunDir) -> None:
-    """What the run is: its directory, size, FLOPs per sample, global batch and precision."""
+    """What the run is: its size, FLOPs per sample, global batch and precision (its directory is said first)."""
     accelerator, per_sample = run.accelerator, run.sparsity.flops_per_sample(0)
-    accelerator.print(f"run_dir: {run_dir.path}\nparams: {sum(p.numel() for p in run.model.parameters())}\n"
+    accelerator.print(f"params: {sum(p.numel() for p in run.model.parameters())}\n"
                       f"flops_per_sample: {per_sample.executed:.4e} (dense {per_sample.dense:.4e})\nglobal batch: "
                       f"{run.global_batch} ({accelerator.num_processes} processes, {accelerator.mixed_precision} "
                       f"precision)")
@@ -291,9 +324,9 @@ def _end_training(accelerator: Accelerator) -> None:
 
 def _finish(run: Run, run_dir: RunDir) -> None:
     accelerator = run.accelerator
-    if run.skipped:
-        print(f"rank {accelerator.process_index}: skipped {len(run.skipped)} bad inputs:\n  "
-              + "\n  ".join(sorted(run.skipped)), flush=True)
+    if run.skipped:  # each was named once when met
+        print(f"rank {accelerator.process_index}: skipped {len(run.skipped)} bad inputs (named in the warnings above "
+              f"and in train.log; data/skipped in metrics.jsonl)", flush=True)
     budget = run.config.train.flops_budget
     if run.budget_spent():
         accelerator.print(progress.budget_line(budget, run.state.step, run.state.flops))
@@ -322,13 +355,18 @@ def _count_params(config: Config) -> int:
 
 
 def dry_run(cfg: Config | DictConfig) -> dict:
-    """Builds the model on the meta device (no weights allocated), prints config, parameters and FLOPs."""
+    """Builds the model on the meta device (no weights allocated) and prints a short summary: the choices, the
+    parameters, FLOPs per sample, a memory estimate and the run directory it would use. Writes nothing (under Hydra
+    its directory is a temporary one: vsa_train.rundir.HydraRunDir); `--cfg job` prints the whole config."""
     config = cfg if isinstance(cfg, Config) else typed(cfg)
     n_params = _count_params(config)
     spec = config.spec
     flops = training_flops_per_sample(config.model, config.attn, in_channels=spec.in_channels, text_dim=spec.text_dim,
                                       video_shape=spec.video_shape, text_len=spec.text_len)
-    print(OmegaConf.to_yaml(config.source, resolve=True))
+    print(f"dry run: model={config.model.name} attn={config.attn.name} data={config.data.name} "
+          f"({'x'.join(map(str, spec.video_shape))} -> {config.tokens} tokens per sample); nothing is written")
+    if config.run_dir is not None:
+        print(f"run_dir (not created): {config.run_dir}")
     print(f"params: {n_params}")
     print(f"flops_per_sample: {flops.executed:.6e}")
     print(f"flops_per_sample_dense: {flops.dense:.6e}")

@@ -130,11 +130,20 @@ class Run:
 
     def finished(self) -> bool:
         """train.max_steps reached or train.flops_budget spent."""
-        return self.state.step >= self.config.train.max_steps or self.budget_spent()
+        return run_finished(self.config.train, self.state.step, self.state.flops)
 
     def budget_spent(self) -> bool:
         budget = self.config.train.flops_budget
         return budget is not None and self.state.flops >= budget
+
+    def met_bad_inputs(self, entries) -> None:
+        """A batch's bad inputs ("name: reason"): counted, and named once by the stream's record (a loader worker's
+        are named here)."""
+        for entry in entries:
+            if entry not in self.skipped:
+                self.skipped.add(entry)
+                name, _, reason = entry.partition(": ")
+                self.data.train.dataset.bad.name(name, reason)
 
     def restart_data(self) -> None:
         """(Re)starts the train stream at `state.position` (rollback); position is a global sample index."""
@@ -175,6 +184,11 @@ class Run:
         self.saved_step = self.state.step
         best = counters.get("best_median")  # None: not yet known, or a checkpoint from before it was stored
         self.health.reset(counters.get("recent_losses", []), self.state.step, math.inf if best is None else best)
+
+
+def run_finished(train: TrainConfig, step: int, flops: float) -> bool:
+    """Whether a run at `step` with `flops` executed is done: train.max_steps reached or train.flops_budget spent."""
+    return step >= train.max_steps or (train.flops_budget is not None and flops >= train.flops_budget)
 
 
 # --------------------------------------------------------------------------------------------- building a run

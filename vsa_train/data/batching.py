@@ -1,8 +1,9 @@
 """Generic batching over N indexable items: the shuffled infinite train stream, the fixed eval batch, the loader.
 
 A source supplies `load(i, position) -> dict(video, caption[, text, text_mask])` that raises BadInput for an
-item it cannot use; the stream skips that item, warns naming it and lists it in the batch's `skipped`
-("name: reason"), which the trainer counts as `data/skipped`.
+item it cannot use; the stream skips that item and lists it in the batch's `skipped` ("name: reason"), which the
+trainer counts as `data/skipped`. Each bad input is named once (`BadInputs`, one record per build), the first time
+it is met, by the eval set, the stream or, for a loader worker's, the trainer when the batch arrives.
 """
 import itertools
 import logging
@@ -20,21 +21,36 @@ class BadInput(Exception):
     """An item that cannot be trained on (the message says why)."""
 
 
+class BadInputs:
+    """The bad inputs one build of a data source has named: each once, the first time it is met. The eval set and
+    the stream meet the same items; a loader worker names none (its copy of this record would repeat the other
+    workers'), the trainer names a worker's as their batch arrives (`training_run.Run.met_bad_inputs`)."""
+
+    def __init__(self):
+        self.named: set[str] = set()
+
+    def name(self, name: str, reason) -> None:
+        if get_worker_info() is None and name not in self.named:
+            self.named.add(name)
+            log.warning("skipping %s: %s", name, reason)
+
+
 class ItemStream(IterableDataset):
     """Infinite stream of batches over N items, reshuffled every epoch; bad items are skipped and reported.
 
     Batch b of rank r holds stream positions (b * world + r) * B + j. Position p is item perm_e[p mod N] of
     epoch e = p // N; an unusable item is replaced by the next position's, so a batch is a pure function of
     (seed, b, r) whatever the workers (exact resume; `start_batch` skips consumed batches). `load(i, p)`
-    returns the item as dict(video, caption[, text, text_mask]) or raises BadInput; each bad item is warned
-    about and reported once per worker. `source` names the data (manifest, folder, dataset) in errors.
+    returns the item as dict(video, caption[, text, text_mask]) or raises BadInput; each bad item is reported
+    once per worker; `bad` names each once (shared with the eval set of the same build). `source` names the data
+    (manifest, folder, dataset) in errors.
     """
 
     def __init__(self, n: int, load, encoder, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  start_batch: int = 0, names=None, source: str = "the data source"):
         self.n, self.load, self.encoder, self.batch_size, self.seed = n, load, encoder, batch_size, seed
         self.rank, self.world_size, self.start_batch, self.names = rank, world_size, start_batch, names
-        self.source = source
+        self.source, self.bad = source, BadInputs()
         self._epoch, self._perm = None, None
 
     def _item(self, p: int) -> int:
@@ -64,7 +80,7 @@ class ItemStream(IterableDataset):
                     except BadInput as e:
                         bad.add(i)
                         name = self.names[i] if self.names else str(i)
-                        log.warning("skipping %s: %s", name, e)
+                        self.bad.name(name, e)
                         skipped.append(f"{name}: {e}")
                         continue
                     break
@@ -85,10 +101,11 @@ def collate(items: list[dict], encoder) -> dict:
 
 
 def eval_batch(indices, load, encoder, eval_samples: int, names=None, source: str = "the data source",
-               report=None) -> dict:
-    """The fixed eval set: the first `eval_samples` usable items of `indices` (cycled if fewer), bad ones skipped;
-    `report(done, total)` hears each item loaded (decoding videos can take minutes: the trainer prints an estimate)."""
-    items, first_bad = [], None
+               report=None, bad: BadInputs | None = None) -> dict:
+    """The fixed eval set: the first `eval_samples` usable items of `indices` (cycled if fewer), bad ones skipped
+    and named through `bad` (the stream's record of the same build); `report(done, total)` hears each item loaded
+    (decoding videos can take minutes: the trainer prints an estimate)."""
+    items, bad, first_bad = [], bad or BadInputs(), None
     for i in indices:
         if len(items) == eval_samples:
             break
@@ -96,7 +113,7 @@ def eval_batch(indices, load, encoder, eval_samples: int, names=None, source: st
             items.append(load(i, None))
         except BadInput as e:
             first_bad = first_bad or f"{names[i] if names else i}: {e}"
-            log.warning("skipping %s (eval set): %s", names[i] if names else i, e)
+            bad.name(names[i] if names else str(i), e)
             continue
         if report is not None:
             report(len(items), eval_samples)

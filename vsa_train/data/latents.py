@@ -281,7 +281,7 @@ def build(cfg, *, batch_size: int, eval_samples: int, rank: int = 0, world_size:
     stream = ItemStream(len(train), store.load, None, batch_size, cfg.seed, rank, world_size, start_batch, names,
                         str(cfg.path))
     eval_set = eval_batch(held, store.load, None, eval_samples, names=names, source=str(cfg.path),
-                          report=report)
+                          report=report, bad=stream.bad)
     return make_loader(stream, cfg.num_workers, cfg.seed), eval_set
 
 

@@ -132,6 +132,9 @@ def check_path(value, root: Path, rules: RowRules, where: str) -> tuple[Path, Pa
     return file, resolve_inside(file, root, rules, where)
 
 
+_COUNTED: set[str] = set()  # the sources whose bad rows this process has counted
+
+
 def checked(clips: list[Clip], source) -> list[Clip]:
     """`clips` after one warning counting the bad rows; MissingInput naming `source` when no row is usable."""
     bad = [c for c in clips if c.error]
@@ -139,9 +142,10 @@ def checked(clips: list[Clip], source) -> list[Clip]:
         raise MissingInput(f"no clips in {source}")
     if len(bad) == len(clips):
         raise MissingInput(f"none of the {len(clips)} rows of {source} is usable, e.g. {bad[0].name}: {bad[0].error}")
-    if bad:
-        log.warning("%s: %d of %d rows are unusable and are skipped when met, e.g. %s: %s", source, len(bad),
-                    len(clips), bad[0].name, bad[0].error)
+    if bad and str(source) not in _COUNTED:  # once per source and process (training and sampling both list it)
+        _COUNTED.add(str(source))
+        log.warning("%s: %d of %d rows are unusable; each is skipped, and named when first met", source, len(bad),
+                    len(clips))
     return clips
 
 
@@ -486,7 +490,8 @@ def build_from_clips(cfg, clips: list[Clip], *, batch_size: int, eval_samples: i
     load, encoder, names = ClipLoader(cfg, clips), caption_encoder(cfg, clips), [c.name for c in clips]
     stream = ItemStream(len(train), load, encoder, batch_size, cfg.seed, rank, world_size, start_batch, names,
                         source)
-    eval_set = eval_batch(held, load, encoder, eval_samples, names=names, source=source, report=report)
+    eval_set = eval_batch(held, load, encoder, eval_samples, names=names, source=source, report=report,
+                          bad=stream.bad)
     return make_loader(stream, cfg.num_workers, cfg.seed), eval_set
 
 

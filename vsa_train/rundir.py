@@ -217,14 +217,14 @@ class RunDir:
         if (self.path / CONFIG).is_file() or not self.path.name.endswith(f"_{digest}"):
             return None
         mine, stem = _values(cfg, FIXED), self.path.name[:-len(digest)]
-        others = [p for p in sorted(self.path.parent.glob(f"{stem}*")) if p != self.path and (p / CONFIG).is_file()
-                  and len(p.name) == len(self.path.name) and _values(load_run_config(p), FIXED) == mine]
+        siblings = [p for p in sorted(self.path.parent.glob(f"{stem}*")) if p != self.path
+                    and (p / CONFIG).is_file() and len(p.name) == len(self.path.name)]
+        others = [(p, c) for p, c in ((p, load_run_config(p)) for p in siblings) if _values(c, FIXED) == mine]
         if not others:
             return None
-        budgets = ", ".join(f"{p} has train.flops_budget={_budget(load_run_config(p).train.get('flops_budget'))}"
-                            for p in others)
+        budgets = ", ".join(f"{p} has train.flops_budget={_budget(c.train.get('flops_budget'))}" for p, c in others)
         return (f"note: a new run (train.flops_budget is part of a run directory's name): {budgets}, and otherwise "
-                f"these settings. To continue that run under this budget instead, add run_dir={others[-1]}")
+                f"these settings. To continue that run under this budget instead, add run_dir={others[-1][0]}")
 
     # -- the lock
 

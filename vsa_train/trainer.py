@@ -25,15 +25,15 @@ from omegaconf import DictConfig
 
 from . import progress
 from .checkpoint import load_checkpoint
+from .checkpoint.format import read_state
 from .config_schema import Config, typed
 from .diffusion import flow_loss, sample_draws
 from .distributed import leave_together, on_main
 from .flops import training_flops_per_sample
+from .metrics import read_metrics
 from .models import build_model
 from .parallel import Layout, clip_grad_norm, gradient_sync, make_layout, weights_fingerprint
 from .periodic import Checkpointing, Evaluator, MetricsLogger, Sampler
-from .checkpoint.format import read_state
-from .metrics import read_metrics
 from .preemption import StopSignals, agreed, slots
 from .rundir import Launch, RunDir
 from .schedules import LRSchedule, SparsitySchedule
@@ -151,7 +151,7 @@ def _launch(config: Config, signals: StopSignals) -> dict:
         _announce_build(config, accelerator, layout)
         with progress.heartbeat(accelerator.print, "building the run (model, data, eval set)"):
             run = build_run(config, accelerator, resume_from, layout,
-                            report=progress.Eta("eval set", "inputs loaded", accelerator.print))
+                            report=progress.Eta("eval set", "inputs loaded", accelerator.print), lr_end=lr_end)
         stop = _agreed_stop(accelerator, signals)
         if stop:  # before the launch is recorded: the directory stays as it was
             _stop_before_training(run, signals, stop)

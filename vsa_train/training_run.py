@@ -133,8 +133,7 @@ class Run:
         return run_finished(self.config.train, self.state.step, self.state.flops)
 
     def budget_spent(self) -> bool:
-        budget = self.config.train.flops_budget
-        return budget is not None and self.state.flops >= budget
+        return budget_spent(self.config.train, self.state.flops)
 
     def met_bad_inputs(self, entries) -> None:
         """A batch's bad inputs ("name: reason"): counted, and named once by the stream's record (a loader worker's
@@ -188,7 +187,12 @@ class Run:
 
 def run_finished(train: TrainConfig, step: int, flops: float) -> bool:
     """Whether a run at `step` with `flops` executed is done: train.max_steps reached or train.flops_budget spent."""
-    return step >= train.max_steps or (train.flops_budget is not None and flops >= train.flops_budget)
+    return step >= train.max_steps or budget_spent(train, flops)
+
+
+def budget_spent(train: TrainConfig, flops: float) -> bool:
+    """Whether `flops` executed reach train.flops_budget (never without one)."""
+    return train.flops_budget is not None and flops >= train.flops_budget
 
 
 # --------------------------------------------------------------------------------------------- building a run
@@ -213,10 +217,11 @@ def make_accelerator(config: Config | DictConfig) -> Accelerator:
 
 
 def build_run(config: Config | DictConfig, accelerator: Accelerator, resume_from: Path | None = None,
-              layout: Layout | None = None, report=None) -> Run:
+              layout: Layout | None = None, report=None, lr_end: int | None = None) -> Run:
     """The run, restored from `resume_from` if given; `layout` defaults to the one `parallel` gives this process;
-    `report(done, total)` hears the eval set's inputs as they are loaded. A composed DictConfig is read (and
-    checked) by `typed` first. Writes no files."""
+    `report(done, total)` hears the eval set's inputs as they are loaded; `lr_end` is the configured end of the
+    learning-rate decay where the caller has it already (summing a large budget's steps takes seconds). A composed
+    DictConfig is read (and checked) by `typed` first. Writes no files."""
     config = config if isinstance(config, Config) else typed(config)
     train, device = config.train, accelerator.device
     layout = layout or make_layout(config.parallel, accelerator.num_processes, accelerator.process_index)
@@ -242,7 +247,7 @@ def build_run(config: Config | DictConfig, accelerator: Accelerator, resume_from
     data, train_iter = _start_data(config, layout, counters.get("position", 0), report)
     # A resume keeps the run's end of the decay (raising train.max_steps goes on at the final rate) unless forced.
     kept_end = counters.get("lr_end_step") if train.resume != "force" else None
-    lr_schedule = LRSchedule(config.optim, train, sparsity, global_batch, end=kept_end)
+    lr_schedule = LRSchedule(config.optim, train, sparsity, global_batch, end=kept_end if kept_end is not None else lr_end)
     run = Run(config=config, accelerator=accelerator, layout=layout, precision=precision, model=model, ema=ema,
               optimizer=optimizer, sparsity=sparsity, lr_schedule=lr_schedule,
               global_batch=global_batch, state=state, health=LossHealth(train.explode_factor), data=data,

@@ -46,7 +46,7 @@ def load_clips(cfg) -> list[Clip]:
         ds = load_dataset(_BUILDERS[path.suffix], data_files=str(path), split=cfg.split)
     else:
         raise MissingInput(f"data.path={str(path)!r} is neither a save_to_disk directory nor a "
-                                f"{'/'.join(_BUILDERS)} file")
+                           f"{'/'.join(_BUILDERS)} file")
     if isinstance(ds, DatasetDict):
         if cfg.split not in ds:
             raise ValueError(f"data.split={cfg.split!r} not in {path} (splits: {list(ds)})")

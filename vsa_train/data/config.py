@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import MissingInput
 from ..fields import ConfigError, Section, choice, flag, integer, is_int, number, positive, setting, text
 
 
@@ -84,13 +85,39 @@ class HFConfig(VideosConfig):
     """data=hf: a table of video paths and captions (vsa_train/data/hf.py), decoded as data=videos does."""
 
     source: str = text("hf")
-    path: str = text()
+    path: str = text()                 # a local file or folder if one is there, else a Hub id org/name (hub.py)
+    revision: str | None = text(None, optional=True)
+    subset: str | None = text(None, optional=True)
     split: str = text("train")
     video_column: str = text("video")
     caption_column: str = text("caption")
+    streaming: bool = flag(False)
+    shuffle_buffer: int = integer(0, low=0)
 
     def validate(self) -> list[str]:
-        return super().validate() + missing_input("path", self.path)
+        return super().validate() + self._path_problems() + self._streaming_problems()
+
+    def _path_problems(self) -> list[str]:
+        """A local data.path must exist and takes no revision or subset; a Hub id must resolve (hub.py: an unknown
+        id or revision, a loading script, an unreachable Hub with nothing cached), checked before any run
+        directory is made."""
+        from .hub import is_hub_id, resolve
+
+        if not is_hub_id(self.path):
+            hub_only = [f"data.{key}={value!r} is for a Hub dataset id; data.path={self.path!r} is local"
+                        for key, value in (("revision", self.revision), ("subset", self.subset)) if value is not None]
+            return missing_input("path", self.path) + hub_only
+        try:
+            resolve(self.path, self.revision)
+        except MissingInput as e:
+            return [str(e)]
+        return []
+
+    def _streaming_problems(self) -> list[str]:
+        if self.shuffle_buffer and not self.streaming:
+            return [f"data.shuffle_buffer={self.shuffle_buffer} is for data.streaming=true (the rows in memory are "
+                    "reshuffled every epoch)"]
+        return []
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -49,7 +49,7 @@ class Clip:
     """
 
     name: str
-    source: str | bytes
+    source: str | bytes  # or a hub.RepoFile, fetched when loaded
     caption: str
     error: str | None = None
 
@@ -120,15 +120,20 @@ def resolve_inside(file: Path, root: Path, rules: RowRules, where: str) -> Path:
     return real
 
 
-def check_path(value, root: Path, rules: RowRules, where: str) -> tuple[Path, Path]:
-    """(as written, resolved) file of a row, relative to `root`; BadInput when not a string, not UTF-8 or outside."""
+def path_text(value) -> str:
+    """A row's path as it is; BadInput when it is not a string, empty or not UTF-8."""
     if not isinstance(value, str):
         raise BadInput(f"path is {_kind(value)}, not a string")
     if not value.strip():
         raise BadInput("path is empty")
     if not _is_utf8(value):
         raise BadInput("path is not valid UTF-8")
-    file = root / Path(value).expanduser()  # an absolute path replaces root
+    return value
+
+
+def check_path(value, root: Path, rules: RowRules, where: str) -> tuple[Path, Path]:
+    """(as written, resolved) file of a row, relative to `root`; BadInput when not a string, not UTF-8 or outside."""
+    file = root / Path(path_text(value)).expanduser()  # an absolute path replaces root
     return file, resolve_inside(file, root, rules, where)
 
 
@@ -295,7 +300,11 @@ SAMPLE_MANIFEST = Path(__file__).resolve().parents[2] / "data" / "sample_clips.c
 def text_cache_root(cfg) -> Path:
     """Where pixel data keeps its text cache: the manifest's folder, data.folder, or the dataset's folder."""
     if cfg.get("source") == "hf":
+        from .hub import is_hub_id, text_cache
+
         path = Path(cfg.path)
+        if is_hub_id(cfg.path):
+            return text_cache(cfg.path)
         return path if path.is_dir() else path.parent
     if cfg.get("folder") is not None:
         return Path(cfg.folder)
@@ -438,8 +447,10 @@ def load_clip(clip: Clip, cfg, start: float) -> torch.Tensor:
         raise BadInput(clip.error)
     if not clip.caption.strip():
         raise BadInput("empty caption")
+    # A file of a Hub dataset's repo (hub.RepoFile) is downloaded only now: listing a dataset fetches no video.
+    source = clip.source.fetch() if hasattr(clip.source, "fetch") else clip.source
     try:
-        reader = open_video(clip.source, cfg.get("backend", "auto"))
+        reader = open_video(source, cfg.get("backend", "auto"))
         indices = frame_indices(len(reader), reader.fps, cfg.frames, cfg.get("stride", 1), cfg.get("fps"), start)
         video = resize_center_crop(reader.get(indices), cfg.height, cfg.width)
     except BadInput:
@@ -475,11 +486,17 @@ class ClipLoader:
         self.cfg, self.clips = cfg, clips
 
     def __call__(self, i: int, position: int | None) -> dict:
-        if position is None:
-            start = 0.5
-        else:
-            start = np.random.default_rng(np.random.SeedSequence(self.cfg.seed, spawn_key=(2, position))).random()
-        return {"video": load_clip(self.clips[i], self.cfg, start), "caption": self.clips[i].caption}
+        return load_item(self.clips[i], self.cfg, position)
+
+
+def load_item(clip: Clip, cfg, position: int | None) -> dict:
+    """dict(video, caption) of a clip at stream `position` (its window's start: a pure function of the seed and
+    the position), or its middle window for eval (position None); BadInput when unusable."""
+    if position is None:
+        start = 0.5
+    else:
+        start = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(2, position))).random()
+    return {"video": load_clip(clip, cfg, start), "caption": clip.caption}
 
 
 def build_from_clips(cfg, clips: list[Clip], *, batch_size: int, eval_samples: int, rank: int = 0,

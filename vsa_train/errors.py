@@ -7,7 +7,7 @@ a failure of the machine and keeps its traceback.
       RunDirError (rundir.py)       a run directory that refuses the launch: another config or global batch, a
                                     live writer holding its lock, no usable checkpoint
       MissingInput                  an input the config names is missing or holds nothing usable (data.manifest,
-                                    data.folder, data.path)
+                                    data.folder, data.path, a Hub dataset id that does not resolve)
 
 This module imports nothing: every layer raises them.
 """

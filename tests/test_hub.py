@@ -143,6 +143,19 @@ def test_streaming_resumes_exactly(offline, monkeypatch, world):
         assert not {c for b in other for c in b["caption"]} & {c for b in whole for c in b["caption"]}
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "save_to_disk"])
+def test_local_datasets_stream_too(tmp_path, fmt):
+    from datasets import Dataset
+
+    clip = hub_cache.clips_folder() / "carphone_pristine.mp4"
+    ds = Dataset.from_dict({"video": [str(clip)] * 4, "caption": TRAIN[:4]})
+    path = tmp_path / ("ds" if fmt == "save_to_disk" else "rows.parquet")
+    ds.save_to_disk(str(path)) if fmt == "save_to_disk" else ds.to_parquet(str(path))
+    cfg = _cfg(path=str(path), allow_outside_root=True, streaming=True, holdout=1)
+    data = build_data(cfg, batch_size=2, eval_samples=1)
+    assert data.eval["caption"] == TRAIN[:1] and _captions(data.train, 3) == TRAIN[1:4] + TRAIN[1:4]
+
+
 def test_shuffle_buffer_is_a_seeded_permutation():
     import numpy as np
 

@@ -61,13 +61,8 @@ def cached(repo_id: str, revision: str | None) -> HubDataset | None:
     return HubDataset(repo_id, commit, folder / "snapshots" / commit)
 
 
-def _files(dataset: HubDataset) -> list[str]:
-    """The repo's file names at the commit (the snapshot's files when resolved from the cache)."""
-    if dataset.snapshot is not None:
-        return [p.relative_to(dataset.snapshot).as_posix() for p in dataset.snapshot.rglob("*") if p.is_file()]
-    from huggingface_hub import HfApi
-
-    return HfApi().list_repo_files(dataset.repo_id, repo_type="dataset", revision=dataset.commit)
+def _snapshot_files(snapshot: Path) -> list[str]:
+    return [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
 
 
 def _unreachable(err: Exception) -> bool:
@@ -90,7 +85,8 @@ def resolve(repo_id: str, revision: str | None = None) -> HubDataset:
                                f"{_cache_folder(repo_id)} holds no snapshot of revision {revision or 'main'!r}")
     else:
         try:
-            dataset = HubDataset(repo_id, HfApi().dataset_info(repo_id, revision=revision, timeout=_TIMEOUT_S).sha)
+            info = HfApi().dataset_info(repo_id, revision=revision, timeout=_TIMEOUT_S)
+            dataset, files = HubDataset(repo_id, info.sha), [s.rfilename for s in info.siblings or ()]
         except RevisionNotFoundError:
             raise MissingInput(f"data.revision={revision!r}: the Hub dataset {repo_id!r} has no such branch, tag or "
                                "commit") from None
@@ -107,10 +103,14 @@ def resolve(repo_id: str, revision: str | None = None) -> HubDataset:
                                    f"{_cache_folder(repo_id)} holds no snapshot of revision {revision or 'main'!r}"
                                    ) from None
             log.warning("%s: the Hub cannot be reached; using the cached snapshot %s", where, dataset.snapshot)
+    if dataset.snapshot is not None:
+        files = _snapshot_files(dataset.snapshot)
     script = f"{repo_id.split('/')[1]}.py"
-    if script in _files(dataset):  # the datasets convention for a loading script
+    if script in files:  # the datasets convention for a loading script
         raise MissingInput(f"{where} comes with a loading script ({script}); vsa_train runs no code from a dataset: "
                            "use a dataset of data files (parquet, csv, json lines, or videos)")
+    # A branch may move on: a run resumed later reads the commit it then names (pin data.revision to keep it)
+    log.info("%s (revision %s) is commit %s", where, revision or "main", dataset.commit)
     return dataset
 
 

@@ -10,7 +10,9 @@ of that sequence, or when that row is unusable the next usable one (as ItemStrea
 position's); batch b of rank r is samples b*B.. of rank r, at global positions (b * world + r) * B + j. A batch is so
 a pure function of (dataset, seed, b, r): a resumed run (`start_batch`, from the checkpoint's data position: the one
 way every source resumes) skips b*B rows unread by the decoder and sees exactly what an uninterrupted run would.
-Skipping reads those rows again (at most the current epoch's, once one epoch's length is known).
+Skipping reads those rows again (at most the current epoch's, once one epoch's length is known). Each loader
+worker reads its rank's rows and decodes only its own batches' (the order does not depend on data.num_workers).
+Exact means the same commit: data.revision=main may move between launches; pin a tag or commit to resume on.
 
 Eval. data.holdout=N holds the stream's first N rows out: they must lie in its first shard (checked), the eval set is
 their first train.eval_samples usable clips (cycled if fewer), and training skips them (rank 0's share starts with

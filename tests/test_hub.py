@@ -54,7 +54,7 @@ def test_the_id_resolves_from_the_cache_and_selects_revision_subset_split(offlin
     clips = hf.load_clips(_cfg())
     assert [c.caption for c in clips] == TRAIN
     assert clips[0].name == f"{hub_cache.REPO}@{hub_cache.MAIN[:12]}[0] videos/pristine.mp4"
-    assert clips[0].source.fetch() == str((offline / "hub" / f"datasets--vsa-test--clips" / "snapshots" /
+    assert clips[0].source.fetch() == str((offline / "hub" / "datasets--vsa-test--clips" / "snapshots" /
                                            hub_cache.MAIN / "videos" / "pristine.mp4").resolve())
     assert [c.caption for c in hf.load_clips(_cfg(revision="v1"))] == ["old alpha", "old bravo", "old charlie",
                                                                          "old delta"]

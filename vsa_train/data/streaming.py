@@ -21,6 +21,7 @@ them). data.holdout=0 evaluates on the first usable rows of the stream, which tr
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import deque
 
 import numpy as np
@@ -32,6 +33,8 @@ from .batching import BadInput, BadInputs, collate, eval_batch, make_loader
 from .encoders import pixel_text_encoder
 from .text import HashedCaptionEncoder
 from .videos import load_item, text_cache_root
+
+log = logging.getLogger(__name__)
 
 _READ = 64  # rows per read from the dataset (arrow batches, not videos)
 
@@ -80,31 +83,24 @@ class _Head:
     def load(self, i: int, position):
         return load_item(self.clips[i], self.cfg, position)
 
+    def __getitem__(self, i: int) -> str:
+        """Row i's name (eval_batch's `names`)."""
+        return self.clips[i].name
+
 
 def _eval_set(cfg, ds, read, name: str, encoder, eval_samples: int, source: str, report, bad: BadInputs) -> dict:
     """The eval batch from the stream's head (module docstring, Eval)."""
     holdout = cfg.get("holdout", 0)
+    if not holdout:
+        log.warning("data.holdout=0: the eval loss is measured on the stream's first rows, which training also sees; "
+                    "set data.holdout=N to hold the first N out")
     first_shard = ds.shard(num_shards=ds.num_shards, index=0) if holdout else ds
     head = _Head(cfg, first_shard, read, name, holdout or None)
     held = list(head.indices()) if holdout else head.indices()
     if holdout and len(held) < holdout:
         raise MissingInput(f"data.holdout={holdout}: streaming holds out the first rows of the stream's first shard, "
                            f"which has {len(held)} ({source})")
-    names = _Names(head)
-    return eval_batch(held, head.load, encoder, eval_samples, names=names, source=source, report=report, bad=bad)
-
-
-class _Names:
-    """names[i] of the head's clips, as eval_batch asks for them."""
-
-    def __init__(self, head: _Head):
-        self.head = head
-
-    def __getitem__(self, i: int) -> str:
-        return self.head.clips[i].name
-
-    def __bool__(self) -> bool:
-        return True
+    return eval_batch(held, head.load, encoder, eval_samples, names=head, source=source, report=report, bad=bad)
 
 
 class StreamBatches(IterableDataset):
@@ -114,7 +110,8 @@ class StreamBatches(IterableDataset):
     def __init__(self, cfg, ds, read, encoder, batch_size: int, rank: int = 0, world_size: int = 1,
                  start_batch: int = 0, name: str = "the dataset", source: str = "the dataset"):
         self.cfg, self.ds, self.read, self.encoder, self.batch_size = cfg, ds, read, encoder, batch_size
-        self.rank, self.world_size, self.start_batch, self.name, self.source = rank, world_size, start_batch, name, source
+        self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
+        self.name, self.source = name, source
         self.holdout, self.buffer, self.seed = cfg.get("holdout", 0), cfg.get("shuffle_buffer", 0), cfg.seed
         self.bad = BadInputs()
 

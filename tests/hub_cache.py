@@ -9,6 +9,7 @@ tests of data=hf with a Hub id (tests/test_hub.py, tests/test_readme.py).
                          data/test-00000-of-00001.parquet
                          embedded/train.parquet                 a Video column holding the mp4 bytes
                          videos/{pristine,distorted}.mp4
+    <hub>/datasets--vsa-test--folder/           build_folder: train/{pristine,distorted}.mp4 and a metadata.csv
 """
 import hashlib
 import os
@@ -96,6 +97,17 @@ def build(hub: Path, rows_per_file: int = 6, bad: dict[int, str] | None = None) 
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(MAIN)
     (repo / "refs" / "v1").write_text(V1)
+    return repo
+
+
+def build_folder(hub: Path, repo_id: str = "vsa-test/folder") -> Path:
+    """A repo of videos and a metadata.csv (datasets reads it as a Video column of the files' paths)."""
+    repo = hub / f"datasets--{repo_id.replace('/', '--')}"
+    for name in ("pristine", "distorted"):
+        _put(repo, MAIN, f"train/{name}.mp4", (clips_folder() / f"carphone_{name}.mp4").read_bytes())
+    _put(repo, MAIN, "train/metadata.csv", b"file_name,caption\npristine.mp4,a man\ndistorted.mp4,a blurry man\n")
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(MAIN)
     return repo
 
 

@@ -68,6 +68,16 @@ def test_the_id_resolves_from_the_cache_and_selects_revision_subset_split(offlin
         assert "\n" not in str(err.value)
 
 
+def test_a_repo_of_video_files_reads_as_a_video_column_of_their_paths(offline):
+    hub_cache.build_folder(offline / "hub")
+    cfg = _cfg(path="vsa-test/folder")
+    assert [c.name.split(" ", 1)[1] for c in hf.load_clips(cfg)] == ["train/pristine.mp4", "train/distorted.mp4"]
+    for streaming in (False, True):
+        batch = next(iter(build_data(_cfg(path="vsa-test/folder", streaming=streaming), batch_size=2,
+                                     eval_samples=1).train))
+        assert sorted(batch["caption"]) == ["a blurry man", "a man"] and not batch["skipped"]
+
+
 def _other_cache(root, monkeypatch, bad):
     """Reads the dataset from a cache whose train rows `bad` replaces (hub_cache.build)."""
     from huggingface_hub import constants

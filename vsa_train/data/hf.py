@@ -75,7 +75,9 @@ class RowReader:
         roots = _download_roots(self.hub)
         root = next((r for r in roots if Path(path).is_relative_to(r)), roots[0])
         real = resolve_inside(Path(path), root, self.rules, "the dataset's caches")
-        return Clip(name=f"{name} {path}", source=str(real), caption=caption)
+        snapshot = self.hub.snapshot
+        shown = Path(path).relative_to(snapshot) if snapshot and Path(path).is_relative_to(snapshot) else path
+        return Clip(name=f"{name} {shown}", source=str(real), caption=caption)
 
 
 def _download_roots(hub: HubDataset) -> list[Path]:

@@ -148,14 +148,18 @@ def launcher_args() -> list[str] | None:
 
 def launch_arguments(argv: list[str]) -> list[str] | None:
     """The arguments of `accelerate launch` in a process's command line `argv` (None: it is no accelerate launch):
-    `accelerate launch ...`, `accelerate-launch ...`, `python -m accelerate.commands.launch ...`."""
-    for i, word in enumerate(argv[:4]):
-        name, after = Path(word).name, argv[i + 1:]
-        if name == "accelerate-launch" or (word == "accelerate.commands.launch" and argv[i - 1:i] == ["-m"]):
-            return after
-        if name == "accelerate" or (word == "accelerate.commands.accelerate_cli" and argv[i - 1:i] == ["-m"]):
-            return after[1:] if after[:1] == ["launch"] else None
-    return None
+    `accelerate launch ...`, `accelerate-launch ...` (either run by a Python interpreter, as their scripts are), or
+    `python -m accelerate.commands.launch ...`; the words as a script's arguments do not count."""
+    if len(argv) > 1 and Path(argv[0]).name.startswith("python"):
+        if argv[1] == "-m":
+            module, after = (argv[2], argv[3:]) if len(argv) > 2 else ("", [])
+            return after if module == "accelerate.commands.launch" else (
+                after[1:] if module == "accelerate.commands.accelerate_cli" and after[:1] == ["launch"] else None)
+        argv = argv[1:]  # the script the interpreter runs
+    name, after = Path(argv[0]).name if argv else "", argv[1:]
+    if name == "accelerate-launch":
+        return after
+    return after[1:] if name == "accelerate" and after[:1] == ["launch"] else None
 
 
 def _cmdline(pid: int) -> list[str] | None:

@@ -58,7 +58,8 @@ def test_a_process_not_started_by_accelerate_launch_finds_no_launcher():
     # auto follows a precision the launcher was asked for ...
     ("auto", _launched("bf16"), ["--mixed_precision", "bf16", "train.py"],
      Precision("bf16", "accelerate launch --mixed_precision")),
-    ("auto", _launched("no"), ["--mixed-precision=no", "train.py"], Precision("no", "accelerate launch --mixed_precision")),
+    ("auto", _launched("no"), ["--mixed-precision=no", "train.py"],
+     Precision("no", "accelerate launch --mixed_precision")),
     ("auto", {"ACCELERATE_MIXED_PRECISION": "fp16"}, None, Precision("fp16", "ACCELERATE_MIXED_PRECISION")),
     # ... not accelerate's default, which it sets as `no` when nothing asked (or its default config file's)
     ("auto", _launched("no"), ["--num_processes", "1", "train.py"], Precision("no", "auto: CPU")),
@@ -209,7 +210,8 @@ def test_a_real_accelerate_launch_sets_the_precision_and_a_requeue_must_keep_it(
 
     proc = launch("bf16", 1)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.splitlines()[:2] == [f"run_dir: {run_dir}", "precision: bf16 (accelerate launch --mixed_precision)"]
+    assert proc.stdout.splitlines()[:2] == [f"run_dir: {run_dir}",
+                                            "precision: bf16 (accelerate launch --mixed_precision)"]
     proc = launch("bf16", 2)
     assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr[-3000:]
     before = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))

@@ -98,7 +98,8 @@ def test_runs_with_other_training_seeds_sample_the_same_prompts_from_the_same_no
         sampled[seed] = {"captions": [v._caption for v in videos], "noise": list(logged["noise"]),
                          "mp4": [f.read_bytes() for f in files]}
         assert all(f.with_suffix(".gif").is_file() for f in files)
-        assert files[0].parent.name.startswith("0_a_plain_red_circle") and files[1].parent.name == "1_a_striped_green_square"
+        assert files[0].parent.name.startswith("0_a_plain_red_circle")
+        assert files[1].parent.name == "1_a_striped_green_square"
         assert json.loads((run_dir / "samples" / "prompts.json").read_text()) == [
             {"folder": f.parent.name, "prompt": p, "seed": s} for f, p, s in zip(files, PROMPTS, (7, 3))]
         # wandb's offline run holds one video per prompt

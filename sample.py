@@ -11,7 +11,6 @@ on latents are decoded through the VAE of their index.
 
 Usage: python sample.py checkpoint=RUN_DIR prompt="..." [key=value ...]     (python sample.py --help: this text)
 """
-import re
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from vsa_train.data.videos import write_video
-from vsa_train.sampling import generate, load_model
+from vsa_train.sampling import generate, load_model, slug
 
 DEFAULTS = {"checkpoint": None, "prompt": None, "steps": 30, "cfg_scale": 5.0, "out": None, "num": 1,
             "seed": 0, "ema": True, "fps": 8.0, "device": "cuda" if torch.cuda.is_available() else "cpu"}
@@ -46,9 +45,7 @@ def parse(argv: list[str]):
 def default_out(ckpt: Path, prompt: str) -> Path:
     """RUN_DIR/samples/<checkpoint>_<prompt's first words>.mp4: beside the run's own samples, not in the current
     folder."""
-    words = re.findall(r"[a-z0-9]+", prompt.lower())
-    slug = "_".join(words)[:60].rstrip("_") or "sample"
-    return ckpt.parent.parent / "samples" / f"{ckpt.name}_{slug}.mp4"
+    return ckpt.parent.parent / "samples" / f"{ckpt.name}_{slug(prompt)}.mp4"
 
 
 def main(argv: list[str]) -> list[Path]:

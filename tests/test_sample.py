@@ -9,7 +9,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from vsa_train import trainer
+from vsa_train import sampling, trainer
 from vsa_train.data.latents import write_shard
 from vsa_train.data.text import CaptionEncoder
 from vsa_train.sampling import generate, load_model
@@ -70,9 +70,14 @@ def test_sample_cli_writes_into_the_run_directory_by_default(run_dir, tmp_path, 
 
 
 def test_sample_hook_writes_videos_during_training(run_dir):
-    names = sorted(p.name for p in (run_dir / "samples").iterdir())
-    assert names == ["step_00000002_0.gif", "step_00000002_0.mp4", "step_00000004_0.gif", "step_00000004_0.mp4"]
-    assert len(_frames(run_dir / "samples" / "step_00000004_0.mp4")) == 4
+    """One folder per prompt (train.sample_count=1: the first eval caption), named by its first words, its videos by
+    step; samples/prompts.json holds the whole prompt and its seed."""
+    (entry,) = json.loads((run_dir / "samples" / "prompts.json").read_text())
+    assert entry["seed"] == 0 and entry["folder"] == f"0_{sampling.slug(entry['prompt'])}"
+    folder = run_dir / "samples" / entry["folder"]
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["step_00000002.gif", "step_00000002.mp4", "step_00000004.gif", "step_00000004.mp4"]
+    assert len(_frames(folder / "step_00000004.mp4")) == 4
     logged = sorted(p.suffix for p in (run_dir / "wandb").glob("offline-run-*/files/media/videos/media/samples_*"))
     assert logged == [".mp4", ".mp4"]  # wandb.Video rows (offline), one per sampling
 

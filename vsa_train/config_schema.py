@@ -18,6 +18,8 @@ They are registered in Hydra's ConfigStore as `schema/<section>/<class>`; the YA
 presets and experiments. The check runs once per launch, before any run directory is made: Hydra calls
 `ConfigCheck.on_run_start` (configs/train.yaml, hydra.callbacks) before it creates hydra.run.dir; a multirun checks
 its base config in `on_multirun_start` and each job in train.py's `main` (its sweep values are only known there).
+The same check refuses launcher settings the trainer does not honour (vsa_train/launcher.py: accelerate launch
+--use_fsdp, a precision that contradicts train.mixed_precision, ...).
 train.py hands the trainer the typed config it read.
 """
 from __future__ import annotations
@@ -33,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from .data import DataSpec, data_spec
 from .data.config import SECTIONS as DATA_SECTIONS, DataSection, data_section
 from .fields import ConfigError, Section, read, unknown_key
+from .launcher import LauncherError, launch_problems
 from .models import DenseConfig, DiTConfig, VSAConfig, WanConfig, attn_section, model_problems, model_section
 from .models.wan import data_problems as wan_data_problems
 from .sections import LoggerConfig, OptimConfig, ParallelConfig, TrainConfig
@@ -308,6 +311,12 @@ class ConfigCheck(Callback):
         found = problems(config, defer_unresolved=True)
         if found:
             print(str(ConfigError(found)), file=sys.stderr)
+            raise SystemExit(2)
+        # What the launcher set (accelerate launch's options arrive as environment variables) against the config.
+        train_section, _ = read(TrainConfig, config.get("train"), "train", defer_unresolved=True)
+        found = launch_problems(train_section) if train_section is not None else []
+        if found:
+            print(str(LauncherError(found)), file=sys.stderr)
             raise SystemExit(2)
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:

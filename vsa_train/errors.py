@@ -6,6 +6,8 @@ a failure of the machine and keeps its traceback.
       ConfigError (fields.py)       bad values, one line each
       RunDirError (rundir.py)       a run directory that refuses the launch: another config or global batch, a
                                     live writer holding its lock, no usable checkpoint
+      LauncherError (launcher.py)   a launcher setting the trainer does not honour (accelerate launch --use_fsdp,
+                                    --dynamo_backend, ...) or that contradicts the config (the precision)
       MissingInput                  an input the config names is missing or holds nothing usable (data.manifest,
                                     data.folder, data.path, a Hub dataset id that does not resolve)
 

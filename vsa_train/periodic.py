@@ -167,8 +167,9 @@ class Evaluator:
 
 
 class Sampler:
-    """Sample videos for the first eval captions every train.sample_every steps and at the end (after saving: a
-    failure here cannot cost the weights); never at a stop."""
+    """Sample videos every train.sample_every steps and at the end (after saving: a failure here cannot cost the
+    weights); never at a stop. The prompts are train.sample_prompts (else the first train.sample_count eval
+    captions), each from the noise of its train.sample_seeds seed: the same in every run of a sweep."""
 
     def __init__(self, run: Run):
         self.run = run
@@ -180,8 +181,9 @@ class Sampler:
     def sample(self) -> None:
         run = self.run
         model = run.ema.module if run.ema is not None else run.accelerator.unwrap_model(run.model)
-        save_samples(model, run.config, run.eval_set["caption"][: run.config.train.sample_count], run.state.step,
-                     run.accelerator)
+        train = run.config.train
+        prompts = list(train.sample_prompts or run.eval_set["caption"][: train.sample_count])
+        save_samples(model, run.config, prompts, train.prompt_seeds(), run.state.step, run.accelerator)
 
 
 class Checkpointing:

@@ -42,6 +42,7 @@ HISTORY = "config_history.jsonl"
 LOCK = "run.lock"
 # Config sections that decide the training trajectory; a resume must match them (train.resume=force overrides).
 TRAJECTORY = ("model", "attn", "data", "optim", "train.seed", "train.ema", "train.mixed_precision")
+PRECISION = "train.mixed_precision"  # a resume compares the precision it resolves to (RunDir._precision_change)
 # Keys inside those sections that do not change what is trained (speed or memory only).
 NOT_TRAJECTORY = ("data.num_workers", "model.grad_checkpointing")  # parallel.* is outside TRAJECTORY too
 HEARTBEAT_S = 10.0  # the lock is refreshed this often (or 4 times per train.lock_stale_s, if that is shorter)
@@ -126,6 +127,8 @@ class Launch:
     resume: str  # train.resume: auto | never | force (sections.RESUME_MODES)
     data_parallel: int = 1  # processes / parallel.sp_size
     lr_end_step: int | None = None  # where the configured learning-rate decay ends (None: it does not decay)
+    precision: str | None = None  # the resolved mixed precision (launcher.Precision; None: compare the config's)
+    precision_source: str = ""  # where it came from, for a refusal's line
 
 
 class RunDir:
@@ -166,6 +169,14 @@ class RunDir:
                 f"{launch.cfg.train.grad_accum} x {launch.data_parallel} data-parallel ranks). Keep the global "
                 f"batch (e.g. batch_size x grad_accum = {state['global_batch'] / launch.data_parallel:g} per "
                 f"data-parallel rank), or train.resume=force.")
+        precision = self._precision_change(launch, state)
+        if launch.resume == "auto" and precision:
+            _, before, now = precision[0]
+            raise RunDirError(
+                f"{ckpt or self.path} was trained in {before} precision; this launch resolves {now} "
+                f"({launch.precision_source or 'train.mixed_precision'}): launch it as before (the same "
+                f"train.mixed_precision and accelerate launch --mixed_precision), use another run_dir, or "
+                f"train.resume=force.")
         if ckpt is not None:
             _check_position(ckpt, state, launch)
         return ckpt
@@ -174,9 +185,11 @@ class RunDir:
         """Writes config.yaml on a run's first launch (or one that changed it), Hydra's record, and appends the
         launch to the history: what it changed (forced, or a fresh start under never) and what the run kept."""
         self.path.mkdir(parents=True, exist_ok=True)
-        batch, ends = _state_changes(launch, read_state(resumed_from) if resumed_from is not None else {})
+        state = read_state(resumed_from) if resumed_from is not None else {}
+        batch, ends = _state_changes(launch, state)
         forced = launch.resume == "force"
-        changed = self._config_changes(launch) + batch + (ends if forced else [])  # auto got here with none
+        changed = (self._config_changes(launch) + self._precision_change(launch, state) + batch
+                   + (ends if forced else []))  # auto got here with none
         kept = [] if forced else ends  # auto: the run's learning-rate decay goes on to its own end
         if not (self.path / CONFIG).is_file() or changed:
             atomic_write(self.path / CONFIG, OmegaConf.to_yaml(launch.cfg, resolve=True))
@@ -193,9 +206,25 @@ class RunDir:
             raise disk_error(err, self.path / HISTORY) from err
 
     def _config_changes(self, launch: Launch) -> list[tuple[str, object, object]]:
-        """The FIXED keys this launch changes against the run's config.yaml (none on a first launch)."""
+        """The FIXED keys this launch changes against the run's config.yaml (none on a first launch); a resolved
+        precision is compared by `_precision_change` instead of train.mixed_precision."""
         config = self.path / CONFIG
-        return config_diff(OmegaConf.load(config), launch.cfg) if config.is_file() else []
+        diff = config_diff(OmegaConf.load(config), launch.cfg) if config.is_file() else []
+        return [d for d in diff if d[0] != PRECISION or launch.precision is None]
+
+    def _precision_change(self, launch: Launch, state: dict) -> list[tuple[str, object, object]]:
+        """[("mixed_precision", the run's, this launch's)] where the resolved precisions differ: the resumed
+        checkpoint's against this launch's (train.mixed_precision=auto follows the launcher, so equal configs may
+        train in two precisions, and auto and bf16 in one); without a checkpoint that recorded one, the configs'
+        train.mixed_precision as any FIXED key."""
+        if launch.precision is None:
+            return []  # compared with the config (`_config_changes`)
+        if state.get("mixed_precision") is not None:
+            before = state["mixed_precision"]
+            return [("mixed_precision", before, launch.precision)] if before != launch.precision else []
+        config = self.path / CONFIG
+        diff = config_diff(OmegaConf.load(config), launch.cfg) if config.is_file() else []
+        return [d for d in diff if d[0] == PRECISION]
 
     def _record_hydra(self, cfg: DictConfig) -> None:
         """Under Hydra, its record of this launch (what Hydra writes at job start, before any launch check), in the

@@ -7,12 +7,17 @@ rules that join sections.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .fields import Section, choice, flag, integer, is_int, is_num, number, positive, setting, text
 
 LR_SCHEDULES = ("constant", "cosine", "wsd")  # vsa_train/schedules.py
 STRATEGIES = ("ddp", "fsdp")  # vsa_train/parallel.py
 RESUME_MODES = ("auto", "never", "force")  # vsa_train/rundir.py, RunDir.check_launch
+
+
+def _seed(v) -> bool:
+    return is_int(v) and v >= 0
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,16 @@ class TrainConfig(Section):
     peak_tflops: float = positive(989.0)
     sample_every: int | None = integer(None, optional=True)
     sample_count: int = integer(2)
+    sample_prompts: tuple[str, ...] | None = setting(
+        None, ok=lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(p, str) and p.strip()
+                                                                               for p in v),
+        allowed="a list of non-empty strings", optional=True, convert=tuple)
+    # int | tuple[int, ...]: Any, as OmegaConf's structured configs (config_schema.register) have no union of a
+    # container
+    sample_seeds: Any = setting(
+        0, ok=lambda v: _seed(v) or (isinstance(v, (list, tuple)) and len(v) > 0 and all(map(_seed, v))),
+        allowed="an integer >= 0 (prompt k gets seed + k) or a list of them, one per prompt",
+        convert=lambda v: v if is_int(v) else tuple(v))
     sample_steps: int = integer(25)
     sample_cfg_scale: float = number(5.0, lambda v: v >= 0, "a number >= 0")
     resume: str = choice("auto", RESUME_MODES)
@@ -56,6 +71,26 @@ class TrainConfig(Section):
     def compiled(self) -> bool:
         """train.compile asks for any compilation (true, blocks or model)."""
         return self.compile is not False
+
+    @property
+    def sample_number(self) -> int:
+        """Videos per sampling: one per train.sample_prompts, else train.sample_count (of the eval captions)."""
+        return len(self.sample_prompts) if self.sample_prompts is not None else self.sample_count
+
+    def prompt_seeds(self) -> list[int]:
+        """One noise seed per sample prompt, from the config alone: the same in every run of a sweep."""
+        if isinstance(self.sample_seeds, tuple):
+            return list(self.sample_seeds)
+        return [self.sample_seeds + k for k in range(self.sample_number)]
+
+    def validate(self) -> list[str]:
+        seeds, n = self.sample_seeds, self.sample_number
+        if isinstance(seeds, tuple) and len(seeds) != n:
+            what = (f"the {n} train.sample_prompts" if self.sample_prompts is not None else
+                    f"train.sample_count={n} (sample_prompts is null: the first eval captions)")
+            return [f"train.sample_seeds must have one seed per prompt, {n} for {what}, got {len(seeds)}: "
+                    f"{list(seeds)} (or one integer: prompt k gets seed + k)"]
+        return []
 
 
 @dataclass(frozen=True)

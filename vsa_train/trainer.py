@@ -30,6 +30,7 @@ from .config_schema import Config, typed
 from .diffusion import flow_loss, sample_draws
 from .distributed import leave_together, on_main
 from .flops import training_flops_per_sample
+from .launcher import check_launch
 from .metrics import read_metrics
 from .models import build_model
 from .parallel import Layout, clip_grad_norm, gradient_sync, make_layout, weights_fingerprint
@@ -116,6 +117,7 @@ def train(cfg: Config | DictConfig) -> dict:
     """Runs (or resumes) the run in run_dir; returns the last logged values. A composed DictConfig is read (and
     checked) by `typed` first; train.py hands over the typed config it read."""
     config = cfg if isinstance(cfg, Config) else typed(cfg)
+    check_launch(config.train)  # train.py's ConfigCheck refused these before Hydra made a directory; a library call
     if config.train.dry_run:
         return dry_run(config)
     # From here a stop signal ends the launch at its next safe point: the end of the build, an eval batch, a step.
@@ -125,7 +127,8 @@ def train(cfg: Config | DictConfig) -> dict:
 
 def _launch(config: Config, signals: StopSignals) -> dict:
     """The launch checked against the run directory, the run built under its lock, then trained."""
-    accelerator = make_accelerator(config)
+    precision = mixed_precision(config.train)
+    accelerator = make_accelerator(config, precision)
     signals.announce = accelerator.print  # the main process says it, once
     run_dir = RunDir(config.run_dir)
     layout = make_layout(config.parallel, accelerator.num_processes, accelerator.process_index)
@@ -133,11 +136,12 @@ def _launch(config: Config, signals: StopSignals) -> dict:
     lr_end = LRSchedule(config.optim, config.train, SparsitySchedule(config.model, config.attn, config.spec),
                         global_batch).end_step
     launch = Launch(cfg=config.source, processes=accelerator.num_processes, global_batch=global_batch,
-                    resume=config.train.resume, data_parallel=layout.dp_size, lr_end_step=lr_end)
+                    resume=config.train.resume, data_parallel=layout.dp_size, lr_end_step=lr_end,
+                    precision=precision.value, precision_source=precision.source)
     # Checked before anything is written: a launch that does not fit the run leaves its directory untouched (its
     # error names the directory).
     resume_from = on_main(accelerator, run_dir.check_launch, launch)
-    accelerator.print(f"run_dir: {run_dir.path}")
+    accelerator.print(f"run_dir: {run_dir.path}\nprecision: {precision}")
     done = on_main(accelerator, _finished, config, run_dir, resume_from)
     if done is not None:  # nothing to train: no lock, no record, no tracker run
         accelerator.print(done["line"])
@@ -367,11 +371,13 @@ def dry_run(cfg: Config | DictConfig) -> dict:
           f"({'x'.join(map(str, spec.video_shape))} -> {config.tokens} tokens per sample); nothing is written")
     if config.run_dir is not None:
         print(f"run_dir (not created): {config.run_dir}")
+    precision = mixed_precision(config.train)
+    print(f"precision: {precision}")
     print(f"params: {n_params}")
     print(f"flops_per_sample: {flops.executed:.6e}")
     print(f"flops_per_sample_dense: {flops.dense:.6e}")
     estimate = progress.memory_estimate(n_params, config.model, config.train, config.tokens,
-                                        precision=mixed_precision(config.train))
+                                        precision=precision.value)
     print(progress.describe_memory(estimate, "one process, unsharded"))
     result = {"params": n_params, "flops_per_sample": flops.executed, "flops_per_sample_dense": flops.dense}
     schedule = SparsitySchedule(config.model, config.attn, spec)

@@ -34,6 +34,7 @@ from .checkpoint import init_weights, load_checkpoint
 from .config_schema import Config, ConfigError, typed
 from .data import Data, build_data
 from .evaluation import make_eval_set
+from .launcher import Precision, check_launch, cuda_device, resolve_precision
 from .models import build_model, vsa_config
 from .models.vsa import warm_up_kernels
 from .ops import warm
@@ -176,7 +177,8 @@ class Run:
                 "global_batch": self.global_batch, "processes": self.accelerator.num_processes,
                 "strategy": self.layout.strategy, "sp_size": self.layout.sp_size,
                 "seed": self.config.train.seed, "ema_updates": int(self.ema.n_averaged) if self.ema is not None else 0,
-                "lr_end_step": self.lr_schedule.end_step}
+                "lr_end_step": self.lr_schedule.end_step,
+                "mixed_precision": self.accelerator.mixed_precision}  # resolved: a resume compares it (rundir.py)
 
     def restore(self, counters: dict) -> None:
         self.state = TrainState(**{k: counters[k] for k in asdict(TrainState()) if k in counters})
@@ -197,22 +199,21 @@ def budget_spent(train: TrainConfig, flops: float) -> bool:
 
 # --------------------------------------------------------------------------------------------- building a run
 
-def mixed_precision(train: TrainConfig) -> str:
-    """train.mixed_precision with auto resolved: bf16 on CUDA, no elsewhere."""
-    if train.mixed_precision == "auto":
-        return "bf16" if torch.cuda.is_available() else "no"
-    return train.mixed_precision
+def mixed_precision(train: TrainConfig) -> Precision:
+    """train.mixed_precision resolved, with where it came from: as set, or (auto) the launcher's precision when it
+    was asked for one, else bf16 on CUDA and no elsewhere (vsa_train/launcher.py)."""
+    return resolve_precision(train.mixed_precision)
 
 
-def make_accelerator(config: Config | DictConfig) -> Accelerator:
-    """accelerate for this machine: bf16 on CUDA (auto), gloo DDP on CPUs, collectives that time out."""
+def make_accelerator(config: Config | DictConfig, precision: Precision | None = None) -> Accelerator:
+    """accelerate for this machine in `precision` (default: `mixed_precision`), gloo DDP on CPUs, collectives that
+    time out; launcher settings the trainer does not honour are refused first (launcher.LauncherError)."""
     config = config if isinstance(config, Config) else typed(config)
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-        raise ConfigError(["accelerate's FSDP plugin is not used: launch with a multi-GPU accelerate config "
-                           "(accelerate_configs/fsdp.yaml) and set parallel.strategy=fsdp"])
+    check_launch(config.train)
+    precision = precision or mixed_precision(config.train)
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=config.train.dist_timeout_s))
     # cpu=True without CUDA: only then does accelerate turn torchrun's environment into MULTI_CPU (gloo) DDP.
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(config.train),
+    return Accelerator(cpu=not cuda_device(), mixed_precision=precision.value,
                        log_with="wandb" if config.logger.name == "wandb" else None, kwargs_handlers=[timeout])
 
 

@@ -55,6 +55,15 @@ class VSAVideoPipeline(DiffusionPipeline):
             raise ValueError(f"{what} has {len(prompts)} entries for {batch} prompts: give one or one per prompt")
         return self.text_encoder.encode(prompts)
 
+    def prepare_latents(self, shape, generator, seed: int | None, device) -> torch.Tensor:
+        """The initial noise [B, C, T, H, W] float32 from `generator` (one, or one per video), else from `seed`."""
+        if generator is None:
+            generator = torch.Generator().manual_seed(
+                seed if seed is not None else int(np.random.SeedSequence().entropy % 2**63))
+        if isinstance(generator, list) and len(generator) != shape[0]:
+            raise ValueError(f"generator is a list of {len(generator)} for {shape[0]} videos: give one or one per video")
+        return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
                  num_inference_steps: int = 30, guidance_scale: float = 5.0,
@@ -92,13 +101,8 @@ class VSAVideoPipeline(DiffusionPipeline):
             text, text_mask = _pad_cat(text, text_mask, neg, neg_mask)  # [2B, L, D], [2B, L]
         if latents is None:
             T, H, W = cfg.video_shape
-            if generator is None:
-                generator = torch.Generator().manual_seed(
-                    seed if seed is not None else int(np.random.SeedSequence().entropy % 2**63))
-            if isinstance(generator, list) and len(generator) != B:
-                raise ValueError(f"generator is a list of {len(generator)} for {B} videos: give one or one per video")
             shape = (B, cfg.in_channels, num_frames or T, height or H, width or W)
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)  # [B, C, T, H, W]
+            latents = self.prepare_latents(shape, generator, seed, device)  # [B, C, T, H, W]
         x = latents.to(device)
         text, text_mask = text.to(device, dtype), text_mask.to(device)
 

@@ -3,6 +3,7 @@ where vsa_train is not installed, sampling exactly what vsa_train.sampling.gener
 VSA installed in a tiny random WanTransformer3DModel."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -269,11 +270,20 @@ def test_stock_diffusers_loads_the_export_without_vsa_train(exported, dense_expo
         assert np.abs(v).max() > 0
 
 
-def test_stock_load_needs_trust(exported):
+def test_only_trusted_code_runs(exported, tmp_path):
+    """The folder's code runs only under trust_remote_code=True: VSAVideoPipeline.from_pretrained never runs it."""
     from diffusers import DiffusionPipeline
 
+    folder = tmp_path / "trapped"
+    shutil.copytree(exported[1], folder)
+    for path in folder.rglob("*.py"):  # code that must not run
+        path.write_text(path.read_text() + "\nraise SystemExit('code of the folder ran')\n")
     with pytest.raises(ValueError, match="trust_remote_code=True"):
-        DiffusionPipeline.from_pretrained(exported[1])
+        DiffusionPipeline.from_pretrained(folder)
+    pipe = _pipe(folder)
+    assert type(pipe) is VSAVideoPipeline and type(pipe.transformer) is VideoDiTTransformer
+    frames = pipe(PROMPTS[0], num_inference_steps=1, seed=0).frames
+    np.testing.assert_array_equal(frames, _pipe(exported[1])(PROMPTS[0], num_inference_steps=1, seed=0).frames)
 
 
 # ------------------------------------------------------------------------------------------------ Wan + VSA

@@ -197,6 +197,13 @@ def test_pipeline_outputs_and_generators(exported):
                 output_type="latent", **run).frames
     alone = pipe(PROMPTS[1], generator=torch.Generator().manual_seed(0), output_type="latent", **run).frames
     torch.testing.assert_close(both[1:], alone)
+    # a negative prompt's embeddings, one row for both prompts, act as the negative prompt itself
+    neg, neg_mask = pipe.text_encoder.encode(["striped"])
+    by_text, by_embeds = (pipe(PROMPTS, generator=torch.Generator().manual_seed(2), output_type="latent", **run,
+                               **kw).frames
+                          for kw in (dict(negative_prompt="striped"),
+                                     dict(negative_prompt_embeds=neg, negative_prompt_mask=neg_mask)))
+    torch.testing.assert_close(by_embeds, by_text, rtol=0, atol=0)
     for bad, match in ((dict(output_type="mp4"), "output_type must be one of np, pil, pt, latent, got 'mp4'"),
                        (dict(negative_prompt=["a", "b", "c"]), "negative_prompt has 3 entries for 2 prompts"),
                        (dict(generator=[torch.Generator()]), "generator is a list of 1 for 2 videos")):

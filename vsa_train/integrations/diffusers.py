@@ -149,7 +149,7 @@ def _ship_code(out: Path, pipe: VSAVideoPipeline) -> None:
 def _how_to_load(out: Path, pixels: bool) -> str:
     """The model card's loading example: stock diffusers, the folder's own code."""
     call = ('pipe("a red circle moving left to right", num_inference_steps=30, guidance_scale=5.0,\n'
-            '           generator=torch.Generator().manual_seed(0)).frames[0]  # [T, H, W, 3] in [0, 1]\n'
+            '             generator=torch.Generator().manual_seed(0)).frames[0]  # [T, H, W, 3] in [0, 1]\n'
             'export_to_video(video, "video.mp4", fps=8)' if pixels else
             'pipe(prompt_embeds=embeds, prompt_mask=mask, output_type="latent").frames\n'
             '# latents [B, C, T, H, W]: decode them with the VAE of the run\'s latent index')

@@ -1,6 +1,7 @@
 """The model card (README.md) of an export: what was trained, for how much compute, to what eval loss, at which
 commit, and how to load it. Read from the run directory: the checkpoint's state.json (step, executed FLOPs),
-metrics.jsonl (eval losses), config.yaml, and the commit from the study runner's record.json or wandb's metadata."""
+metrics.jsonl (eval losses), config.yaml, and the commit from the study runner's record.json (a plain train.py run
+records none; the card then names the commit that exported it)."""
 from __future__ import annotations
 
 import json
@@ -22,16 +23,9 @@ def exported_ema(cfg, ckpt: Path, ema: bool) -> bool:
 
 
 def run_commit(run_dir: Path) -> str | None:
-    """The commit a run trained at, where one was recorded: record.json (vsa_train.grid), else wandb's metadata."""
+    """The commit a run trained at, where one was recorded: record.json, the study runner's (vsa_train.grid)."""
     record = run_dir / "record.json"
-    if record.is_file():
-        return json.loads(record.read_text()).get("commit")
-    for meta in sorted(run_dir.glob("wandb/*/files/wandb-metadata.json"), key=lambda p: p.stat().st_mtime,
-                       reverse=True):
-        commit = json.loads(meta.read_text()).get("git", {}).get("commit")
-        if commit:
-            return commit
-    return None
+    return json.loads(record.read_text()).get("commit") if record.is_file() else None
 
 
 def final_eval(run_dir: Path, step: int, ema: bool) -> tuple[int, float] | None:
@@ -61,8 +55,8 @@ def write_model_card(out_dir, run_dir, ckpt, cfg, ema: bool, how_to_load: str) -
     body = f"""
 # {run_dir.name}
 
-A `{cfg.model.name}` video diffusion transformer with `{cfg.attn.name}` attention, trained with
-vsa_train on `{cfg.data.source}` data: {state['step']} steps, {flops} training FLOPs, final eval loss {loss}.
+A `{cfg.model.name}` video diffusion transformer with `{cfg.attn.name}` attention, trained with vsa_train on
+`{cfg.data.source}` data: {state['step']} steps, {flops} training FLOPs, final eval loss {loss}.
 
 ## How to load
 
@@ -76,7 +70,7 @@ vsa_train on `{cfg.data.source}` data: {state['step']} steps, {flops} training F
 | training FLOPs (executed, cumulative) | {flops} |
 | final eval loss | {loss} |
 | weights | {weights} |
-| trained at commit | {commit or "not recorded (the run has no record.json or wandb metadata)"} |
+| trained at commit | {commit or "not recorded (only a study runner's record.json holds one)"} |
 | exported at commit | {exporter} |
 | run directory | `{run_dir}` |
 | checkpoint | `{ckpt.name}` |

@@ -45,7 +45,11 @@ class VSAVideoPipeline(DiffusionPipeline):
         single prompt is repeated to `batch`."""
         if embeds is not None:
             mask = mask if mask is not None else torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
-            return embeds, mask
+            if batch is not None and embeds.shape[0] not in (1, batch):
+                raise ValueError(f"{what}_embeds has {embeds.shape[0]} rows for {batch} prompts: give one or one per "
+                                 "prompt")
+            n = batch or embeds.shape[0]
+            return embeds.expand(n, -1, -1), mask.expand(n, -1)  # [B, L, D], [B, L]
         if prompt is None:
             raise ValueError(f"give a {what} or {what}_embeds")
         if self.text_encoder is None:
@@ -61,7 +65,8 @@ class VSAVideoPipeline(DiffusionPipeline):
             generator = torch.Generator().manual_seed(
                 seed if seed is not None else int(np.random.SeedSequence().entropy % 2**63))
         if isinstance(generator, list) and len(generator) != shape[0]:
-            raise ValueError(f"generator is a list of {len(generator)} for {shape[0]} videos: give one or one per video")
+            raise ValueError(f"generator is a list of {len(generator)} for {shape[0]} videos: give one or one per "
+                             "video")
         return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
 
     @torch.no_grad()

@@ -8,7 +8,8 @@ source, rewritten, never a second copy kept by hand:
   inside functions), followed transitively;
 - each written as one flat file, vsa_train.models.dit -> vsa_train_models_dit.py: diffusers copies a folder's
   code into one flat package of its module cache (diffusers_modules.local, shared by every local folder it
-  loads, hence the vsa_train_ prefix), and its imports of vsa_train become relative imports of those files;
+  loads, hence the vsa_train_ prefix; so exports of two vsa_train versions loaded in one process share the first
+  one's modules), and its imports of vsa_train become relative imports of those files;
 - without Triton: `import triton` becomes `raise ImportError(...)`, so HAVE_TRITON is False, and each
   `if HAVE_TRITON:` block (the kernels' imports) is dropped. VSA runs its PyTorch path there; the kernels' custom
   ops would also clash with this package's in a process that imports both;

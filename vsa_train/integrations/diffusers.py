@@ -117,7 +117,7 @@ def export_run(run_dir, out_dir, ema: bool = True) -> Path:
     text_encoder = None
     if cfg.data.source != "latents":
         enc = build_text_encoder(cfg.data)
-        if isinstance(enc, CaptionEncoder):
+        if type(enc) is CaptionEncoder:  # rebuilt from its vocabulary: a subclass may tokenize otherwise
             text_encoder = CaptionTextEncoder.from_encoder(enc, seed=int(cfg.data.seed))
     pipe = VSAVideoPipeline(transformer=transformer.eval(), scheduler=make_scheduler(), text_encoder=text_encoder)
     pipe.save_pretrained(out)

@@ -1,20 +1,30 @@
-"""diffusers interop (vsa_train/integrations/): a trained run exported as a diffusers pipeline samples exactly what
-vsa_train.sampling.generate (sample.py) does; VSA installed in a tiny random WanTransformer3DModel."""
+"""diffusers interop (vsa_train/integrations/): a trained run exported as a diffusers folder that stock diffusers loads
+where vsa_train is not installed, sampling exactly what vsa_train.sampling.generate (sample.py) does; its model card;
+VSA installed in a tiny random WanTransformer3DModel."""
+import ast
 import json
+import os
+import shutil
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
+import imageio.v3 as iio
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
-from safetensors.torch import load_file
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file, save_file
 
 from vsa_train.data import build_text_encoder, data_spec
 from vsa_train.diffusion import euler_sample
 from vsa_train.integrations.diffusers import (CaptionTextEncoder, VideoDiTTransformer, VSAVideoPipeline,
                                               VSAWanAttnProcessor, VSAWanTransformer3DModel, apply_vsa,
                                               set_sparsity_limit)
+from vsa_train.integrations.remote_code import module_sources
 from vsa_train.models.vsa import VSAAttention
 from vsa_train.rundir import RunDir
 from vsa_train.sampling import generate, load_model
@@ -42,18 +52,42 @@ def exported(tmp_path_factory):
     return run, root / "out", root / "raw"
 
 
+@pytest.fixture(scope="module")
+def dense_exported(tmp_path_factory):
+    """A tiny dense run trained 1 step, exported."""
+    root = tmp_path_factory.mktemp("dense")
+    _run(root / "run", "train.max_steps=1", "train.eval_every=1", "train.ckpt_every=1")
+    export_diffusers.main([str(root / "run"), str(root / "out")])
+    return root / "run", root / "out"
+
+
 def _pipe(path):
     pipe = VSAVideoPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
+def _frames(pixels: torch.Tensor) -> torch.Tensor:
+    """generate's pixels [B, 3, T, H, W] in [-1, 1] as the pipeline's "pt" frames [B, T, 3, H, W] in [0, 1]."""
+    return (pixels * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
+
+
 def test_export_layout_and_weights(exported):
     run, out, raw = exported
     index = json.loads((out / "model_index.json").read_text())
-    assert index["_class_name"] == "VSAVideoPipeline"
+    assert index["_class_name"] == ["vsa_train_integrations_pipeline", "VSAVideoPipeline"]
     assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
-    assert index["transformer"] == ["vsa_train.integrations.diffusers", "VideoDiTTransformer"]
+    assert index["transformer"] == ["vsa_train_integrations_dit_model", "VideoDiTTransformer"]
+    assert index["text_encoder"] == ["vsa_train_integrations_caption_model", "CaptionTextEncoder"]
+    assert (out / "vsa_train_integrations_pipeline.py").is_file()
+    for name, module in (("transformer", "vsa_train_integrations_dit_model"),
+                         ("text_encoder", "vsa_train_integrations_caption_model")):
+        config = json.loads((out / name / "config.json").read_text())
+        assert config["auto_map"]["AutoModel"] == f"{module}.{index[name][1]}"
+        assert (out / name / f"{module}.py").is_file()
+    shipped = {p.name for p in (out / "transformer").glob("*.py")}
+    assert {"vsa_train_models_dit.py", "vsa_train_models_vsa.py", "vsa_train_ops_reference.py"} <= shipped
+    assert not any("function" in n or "pool" in n or "gating" in n for n in shipped)  # no Triton kernels
     sched = FlowMatchEulerDiscreteScheduler.from_pretrained(out / "scheduler")
     assert sched.config.shift == 1.0 and sched.config.num_train_timesteps == 1000
     ckpt = RunDir(run).checkpoints.verified()[-1]
@@ -69,6 +103,56 @@ def test_export_layout_and_weights(exported):
     assert model.config.sparsity_limit == 0.5  # ramp 0.25 per step, checkpoint at step 2
     assert {m.limit for m in model.modules() if isinstance(m, VSAAttention)} == {0.5}
     assert model._no_split_modules == ["DiTBlock"]
+
+
+class _NoImports(ast.NodeTransformer):
+    """Drops what an export rewrites: imports, the ImportError raised for `import triton`, `if HAVE_TRITON:` blocks."""
+
+    def visit_Import(self, node):
+        return None
+
+    visit_ImportFrom = visit_Import
+
+    def visit_Raise(self, node):
+        return None if "ImportError" in ast.unparse(node) else node
+
+    def visit_If(self, node):
+        return None if ast.unparse(node.test) == "HAVE_TRITON" else self.generic_visit(node)
+
+
+def test_shipped_code_is_the_package_source():
+    """Each shipped file is its package module but for what the export rewrites (imports, Triton)."""
+    sources = module_sources(VideoDiTTransformer)
+    assert list(sources)[0] == "vsa_train.integrations.dit_model" and "vsa_train.ops.tiling" in sources
+    for module, source in sources.items():
+        path = (ROOT / Path(*module.split("."))).with_suffix(".py")
+        path = path if path.is_file() else path.with_suffix("") / "__init__.py"
+        imports = [n for n in ast.walk(ast.parse(source)) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        roots = {name.split(".")[0] for n in imports if not getattr(n, "level", 0)
+                 for name in ([n.module] if isinstance(n, ast.ImportFrom) else [a.name for a in n.names])}
+        assert not roots & {"vsa_train", "triton"}, module  # the shipped files import each other relatively
+        shipped, original = (ast.dump(_NoImports().visit(ast.parse(text))) for text in (source, path.read_text()))
+        assert shipped == original, module
+
+
+def test_model_card(exported):
+    run, out, raw = exported
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "text-to-video"
+    facts = card.data.vsa_train
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert facts["step"] == 2 and facts["training_flops"] == rows[-1]["flops"] > 0
+    assert facts["eval_loss"] == rows[-1]["eval/loss_ema"] and facts["ema"] is True
+    assert ModelCard.load(raw / "README.md").data.vsa_train["eval_loss"] == rows[-1]["eval/loss"]
+    assert facts["commit"] is None and facts["export_commit"]  # a plain train.py run records no commit
+    assert 'DiffusionPipeline.from_pretrained("' in card.text and "trust_remote_code=True" in card.text
+    assert "attn:\n  name: vsa" in card.text and "ramp_rate: 0.25" in card.text  # the training config
+    (run / "record.json").write_text(json.dumps({"commit": "0123abc"}))  # a grid run's record
+    try:
+        export_diffusers.main([str(run), str(out.parent / "recorded")])
+        assert ModelCard.load(out.parent / "recorded" / "README.md").data.vsa_train["commit"] == "0123abc"
+    finally:
+        (run / "record.json").unlink()
 
 
 def test_caption_encoder_rebuilds(exported):
@@ -91,9 +175,12 @@ def test_pipeline_matches_generate(exported, ema):
     model, cfg, _ = load_model(run, ema=ema)
     for steps, scale, seed in ((3, 4.0, 1), (2, 1.0, 0))[: 2 if ema else 1]:
         expected = generate(model, cfg.data, PROMPTS, steps, scale, seed=seed)
-        got = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=scale, seed=seed).frames
-        assert got.shape == (2, 3, 4, 8, 8)
-        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        got = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=scale, seed=seed, output_type="pt").frames
+        assert got.shape == (2, 4, 3, 8, 8)
+        torch.testing.assert_close(got, _frames(expected), rtol=0, atol=0)
+        np.testing.assert_array_equal(  # the default: np frames [B, T, H, W, 3], from the same generator
+            pipe(PROMPTS, num_inference_steps=steps, guidance_scale=scale,
+                 generator=torch.Generator().manual_seed(seed)).frames, got.permute(0, 1, 3, 4, 2).numpy())
     # before the clamp: the raw Euler result of vsa_train.diffusion.euler_sample with the same noise
     spec = data_spec(cfg.data)
     noise = torch.randn((2, spec.in_channels, *spec.video_shape), generator=torch.Generator().manual_seed(3))
@@ -102,9 +189,126 @@ def test_pipeline_matches_generate(exported, ema):
     got = pipe(PROMPTS, num_inference_steps=4, guidance_scale=2.5, generator=torch.Generator().manual_seed(3),
                output_type="latent").frames
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    frames = pipe(PROMPTS[0], num_inference_steps=1, seed=0, output_type="np").frames
-    assert isinstance(frames, np.ndarray) and frames.shape == (1, 4, 8, 8, 3)
+    # a negative prompt replaces the all-masked caption of guidance
+    negative = "striped background"
+    neg, neg_mask = build_text_encoder(cfg.data).encode([negative, negative])
+    expected = euler_sample(model, noise, text, mask, 2, 3.0, null_text=neg, null_mask=neg_mask)
+    got = pipe(PROMPTS, negative_prompt=negative, num_inference_steps=2, guidance_scale=3.0,
+               generator=torch.Generator().manual_seed(3), output_type="latent").frames
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not torch.equal(got, euler_sample(model, noise, text, mask, 2, 3.0))
+
+
+def test_pipeline_outputs_and_generators(exported):
+    _, out, _ = exported
+    pipe = _pipe(out)
+    run = dict(num_inference_steps=1, guidance_scale=2.0)
+    frames = pipe(PROMPTS[0], generator=torch.Generator().manual_seed(0), **run).frames
+    assert isinstance(frames, np.ndarray) and frames.shape == (1, 4, 8, 8, 3) and frames.dtype == np.float32
     assert frames.min() >= 0 and frames.max() <= 1
+    pil = pipe(PROMPTS[0], generator=torch.Generator().manual_seed(0), output_type="pil", **run).frames
+    assert len(pil) == 1 and len(pil[0]) == 4 and all(isinstance(f, PIL.Image.Image) for f in pil[0])
+    assert pil[0][0].size == (8, 8)
+    np.testing.assert_array_equal(np.asarray(pil[0][2]), (frames[0, 2] * 255).round().astype(np.uint8))
+    # one generator per video: each video's noise from its own
+    both = pipe(PROMPTS, generator=[torch.Generator().manual_seed(5), torch.Generator().manual_seed(0)],
+                output_type="latent", **run).frames
+    alone = pipe(PROMPTS[1], generator=torch.Generator().manual_seed(0), output_type="latent", **run).frames
+    torch.testing.assert_close(both[1:], alone)
+    # a negative prompt's embeddings, one row for both prompts, act as the negative prompt itself
+    neg, neg_mask = pipe.text_encoder.encode(["striped"])
+    by_text, by_embeds = (pipe(PROMPTS, generator=torch.Generator().manual_seed(2), output_type="latent", **run,
+                               **kw).frames
+                          for kw in (dict(negative_prompt="striped"),
+                                     dict(negative_prompt_embeds=neg, negative_prompt_mask=neg_mask)))
+    torch.testing.assert_close(by_embeds, by_text, rtol=0, atol=0)
+    for bad, match in ((dict(output_type="mp4"), "output_type must be one of np, pil, pt, latent, got 'mp4'"),
+                       (dict(negative_prompt=["a", "b", "c"]), "negative_prompt has 3 entries for 2 prompts"),
+                       (dict(generator=[torch.Generator()]), "generator is a list of 1 for 2 videos")):
+        with pytest.raises(ValueError, match=match) as err:
+            pipe(PROMPTS, **run, **bad)
+        assert "\n" not in str(err.value)
+
+
+# A process where vsa_train cannot be imported (it refuses the import, whatever the path): stock diffusers loads each
+# export with its own code, writes an mp4 and saves the frames and a transformer output for the test to compare.
+STOCK = textwrap.dedent("""
+    import sys
+
+    class Refuse:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "vsa_train":
+                raise ModuleNotFoundError(f"No module named {name!r}")
+
+    sys.meta_path.insert(0, Refuse())
+    try:
+        import vsa_train  # noqa: F401
+        sys.exit("vsa_train was importable")
+    except ModuleNotFoundError:
+        print("vsa_train not importable")
+
+    import numpy as np
+    import torch
+    from diffusers import AutoModel, DiffusionPipeline
+    from diffusers.utils import export_to_video
+    from safetensors.torch import load_file
+
+    for folder, prompts in zip(sys.argv[1::2], sys.argv[2::2]):
+        pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+        pipe.set_progress_bar_config(disable=True)
+        frames = pipe(prompts.split("|"), negative_prompt="striped", num_inference_steps=3, guidance_scale=4.0,
+                      generator=torch.Generator().manual_seed(1)).frames
+        np.save(f"{folder}.frames.npy", frames)
+        export_to_video(frames[0], f"{folder}.mp4", fps=8, macro_block_size=1)
+        model = AutoModel.from_pretrained(f"{folder}/transformer", trust_remote_code=True)
+        inputs = load_file(f"{folder}.inputs.safetensors")
+        with torch.no_grad():
+            np.save(f"{folder}.v.npy", model(*(inputs[k] for k in ("x", "t", "text", "mask"))).numpy())
+        print(type(pipe).__module__, type(model).__module__)
+""")
+
+
+def test_stock_diffusers_loads_the_export_without_vsa_train(exported, dense_exported, tmp_path):
+    folders = [exported[1], dense_exported[1]]
+    g = torch.Generator().manual_seed(4)
+    inputs = {f: (torch.randn(2, 3, 4, 8, 8, generator=g), torch.tensor([0.3, 0.9]),
+                  *build_text_encoder(load_model(f.parent / "run")[1].data).encode(PROMPTS)) for f in folders}
+    for folder, x in inputs.items():
+        save_file(dict(zip(("x", "t", "text", "mask"), x)), f"{folder}.inputs.safetensors")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    args = [a for f in folders for a in (str(f), "|".join(PROMPTS))]
+    done = subprocess.run([sys.executable, "-c", STOCK, *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "vsa_train not importable" in done.stdout
+    assert "diffusers_modules.local.vsa_train_integrations_pipeline" in done.stdout
+    for folder in folders:
+        pipe = _pipe(folder)
+        expected = pipe(PROMPTS, negative_prompt="striped", num_inference_steps=3, guidance_scale=4.0,
+                        generator=torch.Generator().manual_seed(1)).frames
+        np.testing.assert_array_equal(np.load(f"{folder}.frames.npy"), expected)  # [2, 4, 8, 8, 3]
+        video = iio.imread(f"{folder}.mp4")
+        assert video.shape == (4, 8, 8, 3)
+        with torch.no_grad():  # the shipped model computes what the package's does
+            v = pipe.transformer(*inputs[folder]).numpy()
+        np.testing.assert_array_equal(np.load(f"{folder}.v.npy"), v)
+        assert np.abs(v).max() > 0
+
+
+def test_only_trusted_code_runs(exported, tmp_path):
+    """The folder's code runs only under trust_remote_code=True: VSAVideoPipeline.from_pretrained never runs it."""
+    from diffusers import DiffusionPipeline
+
+    folder = tmp_path / "trapped"
+    shutil.copytree(exported[1], folder)
+    for path in folder.rglob("*.py"):  # code that must not run
+        path.write_text(path.read_text() + "\nraise SystemExit('code of the folder ran')\n")
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        DiffusionPipeline.from_pretrained(folder)
+    pipe = _pipe(folder)
+    assert type(pipe) is VSAVideoPipeline and type(pipe.transformer) is VideoDiTTransformer
+    frames = pipe(PROMPTS[0], num_inference_steps=1, seed=0).frames
+    np.testing.assert_array_equal(frames, _pipe(exported[1])(PROMPTS[0], num_inference_steps=1, seed=0).frames)
 
 
 # ------------------------------------------------------------------------------------------------ Wan + VSA

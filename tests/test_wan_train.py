@@ -158,6 +158,7 @@ def test_sampling_and_export(runs, tmp_path):
     assert videos.shape == (1, 3, 4, 8, 8) and videos.isfinite().all()
     out = export_run(runs / "straight", tmp_path / "out")
     assert json.loads((out / "vsa_train_export.json").read_text())["ema"] is True
+    assert "VSAWanTransformer3DModel.from_pretrained" in (out / "README.md").read_text()  # its model card
     loaded = VSAWanTransformer3DModel.from_pretrained(out / "transformer").eval()
     x, t, text = torch.randn(1, 3, 4, 8, 8), torch.tensor([0.3]), torch.randn(1, 6, 64)
     with torch.no_grad():

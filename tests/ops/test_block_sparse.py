@@ -1,4 +1,5 @@
-"""Triton block-sparse kernels (under TRITON_INTERPRET=1 on CPU) against the float64 naive mask reference.
+"""Triton block-sparse kernels against the float64 naive mask reference, on ops_utils.DEVICE: CUDA when there is
+one (bf16 cases included), else the CPU under TRITON_INTERPRET=1.
 
 Tests taking the `options` fixture (conftest.py) run both loop variants of the kernels: one 64-row tile per
 iteration and two (KernelOptions.tile_pairs), whose odd counts leave an empty second slot in the last iteration.
@@ -8,7 +9,7 @@ import math
 
 import pytest
 import torch
-from ops_utils import POISON
+from ops_utils import BF16_DOT, DEVICE, POISON, TOL
 
 from vsa_train.ops import KernelOptions
 from vsa_train.ops.block_sparse import block_sparse_attention
@@ -19,15 +20,16 @@ from vsa_train.ops.launch import BLOCK as TILE
 from vsa_train.ops.naive import naive_block_sparse_attention
 
 
-def make_problem(B, H, n_tiles, K, D, dtype, qk_mul=1.0, ragged=True, odd_sizes=True, strided=False, seed=0):
-    """Random q, k, v in padded tile order and a random (distinct) q2k selection."""
+def make_problem(B, H, n_tiles, K, D, dtype, qk_mul=1.0, ragged=True, odd_sizes=True, strided=False, seed=0,
+                 device=DEVICE):
+    """Random q, k, v in padded tile order and a random (distinct) q2k selection, drawn on the CPU, on device."""
     g = torch.Generator().manual_seed(seed)
     S = n_tiles * TILE
 
     def rand(mul):
         if strided:  # [B, H, S, D] storage seen as [B, S, H, D]: non-contiguous, as after a head split
-            return (torch.randn(B, H, S, D, generator=g) * mul).to(dtype).transpose(1, 2)
-        return (torch.randn(B, S, H, D, generator=g) * mul).to(dtype)
+            return (torch.randn(B, H, S, D, generator=g) * mul).to(device, dtype).transpose(1, 2)
+        return (torch.randn(B, S, H, D, generator=g) * mul).to(device, dtype)
 
     q, k, v = rand(qk_mul), rand(qk_mul), rand(1.0)
     q2k_index = torch.rand(B, H, n_tiles, n_tiles, generator=g).argsort(-1)[..., :K].to(torch.int32)
@@ -41,7 +43,7 @@ def make_problem(B, H, n_tiles, K, D, dtype, qk_mul=1.0, ragged=True, odd_sizes=
         kv_tile_sizes[0] = TILE
     else:
         kv_tile_sizes = torch.full((n_tiles,), TILE, dtype=torch.int32)
-    return q, k, v, q2k_index, q2k_count, kv_tile_sizes
+    return q, k, v, *(t.to(device) for t in (q2k_index, q2k_count, kv_tile_sizes))
 
 
 def rel_err(x, ref):
@@ -54,6 +56,8 @@ CASES = [  # B, H, n_tiles, K, D, dtype, qk_mul, ragged, odd_sizes, strided
     (1, 1, 3, 2, 128, torch.float32, 1.0, True, True, True),
     (1, 2, 6, 3, 64, torch.float16, 4.0, True, True, False),
     (2, 2, 2, 1, 64, torch.float16, 1.0, False, False, True),  # one key tile per query tile
+    pytest.param(1, 2, 6, 3, 64, torch.bfloat16, 4.0, True, True, False, marks=BF16_DOT),  # training's dtype
+    pytest.param(2, 1, 5, 5, 128, torch.bfloat16, 4.0, False, True, True, marks=BF16_DOT),
 ]
 
 
@@ -73,16 +77,15 @@ def test_triton_matches_float64(B, H, n_tiles, K, D, dtype, qk_mul, ragged, odd_
     ref_out, ref_lse = naive_block_sparse_attention(q64, k64, v64, index, count, sizes, scale)
     ((ref_out * g_out).sum() + (ref_lse * g_lse).sum()).backward()
 
-    tol = 1e-5 if dtype == torch.float32 else 5e-3
     for got, ref in ((out, ref_out), (lse, ref_lse), (q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
         assert torch.isfinite(got).all()  # also: every tile written (outputs start as NaN)
-        assert rel_err(got, ref) < tol
+        assert rel_err(got, ref) < TOL[dtype]
     # Pad key rows receive no gradient at all.
-    pad_key = (torch.arange(TILE)[None, :] >= sizes[:, None]).reshape(-1)
+    pad_key = (torch.arange(TILE, device=sizes.device)[None, :] >= sizes[:, None]).reshape(-1)
     assert (k.grad[:, pad_key] == 0).all() and (v.grad[:, pad_key] == 0).all()
 
 
-def edge_problem(D, dtype, qk_mul=1.0):
+def edge_problem(D, dtype, qk_mul=1.0, device=DEVICE):
     """A hand-made selection with every edge case of the tile loops, B = 1, H = 2, 5 tiles, K = 3.
 
     Query tiles choose 3, 2, 1, 2 and 3 key tiles (odd counts, even ones, one, and K = 3 in the last row, so a
@@ -102,7 +105,7 @@ def edge_problem(D, dtype, qk_mul=1.0):
     q, k, v = (torch.randn(1, 5 * TILE, 2, D, generator=g) * m for m in (qk_mul, qk_mul, 1.0))
     pad = (torch.arange(TILE)[None, :] >= sizes[:, None]).reshape(-1)
     k[:, pad], v[:, pad] = 1e4, -1e4
-    return q.to(dtype), k.to(dtype), v.to(dtype), index, count, sizes
+    return *(t.to(device, dtype) for t in (q, k, v)), *(t.to(device) for t in (index, count, sizes))
 
 
 def triton_outputs_and_grads(q, k, v, index, count, sizes, options, seed=5):
@@ -110,25 +113,25 @@ def triton_outputs_and_grads(q, k, v, index, count, sizes, options, seed=5):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     out, lse = block_sparse_attention(q, k, v, index, count, sizes, backend="triton", options=options)
     g = torch.Generator().manual_seed(seed)
-    g_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    g_lse = torch.randn(lse.shape, generator=g, dtype=torch.float64)
+    g_out = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device)
+    g_lse = torch.randn(lse.shape, generator=g, dtype=torch.float64).to(lse.device)
     ((out.double() * g_out).sum() + (lse.double() * g_lse).sum()).backward()
     return [out.detach(), lse.detach(), q.grad, k.grad, v.grad], (g_out, g_lse)
 
 
-@pytest.mark.parametrize("D,dtype,qk_mul", [(64, torch.float32, 4.0), (128, torch.float16, 1.0)])
+@pytest.mark.parametrize("D,dtype,qk_mul", [(64, torch.float32, 4.0), (128, torch.float16, 1.0),
+                                             pytest.param(64, torch.bfloat16, 4.0, marks=BF16_DOT)])
 def test_edge_selection_matches_float64(D, dtype, qk_mul, options):
     q, k, v, index, count, sizes = edge_problem(D, dtype, qk_mul)
     got, (g_out, g_lse) = triton_outputs_and_grads(q, k, v, index, count, sizes, options)
     ref_in = [t.double().requires_grad_() for t in (q, k, v)]
     ref_out, ref_lse = naive_block_sparse_attention(*ref_in, index, count, sizes, 1 / math.sqrt(D))
     ((ref_out * g_out).sum() + (ref_lse * g_lse).sum()).backward()
-    tol = 1e-5 if dtype == torch.float32 else 5e-3
     for name, x, ref in zip(("out", "lse", "dq", "dk", "dv"), got, [ref_out, ref_lse] + [t.grad for t in ref_in]):
         assert torch.isfinite(x).all(), name  # also: every element written (outputs start as NaN)
-        assert rel_err(x, ref) < tol, (name, rel_err(x, ref))
+        assert rel_err(x, ref) < TOL[dtype], (name, rel_err(x, ref))
     # Key tile 4 (chosen by no query tile) and every pad key row receive no gradient at all.
-    no_grad = (torch.arange(TILE)[None, :] >= sizes[:, None]).reshape(-1)
+    no_grad = (torch.arange(TILE, device=sizes.device)[None, :] >= sizes[:, None]).reshape(-1)
     no_grad[4 * TILE:] = True
     assert (got[3][:, no_grad] == 0).all() and (got[4][:, no_grad] == 0).all()
 
@@ -187,7 +190,7 @@ def test_matches_torch_reference():
     for backend in ("triton", "torch"):
         qkv = [t.detach().requires_grad_() for t in (q, k, v)]
         out, lse = block_sparse_attention(*qkv, index, count, sizes, backend=backend, options=POISON)
-        out.backward(torch.cos(torch.arange(out.numel(), dtype=out.dtype)).view_as(out))
+        out.backward(torch.cos(torch.arange(out.numel(), dtype=out.dtype, device=out.device)).view_as(out))
         results.append([out, lse] + [t.grad for t in qkv])
     for got, ref in zip(*results):
         assert rel_err(got, ref.double()) < 1e-5
@@ -198,8 +201,8 @@ def test_k2q_index_inverts_q2k(monkeypatch, n, K, ragged, block):
     if block is not None:  # small blocks: the kernels' loops run several times
         monkeypatch.setattr(index_module, "BLOCK_SLOTS", block)
         monkeypatch.setattr(index_module, "BLOCK_TILES", block)
-    _, _, _, index, count, _ = make_problem(2, 3, n, K, 64, torch.float32, ragged=ragged)
-    offsets, q_tiles = build_k2q_index(index, count, n)
+    _, _, _, index, count, _ = make_problem(2, 3, n, K, 64, torch.float32, ragged=ragged, device="cpu")
+    offsets, q_tiles = (t.cpu() for t in build_k2q_index(index.to(DEVICE), count.to(DEVICE), n))
     assert offsets.dtype == q_tiles.dtype == torch.int32
     assert offsets.shape == (2, 3, n + 1) and q_tiles.shape == (2, 3, n * K)
     for b in range(2):
@@ -234,7 +237,7 @@ def test_opcheck():
     torch.library.opcheck(block_sparse_fwd_op, args, test_utils=("test_schema", "test_faketensor"))
     out, lse, offsets, q_tiles = block_sparse_fwd_op(*args)
     bwd_args = (torch.randn_like(out), torch.randn_like(lse), q, k, v, out, lse, index, count, offsets, q_tiles, sizes,
-                0.125, torch.zeros(1, 1, 64), True, False)
+                0.125, torch.zeros(1, 1, 64, device=DEVICE), True, False)
     torch.library.opcheck(block_sparse_bwd_op, bwd_args, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -253,18 +256,28 @@ def test_opcheck():
     (lambda a: a.update(scale="0.1"), "positive finite"),
 ])
 def test_bad_input_raises(mutate, error):
-    q, k, v, index, count, sizes = make_problem(1, 1, 3, 2, 64, torch.float32, ragged=False)
+    # CPU tensors on any machine: the index values are checked on CPU tensors only (on CUDA a check would sync).
+    q, k, v, index, count, sizes = make_problem(1, 1, 3, 2, 64, torch.float32, ragged=False, device="cpu")
     args = {"q": q, "k": k, "v": v, "q2k_index": index, "q2k_count": count, "kv_tile_sizes": sizes}
     mutate(args)
     with pytest.raises((ValueError, TypeError), match=error):
         block_sparse_attention(**args)
 
 
+def test_triton_on_cpu_tensors_without_the_interpreter_says_so(monkeypatch):
+    """CPU tensors run the kernels only in Triton's interpreter; without it backend="triton" says what to do (on a
+    GPU machine as on a CPU one: resolve_backend reads TRITON_INTERPRET per call)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v, index, count, sizes = make_problem(1, 1, 2, 1, 64, torch.float32, device="cpu")
+    with pytest.raises(RuntimeError, match="on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"):
+        block_sparse_attention(q, k, v, index, count, sizes, backend="triton")
+
+
 def test_poisoned_outputs_start_as_nan():
     """What the poisoning tests rely on: with poison_outputs, a kernel output no kernel writes stays NaN."""
     from vsa_train.ops.launch import new_output
 
-    assert torch.isnan(new_output((2, 3), torch.float16, torch.device("cpu"), poison=True)).all()
+    assert torch.isnan(new_output((2, 3), torch.float16, DEVICE, poison=True)).all()
     q, k, v, index, count, sizes = make_problem(1, 1, 2, 1, 64, torch.float32, ragged=False)
     out, _ = block_sparse_attention(q, k, v, index, count, sizes, backend="triton", options=POISON)
     assert torch.isfinite(out).all()

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from ops_utils import random_inputs
+from ops_utils import DEVICE, ON_GPU, random_inputs
 
 from vsa_train.ops import TileLayout, block_sparse_attention, video_sparse_attention_tiled, warm
 
@@ -88,18 +88,23 @@ def test_a_hung_warm_up_is_given_up_on_once(monkeypatch):
 def test_entry_points_wait_before_launching(monkeypatch, path):
     """Each entry point waits once before its first launch: for the forward kernels without gradient, for all with
     it; the backward adds no wait."""
-    from triton.runtime.interpreter import InterpretedFunction
+    # Every launch (kernel[grid](...)) goes through the kernel object's run: a JITFunction's on the GPU, an
+    # InterpretedFunction's in the CPU interpreter (what triton.jit returns under TRITON_INTERPRET=1).
+    if ON_GPU:
+        from triton.runtime.jit import JITFunction as Kernel
+    else:
+        from triton.runtime.interpreter import InterpretedFunction as Kernel
 
     launched, calls = [], []
-    run = InterpretedFunction.run
-    monkeypatch.setattr(InterpretedFunction, "run", lambda fn, *a, **k: (launched.append(fn.fn.__name__),
-                                                                         run(fn, *a, **k))[1])
+    run = Kernel.run
+    monkeypatch.setattr(Kernel, "run", lambda fn, *a, **k: (launched.append(fn.fn.__name__), run(fn, *a, **k))[1])
     monkeypatch.setattr(warm, "wait", lambda grad=True: calls.append((grad, list(launched))))
     layout = TileLayout((4, 8, 8))
-    x = {n: t.float() for n, t in random_inputs(1, layout.padded_len, 1, 64, ("q", "k", "v"), seed=2).items()}
-    sizes = layout.kv_tile_sizes("cpu")
-    index = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 0]], dtype=torch.int32)[None, None]
-    count = torch.full((1, 1, 4), 2, dtype=torch.int32)
+    x = {n: t.float() for n, t in random_inputs(1, layout.padded_len, 1, 64, ("q", "k", "v"), seed=2,
+                                                device=DEVICE).items()}
+    sizes = layout.kv_tile_sizes(DEVICE)
+    index = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 0]], dtype=torch.int32, device=DEVICE)[None, None]
+    count = torch.full((1, 1, 4), 2, dtype=torch.int32, device=DEVICE)
 
     def op(**t):
         if path == "block_sparse":
@@ -113,5 +118,6 @@ def test_entry_points_wait_before_launching(monkeypatch, path):
         with torch.set_grad_enabled(grad):
             out = op(**{n: t.detach().requires_grad_(grad) for n, t in x.items()})
         assert calls == [(grad, [])], calls  # nothing launched before the wait
+        assert launched, "no launch recorded: one before the wait would go unseen"
     out.sum().backward()
     assert len(calls) == 1  # the backward added no wait

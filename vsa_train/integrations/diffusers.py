@@ -26,8 +26,9 @@ saves what rebuilds it: vocabulary, width, length and seed (JSON) plus the table
 Runs on latents (data=latents) are exported without text encoder: pass `prompt_embeds`/`prompt_mask` from the
 encoder recorded in the latent index and take output_type="latent" (decode with that index's VAE).
 
-The Wan half (apply_vsa, VSAWanAttnProcessor, VSAWanTransformer3DModel, set_sparsity_limit) lives in wan.py; a
-run of model=wan (vsa_train/models/wan.py) exports its diffusers transformer alone, OUT_DIR/transformer/.
+The Wan half (apply_vsa, VSAWanAttnProcessor, VSAWanTransformer3DModel, set_sparsity_limit) lives in wan_vsa.py; a
+run of model=wan (vsa_train/models/wan.py) exports as a stock WanPipeline folder, with VSA through remote code
+(vsa_train/integrations/wan_export.py).
 """
 from __future__ import annotations
 
@@ -192,8 +193,8 @@ class VSAVideoPipeline(DiffusionPipeline):
 def export_run(run_dir, out_dir, ema: bool = True) -> Path:
     """Writes run `run_dir` (newest verified checkpoint, or a checkpoint dir) as a diffusers folder `out_dir`.
 
-    EMA weights when the run kept them and `ema` is true (as sample.py). Returns out_dir. A model=wan run writes
-    out_dir/transformer alone (WanTransformer3DModel, or VSAWanTransformer3DModel with its gates and VSA settings).
+    EMA weights when the run kept them and `ema` is true (as sample.py). Returns out_dir. A model=wan run writes a
+    WanPipeline folder (wan_export.export_wan: with VSA, its transformer as remote code).
     """
     from omegaconf import OmegaConf
 
@@ -203,8 +204,10 @@ def export_run(run_dir, out_dir, ema: bool = True) -> Path:
 
     model, cfg, ckpt = load_model(run_dir, device="cpu", ema=ema)
     out = Path(out_dir)
-    if is_wan(cfg.model):  # the trained diffusers transformer alone, for a Wan pipeline folder (VAE, T5 are theirs)
-        model.transformer.save_pretrained(out / "transformer")
+    if is_wan(cfg.model):  # a WanPipeline folder, VAE and text encoder from the latent index (wan_export.py)
+        from .wan_export import export_wan
+
+        export_wan(model, cfg, out)
         return _provenance(out, run_dir, ckpt, cfg, ema)
     spec = data_spec(cfg.data)
     limits = {m.limit for m in model.modules() if isinstance(m, VSAAttention)}

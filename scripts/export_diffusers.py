@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from vsa_train.errors import LaunchError  # noqa: E402
 from vsa_train.integrations.diffusers import export_run  # noqa: E402
-from vsa_train.integrations.wan_export import export_wan_run  # noqa: E402
 
 
 def main(argv=None) -> Path:
@@ -55,15 +54,16 @@ def main(argv=None) -> Path:
 
 
 def _export(args) -> Path:
-    """export_run, or with model=wan options export_wan_run."""
-    ema = not args.no_ema
-    if not (args.vae or args.text_encoder or args.transformer_only):
-        return export_run(args.run_dir, args.out_dir, ema=ema)
-    vae = args.vae and {"path": args.vae, "subfolder": args.vae_subfolder}
-    text = args.text_encoder and {"path": args.text_encoder, "subfolder": args.text_encoder_subfolder,
-                                  "tokenizer_subfolder": args.tokenizer_subfolder}
-    return export_wan_run(args.run_dir, args.out_dir, ema=ema, vae=vae or None, text_encoder=text or None,
-                          transformer_only=args.transformer_only)
+    """export_run, with the model=wan options that are given."""
+    wan = {}
+    if args.vae:
+        wan["vae"] = {"path": args.vae, "subfolder": args.vae_subfolder}
+    if args.text_encoder:
+        wan["text_encoder"] = {"path": args.text_encoder, "subfolder": args.text_encoder_subfolder,
+                               "tokenizer_subfolder": args.tokenizer_subfolder}
+    if args.transformer_only:
+        wan["transformer_only"] = True
+    return export_run(args.run_dir, args.out_dir, ema=not args.no_ema, **wan)
 
 
 if __name__ == "__main__":

@@ -190,11 +190,11 @@ class VSAVideoPipeline(DiffusionPipeline):
         return VSAVideoPipelineOutput(frames=frames) if return_dict else (frames,)
 
 
-def export_run(run_dir, out_dir, ema: bool = True) -> Path:
+def export_run(run_dir, out_dir, ema: bool = True, **wan) -> Path:
     """Writes run `run_dir` (newest verified checkpoint, or a checkpoint dir) as a diffusers folder `out_dir`.
 
     EMA weights when the run kept them and `ema` is true (as sample.py). Returns out_dir. A model=wan run writes a
-    WanPipeline folder (wan_export.export_wan: with VSA, its transformer as remote code).
+    WanPipeline folder (wan_export.export_wan, given `wan`: vae, text_encoder, transformer_only).
     """
     from omegaconf import OmegaConf
 
@@ -204,10 +204,10 @@ def export_run(run_dir, out_dir, ema: bool = True) -> Path:
 
     model, cfg, ckpt = load_model(run_dir, device="cpu", ema=ema)
     out = Path(out_dir)
-    if is_wan(cfg.model):  # a WanPipeline folder, VAE and text encoder from the latent index (wan_export.py)
+    if is_wan(cfg.model) or wan:  # a WanPipeline folder (wan_export.py; it refuses the options for other models)
         from .wan_export import export_wan
 
-        export_wan(model, cfg, out)
+        export_wan(model, cfg, out, **wan)
         return _provenance(out, run_dir, ckpt, cfg, ema)
     spec = data_spec(cfg.data)
     limits = {m.limit for m in model.modules() if isinstance(m, VSAAttention)}

@@ -129,17 +129,6 @@ def export_wan(model, cfg, out, vae=None, text_encoder=None, transformer_only: b
     return out
 
 
-def export_wan_run(run_dir, out_dir, ema: bool = True, **options) -> Path:
-    """`export_wan` of run `run_dir` (its newest verified checkpoint, or a checkpoint dir; EMA weights when kept and
-    `ema`), with out_dir/vsa_train_export.json as `export_run` writes it; options: those of export_wan."""
-    from ..sampling import load_model
-    from .diffusers import _provenance
-
-    model, cfg, ckpt = load_model(run_dir, device="cpu", ema=ema)
-    export_wan(model, cfg, out_dir, **options)
-    return _provenance(Path(out_dir), run_dir, ckpt, cfg, ema)
-
-
 def _finish(out: Path, vsa: bool) -> Path:
     """With VSA: the remote code beside the transformer, and model_index.json pointing to it."""
     if not vsa:

@@ -26,7 +26,7 @@ from vsa_train.diffusion import euler_sample
 from vsa_train.errors import MissingInput
 from vsa_train.integrations import remote_code
 from vsa_train.integrations.wan_export import CLASS, MODULE, components
-from vsa_train.models.wan_vsa import DENSE_LOAD_NOTE, VSAWanAttnProcessor
+from vsa_train.models.wan_vsa import DENSE_LOAD_NOTE
 from vsa_train.sampling import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +38,9 @@ import export_diffusers  # noqa: E402
 WORDS = ["<pad>", "</s>", "<unk>", "a", "red", "circle", "blue", "square", "moving", "left", "right", "to"]
 TEXT_LEN, TEXT_DIM = 8, 16
 LATENT = [4, 2, 8, 8]  # C, T, h, w: 5 frames of 64 x 64 through the VAE; Wan's grid 2 x 4 x 4 = 4 tiles of 2 x 2 x 2
+TINY_PIXELS = ["train.batch_size=2", "train.max_steps=1", "train.eval_every=1", "train.ckpt_every=1",
+               "train.eval_samples=2", "train.eval_timesteps=1", "logger=none", "data.frames=4", "data.height=8",
+               "data.width=8"]
 PROMPTS = ["a red circle moving left to right", "blue square"]
 WAN = ["model=wan", "model.num_layers=2", "model.num_attention_heads=2", "model.attention_head_dim=16",
        "model.ffn_dim=64", "model.freq_dim=32", "model.rope_max_seq_len=32"]
@@ -267,9 +270,7 @@ def test_remote_code_is_the_package_source():
 
 def test_what_cannot_be_a_wan_pipeline_is_one_line(tmp_path, latents):
     pixel = tmp_path / "pixel"
-    _run(pixel, *WAN, "train.batch_size=2", "train.max_steps=1", "train.eval_every=1", "train.ckpt_every=1",
-         "train.eval_samples=2", "train.eval_timesteps=1", "logger=none", "data.frames=4", "data.height=8",
-         "data.width=8")
+    _run(pixel, *WAN, *TINY_PIXELS)
     with pytest.raises(SystemExit) as e:
         export_diffusers.main([str(pixel), str(tmp_path / "out")])
     assert str(e.value) == ("export_diffusers: a model=wan run on pixel data (data=synthetic) generates pixels, not "
@@ -284,6 +285,11 @@ def test_what_cannot_be_a_wan_pipeline_is_one_line(tmp_path, latents):
     out = export_diffusers.main([str(pixel), str(tmp_path / "alone"), "--transformer-only"])
     assert sorted(p.name for p in out.iterdir()) == ["transformer", "vsa_train_export.json"]
     assert type(WanTransformer3DModel.from_pretrained(out / "transformer")) is WanTransformer3DModel
+    dit = tmp_path / "dit"  # the Wan options are refused for a VideoDiT run
+    _run(dit, *TINY_PIXELS)
+    with pytest.raises(SystemExit, match="^export_diffusers: --vae, --text-encoder and --transformer-only are for "
+                                         "model=wan runs, not model=dit_tiny$"):
+        export_diffusers.main([str(dit), str(tmp_path / "y"), "--transformer-only"])
     # latents encoded with the built-in caption encoder: no transformers model for the pipeline
     builtin = tmp_path / "builtin"
     builtin.mkdir()

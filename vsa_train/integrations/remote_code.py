@@ -13,7 +13,6 @@ replaced by an empty one. A file importing vsa_train absolutely cannot be bundle
 from __future__ import annotations
 
 import ast
-import hashlib
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1]  # vsa_train/

@@ -51,8 +51,8 @@ export_to_video(video, "video.mp4", fps=8)
 Sampling as it was trained (vsa_train's sampler differs from WanPipeline's defaults in these):
 
 - The unconditional branch of guidance is the empty caption as training dropped it: all text tokens zero. WanPipeline's
-  default negative prompt is the text encoder's output for "" instead, which the model did not learn as "no text":
-  pass `negative_prompt_embeds=torch.zeros(batch, {text_len}, {text_dim})` as above (or guidance_scale=1).
+  default negative prompt is the text encoder's output for "" instead, not what this training used: pass
+  `negative_prompt_embeds=torch.zeros(batch, {text_len}, {text_dim})` as above (or guidance_scale=1).
 - Text is {text_len} tokens, zero-padded (Wan's cross-attention sees the padding): pass
   `max_sequence_length={text_len}` (WanPipeline's default is 512).
 - The size trained on: {frames} frames of {height} x {width} (latents {latent}).

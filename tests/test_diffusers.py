@@ -120,10 +120,14 @@ class _NoImports(ast.NodeTransformer):
         return None if ast.unparse(node.test) == "HAVE_TRITON" else self.generic_visit(node)
 
 
-def test_shipped_code_is_the_package_source():
-    """Each shipped file is its package module but for what the export rewrites (imports, Triton)."""
-    sources = module_sources(VideoDiTTransformer)
-    assert list(sources)[0] == "vsa_train.integrations.dit_model" and "vsa_train.ops.tiling" in sources
+@pytest.mark.parametrize("cls", [VideoDiTTransformer, CaptionTextEncoder, VSAWanTransformer3DModel])
+def test_shipped_code_is_the_package_source(cls):
+    """Each file an export ships for `cls` (VideoDiT's, its caption encoder's, a VSA Wan's: tests/test_wan_export.py)
+    is its package module but for what the export rewrites (imports, Triton)."""
+    sources = module_sources(cls)
+    assert list(sources)[0] == cls.__module__
+    if cls is not CaptionTextEncoder:
+        assert {"vsa_train.models.vsa", "vsa_train.ops.tiling", "vsa_train.models.auto_map"} <= sources.keys()
     for module, source in sources.items():
         path = (ROOT / Path(*module.split("."))).with_suffix(".py")
         path = path if path.is_file() else path.with_suffix("") / "__init__.py"
@@ -230,14 +234,15 @@ def test_pipeline_outputs_and_generators(exported):
         assert "\n" not in str(err.value)
 
 
-# A process where vsa_train cannot be imported (it refuses the import, whatever the path): stock diffusers loads each
-# export with its own code, writes an mp4 and saves the frames and a transformer output for the test to compare.
+# A process where vsa_train (and omegaconf, its config library) cannot be imported (it refuses the import, whatever
+# the path): stock diffusers loads each export with its own code, writes an mp4 and saves the frames and a
+# transformer output for the test to compare.
 STOCK = textwrap.dedent("""
     import sys
 
     class Refuse:
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "vsa_train":
+            if name.split(".")[0] in ("vsa_train", "omegaconf"):
                 raise ModuleNotFoundError(f"No module named {name!r}")
 
     sys.meta_path.insert(0, Refuse())

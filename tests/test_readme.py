@@ -75,6 +75,9 @@ def skip_reason(command: str) -> str | None:
         return "needs latent shards from scripts/encode_latents.py and a downloaded VAE"
     if "train.compile=true" in args:
         return "a one-GPU recipe: compiling takes minutes on the CPU"
+    if command.startswith("python scripts/export_diffusers.py"):  # the run of a skipped command: skipped with it
+        if makers := _makers(args[2], skipped=True):
+            return f"exports the run of `{makers[0]}`, skipped: {skip_reason(makers[0])}"
     dry = "train.dry_run=true" in args
     if not dry and any(a in args for a in ("model=dit_410m", "model=dit_1b", "experiment=dit410m_16k")):
         return "needs a GPU: the model and its optimizer state are too large for a CPU smoke test"
@@ -165,6 +168,14 @@ def _as_written(command: str) -> str:
     return _composed(shlex.split(command)[2:]).hydra.run.dir
 
 
+def _makers(run: str, skipped: bool) -> list[str]:
+    """The README's training commands (one run each, not dry) that make run directory `run` as written: those
+    skipped here, or those run. One with a placeholder (<partition>) names no directory."""
+    return [c for c in COMMANDS if shlex.split(c)[1] == "train.py" and bool(skip_reason(c)) == skipped
+            and "train.dry_run=true" not in c and "-m" not in shlex.split(c) and "<" not in c
+            and _as_written(c) == run]
+
+
 def _pinned(arg: str, project, monkeypatch, capsys) -> str:
     """key=runs/<name> -> the directory that the README command which makes runs/<name> made here (run now if this
     process has not run it yet: the order of tests is not this function's to assume)."""
@@ -173,8 +184,7 @@ def _pinned(arg: str, project, monkeypatch, capsys) -> str:
     if not value.startswith("runs/"):
         return arg
     if value not in _RUNS:
-        makers = [c for c in COMMANDS if shlex.split(c)[1] == "train.py" and not skip_reason(c)
-                  and "train.dry_run=true" not in c and "-m" not in shlex.split(c) and _as_written(c) == value]
+        makers = _makers(value, skipped=False)
         if not makers:
             pytest.fail(f"README.md names {value}, which none of its training commands makes (they make "
                         f"{sorted(_RUNS)}): is the hash in its name out of date?")

@@ -22,19 +22,21 @@ CAPTIONS = ["a man in a car", "a blurry man in a car", "a man talks"]
 MAX_LEN = 8
 
 
-def save_tiny_t5(root: Path) -> Path:
-    """root/text_encoder (T5EncoderModel, d_model 16) and root/tokenizer (word level, appends </s>, max length 8)."""
+def save_tiny_t5(root: Path, words: list[str] = WORDS, umt5: bool = False) -> Path:
+    """root/text_encoder (T5EncoderModel, or Wan's UMT5EncoderModel; d_model 16) and root/tokenizer (word level over
+    `words`, appends </s>, max length 8)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
                             model_max_length=MAX_LEN).save_pretrained(root / "tokenizer")
     torch.manual_seed(0)
-    T5EncoderModel(T5Config(vocab_size=len(WORDS), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-                            pad_token_id=0, eos_token_id=1)).save_pretrained(root / "text_encoder")
+    config, model = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    model(config(vocab_size=len(words), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, pad_token_id=0,
+                 eos_token_id=1)).save_pretrained(root / "text_encoder")
     return root
 
 

@@ -1,7 +1,8 @@
 """model=wan: a tiny random diffusers WanTransformer3DModel trained by the trainer on the CPU, dense and VSA.
 
 Dense-equivalence of the VSA processor at all tiles is tests/test_diffusers.py's; here: shape from the config or a
-folder, FLOPs against FlopCounterMode, training, exact resume, gates in the checkpoint, sampling, export, refusals.
+folder, FLOPs against FlopCounterMode, training, exact resume, gates in the checkpoint, sampling, export of the
+transformer alone (WanPipeline folders: tests/test_wan_export.py), refusals.
 """
 import json
 import subprocess
@@ -19,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vsa_train import config_schema, trainer
 from vsa_train.data import data_spec
 from vsa_train.flops import training_flops_per_sample
+from vsa_train.errors import MissingInput
 from vsa_train.integrations.diffusers import export_run
 from vsa_train.models.wan_vsa import VSAWanTransformer3DModel
 from vsa_train.models import build_model
@@ -156,7 +158,9 @@ def test_sampling_and_export(runs, tmp_path):
     model, cfg, _ = load_model(runs / "straight")  # EMA weights, the folder not read again
     videos = generate(model, cfg.data, ["a red circle"], steps=2, cfg_scale=3.0)
     assert videos.shape == (1, 3, 4, 8, 8) and videos.isfinite().all()
-    out = export_run(runs / "straight", tmp_path / "out")
+    with pytest.raises(MissingInput, match="on pixel data .* export the transformer alone"):  # no VAE: no pipeline
+        export_run(runs / "straight", tmp_path / "pipe")
+    out = export_run(runs / "straight", tmp_path / "out", transformer_only=True)
     assert json.loads((out / "vsa_train_export.json").read_text())["ema"] is True
     assert "VSAWanTransformer3DModel.from_pretrained" in (out / "README.md").read_text()  # its model card
     loaded = VSAWanTransformer3DModel.from_pretrained(out / "transformer").eval()

@@ -172,6 +172,8 @@ def read_or_raise(cls, node, section: str):
 def _plain(node) -> tuple[dict, set, dict]:
     """A section's values as plain Python (lists, dicts), the keys whose value is missing (???), and why each
     value whose interpolation does not resolve does not."""
+    if isinstance(node, dict):  # without omegaconf: an export's code (integrations/remote_code.py) runs without it
+        return dict(node), set(), {}
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import InterpolationResolutionError
 

@@ -1,6 +1,6 @@
 """CaptionTextEncoder: the built-in caption encoder as a diffusers component, the text encoder of an export.
 
-An export carries this file and vsa_train/data/text.py (vsa_train/integrations/remote_code.py).
+An export carries this file and the modules it needs (vsa_train/integrations/remote_code.py).
 """
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
 from ..data.text import CaptionEncoder
+from ..models.auto_map import AutoMapped
 
 
-class CaptionTextEncoder(ModelMixin, ConfigMixin):
+class CaptionTextEncoder(AutoMapped, ModelMixin, ConfigMixin):
     """The caption encoder rebuilt from (vocab, dim, max_len, seed); its table and positions are buffers, so the
     saved safetensors hold them too."""
 
@@ -27,11 +28,6 @@ class CaptionTextEncoder(ModelMixin, ConfigMixin):
     def from_encoder(cls, enc: CaptionEncoder, seed: int) -> CaptionTextEncoder:
         vocab = sorted(enc.index, key=enc.index.get)
         return cls(vocab=vocab, dim=enc.dim, max_len=enc.max_len, seed=seed)
-
-    @classmethod
-    def extract_init_dict(cls, config_dict, **kwargs):
-        # auto_map names this file for diffusers' AutoModel: no argument (diffusers would warn that it ignores it)
-        return super().extract_init_dict({k: v for k, v in config_dict.items() if k != "auto_map"}, **kwargs)
 
     @torch.no_grad()
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

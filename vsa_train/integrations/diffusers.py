@@ -40,7 +40,8 @@ Runs on latents (data=latents) are exported without text encoder: pass `prompt_e
 encoder recorded in the latent index and take output_type="latent" (decode with that index's VAE).
 
 The Wan half (apply_vsa, VSAWanAttnProcessor, VSAWanTransformer3DModel, set_sparsity_limit) lives in wan_vsa.py; a
-run of model=wan (vsa_train/models/wan.py) exports its diffusers transformer alone, OUT_DIR/transformer/.
+run of model=wan (vsa_train/models/wan.py) exports as a stock WanPipeline folder, its VSA transformer's code shipped
+the same way (vsa_train/integrations/wan_export.py).
 """
 from __future__ import annotations
 
@@ -50,24 +51,18 @@ from pathlib import Path
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from ..data.text import CaptionEncoder
-from ..grid.runner import commit_of
 from ..models import is_wan
 from ..models.wan_vsa import VSAWanAttnProcessor, VSAWanTransformer3DModel, apply_vsa, set_sparsity_limit
 from . import pipeline
 from .caption_model import CaptionTextEncoder
 from .dit_model import VideoDiTTransformer
-from .model_card import REPO, exported_ema, write_model_card
-from .pipeline import VSAVideoPipelineOutput
-from .remote_code import write_code
+from .model_card import exported_ema, write_model_card
+from .pipeline import VSAVideoPipelineOutput, make_scheduler
+from .remote_code import ship
 
 __all__ = ["CaptionTextEncoder", "VSAVideoPipeline", "VSAVideoPipelineOutput", "VSAWanAttnProcessor",
            "VSAWanTransformer3DModel", "VideoDiTTransformer", "apply_vsa", "export_run", "make_scheduler",
            "set_sparsity_limit"]
-
-
-def make_scheduler() -> FlowMatchEulerDiscreteScheduler:
-    """The scheduler of our rectified flow: sigma = t, timestep = 1000 t, no shift."""
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
 
 
 class VSAVideoPipeline(pipeline.VSAVideoPipeline):
@@ -88,12 +83,12 @@ class VSAVideoPipeline(pipeline.VSAVideoPipeline):
         return cls(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder)
 
 
-def export_run(run_dir, out_dir, ema: bool = True) -> Path:
+def export_run(run_dir, out_dir, ema: bool = True, **wan) -> Path:
     """Writes run `run_dir` (newest verified checkpoint, or a checkpoint dir) as a diffusers folder `out_dir`.
 
-    EMA weights when the run kept them and `ema` is true (as sample.py). Returns out_dir. A model=wan run writes
-    out_dir/transformer alone (WanTransformer3DModel, or VSAWanTransformer3DModel with its gates and VSA settings).
-    Every export writes its model card, out_dir/README.md.
+    EMA weights when the run kept them and `ema` is true (as sample.py). Returns out_dir. A model=wan run writes a
+    WanPipeline folder (wan_export.export_wan, given `wan`: vae, text_encoder, transformer_only). Every export writes
+    its model card, out_dir/README.md.
     """
     from omegaconf import OmegaConf
 
@@ -103,9 +98,11 @@ def export_run(run_dir, out_dir, ema: bool = True) -> Path:
 
     model, cfg, ckpt = load_model(run_dir, device="cpu", ema=ema)
     out = Path(out_dir)
-    if is_wan(cfg.model):  # the trained diffusers transformer alone, for a Wan pipeline folder (VAE, T5 are theirs)
-        model.transformer.save_pretrained(out / "transformer")
-        write_model_card(out, ckpt.parent.parent, ckpt, cfg, ema, _wan_how_to_load(out, model.transformer))
+    if is_wan(cfg.model) or wan:  # a WanPipeline folder (wan_export.py; it refuses the options for other models)
+        from .wan_export import export_wan
+
+        how_to_load = export_wan(model, cfg, out, **wan)
+        write_model_card(out, ckpt.parent.parent, ckpt, cfg, ema, how_to_load)
         return _provenance(out, run_dir, ckpt, cfg, ema)
     spec = data_spec(cfg.data)
     limits = {m.limit for m in model.modules() if isinstance(m, VSAAttention)}
@@ -121,29 +118,11 @@ def export_run(run_dir, out_dir, ema: bool = True) -> Path:
             text_encoder = CaptionTextEncoder.from_encoder(enc, seed=int(cfg.data.seed))
     pipe = VSAVideoPipeline(transformer=transformer.eval(), scheduler=make_scheduler(), text_encoder=text_encoder)
     pipe.save_pretrained(out)
-    _ship_code(out, pipe)
+    # the folder's own code, named by model_index.json and each component's auto_map
+    components = {"transformer": transformer, "text_encoder": text_encoder}
+    ship(out, {name: type(c) for name, c in components.items() if c is not None}, pipeline.VSAVideoPipeline)
     write_model_card(out, ckpt.parent.parent, ckpt, cfg, ema, _how_to_load(out, pixels=text_encoder is not None))
     return _provenance(out, run_dir, ckpt, cfg, ema)
-
-
-def _ship_code(out: Path, pipe: VSAVideoPipeline) -> None:
-    """The folder's own code (remote_code.py), named by model_index.json and by each component's auto_map."""
-    commit = commit_of(REPO)
-    index_path = out / "model_index.json"
-    index = json.loads(index_path.read_text())
-    index["_class_name"] = [write_code(out, pipeline.VSAVideoPipeline, commit), "VSAVideoPipeline"]
-    for name in ("transformer", "text_encoder"):
-        component = getattr(pipe, name)
-        if component is None:
-            continue
-        cls = type(component)
-        module = write_code(out / name, cls, commit)
-        index[name] = [module, cls.__name__]
-        config_path = out / name / "config.json"
-        config = json.loads(config_path.read_text())
-        config["auto_map"] = {"AutoModel": f"{module}.{cls.__name__}"}  # AutoModel.from_pretrained(out/name)
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _how_to_load(out: Path, pixels: bool) -> str:
@@ -166,20 +145,6 @@ video = {call}
 
 With vsa_train installed, `vsa_train.integrations.diffusers.VSAVideoPipeline.from_pretrained("{out}")` loads it
 with the package's own classes (no code from the folder runs).
-"""
-
-
-def _wan_how_to_load(out: Path, transformer) -> str:
-    """The model card's loading example of a Wan export: its transformer, for a Wan pipeline folder."""
-    cls = type(transformer).__name__
-    module = "vsa_train.integrations.diffusers" if cls == "VSAWanTransformer3DModel" else "diffusers"
-    return f"""The trained transformer of a Wan pipeline (its VAE and text encoder are Wan's own):
-
-```python
-from {module} import {cls}
-
-transformer = {cls}.from_pretrained("{out / 'transformer'}")
-```
 """
 
 

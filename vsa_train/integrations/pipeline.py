@@ -19,6 +19,12 @@ from diffusers.video_processor import VideoProcessor
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 
 
+def make_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """The scheduler of our rectified flow, every export's (VideoDiT and Wan): sigma = t, timestep = 1000 t, no
+    shift."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+
+
 @dataclass
 class VSAVideoPipelineOutput(BaseOutput):
     """frames: [B, T, H, W, 3] float in [0, 1] ("np"), B lists of T PIL images ("pil"), [B, T, 3, H, W] in [0, 1]

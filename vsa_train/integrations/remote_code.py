@@ -15,11 +15,18 @@ source, rewritten, never a second copy kept by hand:
   ops would also clash with this package's in a process that imports both;
 - diffusers copies only the files that the component's module imports relatively (not theirs), so that module
   ends with one such import per other file.
+
+`ship` puts that code into an export folder and names it where diffusers looks: model_index.json (a pipeline's
+class and its components') and each component's config.json (auto_map, for AutoModel). The VideoDiT exports
+(diffusers.py) and the Wan exports (wan_export.py) both ship their code this way.
 """
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
+
+from ..grid.runner import commit_of
 
 PACKAGE = "vsa_train"
 ROOT = Path(__file__).resolve().parents[1]  # vsa_train/
@@ -107,3 +114,28 @@ def write_code(folder: Path, cls: type, commit: str) -> str:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{flat_name(module)}.py").write_text(header + source)
     return flat_name(main)
+
+
+def ship(out: Path, components: dict[str, type], pipeline: type | None = None) -> None:
+    """The code of each component class into out/<name>/, named by its config.json's auto_map (so
+    AutoModel.from_pretrained(out/<name>, trust_remote_code=True) loads it) and, where `out` is a pipeline folder,
+    by model_index.json, whose class becomes `pipeline`'s shipped code when given."""
+    commit = commit_of(ROOT.parent)
+    index_path = out / "model_index.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else None  # none: a component alone
+    if pipeline is not None:
+        index["_class_name"] = [write_code(out, pipeline, commit), pipeline.__name__]
+    for name, cls in components.items():
+        module = write_code(out / name, cls, commit)
+        config = json.loads((out / name / "config.json").read_text())
+        config["auto_map"] = {"AutoModel": f"{module}.{cls.__name__}"}
+        _write_json(out / name / "config.json", config)
+        if index is not None:
+            index[name] = [module, cls.__name__]
+    if index is not None:
+        _write_json(index_path, index)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """As diffusers writes its JSON: sorted keys, indent 2, a final newline."""
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -41,6 +41,12 @@ WAN_GATE = "vsa_gate_coarse"
 SELECTIONS = ("topk", "window")
 
 
+def backend_where_loaded(backend: str) -> str:
+    """The VSA backend of a saved model where it is loaded: its own, or the PyTorch path without Triton (an export
+    carries no kernels: integrations/remote_code.py)."""
+    return backend if HAVE_TRITON else "torch"
+
+
 @dataclass(frozen=True)
 class VSAConfig(Section):
     """The keys of a VSA `attn` config (configs/attn/vsa.yaml documents each), each with its rule."""

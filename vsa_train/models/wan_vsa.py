@@ -7,7 +7,7 @@
     model = WanTransformer3DModel.from_pretrained(...)      # or a config
     apply_vsa(model, sparsity=0.875, tile=(4, 4, 4))        # in place; returns the model
     set_sparsity_limit(model, 0.5)                          # a ramp's limit in force (1 = the target)
-    model.save_pretrained(out)                              # config holds vsa_*, weights hold the gates
+    model.save_pretrained(out)                              # config holds vsa_* (the limit too), weights the gates
     model = VSAWanTransformer3DModel.from_pretrained(out)   # gates and VSA settings back
 
 `VSAWanAttnProcessor` follows diffusers' `WanAttnProcessor`: q/k/v projections, RMSNorm across heads, Wan's
@@ -17,6 +17,9 @@ pre-hook on the transformer (and the config's patch size), stored in a state obj
 model shares. The coarse gate G_c is `attn.vsa_gate_coarse`, a Linear(dim, heads * head_dim) of the attention
 input, zero-initialised (G_f = 1): with topk = all tiles the layer is exactly dense attention, so a pretrained model
 starts as it was. The gate is a submodule of the attention module, so it trains, saves and loads with the model.
+
+A plain `WanTransformer3DModel.from_pretrained` of such a folder runs dense attention without the gates; the config
+key `vsa_attention` (DENSE_LOAD_NOTE) makes diffusers' one-line warning about the keys it ignores say so.
 
 Not supported: attention masks in self-attention (Wan passes none), context parallelism (`_cp_plan`), and gradient
 checkpointing recomputation across two different forwards (the grid is per forward, as the hook records it).
@@ -31,7 +34,8 @@ import torch.nn as nn
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
-from .vsa import WAN_GATE, VSAConfig
+from .auto_map import AutoMapped
+from .vsa import WAN_GATE, VSAConfig, backend_where_loaded
 from ..ops import TileLayout, video_sparse_attention
 
 try:  # private helper of diffusers (handles fused projections); the fallback covers versions without it
@@ -41,6 +45,12 @@ except ImportError:  # pragma: no cover
         if getattr(attn, "fused_projections", False):
             return attn.to_qkv(hidden_states).chunk(3, dim=-1)
         return attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+
+
+# The value of config key vsa_attention: diffusers prints ignored config keys with their values in one warning line
+DENSE_LOAD_NOTE = ("Video Sparse Attention with trained coarse gates (attn1.vsa_gate_coarse) in every block: a plain "
+                   "WanTransformer3DModel drops both and runs dense attention; load VSAWanTransformer3DModel "
+                   "(vsa_train), or the exported pipeline folder with trust_remote_code=True")
 
 
 @dataclass
@@ -144,13 +154,13 @@ def apply_vsa(transformer, sparsity: float = 0.875, topk: int | None = None, til
 
     topk (key tiles per query tile) overrides sparsity (topk = max(1, round((1 - sparsity) * tiles))). New coarse
     gates start at zero: with topk = all tiles (sparsity 0) the model computes what it did before. The settings are
-    recorded in the model's config (vsa_sparsity, vsa_topk, vsa_tile, vsa_backend) and a plain
+    recorded in the model's config (vsa_sparsity, vsa_topk, vsa_tile, vsa_backend, vsa_limit) and a plain
     `WanTransformer3DModel` becomes a `VSAWanTransformer3DModel`, so save_pretrained/from_pretrained keep both.
     """
     cfg = _vsa_config(sparsity, topk, tile, backend)
     _install(transformer, cfg)
     transformer.register_to_config(vsa_sparsity=cfg.sparsity, vsa_topk=cfg.topk, vsa_tile=list(cfg.tile),
-                                   vsa_backend=cfg.backend)
+                                   vsa_backend=cfg.backend, vsa_limit=1.0, vsa_attention=DENSE_LOAD_NOTE)
     if type(transformer) is WanTransformer3DModel:
         transformer.__class__ = VSAWanTransformer3DModel  # same layout plus VSA: saves under the VSA class name
     return transformer
@@ -158,20 +168,25 @@ def apply_vsa(transformer, sparsity: float = 0.875, topk: int | None = None, til
 
 def set_sparsity_limit(transformer, limit: float) -> None:
     """The sparsity schedule's limit in force for every VSA layer (1 = the configured target), as
-    `VideoDiT.set_sparsity_limit`; a ramp from dense uses `VSAConfig.sparsity_limit(step)`."""
+    `VideoDiT.set_sparsity_limit`; a ramp from dense uses `VSAConfig.sparsity_limit(step)`. Recorded in the config
+    (vsa_limit), so that save_pretrained keeps it."""
     if getattr(transformer, "_vsa_state", None) is None:
         raise ValueError("this transformer has no VSA installed (apply_vsa)")
     transformer._vsa_state.limit = float(limit)
+    transformer.register_to_config(vsa_limit=float(limit))
 
 
-class VSAWanTransformer3DModel(WanTransformer3DModel):
+class VSAWanTransformer3DModel(AutoMapped, WanTransformer3DModel):
     """`WanTransformer3DModel` with VSA self-attention (its config adds vsa_sparsity, vsa_topk, vsa_tile,
-    vsa_backend). Loads the folders that `save_pretrained` writes after `apply_vsa`, gates included."""
+    vsa_backend, vsa_limit: the schedule's limit in force, and vsa_attention: DENSE_LOAD_NOTE, whatever its value).
+    Loads the folders that `save_pretrained` writes after `apply_vsa`, gates included; where Triton is missing (an
+    export's own code: integrations/remote_code.py), VSA runs its PyTorch path."""
 
     def __init__(self, *args, vsa_sparsity: float = 0.875, vsa_topk: int | None = None, vsa_tile=(4, 4, 4),
-                 vsa_backend: str = "auto", **kwargs):
+                 vsa_backend: str = "auto", vsa_limit: float = 1.0, vsa_attention: str = DENSE_LOAD_NOTE, **kwargs):
         super().__init__(*args, **kwargs)
-        _install(self, _vsa_config(vsa_sparsity, vsa_topk, vsa_tile, vsa_backend))
+        _install(self, _vsa_config(vsa_sparsity, vsa_topk, vsa_tile, backend_where_loaded(vsa_backend)))
+        self._vsa_state.limit = float(vsa_limit)
 
     def set_sparsity_limit(self, limit: float) -> None:
         set_sparsity_limit(self, limit)

@@ -50,13 +50,13 @@ from pathlib import Path
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from ..data.text import CaptionEncoder
-from ..grid.runner import commit_of
 from ..models import is_wan
 from ..models.wan_vsa import VSAWanAttnProcessor, VSAWanTransformer3DModel, apply_vsa, set_sparsity_limit
+from ..provenance import code_commit
 from . import pipeline
 from .caption_model import CaptionTextEncoder
 from .dit_model import VideoDiTTransformer
-from .model_card import REPO, exported_ema, write_model_card
+from .model_card import exported_ema, write_model_card
 from .pipeline import VSAVideoPipelineOutput
 from .remote_code import write_code
 
@@ -128,7 +128,7 @@ def export_run(run_dir, out_dir, ema: bool = True) -> Path:
 
 def _ship_code(out: Path, pipe: VSAVideoPipeline) -> None:
     """The folder's own code (remote_code.py), named by model_index.json and by each component's auto_map."""
-    commit = commit_of(REPO)
+    commit = code_commit()
     index_path = out / "model_index.json"
     index = json.loads(index_path.read_text())
     index["_class_name"] = [write_code(out, pipeline.VSAVideoPipeline, commit), "VSAVideoPipeline"]

@@ -24,8 +24,10 @@ from vsa_train.diffusion import euler_sample
 from vsa_train.integrations.diffusers import (CaptionTextEncoder, VideoDiTTransformer, VSAVideoPipeline,
                                               VSAWanAttnProcessor, VSAWanTransformer3DModel, apply_vsa,
                                               set_sparsity_limit)
+from vsa_train.integrations.model_card import _commit_line, trained_commits
 from vsa_train.integrations.remote_code import module_sources
 from vsa_train.models.vsa import VSAAttention
+from vsa_train.provenance import code_commit
 from vsa_train.rundir import RunDir
 from vsa_train.sampling import generate, load_model
 
@@ -148,15 +150,20 @@ def test_model_card(exported):
     assert facts["step"] == 2 and facts["training_flops"] == rows[-1]["flops"] > 0
     assert facts["eval_loss"] == rows[-1]["eval/loss_ema"] and facts["ema"] is True
     assert ModelCard.load(raw / "README.md").data.vsa_train["eval_loss"] == rows[-1]["eval/loss"]
-    assert facts["commit"] is None and facts["export_commit"]  # a plain train.py run records no commit
+    # the trainer recorded the code it ran in the checkpoint (one launch: one commit); the export names its own
+    assert facts["commit"] == facts["export_commit"] == code_commit() and facts["commits"] == [code_commit()]
+    assert f"| trained at commit | {code_commit()} |" in card.text and facts["data_commit"] is None
     assert 'DiffusionPipeline.from_pretrained("' in card.text and "trust_remote_code=True" in card.text
     assert "attn:\n  name: vsa" in card.text and "ramp_rate: 0.25" in card.text  # the training config
-    (run / "record.json").write_text(json.dumps({"commit": "0123abc"}))  # a grid run's record
-    try:
-        export_diffusers.main([str(run), str(out.parent / "recorded")])
-        assert ModelCard.load(out.parent / "recorded" / "README.md").data.vsa_train["commit"] == "0123abc"
-    finally:
-        (run / "record.json").unlink()
+
+
+def test_the_card_names_every_commit_the_weights_were_trained_at(tmp_path):
+    """state.json's commits (a resumed run's, oldest first), else a grid run's record.json, else none."""
+    assert trained_commits(tmp_path, {"code_commits": ["a1", "b2+changes"]}) == ["a1", "b2+changes"]
+    assert _commit_line(["a1", "b2+changes"]) == "b2+changes (resumed from weights trained at a1)"
+    assert trained_commits(tmp_path, {}) == [] and _commit_line([]).startswith("not recorded")
+    (tmp_path / "record.json").write_text(json.dumps({"commit": "0123abc"}))  # a grid run's, older checkpoints
+    assert trained_commits(tmp_path, {}) == ["0123abc"]
 
 
 def test_caption_encoder_rebuilds(exported):

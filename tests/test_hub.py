@@ -1,6 +1,7 @@
 """data=hf with a Hub dataset id, offline: a dataset laid out as huggingface_hub's cache (tests/hub_cache.py) is
 resolved, selected by revision, subset and split, streamed with per-rank shares and resumed exactly; a bad id stops
 the launch in one line before any run directory."""
+import json
 import os
 import subprocess
 import sys
@@ -244,3 +245,64 @@ def test_train_py_trains_from_a_hub_id_and_refuses_a_bad_one_before_any_director
     assert lines[0] == (f"invalid config: data.path='nobody/nothing': HF_HUB_OFFLINE is set and the local Hub cache "
                         f"{tmp_path / 'hub' / 'datasets--nobody--nothing'} holds no snapshot of revision 'main'")
     assert not (tmp_path / "bad").exists()
+
+
+def _launch(run_dir, *overrides):
+    """One launch of train.py's trainer in this process, resolving the id afresh (a new process would)."""
+    from hydra import compose, initialize_config_dir
+
+    from vsa_train import trainer
+
+    hub.resolve.cache_clear()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        return trainer.train(compose(config_name="train", overrides=[
+            *TINY, f"data.path={hub_cache.REPO}", f"run_dir={run_dir}", *overrides]))
+
+
+def test_a_resume_must_read_the_dataset_commit_the_run_trained_on(offline):
+    """data.revision=main moving between launches: the checkpoint's commit against the one the launch resolves to."""
+    from vsa_train.checkpoint.format import read_state
+    from vsa_train.rundir import RunDir, RunDirError
+
+    run = offline / "run"
+    _launch(run, "train.max_steps=1")
+    _launch(run, "train.max_steps=2")  # the same commit: resumes
+    assert read_state(RunDir(run).checkpoints.dirs()[-1])["data_commit"] == hub_cache.MAIN
+    (offline / "hub" / "datasets--vsa-test--clips" / "refs" / "main").write_text(hub_cache.V1)  # main moved on
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(RunDirError) as err:
+        _launch(run, "train.max_steps=3")
+    line, = str(err.value).splitlines()
+    assert line == (f"{RunDir(run).checkpoints.dirs()[-1]} trained on {hub_cache.REPO} at commit {hub_cache.MAIN}; "
+                    f"data.revision=main now resolves to {hub_cache.V1}: resume on its data with "
+                    f"data.revision={hub_cache.MAIN} run_dir={run}, or go on with the new commit with "
+                    f"train.resume=force (recorded in config_history.jsonl).")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # refused: nothing written
+    # pinned to the run's commit: resumes (quoted: the fixture's all-digit commit would read as a number)
+    _launch(run, "train.max_steps=3", f"data.revision='{hub_cache.MAIN}'")
+    _launch(run, "train.max_steps=4", "train.resume=force")  # main's new commit, recorded
+    history = [json.loads(line) for line in (run / "config_history.jsonl").read_text().splitlines()]
+    assert [h["data_commit"] for h in history] == [hub_cache.MAIN] * 3 + [hub_cache.V1]
+    assert [h["changed"] for h in history] == [{}, {}, {}, {"data_commit": [hub_cache.MAIN, hub_cache.V1]}]
+    assert [h["forced"] for h in history] == [False, False, False, True] and history[2]["resumed_from"]
+    assert read_state(RunDir(run).checkpoints.dirs()[-1])["data_commit"] == hub_cache.V1
+    _launch(run, "train.max_steps=5")  # the run is on the new commit now: the same launch resumes it
+    assert read_state(RunDir(run).checkpoints.dirs()[-1])["step"] == 5
+
+
+def test_without_a_recorded_commit_the_revisions_are_compared_as_written(tmp_path):
+    """A run with no checkpoint that recorded a commit (none yet, or older ones): data.revision as any FIXED key;
+    a pinned commit equal to the checkpoint's is no change."""
+    from vsa_train.rundir import Launch, RunDir, RunDirError
+
+    run = RunDir(tmp_path)
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml({"data": {"path": hub_cache.REPO, "revision": None}}))
+
+    def launch(revision, commit):
+        cfg = OmegaConf.create({"data": {"path": hub_cache.REPO, "revision": revision}})
+        return Launch(cfg=cfg, processes=1, global_batch=2, resume="auto", data_commit=commit)
+
+    with pytest.raises(RunDirError, match=r"belongs to a run with data.revision=None; this launch has 'v1'"):
+        run.check_launch(launch("v1", hub_cache.V1))
+    assert run._data_change(launch(hub_cache.MAIN, hub_cache.MAIN), {"data_commit": hub_cache.MAIN}) == []
+    assert run._config_changes(launch(hub_cache.MAIN, hub_cache.MAIN)) == []  # compared by commit instead

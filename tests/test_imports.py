@@ -9,7 +9,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vsa_train"
 # The layers of docs/design.md, lowest first. A unit is a top-level module or a subpackage of vsa_train.
 LAYERS = [
     {"errors"},  # the expected failures: imported by every layer
-    {"ops", "fields", "files", "diffusion", "distributed", "preemption", "launcher"},  # nothing else of vsa_train
+    # nothing else of vsa_train
+    {"ops", "fields", "files", "diffusion", "distributed", "preemption", "launcher", "provenance"},
     {"models", "data", "sections", "metrics", "evaluation"},
     {"config_schema", "flops", "parallel", "progress"},
     {"checkpoint", "schedules"},

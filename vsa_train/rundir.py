@@ -6,7 +6,8 @@ resumes and other settings get their own directory. Under Hydra, `HydraRunDir` k
 
     run_dir/
       config.yaml             the resolved config the run started with; kept (a forced resume replaces it)
-      config_history.jsonl    one line per launch: host, processes, global batch, what it changed or kept, forced or not
+      config_history.jsonl    one line per launch: host, processes, global batch, the code's and data's commits,
+                              what it changed or kept, forced or not
       .hydra/                 Hydra's record of the launch (config, hydra, overrides), written once it is accepted
       run.lock                the one writer: host, pid, SLURM job; refreshed by a heartbeat while held
       metrics.jsonl           one row per logged step (vsa_train/metrics.py)
@@ -43,6 +44,7 @@ LOCK = "run.lock"
 # Config sections that decide the training trajectory; a resume must match them (train.resume=force overrides).
 TRAJECTORY = ("model", "attn", "data", "optim", "train.seed", "train.ema", "train.mixed_precision")
 PRECISION = "train.mixed_precision"  # a resume compares the precision it resolves to (RunDir._precision_change)
+REVISION = "data.revision"  # a resume compares the Hub dataset commit it resolves to (RunDir._data_change)
 # Keys inside those sections that do not change what is trained (speed or memory only).
 NOT_TRAJECTORY = ("data.num_workers", "model.grad_checkpointing")  # parallel.* is outside TRAJECTORY too
 HEARTBEAT_S = 10.0  # the lock is refreshed this often (or 4 times per train.lock_stale_s, if that is shorter)
@@ -129,6 +131,8 @@ class Launch:
     lr_end_step: int | None = None  # where the configured learning-rate decay ends (None: it does not decay)
     precision: str | None = None  # the resolved mixed precision (launcher.Precision; None: compare the config's)
     precision_source: str = ""  # where it came from, for a refusal's line
+    code_commit: str | None = None  # the code it runs (provenance.code_commit), for the history
+    data_commit: str | None = None  # the commit data.revision resolved to (a Hub dataset id; data.data_commit)
 
 
 class RunDir:
@@ -177,6 +181,9 @@ class RunDir:
                 f"({launch.precision_source or 'train.mixed_precision'}): launch it as before (the same "
                 f"train.mixed_precision and accelerate launch --mixed_precision), use another run_dir, or "
                 f"train.resume=force.")
+        data = self._data_change(launch, state)
+        if launch.resume == "auto" and data:
+            raise RunDirError(_data_refusal(self.path, ckpt, launch, data[0]))
         if ckpt is not None:
             _check_position(ckpt, state, launch)
         return ckpt
@@ -188,14 +195,15 @@ class RunDir:
         state = read_state(resumed_from) if resumed_from is not None else {}
         batch, ends = _state_changes(launch, state)
         forced = launch.resume == "force"
-        changed = (self._config_changes(launch) + self._precision_change(launch, state) + batch
-                   + (ends if forced else []))  # auto got here with none
+        changed = (self._config_changes(launch) + self._precision_change(launch, state)
+                   + self._data_change(launch, state) + batch + (ends if forced else []))  # auto got here with none
         kept = [] if forced else ends  # auto: the run's learning-rate decay goes on to its own end
         if not (self.path / CONFIG).is_file() or changed:
             atomic_write(self.path / CONFIG, OmegaConf.to_yaml(launch.cfg, resolve=True))
         self._record_hydra(launch.cfg)
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "pid": os.getpid(),
                  "slurm_job": _slurm_job(), "processes": launch.processes, "global_batch": launch.global_batch,
+                 "code_commit": launch.code_commit, "data_commit": launch.data_commit,
                  "resume": launch.resume, "resumed_from": resumed_from and resumed_from.name,
                  "changed": {k: [a, b] for k, a, b in changed}, "kept": {k: [a, b] for k, a, b in kept},
                  "forced": forced and bool(changed)}
@@ -207,10 +215,11 @@ class RunDir:
 
     def _config_changes(self, launch: Launch) -> list[tuple[str, object, object]]:
         """The FIXED keys this launch changes against the run's config.yaml (none on a first launch); a resolved
-        precision is compared by `_precision_change` instead of train.mixed_precision."""
+        precision or dataset commit is compared by `_precision_change` / `_data_change` instead of its key."""
         config = self.path / CONFIG
         diff = config_diff(OmegaConf.load(config), launch.cfg) if config.is_file() else []
-        return [d for d in diff if d[0] != PRECISION or launch.precision is None]
+        resolved = {PRECISION: launch.precision, REVISION: launch.data_commit}
+        return [d for d in diff if resolved.get(d[0]) is None]
 
     def _precision_change(self, launch: Launch, state: dict) -> list[tuple[str, object, object]]:
         """[("mixed_precision", the run's, this launch's)] where the resolved precisions differ: the resumed
@@ -225,6 +234,19 @@ class RunDir:
         config = self.path / CONFIG
         diff = config_diff(OmegaConf.load(config), launch.cfg) if config.is_file() else []
         return [d for d in diff if d[0] == PRECISION]
+
+    def _data_change(self, launch: Launch, state: dict) -> list[tuple[str, object, object]]:
+        """[("data_commit", the run's, this launch's)] where a Hub dataset's resolved commits differ: the resumed
+        checkpoint's against this launch's (data.revision=main may have moved; a pinned commit equal to it is no
+        change); without a checkpoint that recorded one, the configs' data.revision as any FIXED key."""
+        if launch.data_commit is None:
+            return []  # no Hub dataset: data.revision (if any) is compared with the config (`_config_changes`)
+        if state.get("data_commit") is not None:
+            before = state["data_commit"]
+            return [("data_commit", before, launch.data_commit)] if before != launch.data_commit else []
+        config = self.path / CONFIG
+        diff = config_diff(OmegaConf.load(config), launch.cfg) if config.is_file() else []
+        return [d for d in diff if d[0] == REVISION]
 
     def _record_hydra(self, cfg: DictConfig) -> None:
         """Under Hydra, its record of this launch (what Hydra writes at job start, before any launch check), in the
@@ -328,6 +350,19 @@ def _state_changes(launch: Launch, state: dict) -> tuple[list, list]:
     end = [("lr_end_step", state["lr_end_step"], launch.lr_end_step)] \
         if state.get("lr_end_step") not in (None, launch.lr_end_step) else []
     return batch, end
+
+
+def _data_refusal(run_dir: Path, ckpt: "Path | None", launch: Launch, change: tuple) -> str:
+    """The one line that refuses a resume on another dataset commit (or, without a recorded one, revision)."""
+    key, before, now = change
+    data = launch.cfg.data
+    if key == REVISION:  # no checkpoint recorded a commit: the configs' revisions differ
+        return (f"{run_dir} belongs to a run with data.revision={before!r}; this launch has {now!r}: keep it, use "
+                f"another run_dir, or train.resume=force (recorded in config_history.jsonl).")
+    # data.revision is part of a default run directory's name: a pinned launch must name this one
+    return (f"{ckpt} trained on {data.path} at commit {before}; data.revision={data.get('revision') or 'main'} now "
+            f"resolves to {now}: resume on its data with data.revision={before} run_dir={run_dir}, or go on with "
+            f"the new commit with train.resume=force (recorded in config_history.jsonl).")
 
 
 def _check_position(ckpt: Path, state: dict, launch: Launch) -> None:

@@ -27,6 +27,7 @@ from . import progress
 from .checkpoint import load_checkpoint
 from .checkpoint.format import read_state
 from .config_schema import Config, typed
+from .data import data_commit
 from .diffusion import flow_loss, sample_draws
 from .distributed import leave_together, on_main
 from .flops import training_flops_per_sample
@@ -36,6 +37,7 @@ from .models import build_model
 from .parallel import Layout, clip_grad_norm, gradient_sync, make_layout, weights_fingerprint
 from .periodic import Checkpointing, Evaluator, MetricsLogger, Sampler
 from .preemption import StopSignals, agreed, slots
+from .provenance import code_commit
 from .rundir import Launch, RunDir
 from .schedules import LRSchedule, SparsitySchedule
 from .training_run import Run, build_run, make_accelerator, mixed_precision, run_finished
@@ -137,7 +139,9 @@ def _launch(config: Config, signals: StopSignals) -> dict:
                         global_batch).end_step
     launch = Launch(cfg=config.source, processes=accelerator.num_processes, global_batch=global_batch,
                     resume=config.train.resume, data_parallel=layout.dp_size, lr_end_step=lr_end,
-                    precision=precision.value, precision_source=precision.source)
+                    precision=precision.value, precision_source=precision.source,
+                    code_commit=on_main(accelerator, code_commit),  # one git call per launch, on rank 0
+                    data_commit=data_commit(config.data))  # resolved with the config check: no second call
     # Checked before anything is written: a launch that does not fit the run leaves its directory untouched (its
     # error names the directory).
     resume_from = on_main(accelerator, run_dir.check_launch, launch)
@@ -156,6 +160,7 @@ def _launch(config: Config, signals: StopSignals) -> dict:
         with progress.heartbeat(accelerator.print, "building the run (model, data, eval set)"):
             run = build_run(config, accelerator, resume_from, layout,
                             report=progress.Eta("eval set", "inputs loaded", accelerator.print), lr_end=lr_end)
+        run.code = launch.code_commit  # each checkpoint's state.json lists the code its weights were trained with
         stop = _agreed_stop(accelerator, signals)
         if stop:  # before the launch is recorded: the directory stays as it was
             _stop_before_training(run, signals, stop)

@@ -128,6 +128,8 @@ class Run:
     resumed_from: Path | None = None
     saved_step: int = -1  # the step whose checkpoint this run holds (saved or resumed from): not saved again
     skipped: set = field(default_factory=set)  # bad inputs this rank's data met (skipped, never trained on)
+    code: str | None = None  # this launch's code (provenance.code_commit; the trainer sets it, once per launch)
+    code_before: list = field(default_factory=list)  # the code the restored weights were trained with, oldest first
 
     def finished(self) -> bool:
         """train.max_steps reached or train.flops_budget spent."""
@@ -178,11 +180,19 @@ class Run:
                 "strategy": self.layout.strategy, "sp_size": self.layout.sp_size,
                 "seed": self.config.train.seed, "ema_updates": int(self.ema.n_averaged) if self.ema is not None else 0,
                 "lr_end_step": self.lr_schedule.end_step,
-                "mixed_precision": self.accelerator.mixed_precision}  # resolved: a resume compares it (rundir.py)
+                "mixed_precision": self.accelerator.mixed_precision,  # resolved: a resume compares it (rundir.py)
+                "data_commit": self.data.commit,  # a Hub dataset's: a resume compares it (rundir.py)
+                "code_commits": self.code_commits()}
+
+    def code_commits(self) -> list[str]:
+        """The code these weights were trained with, oldest first: the restored checkpoint's, then this launch's."""
+        return self.code_before + ([self.code] if self.code is not None and self.code_before[-1:] != [self.code]
+                                   else [])
 
     def restore(self, counters: dict) -> None:
         self.state = TrainState(**{k: counters[k] for k in asdict(TrainState()) if k in counters})
         self.saved_step = self.state.step
+        self.code_before = list(counters.get("code_commits", []))  # a rollback's too: its weights' history
         best = counters.get("best_median")  # None: not yet known, or a checkpoint from before it was stored
         self.health.reset(counters.get("recent_losses", []), self.state.step, math.inf if best is None else best)
 

@@ -6,6 +6,7 @@ normalised VAE latents), text [B, L, text_dim] float32, text_mask [B, L] bool, c
 [B] int64 (each sample's index in the global training stream: batch b of rank r holds (b * world + r) * B + j;
 the trainer draws each sample's noise from it), and optionally skipped list[str]: the bad inputs met while
 assembling the batch, "name: reason").
+`data_commit(cfg)` is the commit a Hub dataset id resolved to (data=hf), which checkpoints record.
 A source may also define `spec(cfg) -> DataSpec` (default: 3 pixel channels at the configured size),
 `text_encoder(cfg)` (what turns prompts into `text`) and `decode(cfg, x) -> pixels` (latents only).
 Pixel data with `data.text_encoder` set encodes captions with that pretrained encoder (encoders.py).
@@ -25,11 +26,12 @@ SOURCES = {"synthetic": synthetic, "videos": videos, "hf": hf, "latents": latent
 
 @dataclass
 class Data:
-    """A built data source: the (infinite) train loader, the fixed eval batch and the spec."""
+    """A built data source: the (infinite) train loader, the fixed eval batch, the spec and the dataset's commit."""
 
     train: DataLoader
     eval: dict
     spec: DataSpec
+    commit: str | None = None  # `data_commit`: a resume must read the same one
 
 
 def data_spec(cfg) -> DataSpec:
@@ -52,7 +54,14 @@ def build_data(cfg, *, batch_size: int, eval_samples: int, rank: int = 0, world_
     spec = data_spec(cfg)
     train, eval_set = _source(cfg).build(cfg, batch_size=batch_size, eval_samples=eval_samples, rank=rank,
                                          world_size=world_size, start_batch=start_batch, report=report)
-    return Data(train=train, eval=eval_set, spec=spec)
+    return Data(train=train, eval=eval_set, spec=spec, commit=data_commit(cfg))
+
+
+def data_commit(cfg) -> str | None:
+    """The commit data=hf's Hub dataset id resolved to (once per process, with the config check); None for data
+    that names no commit (local files, other sources)."""
+    hub = hf.hub_dataset(cfg) if cfg.get("source") == "hf" else None
+    return hub.commit if hub is not None else None
 
 
 def build_text_encoder(cfg):

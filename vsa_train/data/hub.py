@@ -109,7 +109,7 @@ def resolve(repo_id: str, revision: str | None = None) -> HubDataset:
     if script in files:  # the datasets convention for a loading script
         raise MissingInput(f"{where} comes with a loading script ({script}); vsa_train runs no code from a dataset: "
                            "use a dataset of data files (parquet, csv, json lines, or videos)")
-    # A branch may move on: a run resumed later reads the commit it then names (pin data.revision to keep it)
+    # A branch may move on: each checkpoint records this commit and a resume on another is refused (rundir.py)
     log.info("%s (revision %s) is commit %s", where, revision or "main", dataset.commit)
     return dataset
 

@@ -12,7 +12,8 @@ a pure function of (dataset, seed, b, r): a resumed run (`start_batch`, from the
 way every source resumes) skips b*B rows unread by the decoder and sees exactly what an uninterrupted run would.
 Skipping reads those rows again (at most the current epoch's, once one epoch's length is known). Each loader
 worker reads its rank's rows and decodes only its own batches' (the order does not depend on data.num_workers).
-Exact means the same commit: data.revision=main may move between launches; pin a tag or commit to resume on.
+Exact means the same commit: data.revision=main may move between launches, so a resume on another commit than the
+checkpoint's is refused (vsa_train/rundir.py; pin data.revision to the run's commit, or train.resume=force).
 
 Eval. data.holdout=N holds the stream's first N rows out: they must lie in its first shard (checked), the eval set is
 their first train.eval_samples usable clips (cycled if fewer), and training skips them (rank 0's share starts with

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..metrics import BUDGET_OVERSHOOT, read_metrics
+from ..provenance import code_commit
 from .ledger import Estimate, Point, estimate, group_speeds, read_record, speed, status
 
 SAFETY = 1.1             # estimates are multiplied by this before asking whether a run fits
@@ -48,20 +49,6 @@ def machine() -> dict:
     except ImportError:  # a CPU install needs none (pyproject.toml)
         return {"card": card, "card_gib": round(memory_gib, 1), "torch": torch.__version__, "triton": "none"}
     return {"card": card, "card_gib": round(memory_gib, 1), "torch": torch.__version__, "triton": triton.__version__}
-
-
-def commit_of(repo: Path) -> str:
-    """The code's commit: $GRID_COMMIT (a copied tree has no .git), else git's HEAD, marked when files differ."""
-    if os.environ.get("GRID_COMMIT"):
-        return os.environ["GRID_COMMIT"]
-    try:
-        git = ["git", "-C", str(repo)]
-        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+changes" if dirty else "")
 
 
 def _copy_timestamped(stream, path: Path, t0: float) -> None:
@@ -185,7 +172,7 @@ def run(points: list[Point], args, say) -> int:
     deadline = time.monotonic() + args.time
     results, work = Path(args.results), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    base = {**machine(), "commit": commit_of(Path.cwd()), "extra_overrides": list(args.extra)}
+    base = {**machine(), "commit": code_commit(Path.cwd()), "extra_overrides": list(args.extra)}
     memory_gib = args.memory_gib or 0.9 * base["card_gib"] or float("inf")
     say(f"grid {args.experiment}: {base}; up to {args.lanes} runs at once in {memory_gib:.0f} GiB")
     todo = [p for p in points if not read_record(results, p.name)

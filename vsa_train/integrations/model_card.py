@@ -1,7 +1,7 @@
 """The model card (README.md) of an export: what was trained, for how much compute, to what eval loss, at which
-commit, and how to load it. Read from the run directory: the checkpoint's state.json (step, executed FLOPs),
-metrics.jsonl (eval losses), config.yaml, and the commit from the study runner's record.json (a plain train.py run
-records none; the card then names the commit that exported it)."""
+commit, on which data, and how to load it. Read from the run directory: the checkpoint's state.json (step, executed
+FLOPs, the code's commits its weights were trained with, a Hub dataset's commit), metrics.jsonl (eval losses),
+config.yaml; for a checkpoint from before state.json held the code's commits, the study runner's record.json."""
 from __future__ import annotations
 
 import json
@@ -11,10 +11,8 @@ from huggingface_hub import ModelCard, ModelCardData
 from omegaconf import OmegaConf
 
 from ..checkpoint.format import read_state
-from ..grid.runner import commit_of
 from ..metrics import read_metrics
-
-REPO = Path(__file__).resolve().parents[2]  # the code that exports (a git checkout when installed editable)
+from ..provenance import code_commit
 
 
 def exported_ema(cfg, ckpt: Path, ema: bool) -> bool:
@@ -22,10 +20,27 @@ def exported_ema(cfg, ckpt: Path, ema: bool) -> bool:
     return ema and cfg.train.get("ema") is not None and (Path(ckpt) / "ema.safetensors").is_file()
 
 
-def run_commit(run_dir: Path) -> str | None:
-    """The commit a run trained at, where one was recorded: record.json, the study runner's (vsa_train.grid)."""
+def trained_commits(run_dir: Path, state: dict) -> list[str]:
+    """The code's commits a checkpoint's weights were trained with, oldest first: its state.json's (the trainer's
+    record), else the study runner's record.json (vsa_train.grid); none where neither recorded one."""
+    if state.get("code_commits"):
+        return list(state["code_commits"])
     record = run_dir / "record.json"
-    return json.loads(record.read_text()).get("commit") if record.is_file() else None
+    commit = json.loads(record.read_text()).get("commit") if record.is_file() else None
+    return [commit] if commit else []
+
+
+def _commit_line(commits: list[str]) -> str:
+    if not commits:
+        return "not recorded (a checkpoint from before vsa_train recorded it)"
+    return commits[-1] + (f" (resumed from weights trained at {', '.join(commits[:-1])})" if commits[1:] else "")
+
+
+def _data_line(cfg, state: dict) -> str:
+    """The data source, and a Hub dataset's id at the commit the checkpoint trained on."""
+    if state.get("data_commit"):
+        return f"`{cfg.data.path}` at commit {state['data_commit']}"
+    return f"`{cfg.data.source}`" + (f" (`{cfg.data.path}`)" if cfg.data.get("path") else "")
 
 
 def final_eval(run_dir: Path, step: int, ema: bool) -> tuple[int, float] | None:
@@ -43,11 +58,12 @@ def write_model_card(out_dir, run_dir, ckpt, cfg, ema: bool, how_to_load: str) -
     used_ema = exported_ema(cfg, ckpt, ema)
     state = read_state(ckpt)
     evaluated = final_eval(run_dir, state["step"], used_ema)
-    commit, exporter = run_commit(run_dir), commit_of(REPO)
+    commits, exporter = trained_commits(run_dir, state), code_commit()
     weights = "EMA weights" if used_ema else "raw weights"
     facts = {"step": state["step"], "training_flops": state.get("flops"), "eval_loss": evaluated and evaluated[1],
-             "eval_step": evaluated and evaluated[0], "ema": used_ema, "commit": commit, "export_commit": exporter,
-             "model": cfg.model.name, "attn": cfg.attn.name, "data": cfg.data.source}
+             "eval_step": evaluated and evaluated[0], "ema": used_ema, "commit": commits[-1] if commits else None,
+             "commits": commits, "export_commit": exporter, "model": cfg.model.name, "attn": cfg.attn.name,
+             "data": cfg.data.source, "data_commit": state.get("data_commit")}
     data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-video",
                          tags=["vsa_train", "video-diffusion", f"attention-{cfg.attn.name}"], vsa_train=facts)
     loss = f"{evaluated[1]:.5g} ({weights}, eval at step {evaluated[0]})" if evaluated else "not evaluated"
@@ -70,10 +86,11 @@ A `{cfg.model.name}` video diffusion transformer with `{cfg.attn.name}` attentio
 | training FLOPs (executed, cumulative) | {flops} |
 | final eval loss | {loss} |
 | weights | {weights} |
-| trained at commit | {commit or "not recorded (only a study runner's record.json holds one)"} |
+| trained at commit | {_commit_line(commits)} |
 | exported at commit | {exporter} |
 | run directory | `{run_dir}` |
 | checkpoint | `{ckpt.name}` |
+| data | {_data_line(cfg, state)} |
 
 The training config (the run's `config.yaml`):
 

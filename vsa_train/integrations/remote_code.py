@@ -26,7 +26,7 @@ import ast
 import json
 from pathlib import Path
 
-from ..grid.runner import commit_of
+from ..provenance import code_commit
 
 PACKAGE = "vsa_train"
 ROOT = Path(__file__).resolve().parents[1]  # vsa_train/
@@ -120,7 +120,7 @@ def ship(out: Path, components: dict[str, type], pipeline: type | None = None) -
     """The code of each component class into out/<name>/, named by its config.json's auto_map (so
     AutoModel.from_pretrained(out/<name>, trust_remote_code=True) loads it) and, where `out` is a pipeline folder,
     by model_index.json, whose class becomes `pipeline`'s shipped code when given."""
-    commit = commit_of(ROOT.parent)
+    commit = code_commit()
     index_path = out / "model_index.json"
     index = json.loads(index_path.read_text()) if index_path.is_file() else None  # none: a component alone
     if pipeline is not None:

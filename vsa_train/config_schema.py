@@ -94,6 +94,9 @@ class Config:
         shape, patch = tuple(self.spec.video_shape), list(self.model.patch_size)
         if any(n % p for n, p in zip(shape, patch)):
             return [f"data (frames, height, width) = {shape} must be divisible by model.patch_size = {patch}"]
+        odd = [list(s) for s in self.spec.buckets if any(n % p for n, p in zip(s, patch))]
+        if odd:  # the VSA tile need not divide them (edge tiles); the patch must
+            return [f"data.buckets {odd} must be divisible by model.patch_size = {patch}"]
         bad = model_problems(self.model, self.attn) + self._layout_problems()
         if self.is_wan:
             bad += wan_data_problems(self.model, self.spec.in_channels, self.spec.text_dim, f"data={self.data.name}")

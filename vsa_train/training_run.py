@@ -297,7 +297,7 @@ def _start_data(config: Config, layout: Layout, position: int, report=None):
         raise ValueError(f"data position {position} is not a whole number of batches of {per_batch}")
     data = build_data(config.data, batch_size=batch_size, eval_samples=config.train.eval_samples,
                       rank=layout.dp_rank, world_size=layout.dp_size, start_batch=position // per_batch,
-                      report=report)
+                      report=report, grad_accum=config.train.grad_accum)
     return data, iter(data.train)
 
 

@@ -6,6 +6,11 @@ normalised VAE latents), text [B, L, text_dim] float32, text_mask [B, L] bool, c
 [B] int64 (each sample's index in the global training stream: batch b of rank r holds (b * world + r) * B + j;
 the trainer draws each sample's noise from it), and optionally skipped list[str]: the bad inputs met while
 assembling the batch, "name: reason").
+With `data.buckets` (data/buckets.py; data=videos and data=hf) each batch also holds `bucket`: the index of its
+shape in `DataSpec.buckets` (video is [B, C, T, H, W] at that shape, the same on every rank for the whole step),
+the source's build takes `grad_accum` (one bucket per optimizer step), and the eval set is a list of one-bucket
+batches (one per bucket holding eval clips, in bucket order, each `eval_samples` videos and its `bucket`)
+instead of one batch dict.
 `data_commit(cfg)` is the commit a Hub dataset id resolved to (data=hf), which checkpoints record.
 A source may also define `spec(cfg) -> DataSpec` (default: 3 pixel channels at the configured size),
 `text_encoder(cfg)` (what turns prompts into `text`) and `decode(cfg, x) -> pixels` (latents only).
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 from torch.utils.data import DataLoader
 
 from . import hf, latents, synthetic, videos
+from .buckets import bucket_shapes
 from .config import DataSection, data_section
 from .encoders import pixel_text_encoder
 from .spec import DataSpec
@@ -42,18 +48,20 @@ def data_spec(cfg) -> DataSpec:
     if cfg.get("text_encoder"):  # pixel data through a pretrained encoder: its width and length (encoders.py)
         enc = pixel_text_encoder(cfg, videos.text_cache_root(cfg))
         return DataSpec(in_channels=3, text_dim=enc.dim, text_len=enc.max_len,
-                        video_shape=(cfg.frames, cfg.height, cfg.width))
+                        video_shape=(cfg.frames, cfg.height, cfg.width), buckets=bucket_shapes(cfg.get("buckets")) or ())
     return DataSpec(in_channels=3, text_dim=cfg.text_dim, text_len=cfg.text_len,
-                    video_shape=(cfg.frames, cfg.height, cfg.width))
+                    video_shape=(cfg.frames, cfg.height, cfg.width), buckets=bucket_shapes(cfg.get("buckets")) or ())
 
 
 def build_data(cfg, *, batch_size: int, eval_samples: int, rank: int = 0, world_size: int = 1,
-               start_batch: int = 0, report=None) -> Data:
+               start_batch: int = 0, report=None, grad_accum: int = 1) -> Data:
     """Builds data source `cfg.source` for one rank; `start_batch` skips batches already trained on (resume);
-    `report(done, total)` hears the eval set's items as they are loaded."""
+    `report(done, total)` hears the eval set's items as they are loaded; `grad_accum` micro-batches make a step
+    (bucketed data draws one bucket per step)."""
     spec = data_spec(cfg)
+    bucketed = {"grad_accum": grad_accum} if spec.buckets else {}  # sources without buckets do not take it
     train, eval_set = _source(cfg).build(cfg, batch_size=batch_size, eval_samples=eval_samples, rank=rank,
-                                         world_size=world_size, start_batch=start_batch, report=report)
+                                         world_size=world_size, start_batch=start_batch, report=report, **bucketed)
     return Data(train=train, eval=eval_set, spec=spec, commit=data_commit(cfg))
 
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MissingInput
-from ..fields import ConfigError, Section, choice, flag, integer, is_int, number, positive, setting, text
+from ..fields import ConfigError, Section, choice, flag, integer, is_int, is_num, number, positive, setting, text
+from .buckets import ALLOWED as BUCKETS_ALLOWED, bucket_problems, bucket_shapes
 
 
 VIDEO_BACKENDS = ("auto", "decord", "pyav")  # vsa_train/data/videos.py, open_video
@@ -27,6 +28,11 @@ def _probability(default):
 
 def _seed(default=0):
     return setting(default, ok=is_int, allowed="an integer")
+
+
+def _buckets_ok(value) -> bool:
+    bucket_shapes(value)  # ValueError: not allowed
+    return True
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,14 @@ class VideosConfig(DataSection):
     width: int = integer(32)
     stride: int = integer(2)
     fps: float | None = positive(None, optional=True)
+    # Shape buckets (data/buckets.py): null trains every clip at (frames, height, width) as before
+    buckets: tuple | None = setting(None, ok=_buckets_ok, allowed=BUCKETS_ALLOWED, optional=True,
+                                   convert=bucket_shapes)  # held as its shapes (a rule generates them)
+    bucket_weights: tuple | None = setting(None, ok=lambda v: isinstance(v, (list, tuple)) and len(v) > 0
+                                           and all(is_num(x) and x >= 0 for x in v) and any(x > 0 for x in v),
+                                           allowed="a list of numbers >= 0, one per bucket, not all 0",
+                                           optional=True, convert=tuple)
+    max_upscale: float = number(1.0, lambda v: v >= 1, "a number >= 1")
     backend: str = choice("auto", VIDEO_BACKENDS)
     max_caption_bytes: int = setting(131072, ok=lambda v: is_int(v) and 1 <= v <= MAX_CAPTION_BYTES,
                                      allowed="an integer in [1, 16 MiB]")
@@ -77,7 +91,8 @@ class VideosConfig(DataSection):
     def validate(self) -> list[str]:
         if self.manifest is not None and self.folder is not None:
             return [f"data.manifest={self.manifest!r} and data.folder={self.folder!r}: set only one of them"]
-        return missing_input("manifest", self.manifest) + missing_input("folder", self.folder)
+        return (bucket_problems(self.buckets, self.bucket_weights) + missing_input("manifest", self.manifest)
+                + missing_input("folder", self.folder))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,6 +129,8 @@ class HFConfig(VideosConfig):
         return []
 
     def _streaming_problems(self) -> list[str]:
+        if self.buckets is not None and self.streaming:
+            return ["data.buckets is not supported with data.streaming=true (each clip's shape is probed up front)"]
         if self.shuffle_buffer and not self.streaming:
             return [f"data.shuffle_buffer={self.shuffle_buffer} is for data.streaming=true (the rows in memory are "
                     "reshuffled every epoch)"]

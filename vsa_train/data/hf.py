@@ -156,7 +156,7 @@ def _where(cfg) -> str:
 
 
 def build(cfg, *, batch_size: int, eval_samples: int, rank: int = 0, world_size: int = 1, start_batch: int = 0,
-          report=None):
+          report=None, grad_accum: int = 1):
     """data=hf: train loader and eval batch, exactly as data=videos but over the dataset's rows (streamed with
     data.streaming=true)."""
     if cfg.get("streaming"):
@@ -167,7 +167,8 @@ def build(cfg, *, batch_size: int, eval_samples: int, rank: int = 0, world_size:
                                start_batch=start_batch, report=report, name=source_name(cfg),
                                source=_where(cfg))
     return build_from_clips(cfg, load_clips(cfg), batch_size=batch_size, eval_samples=eval_samples, rank=rank,
-                            world_size=world_size, start_batch=start_batch, report=report, source=_where(cfg))
+                            world_size=world_size, start_batch=start_batch, report=report, source=_where(cfg),
+                            grad_accum=grad_accum)
 
 
 def text_encoder(cfg):

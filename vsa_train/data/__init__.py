@@ -45,12 +45,11 @@ def data_spec(cfg) -> DataSpec:
     source = _source(cfg)
     if hasattr(source, "spec"):
         return source.spec(cfg)
+    shapes = dict(video_shape=(cfg.frames, cfg.height, cfg.width), buckets=bucket_shapes(cfg.get("buckets")) or ())
     if cfg.get("text_encoder"):  # pixel data through a pretrained encoder: its width and length (encoders.py)
         enc = pixel_text_encoder(cfg, videos.text_cache_root(cfg))
-        return DataSpec(in_channels=3, text_dim=enc.dim, text_len=enc.max_len,
-                        video_shape=(cfg.frames, cfg.height, cfg.width), buckets=bucket_shapes(cfg.get("buckets")) or ())
-    return DataSpec(in_channels=3, text_dim=cfg.text_dim, text_len=cfg.text_len,
-                    video_shape=(cfg.frames, cfg.height, cfg.width), buckets=bucket_shapes(cfg.get("buckets")) or ())
+        return DataSpec(in_channels=3, text_dim=enc.dim, text_len=enc.max_len, **shapes)
+    return DataSpec(in_channels=3, text_dim=cfg.text_dim, text_len=cfg.text_len, **shapes)
 
 
 def build_data(cfg, *, batch_size: int, eval_samples: int, rank: int = 0, world_size: int = 1,

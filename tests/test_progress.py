@@ -49,7 +49,7 @@ def test_status_lines_before_long_phases(tmp_path, capsys, bars):
 
 
 def test_compile_is_announced(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(training_run, "compile_blocks", lambda model: None)  # the line, not the compiler, is tested
+    monkeypatch.setattr(training_run, "compile_blocks", lambda model, *shapes: None)  # the line, not the compiler, is tested
     _run(tmp_path / "run", "train.max_steps=1", "train.compile=blocks")
     out = capsys.readouterr().out
     assert "compiling (train.compile=blocks): the first step takes longer (and the step-0 eval)" in out

@@ -85,6 +85,12 @@ class Config:
     def is_wan(self) -> bool:
         return isinstance(self.model, WanConfig)
 
+    @property
+    def shapes(self) -> tuple[tuple[int, int, int], ...]:
+        """The video shapes (T, H, W) of the model input the run's batches take: the data's one shape (a bucketed
+        run: its buckets, the first one the default of FLOPs summaries and samples)."""
+        return (tuple(self.spec.video_shape),)
+
     def global_batch(self, dp_size: int) -> int:
         """Samples per optimizer step over all ranks: batch_size x grad_accum x data-parallel ranks."""
         return self.train.batch_size * self.train.grad_accum * dp_size
@@ -97,6 +103,9 @@ class Config:
         odd = [list(s) for s in self.spec.buckets if any(n % p for n, p in zip(s, patch))]
         if odd:  # the VSA tile need not divide them (edge tiles); the patch must
             return [f"data.buckets {odd} must be divisible by model.patch_size = {patch}"]
+        if self.train.sample_shape is not None and any(n % p for n, p in zip(self.train.sample_shape, patch)):
+            return [f"train.sample_shape = {list(self.train.sample_shape)} must be divisible by model.patch_size = "
+                    f"{patch}"]
         bad = model_problems(self.model, self.attn) + self._layout_problems()
         if self.is_wan:
             bad += wan_data_problems(self.model, self.spec.in_channels, self.spec.text_dim, f"data={self.data.name}")

@@ -173,11 +173,28 @@ def apply_fsdp(model: nn.Module, layout: Layout, param_dtype: torch.dtype | None
     fully_shard(model, mp_policy=mp, reshard_after_forward=layout.reshard_after_forward)
 
 
-def compile_blocks(model: nn.Module) -> None:
-    """Regional compilation: each DiT block compiled in place. The blocks share one code object, so dynamo
-    compiles one block and reuses it for the others (parameters are graph inputs); names stay unchanged."""
+def compile_blocks(model: nn.Module, shapes: int = 1, backend: str = "inductor") -> None:
+    """Regional compilation: each DiT block compiled in place, for static shapes. The blocks share one code object,
+    so dynamo compiles one block and reuses it for the others (parameters are graph inputs); names stay unchanged."""
+    allow_graphs(shapes)
     for block in model.blocks:
-        block.compile()
+        # Static: one graph per video shape (bucket), each specialised like a single-shape run's, instead of dynamo
+        # turning to a dynamic-shape graph at the second shape (VSA's tile tables are per-shape constants anyway).
+        block.compile(dynamic=False, backend=backend)
+
+
+def compile_model(model: nn.Module, shapes: int = 1, backend: str = "inductor") -> None:
+    """The whole model compiled in place (train.compile=model), for static shapes: one graph per video shape."""
+    allow_graphs(shapes)
+    model.compile(dynamic=False, backend=backend)
+
+
+def allow_graphs(shapes: int) -> None:
+    """Dynamo's recompile limit (graphs per code object) raised to its default for each video shape of the run, so
+    that a bucketed run's shapes (times the ramp's topk values, dense and sparse blocks) never fall back to eager."""
+    import torch._dynamo.config as dynamo
+
+    dynamo.recompile_limit = max(dynamo.recompile_limit, 8 * shapes)
 
 
 def is_fsdp(model: nn.Module) -> bool:

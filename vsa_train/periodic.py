@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpointer
-from .evaluation import evaluate
+from .evaluation import eval_captions, evaluate
 from .metrics import MetricsLog, define_flops_axis, wandb_init_kwargs, wandb_project
 from .progress import Eta
 from .rundir import RunDir
@@ -182,7 +182,7 @@ class Sampler:
         run = self.run
         model = run.ema.module if run.ema is not None else run.accelerator.unwrap_model(run.model)
         train = run.config.train
-        prompts = list(train.sample_prompts or run.eval_set["caption"][: train.sample_count])
+        prompts = list(train.sample_prompts or eval_captions(run.eval_set)[: train.sample_count])
         save_samples(model, run.config, prompts, train.prompt_seeds(), run.state.step, run.accelerator)
 
 

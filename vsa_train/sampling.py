@@ -35,10 +35,12 @@ def generate(model, data_cfg, captions: list[str], steps: int, cfg_scale: float,
     return decode(data_cfg, x.float()).cpu()                                    # [B, 3, T', H', W']
 
 
-def prompt_noise(spec, seeds: list[int]) -> torch.Tensor:
-    """Initial noise [len(seeds), C, T, H, W], each video's from its own seed on the host: a prompt's noise depends
-    on its seed alone (not on the other prompts, the device or the run's RNG)."""
-    return torch.stack([torch.randn((spec.in_channels, *spec.video_shape), generator=torch.Generator().manual_seed(s))
+def prompt_noise(spec, seeds: list[int], shape=None) -> torch.Tensor:
+    """Initial noise [len(seeds), C, T, H, W] of `shape` (T, H, W) (default: the data's), each video's from its own
+    seed on the host: a prompt's noise depends on its seed alone (not on the other prompts, the device or the run's
+    RNG)."""
+    shape = tuple(spec.video_shape if shape is None else shape)
+    return torch.stack([torch.randn((spec.in_channels, *shape), generator=torch.Generator().manual_seed(s))
                         for s in seeds])
 
 
@@ -76,10 +78,10 @@ def save_samples(model, cfg, prompts: list[str], seeds: list[int], step: int, ac
 
     Every rank generates (an FSDP forward is collective); the main process writes and logs. One prompt at a time: a
     prompt's video does not depend on the others in the list. `cfg`: the run's typed config (its train and data
-    sections and run_dir).
+    sections and run_dir). Videos have train.sample_shape, else the data's shape (a bucketed run's first bucket).
     """
     tcfg, encoder = cfg.train, build_text_encoder(cfg.data)
-    noise = prompt_noise(data_spec(cfg.data), seeds)
+    noise = prompt_noise(data_spec(cfg.data), seeds, tcfg.sample_shape)  # at train.sample_shape (default: the data's)
     was_training = model.training
     model.eval()
     with accelerator.autocast(), torch.compiler.set_stance("force_eager"):

@@ -56,24 +56,35 @@ def lr_at(step: int, optim_cfg, end_step: int | None = None) -> float:
 
 
 class SparsitySchedule:
-    """The topk in force at each step of a VSA run (attn.schedule) and the FLOPs per sample it executes."""
+    """The topk in force at each step of a VSA run (attn.schedule) and the FLOPs per sample it executes, per video
+    shape: a bucketed run's batches differ in shape, and each shape has its own tiles, topk and FLOPs."""
 
     def __init__(self, model_cfg, attn_cfg, spec):
-        """`model` and `attn` sections (typed, or mappings) and the data's spec."""
+        """`model` and `attn` sections (typed, or mappings) and the data's spec (its shape is the default one)."""
         model_cfg = model_config(model_cfg)
         self.vsa = vsa_config(attn_cfg)  # None: dense attention, nothing scheduled
+        self.patch = tuple(model_cfg.patch_size)
+        self.shape = tuple(spec.video_shape)  # the data's single shape (a bucketed run: its first bucket)
         self._flops = functools.lru_cache(functools.partial(
             training_flops_per_sample, model_cfg, attn_cfg, in_channels=spec.in_channels, text_dim=spec.text_dim,
-            video_shape=spec.video_shape, text_len=spec.text_len))
-        grid = [n // p for n, p in zip(spec.video_shape, model_cfg.patch_size)]
-        self.tiles = math.prod(-(-g // t) for g, t in zip(grid, self.vsa.tile)) if self.vsa else None
+            text_len=spec.text_len))
+        self.tiles = self.tiles_of(self.shape)
 
-    def topk(self, step: int) -> int | None:
-        """Key tiles per query tile at optimizer step `step` (None for dense)."""
-        return self.vsa.topk_in_force(self.tiles, self.vsa.sparsity_limit(step)) if self.vsa else None
+    def tiles_of(self, shape) -> int | None:
+        """VSA tiles of a video shape (T, H, W) of the model input (None for dense)."""
+        grid = [n // p for n, p in zip(shape, self.patch)]
+        return math.prod(-(-g // t) for g, t in zip(grid, self.vsa.tile)) if self.vsa else None
 
-    def flops_per_sample(self, step: int):
-        return self._flops(topk=self.topk(step))
+    def topk(self, step: int, shape=None) -> int | None:
+        """Key tiles per query tile at optimizer step `step` for videos of `shape` (default: the data's; None for
+        dense): the model's own rule (VSAConfig.topk_in_force) on that shape's tiles."""
+        tiles = self.tiles if shape is None else self.tiles_of(shape)
+        return self.vsa.topk_in_force(tiles, self.vsa.sparsity_limit(step)) if self.vsa else None
+
+    def flops_per_sample(self, step: int, shape=None):
+        """Executed and dense training FLOPs of one sample of `shape` (default: the data's) at step `step`."""
+        shape = self.shape if shape is None else tuple(int(n) for n in shape)
+        return self._flops(video_shape=shape, topk=self.topk(step, shape))
 
     def apply(self, step: int, *models):
         """Puts the schedule's limit of `step` in force in the models (the model, its EMA copy); returns its FLOPs."""

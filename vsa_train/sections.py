@@ -59,6 +59,11 @@ class TrainConfig(Section):
         allowed="an integer >= 0 (prompt k gets seed + k) or a list of them, one per prompt",
         convert=lambda v: v if is_int(v) else tuple(v))
     sample_steps: int = integer(25)
+    # [frames, height, width] of the model input, one of a bucketed run's shapes; null: the data's (first bucket's)
+    # Any, as for sample_seeds: OmegaConf's structured configs have no optional container of a fixed length
+    sample_shape: Any = setting(None, ok=lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(
+        is_int(x) and x >= 1 for x in v), allowed="3 positive integers [frames, height, width]", optional=True,
+        convert=tuple)
     sample_cfg_scale: float = number(5.0, lambda v: v >= 0, "a number >= 0")
     resume: str = choice("auto", RESUME_MODES)
     on_nonfinite: str = choice("stop", ("stop", "rollback"))

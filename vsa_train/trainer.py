@@ -65,14 +65,16 @@ def train_step(run: Run, stop_signal: int | None = None, save_failed: bool = Fal
     config, accelerator, model, state = run.config, run.accelerator, run.model, run.state
     device = accelerator.device
     lr = run.lr_schedule(state.step)
-    per_sample = run.sparsity.apply(state.step, accelerator.unwrap_model(model), run.ema and run.ema.module)
+    run.sparsity.apply(state.step, accelerator.unwrap_model(model), run.ema and run.ema.module)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     accum, dropout = config.train.grad_accum, config.data.get("caption_dropout", 0.0)
     step_loss = torch.zeros((), device=device)
+    shapes = {}  # micro-steps per video shape: each bucket's samples are counted at its own FLOPs
     for micro in range(accum):
         batch = next(run.train_iter)
-        video = batch["video"].to(device, non_blocking=True)          # [B, C, T, H, W]
+        video = batch["video"].to(device, non_blocking=True)          # [B, C, T, H, W], (T, H, W) the batch's bucket
+        shapes[tuple(video.shape[2:])] = shapes.get(tuple(video.shape[2:]), 0) + 1
         text = batch["text"].to(device, non_blocking=True)            # [B, L, text_dim]
         text_mask = batch["text_mask"].to(device, non_blocking=True)  # [B, L]
         run.met_bad_inputs(batch.get("skipped", ()))
@@ -105,12 +107,21 @@ def train_step(run: Run, stop_signal: int | None = None, save_failed: bool = Fal
     run.optimizer.zero_grad(set_to_none=True)
     if run.ema is not None:
         run.ema.update_parameters(accelerator.unwrap_model(model))
+    add_flops(run, state.step, shapes)
     state.step += 1
     state.samples += run.global_batch
-    state.flops += per_sample.executed * run.global_batch
-    state.flops_dense += per_sample.dense * run.global_batch
     run.health.add(result.loss, state.step)
     return result
+
+
+def add_flops(run: Run, step: int, shapes: dict) -> None:
+    """Adds the executed (and dense) FLOPs of step `step` to the counters: each shape's samples at its own count.
+    Every rank draws the same bucket at each micro-step, so each computes the same sum without a collective."""
+    per_micro = run.global_batch // run.config.train.grad_accum  # samples of one micro-step over all ranks
+    for shape, micros in shapes.items():
+        per_sample, samples = run.sparsity.flops_per_sample(step, shape), per_micro * micros
+        run.state.flops += per_sample.executed * samples
+        run.state.flops_dense += per_sample.dense * samples
 
 
 # ------------------------------------------------------------------------------------------------- the loop

@@ -33,12 +33,13 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from .checkpoint import init_weights, load_checkpoint
 from .config_schema import Config, ConfigError, typed
 from .data import Data, build_data
-from .evaluation import make_eval_set
+from .evaluation import eval_groups, make_eval_set, shape_label
 from .launcher import Precision, check_launch, cuda_device, resolve_precision
 from .models import build_model, vsa_config
 from .models.vsa import warm_up_kernels
 from .ops import warm
-from .parallel import Layout, apply_fsdp, apply_sequence_parallel, compile_blocks, make_layout, sp_group
+from .parallel import (Layout, apply_fsdp, apply_sequence_parallel, compile_blocks, compile_model, make_layout,
+                       sp_group)
 from .schedules import LRSchedule, SparsitySchedule
 from .sections import OptimConfig, TrainConfig
 
@@ -124,7 +125,7 @@ class Run:
     health: LossHealth
     data: Data
     train_iter: object              # the stream's batches (`repeat_batch` replaces it)
-    eval_set: dict
+    eval_set: dict | list[dict]     # one batch, or a bucketed run's single-bucket batches (evaluation.py)
     resumed_from: Path | None = None
     saved_step: int = -1  # the step whose checkpoint this run holds (saved or resumed from): not saved again
     skipped: set = field(default_factory=set)  # bad inputs this rank's data met (skipped, never trained on)
@@ -256,19 +257,30 @@ def build_run(config: Config | DictConfig, accelerator: Accelerator, resume_from
         counters = load_checkpoint(accelerator, resume_from, model, optimizer, ema)
         accelerator.print(f"resumed from {resume_from} (step {counters['step']})")
     data, train_iter = _start_data(config, layout, counters.get("position", 0), report)
+    eval_set = make_eval_set(data.eval, train.eval_timesteps, seed=config.data.seed)
+    if bad := uneven_eval_buckets(eval_set, layout.dp_size):
+        raise ConfigError(bad)
     # A resume keeps the run's end of the decay (raising train.max_steps goes on at the final rate) unless forced.
     kept_end = counters.get("lr_end_step") if train.resume != "force" else None
     lr_schedule = LRSchedule(config.optim, train, sparsity, global_batch, end=kept_end if kept_end is not None else lr_end)
     run = Run(config=config, accelerator=accelerator, layout=layout, precision=precision, model=model, ema=ema,
               optimizer=optimizer, sparsity=sparsity, lr_schedule=lr_schedule,
               global_batch=global_batch, state=state, health=LossHealth(train.explode_factor), data=data,
-              train_iter=train_iter, eval_set=make_eval_set(data.eval, train.eval_timesteps, seed=config.data.seed),
+              train_iter=train_iter, eval_set=eval_set,
               resumed_from=resume_from, saved_step=saved_step)
     if counters:
         run.restore(counters)
     if train.compile and not run.finished():  # after the data workers forked (_start_data waits for it)
         warm_up_kernels(accelerator.unwrap_model(model), precision or torch.float32, device)
     return run
+
+
+def uneven_eval_buckets(eval_set, dp_size: int) -> list[str]:
+    """Why a bucketed eval set cannot be sharded equally (every rank must run the same forwards, under FSDP)."""
+    sizes = {shape_label(g["video"].shape[2:]): g["video"].shape[0] for g in eval_groups(eval_set)}
+    uneven = {label: n for label, n in sizes.items() if n % dp_size}
+    return [f"the eval set's buckets {uneven} must each hold a multiple of the {dp_size} data-parallel ranks' "
+            f"videos"] if uneven else []
 
 
 def _model_and_ema(config: Config, accelerator: Accelerator, resume_from: Path | None):
@@ -334,10 +346,11 @@ def _lay_out(model: torch.nn.Module, config: Config, layout: Layout, accelerator
     """(model, optimizer) laid out for this process: sequence parallel, compiled, then DDP or FSDP2."""
     if layout.sp_size > 1:
         apply_sequence_parallel(model, layout, sp_group(layout))
+    shapes = len(config.shapes)  # one graph per video shape (bucket)
     if config.train.compile in (True, "blocks"):
-        compile_blocks(model)  # in place: parameter names, and so checkpoints, stay those of the plain model
+        compile_blocks(model, shapes)  # in place: parameter names, and so checkpoints, stay those of the plain model
     elif config.train.compile == "model":
-        model.compile()
+        compile_model(model, shapes)
     fused = accelerator.device.type == "cuda"
     if layout.strategy == "fsdp":
         apply_fsdp(model.to(accelerator.device), layout, param_dtype=precision)

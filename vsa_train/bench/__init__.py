@@ -7,6 +7,7 @@
     gaps     where the GPU sits idle in a torch.profiler trace                               (gaps.py)
     launch   host cost of one launch at each layer of the op, on a GPU                       (launch.py)
     host     host cost of one op call, on the CPU with every Triton launch stubbed           (host.py)
+    buckets  each bucket's step time in a mixed-shape run vs single-shape runs, first steps   (buckets.py)
 
 A package inside vsa_train, not a folder of scripts: installed with the library, importable by its tests, no
 sys.path edits; it sits above everything else of vsa_train (nothing imports it). GPU wrappers that log a

@@ -2,7 +2,7 @@
 import importlib
 import sys
 
-TOOLS = ("op", "step", "goals", "skew", "gaps", "launch", "host")
+TOOLS = ("op", "step", "goals", "skew", "gaps", "launch", "host", "buckets")
 
 
 def main(argv=None) -> None:

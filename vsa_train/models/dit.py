@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 from ..fields import ConfigError, Section, flag, int_list, integer, positive, read_or_raise, setting, text
 from .attention import AttnContext, CrossAttention, DenseConfig, SelfAttention, attn_config
 from .embed import PatchEmbed, TextProjection, TimestepEmbedder, unpatchify
-from .rope import grid_positions, rope_cos_sin
+from .rope import rope_tables
 from .vsa import VSAAttention
 
 
@@ -179,12 +179,11 @@ class VideoDiT(nn.Module):
         return policy == "full" or i % 2 == 0
 
     def context(self, grid: tuple[int, int, int], device) -> AttnContext:
-        """Token grid, order and RoPE angles shared by all layers of one forward."""
-        positions = grid_positions(grid, device)  # [S, 3] raster order
+        """Token grid, order and RoPE angles shared by all layers of one forward (tables cached per shape)."""
+        positions, cos, sin = rope_tables(tuple(grid), self.cfg.head_dim, self.cfg.rope_theta, device)  # raster
         order = self.blocks[self.order_layer].attn.core.token_order(grid, device)
-        if order is not None:
-            positions = positions[order]  # positions follow the tokens
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)  # [S, D/2] each
+        if order is not None:  # gathering the raster tables equals computing them on the permuted positions
+            positions, cos, sin = positions[order], cos[order], sin[order]  # [S, 3], [S, D/2], [S, D/2]
         return AttnContext(grid, positions, order, cos, sin)
 
     def forward(self, x, t, text, text_mask=None) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """3D rotary position embedding: the head dim is split across the (t, h, w) axes of the token grid."""
 import torch
 
+_TABLES: dict = {}
+
 
 def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
     """Channels of each head given to the t, h and w axes (Wan's split: h and w get 1/3 each, t the rest)."""
@@ -32,3 +34,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     sin = sin[:, None, :].to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)  # [B, S, H, D/2] each
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)  # [B, S, H, D]
+
+
+# torch.compile takes the tables as constants (as the VSA layout's), so a bucketed run traces none of their construction.
+@torch.compiler.assume_constant_result
+def rope_tables(grid: tuple[int, int, int], head_dim: int, theta: float, device):
+    """(positions [S, 3], cos, sin [S, head_dim // 2]) of a grid in raster order, built once per (shape, device)."""
+    key = (tuple(grid), head_dim, float(theta), torch.device(device))
+    if key not in _TABLES:
+        with torch.inference_mode(False), torch.no_grad():  # plain tensors, whichever mode asks first
+            positions = grid_positions(key[0], key[3])  # [S, 3]
+            _TABLES[key] = (positions, *rope_cos_sin(positions, head_dim, theta))
+    return _TABLES[key]

@@ -196,3 +196,114 @@ def test_composed_configs_check_buckets_against_the_patch_and_streaming(tmp_path
     (tmp_path / "rows.jsonl").write_text("")
     with pytest.raises(ConfigError, match="data.buckets is not supported with data.streaming=true"):
         config("data=hf", f"data.path={tmp_path / 'rows.jsonl'}", "data.streaming=true", "data.buckets=[[8,36,44]]")
+
+
+# ------------------------------------------------------------------------------------------ a whole bucketed run
+
+# Smaller buckets of the same aspect ratios (the clips land as above), for a fast run: token grids 4x9x11, 4x9x16
+# and 2x7x17 at patch 1 x 2 x 2, each with odd edges against the 4 x 4 x 4 tile.
+RUN_SHAPES = ((4, 18, 22), (4, 18, 32), (2, 14, 34))
+
+
+def _run_cfg(tmp_path, run_dir, *overrides):
+    from hydra import compose, initialize_config_dir
+
+    manifest = _real_cfg(tmp_path).manifest
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        return compose(config_name="train", overrides=[
+            "data=videos", f"data.manifest={manifest}", "data.allow_outside_root=true", "data.num_workers=0",
+            f"data.buckets={[list(s) for s in RUN_SHAPES]}".replace(" ", ""), "model=dit_tiny", "attn=vsa",
+            "attn.sparsity=0.5", "train.batch_size=2", "train.eval_samples=2", "train.eval_timesteps=1",
+            "train.log_every=1", "train.eval_every=2", "train.ckpt_every=2", "train.max_steps=4", "logger=none",
+            f"run_dir={run_dir}", *overrides])
+
+
+def test_a_bucketed_run_trains_evaluates_counts_flops_per_bucket_and_resumes_exactly(tmp_path, die_in_step,
+                                                                                     one_thread):
+    from vsa_train import trainer
+    from vsa_train.config_schema import typed
+    from vsa_train.data.buckets import Schedule
+    from vsa_train.metrics import read_metrics
+    from vsa_train.schedules import SparsitySchedule
+
+    config = typed(_run_cfg(tmp_path, tmp_path / "straight"))
+    assert config.shapes == RUN_SHAPES  # compile: one graph per bucket
+    straight = tmp_path / "straight"
+    trainer.train(config)
+    rows = read_metrics(straight / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    # eval/loss overall and per bucket, weighted by video (each bucket: eval_samples videos)
+    labels = ["x".join(map(str, s)) for s in RUN_SHAPES]
+    for r in (rows[0], rows[2], rows[4]):
+        per_bucket = [r[f"eval/loss/{label}"] for label in labels]
+        assert r["eval/loss"] == pytest.approx(sum(per_bucket) / 3, rel=1e-6)
+    # the buckets drawn: (seed, step) and the clips' proportions alone; FLOPs summed exactly at each one's count
+    schedule = Schedule(config.data.seed, draw_weights([2, 1, 1]))
+    drawn = [RUN_SHAPES[schedule.bucket(s)] for s in range(4)]
+    sparsity = SparsitySchedule(config.model, config.attn, config.spec)
+    flops, want = 0.0, []
+    for s, shape in enumerate(drawn):
+        flops += sparsity.flops_per_sample(s, shape).executed * 2
+        want.append(flops)
+    assert [r["flops"] for r in rows[1:]] == want
+    assert len({sparsity.topk(0, s) for s in RUN_SHAPES}) > 1  # each bucket its own topk
+    assert sorted(p.name for p in (straight / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000004"]
+    # killed in step 3 (after step 2's checkpoint), then resumed: the same rows, buckets and clips
+    split = tmp_path / "split"
+    restore = die_in_step(3)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(_run_cfg(tmp_path, split))
+    restore()
+    trainer.train(_run_cfg(tmp_path, split))
+
+    def kept(path):
+        return [{k: v for k, v in r.items() if "/s" not in k and "MFU" not in k}  # but the timings
+                for r in read_metrics(path / "metrics.jsonl")]
+
+    assert kept(split) == kept(straight)  # losses, eval per bucket, FLOPs (so the buckets drawn), skipped counts
+    assert sum(r.get("data/skipped", 0) for r in rows) >= 1  # the clip too short for every bucket, counted
+
+
+def test_topk_is_checked_against_the_smallest_bucket(tmp_path):
+    from vsa_train.config_schema import typed
+    from vsa_train.fields import ConfigError
+
+    # tiles of 4 x 4 x 4 tokens: 4x9x11 -> 9, 4x9x16 -> 12, 2x7x17 -> 10 (the data's own 8x32x32 would have 32)
+    assert typed(_run_cfg(tmp_path, tmp_path / "run", "attn.topk=9")).attn.topk == 9
+    with pytest.raises(ConfigError, match=r"attn.topk must be at most the 9 tiles of the 4x9x11 token grid \(the "
+                                          r"smallest of data.buckets, 3 buckets\)"):
+        typed(_run_cfg(tmp_path, tmp_path / "run", "attn.topk=10"))
+
+
+def test_a_flops_budget_ends_the_decay_at_the_expected_flops_of_the_buckets_draws(tmp_path, one_thread):
+    """The learning-rate decay's end under train.flops_budget: each step counts the FLOPs expected over the
+    buckets' draw proportions (data.bucket_weights 1 / 2 / 1 here), computed once the data is built; the checkpoints
+    keep it."""
+    import json
+    import math
+
+    from vsa_train import trainer
+    from vsa_train.config_schema import typed
+    from vsa_train.schedules import SparsitySchedule
+
+    config = typed(_run_cfg(tmp_path, tmp_path / "probe"))
+    sparsity = SparsitySchedule(config.model, config.attn, config.spec)
+    per_sample = [sparsity.flops_per_sample(0, s).executed for s in RUN_SHAPES]  # attn.schedule constant
+    expected = (0.25 * per_sample[0] + 0.5 * per_sample[1] + 0.25 * per_sample[2]) * 2  # global batch 2
+    budget = next(k * expected for k in (2.5, 3.5, 4.5, 5.5, 6.5)  # one where the first bucket alone ends elsewhere
+                  if math.ceil(k * expected / (per_sample[0] * 2)) != math.ceil(k))
+    want = math.ceil(budget / expected)
+    run_dir = tmp_path / "run"
+    config = typed(_run_cfg(tmp_path, run_dir, "data.bucket_weights=[1,2,1]", "optim.schedule=cosine", "optim.warmup_steps=1",
+                            f"train.flops_budget={budget!r}", "train.max_steps=100", "train.ckpt_every=100",
+                            "train.eval_every=100"))
+    run = trainer.build_run(config, trainer.make_accelerator(config))
+    try:
+        assert run.sparsity.draws == {s: p for s, p in zip(RUN_SHAPES, (0.25, 0.5, 0.25))}
+        assert run.lr_end == run.lr_schedule.end_step == want
+        assert run.lr_schedule(want - 1) == pytest.approx(config.optim.lr * config.optim.min_lr_ratio)
+    finally:
+        run.close()
+    trainer.train(config)  # the launch records it and its checkpoints keep it
+    last = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    assert json.loads((last / "state.json").read_text())["lr_end_step"] == want

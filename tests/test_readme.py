@@ -38,6 +38,9 @@ SHORT = ["train.max_steps=2", "train.batch_size=2", "train.eval_samples=2", "tra
 # models above dit_tiny get model.depth=1 (the command's config, checks and code path at a CPU's cost: saving a
 # full dit_120m checkpoint alone takes most of a minute here).
 SMALL = ["data.frames=4", "data.height=8", "data.width=8"]
+# ... and a bucketed command (data.buckets) trains at small buckets of its aspect ratios instead (square, landscape,
+# portrait: the phone clip lands in the square one; the data's single shape is then unused).
+SMALL_BUCKETS = ["data.buckets=[[4,8,8],[4,8,14],[4,14,8]]"]
 PLACEHOLDERS = {"DIR": "clips", "DATASET_DIR": "dataset", "ORG/NAME": hub_cache.REPO}
 
 
@@ -224,7 +227,8 @@ def _run_command(command: str, project, monkeypatch, capsys) -> None:
         assert written and all(p.exists() and p.parent == run / "samples" for p in written)  # into the run
         return
     dry = "train.dry_run=true" in args
-    overrides = args + ([] if dry else SHORT + ([] if any(a.startswith("attn.topk=") for a in args) else SMALL))
+    small = SMALL_BUCKETS if any(a.startswith("data.buckets=") for a in args) else SMALL
+    overrides = args + ([] if dry else SHORT + ([] if any(a.startswith("attn.topk=") for a in args) else small))
     if not dry and _composed(overrides).model.name != "dit_tiny":  # dit_60m and dit_120m: the command at one block
         overrides.append("model.depth=1")
     # Each command in its own default directory, as a user in this folder gets it: the README's consecutive

@@ -89,6 +89,8 @@ class Config:
     def shapes(self) -> tuple[tuple[int, int, int], ...]:
         """The video shapes (T, H, W) of the model input the run's batches take: the data's one shape (a bucketed
         run: its buckets, the first one the default of FLOPs summaries and samples)."""
+        if self.spec.buckets:
+            return tuple(tuple(s) for s in self.spec.buckets)
         return (tuple(self.spec.video_shape),)
 
     def global_batch(self, dp_size: int) -> int:
@@ -110,10 +112,13 @@ class Config:
         if self.is_wan:
             bad += wan_data_problems(self.model, self.spec.in_channels, self.spec.text_dim, f"data={self.data.name}")
         if isinstance(self.attn, VSAConfig) and self.attn.topk is not None:
-            tiles = math.prod(-(-g // t) for g, t in zip(self.grid, self.attn.tile))
+            # every shape the run trains on must have that many tiles: a bucketed run's smallest bucket decides
+            grids = [tuple(n // p for n, p in zip(shape, patch)) for shape in self.shapes]
+            tiles, grid = min((math.prod(-(-g // t) for g, t in zip(grid, self.attn.tile)), grid) for grid in grids)
             if self.attn.topk > tiles:
-                bad.append(f"attn.topk must be at most the {tiles} tiles of the {'x'.join(map(str, self.grid))} token "
-                           f"grid (attn.tile={list(self.attn.tile)}), got {self.attn.topk} (use attn.sparsity or "
+                of = f" (the smallest of data.buckets, {len(grids)} buckets)" if len(grids) > 1 else ""
+                bad.append(f"attn.topk must be at most the {tiles} tiles of the {'x'.join(map(str, grid))} token "
+                           f"grid{of} (attn.tile={list(self.attn.tile)}), got {self.attn.topk} (use attn.sparsity or "
                            f"attn=dense for all tiles)")
         return bad
 

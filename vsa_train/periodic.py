@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpointer
-from .evaluation import eval_captions, evaluate
+from .evaluation import eval_captions, eval_groups, evaluate
 from .metrics import MetricsLog, define_flops_axis, wandb_init_kwargs, wandb_project
 from .progress import Eta
 from .rundir import RunDir
@@ -160,7 +160,10 @@ class Evaluator:
         """The untrained model's row at step 0, which anchors the curve (None: a stop signal ended it)."""
         run, train = self.run, self.run.config.train
         run.sparsity.apply(0, run.accelerator.unwrap_model(run.model), run.ema and run.ema.module)
-        self.say(f"evaluating {train.eval_samples} videos x {train.eval_timesteps} timesteps"
+        groups = eval_groups(run.eval_set)  # a bucketed eval set: eval_samples videos per bucket
+        videos = sum(len(g["caption"]) for g in groups)
+        buckets = f" in {len(groups)} buckets" if len(groups) > 1 else ""
+        self.say(f"evaluating {videos} videos{buckets} x {train.eval_timesteps} timesteps"
                  f"{' (weights and EMA)' if run.ema is not None else ''} ...")
         row = {"step": 0, "flops": 0.0, "flops_dense": 0.0, **run.sparsity.row(0)}
         return row if self.into(row) else None

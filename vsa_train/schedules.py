@@ -69,6 +69,17 @@ class SparsitySchedule:
             training_flops_per_sample, model_cfg, attn_cfg, in_channels=spec.in_channels, text_dim=spec.text_dim,
             text_len=spec.text_len))
         self.tiles = self.tiles_of(self.shape)
+        self.draws = {self.shape: 1.0}  # shape -> its probability per step (a bucketed run: `draw`)
+
+    def draw(self, shapes, probs) -> None:
+        """A bucketed run's shapes and the probability of each per step (the bucket sampler's, known once the data
+        is built): the expected FLOPs per step (`expected_flops`) weigh each shape's by it."""
+        self.draws = {tuple(int(n) for n in shape): float(p) for shape, p in zip(shapes, probs) if p > 0}
+
+    def expected_flops(self, step: int) -> float:
+        """Executed training FLOPs of one sample at step `step`, expected over the shapes' draws (one shape: its
+        own, exactly)."""
+        return sum(p * self.flops_per_sample(step, shape).executed for shape, p in self.draws.items())
 
     def tiles_of(self, shape) -> int | None:
         """VSA tiles of a video shape (T, H, W) of the model input (None for dense)."""
@@ -111,7 +122,9 @@ class SparsitySchedule:
 def end_step(max_steps: int, flops_budget: float | None, sparsity: SparsitySchedule, global_batch: int,
              exact_steps: int = 5_000_000) -> int:
     """The number of optimizer steps the run takes: `max_steps`, or fewer when the FLOPs budget is reached first
-    (the trainer stops after the first step whose cumulative executed FLOPs reach the budget).
+    (the trainer stops after the first step whose cumulative executed FLOPs reach the budget). A bucketed run's
+    steps differ in shape: each step counts the FLOPs expected over the buckets' draw proportions
+    (`SparsitySchedule.draw`), so its decay ends at the step the budget is expected to end it.
 
     The FLOPs are added step by step in the trainer's order (so float rounding decides the same step), for up to
     `exact_steps` steps; beyond that, once the topk is steady, the remaining steps are a division (at most one
@@ -121,9 +134,9 @@ def end_step(max_steps: int, flops_budget: float | None, sparsity: SparsitySched
     flops, step = 0.0, 0
     while step < max_steps and flops < flops_budget:
         if step >= max(exact_steps, sparsity.steady_from()):
-            per_step = sparsity.flops_per_sample(step).executed * global_batch
+            per_step = sparsity.expected_flops(step) * global_batch
             return min(max_steps, step + math.ceil((flops_budget - flops) / per_step))
-        flops += sparsity.flops_per_sample(step).executed * global_batch
+        flops += sparsity.expected_flops(step) * global_batch
         step += 1
     return step
 

@@ -15,6 +15,7 @@
 The run directory's files belong to vsa_train/rundir.py; the checkpoint format to vsa_train/checkpoint/.
 """
 import contextlib
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -146,8 +147,10 @@ def _launch(config: Config, signals: StopSignals) -> dict:
     run_dir = RunDir(config.run_dir)
     layout = make_layout(config.parallel, accelerator.num_processes, accelerator.process_index)
     global_batch = config.global_batch(layout.dp_size)
-    lr_end = LRSchedule(config.optim, config.train, SparsitySchedule(config.model, config.attn, config.spec),
-                        global_batch).end_step
+    # A bucketed run's end of the decay weighs the buckets' FLOPs by their draw proportions, known once the data is
+    # built: build_run computes it then (the launch records it before it is recorded, below).
+    lr_end = None if config.spec.buckets else LRSchedule(
+        config.optim, config.train, SparsitySchedule(config.model, config.attn, config.spec), global_batch).end_step
     launch = Launch(cfg=config.source, processes=accelerator.num_processes, global_batch=global_batch,
                     resume=config.train.resume, data_parallel=layout.dp_size, lr_end_step=lr_end,
                     precision=precision.value, precision_source=precision.source,
@@ -171,6 +174,7 @@ def _launch(config: Config, signals: StopSignals) -> dict:
         with progress.heartbeat(accelerator.print, "building the run (model, data, eval set)"):
             run = build_run(config, accelerator, resume_from, layout,
                             report=progress.Eta("eval set", "inputs loaded", accelerator.print), lr_end=lr_end)
+        launch = dataclasses.replace(launch, lr_end_step=run.lr_end)  # (a bucketed run's: known only now)
         run.code = launch.code_commit  # each checkpoint's state.json lists the code its weights were trained with
         stop = _agreed_stop(accelerator, signals)
         if stop:  # before the launch is recorded: the directory stays as it was

@@ -131,6 +131,7 @@ class Run:
     skipped: set = field(default_factory=set)  # bad inputs this rank's data met (skipped, never trained on)
     code: str | None = None  # this launch's code (provenance.code_commit; the trainer sets it, once per launch)
     code_before: list = field(default_factory=list)  # the code the restored weights were trained with, oldest first
+    lr_end: int | None = None  # the configured end of the learning-rate decay (a resume may keep its own instead)
 
     def finished(self) -> bool:
         """train.max_steps reached or train.flops_budget spent."""
@@ -232,7 +233,8 @@ def build_run(config: Config | DictConfig, accelerator: Accelerator, resume_from
               layout: Layout | None = None, report=None, lr_end: int | None = None) -> Run:
     """The run, restored from `resume_from` if given; `layout` defaults to the one `parallel` gives this process;
     `report(done, total)` hears the eval set's inputs as they are loaded; `lr_end` is the configured end of the
-    learning-rate decay where the caller has it already (summing a large budget's steps takes seconds). A composed
+    learning-rate decay where the caller has it already (summing a large budget's steps takes seconds; a bucketed
+    run's needs the draw proportions of its built data: computed here). A composed
     DictConfig is read (and checked) by `typed` first. Writes no files."""
     config = config if isinstance(config, Config) else typed(config)
     train, device = config.train, accelerator.device
@@ -260,6 +262,10 @@ def build_run(config: Config | DictConfig, accelerator: Accelerator, resume_from
     eval_set = make_eval_set(data.eval, train.eval_timesteps, seed=config.data.seed)
     if bad := uneven_eval_buckets(eval_set, layout.dp_size):
         raise ConfigError(bad)
+    if config.spec.buckets:  # the buckets' draw proportions, known now: the expected FLOPs of a step weigh them
+        sparsity.draw(config.shapes, data.train.dataset.probs)
+    if lr_end is None:  # the configured end of the decay (a bucketed run's: only computable now, once)
+        lr_end = LRSchedule(config.optim, train, sparsity, global_batch).end_step
     # A resume keeps the run's end of the decay (raising train.max_steps goes on at the final rate) unless forced.
     kept_end = counters.get("lr_end_step") if train.resume != "force" else None
     lr_schedule = LRSchedule(config.optim, train, sparsity, global_batch, end=kept_end if kept_end is not None else lr_end)
@@ -267,7 +273,7 @@ def build_run(config: Config | DictConfig, accelerator: Accelerator, resume_from
               optimizer=optimizer, sparsity=sparsity, lr_schedule=lr_schedule,
               global_batch=global_batch, state=state, health=LossHealth(train.explode_factor), data=data,
               train_iter=train_iter, eval_set=eval_set,
-              resumed_from=resume_from, saved_step=saved_step)
+              resumed_from=resume_from, saved_step=saved_step, lr_end=lr_end)
     if counters:
         run.restore(counters)
     if train.compile and not run.finished():  # after the data workers forked (_start_data waits for it)

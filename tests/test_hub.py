@@ -304,5 +304,6 @@ def test_without_a_recorded_commit_the_revisions_are_compared_as_written(tmp_pat
 
     with pytest.raises(RunDirError, match=r"belongs to a run with data.revision=None; this launch has 'v1'"):
         run.check_launch(launch("v1", hub_cache.V1))
-    assert run._data_change(launch(hub_cache.MAIN, hub_cache.MAIN), {"data_commit": hub_cache.MAIN}) == []
+    same = launch(hub_cache.MAIN, hub_cache.MAIN)
+    assert run._resolved_change(same, {"data_commit": hub_cache.MAIN}, "data_commit") == []
     assert run._config_changes(launch(hub_cache.MAIN, hub_cache.MAIN)) == []  # compared by commit instead

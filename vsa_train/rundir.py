@@ -43,8 +43,9 @@ HISTORY = "config_history.jsonl"
 LOCK = "run.lock"
 # Config sections that decide the training trajectory; a resume must match them (train.resume=force overrides).
 TRAJECTORY = ("model", "attn", "data", "optim", "train.seed", "train.ema", "train.mixed_precision")
-PRECISION = "train.mixed_precision"  # a resume compares the precision it resolves to (RunDir._precision_change)
-REVISION = "data.revision"  # a resume compares the Hub dataset commit it resolves to (RunDir._data_change)
+# Config keys a resume compares by what they resolve to at launch (RunDir._resolved_change): checkpoint field ->
+# (Launch attribute, config key). The precision (auto follows the launcher) and a Hub dataset's commit.
+RESOLVED = {"mixed_precision": ("precision", "train.mixed_precision"), "data_commit": ("data_commit", "data.revision")}
 # Keys inside those sections that do not change what is trained (speed or memory only).
 NOT_TRAJECTORY = ("data.num_workers", "model.grad_checkpointing")  # parallel.* is outside TRAJECTORY too
 HEARTBEAT_S = 10.0  # the lock is refreshed this often (or 4 times per train.lock_stale_s, if that is shorter)
@@ -173,7 +174,7 @@ class RunDir:
                 f"{launch.cfg.train.grad_accum} x {launch.data_parallel} data-parallel ranks). Keep the global "
                 f"batch (e.g. batch_size x grad_accum = {state['global_batch'] / launch.data_parallel:g} per "
                 f"data-parallel rank), or train.resume=force.")
-        precision = self._precision_change(launch, state)
+        precision = self._resolved_change(launch, state, "mixed_precision")
         if launch.resume == "auto" and precision:
             _, before, now = precision[0]
             raise RunDirError(
@@ -181,7 +182,7 @@ class RunDir:
                 f"({launch.precision_source or 'train.mixed_precision'}): launch it as before (the same "
                 f"train.mixed_precision and accelerate launch --mixed_precision), use another run_dir, or "
                 f"train.resume=force.")
-        data = self._data_change(launch, state)
+        data = self._resolved_change(launch, state, "data_commit")
         if launch.resume == "auto" and data:
             raise RunDirError(_data_refusal(self.path, ckpt, launch, data[0]))
         if ckpt is not None:
@@ -195,8 +196,8 @@ class RunDir:
         state = read_state(resumed_from) if resumed_from is not None else {}
         batch, ends = _state_changes(launch, state)
         forced = launch.resume == "force"
-        changed = (self._config_changes(launch) + self._precision_change(launch, state)
-                   + self._data_change(launch, state) + batch + (ends if forced else []))  # auto got here with none
+        resolved = [c for key in RESOLVED for c in self._resolved_change(launch, state, key)]
+        changed = self._config_changes(launch) + resolved + batch + (ends if forced else [])  # auto got here with none
         kept = [] if forced else ends  # auto: the run's learning-rate decay goes on to its own end
         if not (self.path / CONFIG).is_file() or changed:
             atomic_write(self.path / CONFIG, OmegaConf.to_yaml(launch.cfg, resolve=True))
@@ -215,38 +216,26 @@ class RunDir:
 
     def _config_changes(self, launch: Launch) -> list[tuple[str, object, object]]:
         """The FIXED keys this launch changes against the run's config.yaml (none on a first launch); a resolved
-        precision or dataset commit is compared by `_precision_change` / `_data_change` instead of its key."""
+        precision or dataset commit is compared by `_resolved_change` instead of its key."""
         config = self.path / CONFIG
         diff = config_diff(OmegaConf.load(config), launch.cfg) if config.is_file() else []
-        resolved = {PRECISION: launch.precision, REVISION: launch.data_commit}
+        resolved = {name: getattr(launch, attr) for attr, name in RESOLVED.values()}
         return [d for d in diff if resolved.get(d[0]) is None]
 
-    def _precision_change(self, launch: Launch, state: dict) -> list[tuple[str, object, object]]:
-        """[("mixed_precision", the run's, this launch's)] where the resolved precisions differ: the resumed
-        checkpoint's against this launch's (train.mixed_precision=auto follows the launcher, so equal configs may
-        train in two precisions, and auto and bf16 in one); without a checkpoint that recorded one, the configs'
-        train.mixed_precision as any FIXED key."""
-        if launch.precision is None:
-            return []  # compared with the config (`_config_changes`)
-        if state.get("mixed_precision") is not None:
-            before = state["mixed_precision"]
-            return [("mixed_precision", before, launch.precision)] if before != launch.precision else []
+    def _resolved_change(self, launch: Launch, state: dict, key: str) -> list[tuple[str, object, object]]:
+        """[(key, the run's, this launch's)] where a value resolved at launch differs (RESOLVED[key]: its
+        checkpoint field, the Launch attribute and the config key it resolves): the resumed checkpoint's against
+        this launch's, so equal configs that resolve differently differ (train.mixed_precision=auto follows the
+        launcher; data.revision=main may move) and different ones that resolve alike do not; without a checkpoint
+        that recorded one, the config key is compared as any FIXED key."""
+        now = getattr(launch, RESOLVED[key][0])
+        if now is None:
+            return []  # nothing resolved: the config key is compared with the config (`_config_changes`)
+        if state.get(key) is not None:
+            return [(key, state[key], now)] if state[key] != now else []
         config = self.path / CONFIG
         diff = config_diff(OmegaConf.load(config), launch.cfg) if config.is_file() else []
-        return [d for d in diff if d[0] == PRECISION]
-
-    def _data_change(self, launch: Launch, state: dict) -> list[tuple[str, object, object]]:
-        """[("data_commit", the run's, this launch's)] where a Hub dataset's resolved commits differ: the resumed
-        checkpoint's against this launch's (data.revision=main may have moved; a pinned commit equal to it is no
-        change); without a checkpoint that recorded one, the configs' data.revision as any FIXED key."""
-        if launch.data_commit is None:
-            return []  # no Hub dataset: data.revision (if any) is compared with the config (`_config_changes`)
-        if state.get("data_commit") is not None:
-            before = state["data_commit"]
-            return [("data_commit", before, launch.data_commit)] if before != launch.data_commit else []
-        config = self.path / CONFIG
-        diff = config_diff(OmegaConf.load(config), launch.cfg) if config.is_file() else []
-        return [d for d in diff if d[0] == REVISION]
+        return [d for d in diff if d[0] == RESOLVED[key][1]]
 
     def _record_hydra(self, cfg: DictConfig) -> None:
         """Under Hydra, its record of this launch (what Hydra writes at job start, before any launch check), in the
@@ -356,7 +345,7 @@ def _data_refusal(run_dir: Path, ckpt: "Path | None", launch: Launch, change: tu
     """The one line that refuses a resume on another dataset commit (or, without a recorded one, revision)."""
     key, before, now = change
     data = launch.cfg.data
-    if key == REVISION:  # no checkpoint recorded a commit: the configs' revisions differ
+    if key == RESOLVED["data_commit"][1]:  # no checkpoint recorded a commit: the configs' revisions differ
         return (f"{run_dir} belongs to a run with data.revision={before!r}; this launch has {now!r}: keep it, use "
                 f"another run_dir, or train.resume=force (recorded in config_history.jsonl).")
     # data.revision is part of a default run directory's name: a pinned launch must name this one

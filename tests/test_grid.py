@@ -138,15 +138,33 @@ def test_estimates_come_from_the_group_records(tmp_path):
     assert est.train_s == pytest.approx(1e13 / 1e11) and est.overhead_s == pytest.approx(20.0)
     assert est.peak_gib == 7.0
     assert ledger.estimate(points[2], speeds).train_s == pytest.approx(1e13 / (ledger.DEFAULT_TFLOPS["dense"] * 1e12))
+    assert ledger.group_speeds(points, tmp_path, card="other")["dit_60m_vsa"] == speeds["dit_60m_vsa"]  # no record of its own
+    other = tmp_path / "runs" / "b"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text("".join(json.dumps({**r, **({"samples/s": 2 * r["samples/s"]} if "samples/s" in r else {})}) + "\n" for r in rows))
+    (other / "record.json").write_text(json.dumps({"finished": True, "wall_s": 20.0, "executed_flops": 1e12, "lanes": 1,
+                                                   "commit": "c", "card": "fast", "final_eval_loss": 0.5}))
+    assert ledger.group_speeds(points, tmp_path)["dit_60m_vsa"]["flops_s"] == pytest.approx(1e11)  # the slowest card
+    assert ledger.group_speeds(points, tmp_path, card="fast")["dit_60m_vsa"]["flops_s"] == pytest.approx(2e11)
 
 
-def test_lanes_share_memory_and_time_pessimistically():
-    now = time.monotonic()
-    running = [runner.Active(Point("r", (), "g", 1.0), proc=None, est=Estimate(10.0, 100.0, 40.0), t0=now)]
-    assert runner.fits(Estimate(10.0, 50.0, 20.0), [], 70.0, 80.0)
+def test_lanes_share_memory_and_the_gpu():
+    running = [runner.Active(Point("r", (), "g", 1.0), proc=None, est=Estimate(10.0, 100.0, 40.0))]
+    assert runner.fits(Estimate(10.0, 50.0, 20.0), [], 66.0, 80.0) and not runner.fits(Estimate(10.0, 50.0, 20.0), [], 65.0, 80.0)
     assert not runner.fits(Estimate(10.0, 50.0, 50.0), running, 1000.0, 80.0)   # 40 + 50 GiB > 80
-    assert not runner.fits(Estimate(10.0, 50.0, 20.0), running, 200.0, 80.0)    # the running one, halved, ends late
-    assert runner.fits(Estimate(10.0, 50.0, 20.0), running, 300.0, 80.0)
+    # both overheads side by side (10 s), then the GPU halved: the new one ends at 110 s, the running one at 160 s
+    assert runner.end_times([[10.0, 100.0], [10.0, 50.0]]) == pytest.approx([160.0, 110.0])
+    assert not runner.fits(Estimate(10.0, 50.0, 20.0), running, 175.0, 80.0)
+    assert runner.fits(Estimate(10.0, 50.0, 20.0), running, 177.0, 80.0)
+
+
+def test_advance_tracks_what_is_left():
+    work = [[5.0, 100.0], [0.0, 40.0], [0.0, 0.0]]
+    runner.advance(work, 10.0)  # the first is still in its overhead; the second has the GPU to itself
+    assert work == [[0.0, 100.0], [0.0, 30.0], [0.0, 0.0]]
+    runner.advance(work, 20.0)  # now both train: 10 s of solo progress each
+    assert work == [[0.0, 90.0], [0.0, 20.0], [0.0, 0.0]]
+    assert runner.end_times(work) == pytest.approx([110.0, 40.0, 0.0])
 
 
 def test_cli_status_and_bad_lanes(tmp_path, capsys):

@@ -73,10 +73,11 @@ def speed(rows: list[dict]) -> tuple[float, float, float]:
             max((r.get("mem/peak_GiB", 0.0) for r in rows), default=0.0))
 
 
-def group_speeds(points: list[Point], results: Path) -> dict[str, dict]:
-    """Per group, from its finished runs: the slowest training rate and the largest fixed overhead (wall time minus
-    training time) of the runs that had the GPU alone (of any run, if none did: a shared run's rate is lower, so
-    the estimate stays on the safe side), and the largest memory peak."""
+def group_speeds(points: list[Point], results: Path, card: str | None = None) -> dict[str, dict]:
+    """Per group, from its finished runs (those made on `card` where the group has any: H100 and H200 differ):
+    the slowest training rate and the largest fixed overhead (wall time minus training time) of the runs that
+    had the GPU alone (of any run, if none did: a shared run's rate is lower, so the estimate stays on the safe
+    side), and the largest memory peak."""
     seen: dict[str, list[tuple[dict, float, float]]] = {}
     for p in points:
         record = read_record(results, p.name)
@@ -87,6 +88,7 @@ def group_speeds(points: list[Point], results: Path) -> dict[str, dict]:
             seen.setdefault(p.group, []).append((record, samples_s * flops_sample, peak))
     out = {}
     for group, runs in seen.items():
+        runs = [run for run in runs if run[0].get("card") == card] or runs
         solo = [run for run in runs if run[0].get("lanes", 1) == 1]
         out[group] = {"flops_s": min(rate for _, rate, _ in solo or runs),
                       "overhead_s": max((r["wall_s"] - r["executed_flops"] / rate for r, rate, _ in solo), default=None),

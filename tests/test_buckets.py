@@ -219,7 +219,7 @@ def _run_cfg(tmp_path, run_dir, *overrides):
 
 
 def test_a_bucketed_run_trains_evaluates_counts_flops_per_bucket_and_resumes_exactly(tmp_path, die_in_step,
-                                                                                     one_thread):
+                                                                                     one_thread, capsys):
     from vsa_train import trainer
     from vsa_train.config_schema import typed
     from vsa_train.data.buckets import Schedule
@@ -246,6 +246,15 @@ def test_a_bucketed_run_trains_evaluates_counts_flops_per_bucket_and_resumes_exa
         flops += sparsity.flops_per_sample(s, shape).executed * 2
         want.append(flops)
     assert [r["flops"] for r in rows[1:]] == want
+    # tokens/s counts each step's own shape (one step per row): the ratio to samples/s is its tokens per sample
+    assert [r["tokens/s"] / r["samples/s"] for r in rows[1:]] == pytest.approx([config.tokens_of(s) for s in drawn])
+    said = capsys.readouterr().out  # the start says each bucket's FLOPs, topk and share, and the expectation
+    for shape, share in zip(RUN_SHAPES, (0.5, 0.25, 0.25)):
+        per = sparsity.flops_per_sample(0, shape)
+        assert (f"bucket {'x'.join(map(str, shape))}: {config.tokens_of(shape)} tokens, flops_per_sample "
+                f"{per.executed:.4e} (dense {per.dense:.4e}), topk {sparsity.topk(0, shape)} of "
+                f"{sparsity.tiles_of(shape)} tiles, {share:.1%} of the steps") in said
+    assert "expected over the draws: flops_per_sample" in said
     assert len({sparsity.topk(0, s) for s in RUN_SHAPES}) > 1  # each bucket its own topk
     assert sorted(p.name for p in (straight / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000004"]
     # killed in step 3 (after step 2's checkpoint), then resumed: the same rows, buckets and clips
@@ -262,6 +271,25 @@ def test_a_bucketed_run_trains_evaluates_counts_flops_per_bucket_and_resumes_exa
 
     assert kept(split) == kept(straight)  # losses, eval per bucket, FLOPs (so the buckets drawn), skipped counts
     assert sum(r.get("data/skipped", 0) for r in rows) >= 1  # the clip too short for every bucket, counted
+
+
+def test_a_dry_run_lists_the_buckets_and_sizes_memory_by_the_largest(tmp_path, capsys):
+    from vsa_train import progress, trainer
+    from vsa_train.config_schema import typed
+
+    config = typed(_run_cfg(tmp_path, tmp_path / "dry"))
+    trainer.dry_run(config)
+    said = capsys.readouterr().out
+    assert "3 buckets" in said
+    for shape in RUN_SHAPES:
+        assert f"bucket {'x'.join(map(str, shape))}: {config.tokens_of(shape)} tokens, flops_per_sample" in said
+    largest, first = max(map(config.tokens_of, RUN_SHAPES)), config.tokens_of(RUN_SHAPES[0])
+    assert largest > first  # so that the memory line below tells which one it was sized by
+    params = trainer._count_params(config)
+    memory = [progress.describe_memory(progress.memory_estimate(params, config.model, config.train, tokens,
+                                                                precision="no"), "one process, unsharded")
+              for tokens in (largest, first)]
+    assert memory[0] != memory[1] and memory[0] in said and memory[1] not in said
 
 
 def test_topk_is_checked_against_the_smallest_bucket(tmp_path):

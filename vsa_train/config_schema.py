@@ -78,8 +78,12 @@ class Config:
 
     @property
     def tokens(self) -> int:
-        """Video tokens per sample."""
-        return math.prod(self.grid)
+        """Video tokens per sample (a bucketed run: of its first bucket; `tokens_of` for the others)."""
+        return self.tokens_of(self.spec.video_shape)
+
+    def tokens_of(self, shape) -> int:
+        """Video tokens of one sample of model-input shape (T, H, W)."""
+        return math.prod(n // p for n, p in zip(shape, self.model.patch_size))
 
     @property
     def is_wan(self) -> bool:

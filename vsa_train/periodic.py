@@ -34,16 +34,16 @@ class Window:
         self.reset()
 
     def reset(self) -> None:
-        self.start, self.samples, self.flops, self.losses = time.perf_counter(), 0, 0.0, []
+        self.start, self.samples, self.tokens, self.flops, self.losses = time.perf_counter(), 0, 0, 0.0, []
 
-    def add(self, samples: int, flops: float, loss: float) -> None:
-        self.samples, self.flops = self.samples + samples, self.flops + flops
+    def add(self, samples: int, flops: float, loss: float, tokens: int) -> None:
+        self.samples, self.tokens, self.flops = self.samples + samples, self.tokens + tokens, self.flops + flops
         self.losses.append(loss)
 
     def row(self) -> dict:
         elapsed = time.perf_counter() - self.start
         return {"train/loss": sum(self.losses) / max(len(self.losses), 1), "samples/s": self.samples / elapsed,
-                "TFLOP/s": self.flops / elapsed / 1e12}
+                "tokens/s": self.tokens / elapsed, "TFLOP/s": self.flops / elapsed / 1e12}
 
 
 class MetricsLogger:
@@ -79,9 +79,9 @@ class MetricsLogger:
         self.file = MetricsLog(self.run_dir.metrics, self.run.accelerator, resume_step=resume_step)
         self.window = Window()
 
-    def add(self, flops: float, loss: float) -> None:
-        """A step taken: its FLOPs and loss count into the next row; the bar moves."""
-        self.window.add(self.run.global_batch, flops, loss)
+    def add(self, flops: float, loss: float, tokens: int) -> None:
+        """A step taken: its FLOPs, loss and video tokens count into the next row; the bar moves."""
+        self.window.add(self.run.global_batch, flops, loss, tokens)
         # In FLOPs the bar stops at the budget; the end line says by how much the last step overshot it.
         self.bar.update(min(flops, max(0.0, self.bar.total - self.bar.n)) if self.by_flops else 1)
         self.stepped = time.perf_counter()
@@ -100,7 +100,6 @@ class MetricsLogger:
         """Loss, throughput, lr, gradient norm, selection, skipped inputs (a collective), MFU and memory on GPUs."""
         run, accelerator = self.run, self.run.accelerator
         row = dict(self.window.row(), lr=result.lr, grad_norm=result.grad_norm, **run.sparsity.row(run.state.step - 1))
-        row["tokens/s"] = row["samples/s"] * run.config.tokens
         row["train/rollbacks"] = run.state.rollbacks
         row["data/skipped"] = accelerator.reduce(torch.tensor(len(run.skipped), device=accelerator.device),
                                                  reduction="sum").item()

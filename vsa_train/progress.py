@@ -118,6 +118,24 @@ def vsa_flops_note(sparsity) -> str | None:
     return None
 
 
+def bucket_lines(sparsity, shapes, tokens_of, step: int = 0) -> list[str]:
+    """One line per shape of a bucketed run: its tokens, executed (and dense) FLOPs per sample at step `step` and,
+    with VSA, its topk of its own tiles; with the buckets' draws known (after the data is built), each one's share
+    of the steps and the expected FLOPs per sample over them."""
+    draws = sparsity.draws if len(sparsity.draws) > 1 else {}
+    lines = []
+    for shape in shapes:
+        flops, share = sparsity.flops_per_sample(step, shape), draws.get(tuple(shape))
+        topk = sparsity.topk(step, shape)
+        lines.append(f"  bucket {'x'.join(map(str, shape))}: {tokens_of(shape)} tokens, flops_per_sample "
+                     f"{flops.executed:.4e} (dense {flops.dense:.4e})"
+                     + (f", topk {topk} of {sparsity.tiles_of(shape)} tiles" if topk is not None else "")
+                     + (f", {share:.1%} of the steps" if share is not None else ""))
+    if draws:
+        lines.append(f"  expected over the draws: flops_per_sample {sparsity.expected_flops(step):.4e}")
+    return lines
+
+
 def budget_line(budget: float, step: int, executed: float) -> str:
     """The end of a run stopped by train.flops_budget: met exactly, or by how much the last step overshot it."""
     over = executed - budget

@@ -55,6 +55,7 @@ class StepResult:
     stop: bool          # some rank received a stop signal: every rank stops after this step
     stop_signal: int = 0  # which one (the first of preemption.SIGNALS that any rank received), for every rank
     save_failed: bool = False  # rank 0's background checkpoint failed: every rank raises its error now
+    tokens: int = 0     # video tokens the step trained on, over all ranks (its buckets' shapes)
 
 
 # ------------------------------------------------------------------------------------------------- one step
@@ -108,21 +109,25 @@ def train_step(run: Run, stop_signal: int | None = None, save_failed: bool = Fal
     run.optimizer.zero_grad(set_to_none=True)
     if run.ema is not None:
         run.ema.update_parameters(accelerator.unwrap_model(model))
-    add_flops(run, state.step, shapes)
+    result.tokens = add_flops(run, state.step, shapes)
     state.step += 1
     state.samples += run.global_batch
     run.health.add(result.loss, state.step)
     return result
 
 
-def add_flops(run: Run, step: int, shapes: dict) -> None:
-    """Adds the executed (and dense) FLOPs of step `step` to the counters: each shape's samples at its own count.
-    Every rank draws the same bucket at each micro-step, so each computes the same sum without a collective."""
+def add_flops(run: Run, step: int, shapes: dict) -> int:
+    """Adds the executed (and dense) FLOPs of step `step` to the counters: each shape's samples at its own count;
+    returns the step's video tokens. Every rank draws the same bucket at each micro-step, so each computes the same
+    sums without a collective."""
     per_micro = run.global_batch // run.config.train.grad_accum  # samples of one micro-step over all ranks
+    tokens = 0
     for shape, micros in shapes.items():
         per_sample, samples = run.sparsity.flops_per_sample(step, shape), per_micro * micros
         run.state.flops += per_sample.executed * samples
         run.state.flops_dense += per_sample.dense * samples
+        tokens += run.config.tokens_of(shape) * samples
+    return tokens
 
 
 # ------------------------------------------------------------------------------------------------- the loop
@@ -216,7 +221,7 @@ def _loop(run: Run, run_dir: RunDir, saver: Checkpointing, signals: StopSignals)
             _on_nonfinite(run, run_dir, saver, result)
             logger.rewind(run.state.step)
             continue
-        logger.add(run.state.flops - flops_before, result.loss)
+        logger.add(run.state.flops - flops_before, result.loss, result.tokens)
         row = logger.train_row(result) if logger.due(result.stop) else {}
         if evaluator.due(flops_before, result.stop) and not evaluator.into(row):
             # A stop signal ended the eval: the step is saved as a stop's (without its eval row).
@@ -261,7 +266,8 @@ def _announce_build(config: Config, accelerator: Accelerator, layout: Layout) ->
     if not accelerator.is_main_process:
         return
     n_params = _count_params(config)
-    est = progress.memory_estimate(n_params, config.model, config.train, config.tokens, dp_size=layout.dp_size,
+    tokens = max(map(config.tokens_of, config.shapes))  # a bucketed run's peak is at its largest bucket
+    est = progress.memory_estimate(n_params, config.model, config.train, tokens, dp_size=layout.dp_size,
                                    sp_size=layout.sp_size, strategy=layout.strategy,
                                    precision=accelerator.mixed_precision)
     print(f"building the model: {config.model.name}, {n_params:,} parameters, {accelerator.device.type} ...\n"
@@ -293,11 +299,13 @@ def _finished(config: Config, run_dir: RunDir, resume_from) -> dict | None:
 
 def _announce_start(run: Run, run_dir: RunDir) -> None:
     """What the run is: its size, FLOPs per sample, global batch and precision (its directory is said first)."""
-    accelerator, per_sample = run.accelerator, run.sparsity.flops_per_sample(0)
+    accelerator, per_sample, shapes = run.accelerator, run.sparsity.flops_per_sample(0), run.config.shapes
     accelerator.print(f"params: {sum(p.numel() for p in run.model.parameters())}\n"
-                      f"flops_per_sample: {per_sample.executed:.4e} (dense {per_sample.dense:.4e})\nglobal batch: "
-                      f"{run.global_batch} ({accelerator.num_processes} processes, {accelerator.mixed_precision} "
-                      f"precision)")
+                      + (f"flops_per_sample: {per_sample.executed:.4e} (dense {per_sample.dense:.4e})" if len(shapes) == 1
+                         else "\n".join([f"{len(shapes)} buckets:",
+                                         *progress.bucket_lines(run.sparsity, shapes, run.config.tokens_of)]))
+                      + f"\nglobal batch: {run.global_batch} ({accelerator.num_processes} processes, "
+                      f"{accelerator.mixed_precision} precision)")
     note = progress.vsa_flops_note(run.sparsity)
     if note:
         accelerator.print(note)
@@ -396,11 +404,14 @@ def dry_run(cfg: Config | DictConfig) -> dict:
     print(f"params: {n_params}")
     print(f"flops_per_sample: {flops.executed:.6e}")
     print(f"flops_per_sample_dense: {flops.dense:.6e}")
-    estimate = progress.memory_estimate(n_params, config.model, config.train, config.tokens,
+    schedule = SparsitySchedule(config.model, config.attn, spec)
+    if len(config.shapes) > 1:  # at the target topk, as the lines above
+        print(f"{len(config.shapes)} buckets (the lines above: the first; memory: the largest):")
+        print("\n".join(progress.bucket_lines(schedule, config.shapes, config.tokens_of, schedule.steady_from())))
+    estimate = progress.memory_estimate(n_params, config.model, config.train, max(map(config.tokens_of, config.shapes)),
                                         precision=precision.value)
     print(progress.describe_memory(estimate, "one process, unsharded"))
     result = {"params": n_params, "flops_per_sample": flops.executed, "flops_per_sample_dense": flops.dense}
-    schedule = SparsitySchedule(config.model, config.attn, spec)
     if schedule.vsa is not None:  # executed FLOPs above are at the target topk; a ramp starts denser
         target = schedule.vsa.topk_in_force(schedule.tiles)
         print(f"topk: {target} of {schedule.tiles} tiles (sparsity {1 - target / schedule.tiles:.4f}); "

@@ -46,8 +46,8 @@ def test_study_points_compose_as_the_paper_recipe_with_a_cosine_to_each_budget()
 
 def _args(tmp_path, **kw):
     base = dict(experiment="study_16k", results=str(tmp_path / "results"), work=str(tmp_path / "work"), time=300.0,
-                lanes=2, memory_gib=None, archive=str(tmp_path / "runs.tgz"), only=["dit_60m_dense_low*"],
-                extra=TINY, configs=ROOT / "configs")
+                lanes=2, memory_gib=None, safety=runner.SAFETY, archive=str(tmp_path / "runs.tgz"),
+                only=["dit_60m_dense_low*"], extra=TINY, configs=ROOT / "configs")
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -156,6 +156,7 @@ def test_lanes_share_memory_and_the_gpu():
     assert runner.end_times([[10.0, 100.0], [10.0, 50.0]]) == pytest.approx([160.0, 110.0])
     assert not runner.fits(Estimate(10.0, 50.0, 20.0), running, 175.0, 80.0)
     assert runner.fits(Estimate(10.0, 50.0, 20.0), running, 177.0, 80.0)
+    assert runner.fits(Estimate(10.0, 50.0, 20.0), running, 161.0, 80.0, safety=1.0)  # --safety 1: no margin
 
 
 def test_advance_tracks_what_is_left():
@@ -172,6 +173,8 @@ def test_cli_status_and_bad_lanes(tmp_path, capsys):
     assert "0 of 24 runs done" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         grid_main(["run", "study_16k", str(tmp_path), "--lanes", "0"])
+    with pytest.raises(SystemExit):
+        grid_main(["run", "study_16k", str(tmp_path), "--safety", "0.9"])
     out = subprocess.run([sys.executable, "-m", "vsa_train.grid", "status", "no_such_experiment", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode != 0

@@ -9,6 +9,7 @@
 #
 #   GRID_COMMIT=$(git rev-parse HEAD) OUT=/tmp/g bash scripts/gpu/grid.sh                  # on the GPU, repo root
 #   EXP=study_16k TIME=540 LANES=2 ONLY="*_low *_mid" OUT=/tmp/g bash scripts/gpu/grid.sh     # two at once, a subset
+#   SAFETY=1.02 TIME=575 ONLY=dit_60m_vsa_high ...          # a run no call fits at the default margin (1.1)
 #   EXTRA="model.depth=1 ..." ...                       # overrides for every run (tests/test_grid.py: a CPU smoke run)
 #   tar xzf /tmp/g/runs.tgz -C docs/study/study_16k                                          # then, here
 set -euo pipefail
@@ -29,7 +30,7 @@ if [ -f .compile_cache/cache.tgz ]; then  # an earlier call's caches (same torch
 fi
 rc=0
 set -f  # ONLY holds globs for the runner, not for the shell
-python -m vsa_train.grid run "$EXP" "$RESULTS" --time "$TIME" --lanes "${LANES:-1}" --work "$WORK" \
+python -m vsa_train.grid run "$EXP" "$RESULTS" --time "$TIME" --lanes "${LANES:-1}" --safety "${SAFETY:-1.1}" --work "$WORK" \
   --archive "$OUT/runs.tgz" \
   --log "$OUT/grid.log" ${ONLY:+--only $ONLY} -- train.compile=true train.compile_cache="$CACHE" $EXTRA || rc=$?
 set +f

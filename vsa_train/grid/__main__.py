@@ -5,7 +5,7 @@ from pathlib import Path
 
 from . import __doc__ as doc
 from .ledger import grid_points, status
-from .runner import run
+from .runner import SAFETY, run
 
 
 def _say(log: str | None):
@@ -25,6 +25,9 @@ def main(argv=None) -> int:
     parser.add_argument("experiment", help="a config in configs/experiment/ whose hydra.sweeper.params is the grid")
     parser.add_argument("results", help="the ledger folder: finished runs go to RESULTS/runs/<name>/")
     parser.add_argument("--time", type=float, default=540.0, help="seconds this invocation may run (run)")
+    parser.add_argument("--safety", type=float, default=SAFETY,
+                        help="start a run only if its estimate times this ends in time (default %(default)s; a run "
+                             "cut at the deadline is lost, so go below 1.1 only for a run no call would fit)")
     parser.add_argument("--lanes", type=int, default=1, help="runs at once on the GPU, where memory and time allow")
     parser.add_argument("--memory-gib", type=float, help="memory the lanes may use together (default 90%% of the card)")
     parser.add_argument("--work", default="/tmp/vsa_grid", help="scratch folder for the runs' directories (run)")
@@ -38,6 +41,8 @@ def main(argv=None) -> int:
     args.extra = argv[cut + 1:]
     if args.lanes < 1:
         parser.error(f"--lanes must be at least 1, got {args.lanes}")
+    if args.safety < 1:
+        parser.error(f"--safety must be at least 1, got {args.safety}")
     points = grid_points(args.experiment, args.configs, args.extra)
     if args.command == "status":
         print(status(points, Path(args.results)))

@@ -16,7 +16,7 @@ from ..metrics import BUDGET_OVERSHOOT, read_metrics
 from ..provenance import code_commit
 from .ledger import Estimate, Point, estimate, group_speeds, read_record, speed, status
 
-SAFETY = 1.1             # estimates are multiplied by this before asking whether a run fits
+SAFETY = 1.1             # estimates are multiplied by this before asking whether a run fits (default of --safety)
 
 
 @dataclass
@@ -161,21 +161,21 @@ def archive(results: Path, names: list[str], path: Path) -> None:
     tmp.replace(path)
 
 
-def fits(est: Estimate, active: list[Active], left_s: float, memory_gib: float) -> bool:
+def fits(est: Estimate, active: list[Active], left_s: float, memory_gib: float, safety: float = SAFETY) -> bool:
     """Whether a run can start now: its memory beside the running ones', and every run (it and those running)
-    still ending before the deadline, with SAFETY to spare, as `advance` shares the GPU."""
+    still ending before the deadline, its estimate times `safety`, as `advance` shares the GPU."""
     if active and est.peak_gib + sum(a.est.peak_gib for a in active) > memory_gib:
         return False
     ends = end_times([list(a.work) for a in active] + [[est.overhead_s, est.train_s]])
-    return all(end * SAFETY <= left_s for end in ends)
+    return all(end * safety <= left_s for end in ends)
 
 
 def next_point(todo: list[Point], speeds: dict, active: list[Active], left_s: float,
-               memory_gib: float) -> tuple[Point, Estimate] | None:
+               memory_gib: float, safety: float = SAFETY) -> tuple[Point, Estimate] | None:
     """The longest point that fits now (longest first: big runs need a fresh lease, small ones fill the rest)."""
     for point in sorted(todo, key=lambda p: -estimate(p, speeds).solo_s):
         est = estimate(point, speeds)
-        if fits(est, active, left_s, memory_gib):
+        if fits(est, active, left_s, memory_gib, safety):
             return point, est
     return None
 
@@ -222,7 +222,7 @@ def run(points: list[Point], args, say) -> int:
             elif a.proc.returncode != -9:
                 failed += 1
         left = deadline - time.monotonic()
-        pick = next_point(todo, group_speeds(points, results, base["card"]), active, left, memory_gib) \
+        pick = next_point(todo, group_speeds(points, results, base["card"]), active, left, memory_gib, args.safety) \
             if len(active) < args.lanes else None
         if pick:
             todo.remove(pick[0])

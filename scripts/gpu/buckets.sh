@@ -11,10 +11,7 @@
 #   SMOKE=1 OUT=/tmp/bk bash scripts/gpu/buckets.sh                                 # CPU smoke run: dit_tiny, eager
 set -euo pipefail
 source "$(dirname "$0")/header.sh"
-: "${OUT:?set OUT to the output folder}"
-mkdir -p "$OUT"
-LOG="$OUT/buckets.log"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=disabled
+start_log buckets
 log_header buckets > "$LOG" 2>&1
 if [ "${SMOKE:-0}" = 1 ]; then
   export TRITON_INTERPRET=1 OMP_NUM_THREADS=1

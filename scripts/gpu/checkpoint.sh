@@ -12,11 +12,9 @@
 # A dit_1b checkpoint is 17.5 GB (weights + AdamW moments; 23 GB with train.ema): RD needs ~40 GB free.
 set -euo pipefail
 source "$(dirname "$0")/header.sh"
-: "${OUT:?set OUT to the output folder}"
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=disabled
+start_log checkpoint
 RD=${RD:-$(mktemp -d "$PWD/../vsa_ckpt_bench.XXXX")}
-log_header checkpoint > "$OUT/checkpoint.log" 2>&1
+log_header checkpoint > "$LOG" 2>&1
 if [ "${SMOKE:-0}" = 1 ]; then
   export TRITON_INTERPRET=1 OMP_NUM_THREADS=1
   common=(model=dit_tiny data.frames=4 data.height=8 data.width=8 train.batch_size=2)

@@ -13,10 +13,8 @@
 #   SMOKE=1 OUT=/tmp/fs bash scripts/gpu/first_step.sh           # CPU smoke run: dit_tiny, small video
 set -euo pipefail
 source "$(dirname "$0")/header.sh"
-: "${OUT:?set OUT to the output folder}"
-mkdir -p "$OUT"
-LOG="$OUT/first_step.log"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=disabled TRITON_PRINT_AUTOTUNING=1
+start_log first_step
+export TRITON_PRINT_AUTOTUNING=1
 log_header first_step > "$LOG" 2>&1
 
 if [ "${SMOKE:-0}" = 1 ]; then

@@ -16,10 +16,7 @@
 #   SMOKE=1 OUT=/tmp/goals bash scripts/gpu/goals.sh    # CPU smoke run: Triton interpreter, tiny sizes, dit_tiny
 set -euo pipefail
 source "$(dirname "$0")/header.sh"
-: "${OUT:?set OUT to the output folder}"
-mkdir -p "$OUT"
-LOG="$OUT/goals.log"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+start_log goals
 
 {
   log_header "goals: op, dq and step goals"

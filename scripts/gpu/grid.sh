@@ -14,25 +14,22 @@
 #   tar xzf /tmp/g/runs.tgz -C docs/study/study_16k                                          # then, here
 set -euo pipefail
 source "$(dirname "$0")/header.sh"
-: "${OUT:?set OUT to the output folder}"
+start_log grid
 EXP=${EXP:-study_16k}
 TIME=${TIME:-540}
 EXTRA=${EXTRA:-}
 WORK=${WORK:-/tmp/vsa_grid}
 RESULTS=${RESULTS:-docs/study/$EXP}  # the committed ledger
 CACHE=${CACHE:-/tmp/vsa_compile_cache}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export WANDB_MODE=disabled  # the experiment logs to metrics.jsonl only
-mkdir -p "$OUT"
-log_header "grid $EXP" > "$OUT/grid.log"
+log_header "grid $EXP" > "$LOG"
 if [ -f .compile_cache/cache.tgz ]; then  # an earlier call's caches (same torch and Triton: the record says)
-  mkdir -p "$CACHE" && tar xzf .compile_cache/cache.tgz -C "$CACHE" && echo "compile cache: carried in" >> "$OUT/grid.log"
+  mkdir -p "$CACHE" && tar xzf .compile_cache/cache.tgz -C "$CACHE" && echo "compile cache: carried in" >> "$LOG"
 fi
 rc=0
 set -f  # ONLY holds globs for the runner, not for the shell
 python -m vsa_train.grid run "$EXP" "$RESULTS" --time "$TIME" --lanes "${LANES:-1}" --safety "${SAFETY:-1.1}" --work "$WORK" \
   --archive "$OUT/runs.tgz" \
-  --log "$OUT/grid.log" ${ONLY:+--only $ONLY} -- train.compile=true train.compile_cache="$CACHE" $EXTRA || rc=$?
+  --log "$LOG" ${ONLY:+--only $ONLY} -- train.compile=true train.compile_cache="$CACHE" $EXTRA || rc=$?
 set +f
 (cd "$WORK" && tar czf "$OUT/logs.tgz" ./*.out) 2>/dev/null || true
 if [ -d "$CACHE" ]; then

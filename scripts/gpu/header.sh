@@ -1,4 +1,10 @@
-# Sourced by the GPU scripts: the first lines of each log say what ran where.
+# Sourced by the GPU scripts: where their log goes (start_log), and the first lines of each log say what ran where.
+start_log() {  # start_log NAME: needs $OUT (made here); LOG=$OUT/NAME.log; the repo on PYTHONPATH; wandb off
+  : "${OUT:?set OUT to the output folder}"
+  mkdir -p "$OUT"
+  LOG="$OUT/$1.log"
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=disabled
+}
 log_header() {  # log_header TITLE: "# TITLE on <host>, <date>, commit <sha>[ + changes to <files>]", the card, torch and triton
   local commit changed
   commit=$(git rev-parse --short HEAD 2>/dev/null || echo '(no git)')

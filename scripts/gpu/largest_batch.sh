@@ -5,12 +5,9 @@
 #
 #   OUT=/tmp/lb bash scripts/gpu/largest_batch.sh dit_1b vsa full 80 21 20 19     # model attn policy GiB batches...
 set -uo pipefail
-: "${OUT:?set OUT to the output folder}"
+start_log largest_batch
 [ $# -ge 5 ] || { echo "usage: largest_batch.sh MODEL ATTN POLICY CAP_GIB BATCH [BATCH...]" >&2; exit 2; }
 model=$1 attn=$2 policy=$3 cap=$4; shift 4
-mkdir -p "$OUT"
-LOG="$OUT/largest_batch.log"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=disabled
 echo "## largest $model $attn batch with model.grad_checkpointing=$policy under $cap GiB" >> "$LOG"
 for batch in "$@"; do
   out="$OUT/b$batch"

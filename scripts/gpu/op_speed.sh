@@ -10,10 +10,7 @@
 #   SMOKE=1 OUT=/tmp/ops bash scripts/gpu/op_speed.sh          # CPU smoke run: Triton interpreter, tiny sizes
 set -euo pipefail
 source "$(dirname "$0")/header.sh"
-: "${OUT:?set OUT to the output folder}"
-mkdir -p "$OUT"
-LOG="$OUT/op_speed.log"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+start_log op_speed
 
 {
   log_header "op_speed: VSA op"

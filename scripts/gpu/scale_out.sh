@@ -14,10 +14,7 @@
 #   SMOKE=1 OUT=/tmp/so bash scripts/gpu/scale_out.sh    # CPU smoke run: dit_tiny at a small video, 2 steps
 set -euo pipefail
 source "$(dirname "$0")/header.sh"
-: "${OUT:?set OUT to the output folder}"
-mkdir -p "$OUT"
-LOG="$OUT/scale_out.log"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=disabled
+start_log scale_out
 {
   log_header scale_out
 } > "$LOG" 2>&1

@@ -14,12 +14,8 @@
 #   SMOKE=1 OUT=/tmp/scaling bash scripts/gpu/scaling_h200.sh          # CPU: the same steps on scaling_law_tiny
 set -euo pipefail
 source "$(dirname "$0")/header.sh"
-: "${OUT:?set OUT to the output folder}"
-mkdir -p "$OUT"
-LOG="$OUT/scaling.log"
+start_log scaling  # logger=none in the experiment; metrics.jsonl is the record
 START=$SECONDS
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export WANDB_MODE=disabled  # logger=none in the experiment; metrics.jsonl is the record
 
 if [ "${SMOKE:-0}" = 1 ]; then
   EXPERIMENT=scaling_law_tiny DEADLINE_S=${DEADLINE_S:-600} ANALYSIS_S=120 BOOTSTRAP=200

@@ -10,12 +10,8 @@
 #   SMOKE=1 OUT=/tmp/study bash scripts/gpu/study.sh      # CPU smoke run: tiny widths and videos, same steps
 set -euo pipefail
 source "$(dirname "$0")/header.sh"
-: "${OUT:?set OUT to the output folder}"
-mkdir -p "$OUT"
-LOG="$OUT/study.log"
+start_log study  # logger=none below; metrics.jsonl is the record
 START=$SECONDS
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export WANDB_MODE=disabled  # logger=none below; metrics.jsonl is the record
 
 # Sizes (name width depth heads; head dim 64): custom widths below dit_60m, so that ~30 s of GPU time per run
 # buys hundreds of optimizer steps at 16K tokens (dit_60m would get a few dozen).

@@ -11,10 +11,7 @@
 #   SMOKE=1 OUT=/tmp/ts bash scripts/gpu/train_step.sh    # CPU smoke run: dit_tiny, small video, 2 steps
 set -euo pipefail
 source "$(dirname "$0")/header.sh"
-: "${OUT:?set OUT to the output folder}"
-mkdir -p "$OUT"
-LOG="$OUT/train_step.log"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+start_log train_step
 {
   log_header train_step
 } > "$LOG" 2>&1

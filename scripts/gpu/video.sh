@@ -9,12 +9,10 @@
 #   SMOKE=1 OUT=/tmp/v bash scripts/gpu/video.sh    # CPU smoke run: dit_tiny, 5 frames of 32 x 32, 4 steps
 set -euo pipefail
 source "$(dirname "$0")/header.sh"
-: "${OUT:?set OUT to the output folder}"
-mkdir -p "$OUT"
-LOG="$OUT/video.log"
+start_log video
+export WANDB_MODE=offline WANDB_SILENT=true  # this script checks the wandb files
 W="$OUT/work"
 rm -rf "$W" && mkdir -p "$W"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=offline WANDB_SILENT=true
 
 if [ "${SMOKE:-0}" = 1 ]; then
   FRAMES=5 SIZE=32 MODEL=dit_tiny STEPS=4 BATCH=2 EVAL_EVERY=2 SAMPLE_STEPS=2 BASE_DIM=8

@@ -151,8 +151,8 @@ def test_the_progress_bars_rate_leaves_evaluation_out(tmp_path, monkeypatch):
         clock.now += 10.0
         return done
 
-    def add(self, flops, loss):
-        real_add(self, flops, loss)
+    def add(self, flops, loss, tokens):
+        real_add(self, flops, loss, tokens)
         rates.append(self.bar.format_dict["rate"])
 
     monkeypatch.setattr(tqdm.std, "time", lambda: clock.now)  # the bar's clock (read when a bar is made)

@@ -15,25 +15,21 @@ def _run(*args):
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.slow  # ~20 s: three op rows in the interpreter
-def test_batch_option_runs_every_row_at_that_batch():
-    proc = _run("--sizes", "tiny", "--no-flex", "--batch", "2", "--rep", "1")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    header = next(line for line in proc.stdout.splitlines() if line.startswith("### tiny:"))
-    assert ", B=2," in header
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| VSA") or line.startswith("| dense")]
-    assert len(rows) == 4  # full op, full op tiled, fine stage, dense
-
-
 def test_bad_batch_is_refused():
     proc = _run("--sizes", "tiny", "--batch", "0")
     assert proc.returncode == 2 and "argument --batch: a whole number of at least 1, got '0'" in proc.stderr
 
 
-@pytest.mark.slow  # ~30 s: the checks and both loop variants in the interpreter
-def test_checks_and_pairs_label_rows():
-    proc = _run("--sizes", "tiny", "--no-flex", "--rep", "1", "--check", "fp32", "--pairs", "0,1")
+@pytest.mark.slow  # ~30 s: the checks and both loop variants in the interpreter, at batch 2
+def test_batch_checks_and_pairs_label_rows():
+    proc = _run("--sizes", "tiny", "--no-flex", "--batch", "2", "--rep", "1", "--check", "fp32", "--pairs", "0,1")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("### tiny:"))
+    assert ", B=2," in header  # every row at that batch
+    lines = proc.stdout.splitlines()
+    for pairs in (0, 1):  # full op, full op tiled, fine stage: once per loop variant; dense once
+        assert sum(line.startswith("| VSA") and f"(pairs={pairs})" in line for line in lines) == 3, proc.stdout
+    assert sum(line.startswith("| dense") for line in lines) == 1
     assert "all within limits" in proc.stdout
     for label in ("| fine (pairs=0) |", "| full (pairs=1) |", "| VSA full op, tiled (pairs=0) |",
                   "| VSA fine stage (pairs=1) |", "fine, uncentred (pairs=0) |"):

@@ -335,3 +335,19 @@ def test_a_flops_budget_ends_the_decay_at_the_expected_flops_of_the_buckets_draw
     trainer.train(config)  # the launch records it and its checkpoints keep it
     last = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
     assert json.loads((last / "state.json").read_text())["lr_end_step"] == want
+
+
+def test_the_one_usable_item_of_a_bucket_is_found_across_an_epoch_boundary():
+    """A bad item is replaced by the next position's: n positions may straddle two epochs' permutations and miss the
+    one usable item, so the search spans 2n (ItemStream's as well)."""
+    from vsa_train.data.batching import ItemStream
+
+    def load(i, position, bucket=None):
+        if i != 2:
+            raise BadInput("broken")
+        return {"video": torch.zeros(1), "caption": str(i), "text": torch.zeros(1), "text_mask": torch.ones(1)}
+
+    streams = [BucketStream([[0, 1, 2]], np.ones(1), load, None, 1, seed=s) for s in range(5)]
+    streams += [ItemStream(3, load, None, 1, seed=s) for s in range(5)]
+    for stream in streams:
+        assert {c for b in itertools.islice(stream, 30) for c in b["caption"]} == {"2"}

@@ -104,11 +104,12 @@ class Config:
     def validate(self) -> list[str]:
         """The rules that join sections."""
         shape, patch = tuple(self.spec.video_shape), list(self.model.patch_size)
-        if any(n % p for n, p in zip(shape, patch)):
-            return [f"data (frames, height, width) = {shape} must be divisible by model.patch_size = {patch}"]
         odd = [list(s) for s in self.spec.buckets if any(n % p for n, p in zip(s, patch))]
         if odd:  # the VSA tile need not divide them (edge tiles); the patch must
-            return [f"data.buckets {odd} must be divisible by model.patch_size = {patch}"]
+            what = "the buckets' latent (T, H, W)" if self.data.source == "latents" else "data.buckets"
+            return [f"{what} {odd} must be divisible by model.patch_size = {patch}"]
+        if any(n % p for n, p in zip(shape, patch)):
+            return [f"data (frames, height, width) = {shape} must be divisible by model.patch_size = {patch}"]
         if self.train.sample_shape is not None and any(n % p for n, p in zip(self.train.sample_shape, patch)):
             return [f"train.sample_shape = {list(self.train.sample_shape)} must be divisible by model.patch_size = "
                     f"{patch}"]

@@ -6,7 +6,8 @@ normalised VAE latents), text [B, L, text_dim] float32, text_mask [B, L] bool, c
 [B] int64 (each sample's index in the global training stream: batch b of rank r holds (b * world + r) * B + j;
 the trainer draws each sample's noise from it), and optionally skipped list[str]: the bad inputs met while
 assembling the batch, "name: reason").
-With `data.buckets` (data/buckets.py; data=videos and data=hf) each batch also holds `bucket`: the index of its
+With `data.buckets` (data/buckets.py; data=videos and data=hf, and data=latents encoded with buckets, whose index
+sets them) each batch also holds `bucket`: the index of its
 shape in `DataSpec.buckets` (video is [B, C, T, H, W] at that shape, the same on every rank for the whole step),
 the source's build takes `grad_accum` (one bucket per optimizer step), and the eval set is a list of one-bucket
 batches (one per bucket holding eval clips, in bucket order, each `eval_samples` videos and its `bucket`)

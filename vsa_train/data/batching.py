@@ -68,8 +68,9 @@ class ItemStream(IterableDataset):
             first = (b * self.world_size + self.rank) * self.batch_size
             items, skipped = [], []
             for p in range(first, first + self.batch_size):
-                for q in range(p, p + self.n + 1):
-                    if q == p + self.n:
+                # n positions may straddle two epochs' permutations (missing a usable item); 2n hold a whole epoch
+                for q in range(p, p + 2 * self.n + 1):
+                    if q == p + 2 * self.n:
                         raise RuntimeError(f"none of the {self.n} inputs is usable ({self.source}); "
                                            "see the warnings above")
                     i = self._item(q)

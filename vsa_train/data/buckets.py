@@ -12,6 +12,7 @@ resume draws the same buckets and clips, on any number of processes with the sam
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .batching import BadInput, BadInputs, collate
+from ..errors import MissingInput
+from .batching import BadInput, BadInputs, collate, eval_batch, make_loader
+
+log = logging.getLogger(__name__)
 
 Shape = tuple[int, int, int]
 RULE_KEYS = ("frames", "aspect_ratios", "pixels", "multiple")
@@ -39,7 +43,8 @@ def _plain(value):
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
-def _ints(v, n=None) -> bool:
+def positive_ints(v, n=None) -> bool:
+    """Whether v is a non-empty sequence of positive integers (of length n, if given)."""
     return (isinstance(v, Sequence) and not isinstance(v, str) and (n is None or len(v) == n) and len(v) > 0
             and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v))
 
@@ -51,7 +56,8 @@ def bucket_shapes(value) -> tuple[Shape, ...] | None:
         return None
     if isinstance(value, Mapping):
         return _rule_shapes(value)
-    if not (isinstance(value, Sequence) and not isinstance(value, str) and value and all(_ints(s, 3) for s in value)):
+    if not (isinstance(value, Sequence) and not isinstance(value, str) and value
+            and all(positive_ints(s, 3) for s in value)):
         raise ValueError(f"data.buckets must be {ALLOWED}, got {value!r}")
     shapes = tuple(tuple(s) for s in value)
     if len(set(shapes)) != len(shapes):
@@ -61,7 +67,8 @@ def bucket_shapes(value) -> tuple[Shape, ...] | None:
 
 def _rule_shapes(rule: Mapping) -> tuple[Shape, ...]:
     """Each frame count x aspect ratio, the sides rounded to `multiple` with frames x height x width ~ `pixels`."""
-    if set(rule) != set(RULE_KEYS) or not _ints(rule["frames"]) or not _ints([rule["pixels"], rule["multiple"]]):
+    if (set(rule) != set(RULE_KEYS) or not positive_ints(rule["frames"])
+            or not positive_ints([rule["pixels"], rule["multiple"]])):
         raise ValueError(f"data.buckets must be {ALLOWED}, got {dict(rule)!r}")
     ratios = rule["aspect_ratios"]
     if not (isinstance(ratios, Sequence) and ratios and all(isinstance(r, (int, float)) and not isinstance(r, bool)
@@ -208,7 +215,7 @@ class BucketStream(IterableDataset):
     def _load(self, bucket: int, k: int, position: int, bad: set, skipped: list) -> dict:
         """The item at bucket-local index k (the next usable one when it is bad)."""
         n = len(self.members[bucket])
-        for q in range(k, k + n):
+        for q in range(k, k + 2 * n):  # n positions may straddle two epochs' permutations; 2n hold a whole epoch
             i = self._item(bucket, q)
             if i in bad:
                 continue
@@ -221,3 +228,32 @@ class BucketStream(IterableDataset):
                 skipped.append(f"{name}: {e}")
         raise RuntimeError(f"none of the {n} inputs of bucket {bucket} is usable ({self.source}); see the warnings "
                            "above")
+
+
+def build_buckets(cfg, shapes, fits: Mapping[int, int], train, held, load, encoder, *, batch_size: int,
+                  eval_samples: int, rank: int = 0, world_size: int = 1, start_batch: int = 0, grad_accum: int = 1,
+                  names=None, source: str = "the data source", report=None, unfit=()):
+    """Train loader of one-bucket batches (BucketStream) over the `train` items and the eval set over the `held`
+    ones: a list of one-bucket batches, one per bucket that holds eval items, in bucket order, each `eval_samples`
+    videos with its `bucket` index. `fits` maps each usable item to its bucket; `unfit` ("name: reason") lists
+    the items that fit none (BucketStream counts them); `load(i, position, bucket)` as BucketStream's."""
+    members = [[i for i in train if fits.get(i) == k] for k in range(len(shapes))]
+    try:
+        probs = draw_weights([len(m) for m in members], cfg.get("bucket_weights"))
+    except ValueError:
+        example = f", e.g. {unfit[0]}" if unfit else ""
+        raise MissingInput(f"no training item of {source} fits a bucket drawn with a weight > 0{example}") from None
+    stream = BucketStream(members, probs, load, encoder, batch_size, cfg.seed, rank, world_size, grad_accum,
+                          start_batch, names, source, unfit)
+    log.info("%s: items per bucket %s, drawn with probabilities %s", source,
+             {tuple(shape): len(m) for shape, m in zip(shapes, members)}, [round(float(p), 4) for p in probs])
+    eval_set, groups = [], [(k, [i for i in held if fits.get(i) == k]) for k in range(len(shapes))]
+    groups = [(k, items) for k, items in groups if items]
+    for n, (k, items) in enumerate(groups):
+        progress = None if report is None else (lambda done, total, n=n: report(n * total + done, len(groups) * total))
+        batch = eval_batch(items, lambda i, p, k=k: load(i, p, k), encoder, eval_samples, names=names,
+                           source=f"{source}, bucket {list(shapes[k])}", report=progress, bad=stream.bad)
+        eval_set.append(dict(batch, bucket=k))
+    if not eval_set:
+        raise MissingInput(f"no eval item of {source} fits a bucket")
+    return make_loader(stream, cfg.num_workers, cfg.seed), eval_set

@@ -35,6 +35,17 @@ def _buckets_ok(value) -> bool:
     return True
 
 
+def _buckets():
+    """data.buckets, held as its shapes (a rule generates them); null: none (data=latents: the index's)."""
+    return setting(None, ok=_buckets_ok, allowed=BUCKETS_ALLOWED, optional=True, convert=bucket_shapes)
+
+
+def _bucket_weights():
+    return setting(None, ok=lambda v: isinstance(v, (list, tuple)) and len(v) > 0
+                   and all(is_num(x) and x >= 0 for x in v) and any(x > 0 for x in v),
+                   allowed="a list of numbers >= 0, one per bucket, not all 0", optional=True, convert=tuple)
+
+
 @dataclass(frozen=True)
 class SyntheticConfig(DataSection):
     """data=synthetic: procedurally rendered videos with captions (vsa_train/data/synthetic.py)."""
@@ -65,12 +76,8 @@ class VideosConfig(DataSection):
     stride: int = integer(2)
     fps: float | None = positive(None, optional=True)
     # Shape buckets (data/buckets.py): null trains every clip at (frames, height, width) as before
-    buckets: tuple | None = setting(None, ok=_buckets_ok, allowed=BUCKETS_ALLOWED, optional=True,
-                                   convert=bucket_shapes)  # held as its shapes (a rule generates them)
-    bucket_weights: tuple | None = setting(None, ok=lambda v: isinstance(v, (list, tuple)) and len(v) > 0
-                                           and all(is_num(x) and x >= 0 for x in v) and any(x > 0 for x in v),
-                                           allowed="a list of numbers >= 0, one per bucket, not all 0",
-                                           optional=True, convert=tuple)
+    buckets: tuple | None = _buckets()
+    bucket_weights: tuple | None = _bucket_weights()
     max_upscale: float = number(1.0, lambda v: v >= 1, "a number >= 1")
     backend: str = choice("auto", VIDEO_BACKENDS)
     max_caption_bytes: int = setting(131072, ok=lambda v: is_int(v) and 1 <= v <= MAX_CAPTION_BYTES,
@@ -144,6 +151,9 @@ class LatentsConfig(DataSection):
     name: str = text()
     source: str = text("latents")
     path: str = text()
+    # the index's buckets (data/latents.py checks these against it, with the index)
+    buckets: tuple | None = _buckets()
+    bucket_weights: tuple | None = _bucket_weights()
     holdout: int = integer(0, low=0)
     caption_dropout: float = _probability(0.1)
     seed: int = _seed()

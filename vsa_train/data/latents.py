@@ -1,21 +1,27 @@
 """Precomputed latents: VAE latents and text embeddings in safetensors shards (scripts/encode_latents.py).
 
-`data.path` holds `index.json` (shapes, dtypes, the VAE and text encoder used as {path, subfolder, revision,
-dtype} dicts -- Hub ids stay ids; older indexes hold bare paths, still read --, the shards with their
-counts and whether they carry checksums, the inputs skipped while encoding) and `shard_<k>.safetensors`
-files with latent [n, C, T, H, W] (normalised with the VAE's latents_mean / latents_std), text [n, L, D],
-text_mask [n, L], and the captions and each item's sha256 (item_checksum) in the metadata. The model's input
+`data.path` holds `index.json` and `shard_*.safetensors` files (their format: latent_format.py): latent
+[n, C, T, H, W] (normalised with the VAE's latents_mean / latents_std), text [n, L, D], text_mask [n, L], and the
+captions and each item's sha256 in the metadata. The index records the VAE and text encoder used as {path,
+subfolder, revision, dtype} dicts (Hub ids stay ids; older indexes hold bare paths, still read). The model's input
 channels and video shape are the latent's, so patching follows the latent grid.
+
+An index with buckets (encoded with data.buckets; one bucket per shard) trains as bucketed pixel data does
+(buckets.py): one bucket per optimizer step, drawn from (seed, step) in proportion to the buckets' training items
+(or data.bucket_weights, one per bucket of the index), exact resume from the stream position; DataSpec.buckets are
+the buckets' latent (T, H, W), and the eval set is one batch per bucket. The buckets are the index's: data.buckets,
+when set, must name the same ones (the pixel shapes they were encoded at, in order), else the run is refused.
+data.holdout holds out the last items in the order of the clip list they were encoded from, as for the pixels.
 
 A shard that cannot be used (missing, truncated, a tensor missing or of the wrong shape, unreadable
 captions or checksums, fewer items than index.json says) does not stop a run: its affected items raise
-BadInput naming the shard, so the stream skips and counts them; so does an item whose bytes fail its
-checksum (checked each time it is read) or hold non-finite values. Shards of an index written before
-checksums are read unchecked, with one warning. A missing or corrupt index.json, or one naming a shard
-outside the folder (an absolute path, `..`, a symlink leading out), is an error at start.
+BadInput naming the shard, so the stream skips and counts them (a bucketed one: the next item of its bucket
+replaces each); so does an item whose bytes fail its checksum (checked each time it is read) or hold non-finite
+values. Shards of an index written before checksums are read unchecked, with one warning. A missing or corrupt
+index.json, or one naming a shard outside the folder (an absolute path, `..`, a symlink leading out), is an error
+at start.
 """
 import functools
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -23,17 +29,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .batching import BadInput, ItemStream, eval_batch, holdout_split, make_loader
+from .buckets import bucket_shapes, build_buckets
 from .encoders import ModelSpec, PretrainedTextEncoder, get_text_encoder, load_vae  # noqa: F401 -- re-exported
+from .latent_format import INDEX, TENSORS, item_checksum, read_index, shard_groups
+from .latent_format import shard_info, write_shard  # noqa: F401 -- re-exported (scripts/encode_latents.py, tests)
 from .spec import DataSpec
 from .text import CaptionEncoder
 
 log = logging.getLogger(__name__)
-
-INDEX = "index.json"
-_TENSORS = ("latent", "text", "text_mask")
 
 
 # ------------------------------------------------------------------------------------------------------ VAE
@@ -76,77 +81,7 @@ def encoder_from_index(index: dict, device="cpu"):
 
 
 # ---------------------------------------------------------------------------------------------------- shards
-
-def item_checksum(latent: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, caption: str) -> str:
-    """sha256 of one item as stored: the bytes of its latent, text and text_mask (their shapes are the index's)
-    and its caption."""
-    digest = hashlib.sha256()
-    for t in (latent, text, text_mask):
-        digest.update(t.contiguous().view(torch.uint8).numpy())
-    digest.update(caption.encode("utf-8", "surrogatepass"))
-    return digest.hexdigest()
-
-
-def write_shard(path, latent: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, captions: list[str],
-                skipped: list[str]) -> None:
-    """One shard with each item's checksum in its metadata, written to a temporary name and renamed, so that a
-    file that exists is complete."""
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    tensors = {"latent": latent.contiguous(), "text": text.contiguous(), "text_mask": text_mask.contiguous()}
-    checksums = [item_checksum(*(tensors[t][i] for t in _TENSORS), c) for i, c in enumerate(captions)]
-    save_file(tensors, str(tmp), metadata={"captions": json.dumps(captions), "skipped": json.dumps(skipped),
-                                           "checksums": json.dumps(checksums)})
-    tmp.replace(path)
-
-
-def shard_info(path) -> dict:
-    """Count, shapes, dtypes, skipped inputs and whether items carry checksums, of a shard, from its header."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        latent, text = f.get_slice("latent"), f.get_slice("text")
-        return {"file": Path(path).name, "count": latent.get_shape()[0], "latent_shape": latent.get_shape()[1:],
-                "latent_dtype": latent.get_dtype(), "text_shape": text.get_shape()[1:],
-                "text_dtype": text.get_dtype(), "skipped": json.loads(meta["skipped"]),
-                "checksums": "checksums" in meta}
-
-
-def read_index(root) -> dict:
-    """The index of a latent directory, with a clear error when it is missing, not JSON or lacks a key."""
-    path = Path(root) / INDEX
-    if not path.is_file():
-        raise FileNotFoundError(f"data.path={str(root)!r} has no {INDEX}; write one with scripts/encode_latents.py")
-    try:
-        index = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is corrupt ({e}); rewrite it with scripts/encode_latents.py") from None
-    shards = index.get("shards") if isinstance(index, dict) else None
-    if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("file"), str)
-                                               and isinstance(s.get("count"), int) for s in shards):
-        raise ValueError(f"{path} has no valid 'shards' list of {{file, count}}; rewrite it with "
-                         "scripts/encode_latents.py")
-    missing = [k for k in ("latent_shape", "text_shape") if k not in index]
-    if missing:
-        raise ValueError(f"{path} lacks {missing}; rewrite it with scripts/encode_latents.py")
-    for shard in shards:
-        _check_inside(path, shard["file"])
-    return index
-
-
-def _check_inside(index: Path, file: str) -> None:
-    """ValueError unless shard `file` of `index`, with `..` and symlinks resolved, lies inside the index's folder.
-
-    The index names what is opened, so it must not reach other files (an absolute path, `..`, or a symlink
-    leading out); the folder itself may be a symlink, and symlinks between files inside it are followed.
-    """
-    root = index.parent
-    try:
-        real, real_root = (root / file).resolve(), root.resolve()
-    except (OSError, RuntimeError, ValueError) as e:  # symlink loops, NUL bytes
-        raise ValueError(f"{index}: shard {file!r} cannot be resolved ({e})") from None
-    if not real.is_relative_to(real_root):
-        raise ValueError(f"{index}: shard {file!r} lies outside the latent folder {real_root} ({real})")
-
+# the files' format: latent_format.py (write_shard, shard_info, read_index, item_checksum)
 
 class _Shard:
     """An open shard checked against the index: the file handle, its item count, captions and the items'
@@ -154,10 +89,10 @@ class _Shard:
 
     def __init__(self, path: Path, latent_shape: list, text_shape: list, checksums: bool):
         self.file = safe_open(str(path), framework="pt")  # raises on a truncated file
-        missing = [t for t in _TENSORS if t not in self.file.keys()]
+        missing = [t for t in TENSORS if t not in self.file.keys()]
         if missing:
             raise BadInput(f"no tensor {missing}")
-        shapes = {t: self.file.get_slice(t).get_shape() for t in _TENSORS}
+        shapes = {t: self.file.get_slice(t).get_shape() for t in TENSORS}
         self.count = shapes["latent"][0]
         expected = {"latent": latent_shape, "text": text_shape, "text_mask": text_shape[:1]}
         for t, shape in shapes.items():
@@ -191,9 +126,11 @@ class LatentStore:
 
     def __init__(self, root):
         self.root, self.index = Path(root), read_index(root)
-        self.shards = [s for s in self.index["shards"] if s["count"] > 0]
+        self.bucketed = "buckets" in self.index
+        # in bucket order; each shard with its bucket and the latent shape it must hold
+        self.shards = [dict(s, bucket=b, latent_shape=list(shape))
+                       for b, (shape, shards) in enumerate(shard_groups(self.index)) for s in shards if s["count"] > 0]
         self.offsets = np.cumsum([0] + [s["count"] for s in self.shards])
-        self.latent_shape = list(self.index["latent_shape"])
         self._files: dict[int, _Shard | str] = {}  # shard k -> open shard, or why it is unusable
         unchecked = sum(not s.get("checksums") for s in self.shards)
         if unchecked:  # indexes written before checksums: still read, their damage found only if non-finite
@@ -213,13 +150,25 @@ class LatentStore:
         k, j = self._locate(i)
         return f"{self.shards[k]['file']}[{j}]"
 
+    def buckets(self) -> list[int]:
+        """Each item's bucket (0 for all without buckets)."""
+        return [s["bucket"] for s in self.shards for _ in range(s["count"])]
+
+    def clip_order(self) -> list[int]:
+        """The items in the order of the clip list they were encoded from (a bucketed index records each item's
+        clip; without buckets the shards are in clip order already)."""
+        if not self.bucketed:
+            return list(range(len(self)))
+        clips = [c for s in self.shards for c in s["clips"]]
+        return sorted(range(len(self)), key=clips.__getitem__)
+
     def _shard(self, k: int) -> _Shard:
         """Shard k, opened once; BadInput naming it (each time) when it cannot be used."""
         if k not in self._files:
             file = self.shards[k]["file"]
             path = self.root / file
             try:
-                self._files[k] = _Shard(path, self.latent_shape, list(self.index["text_shape"]),
+                self._files[k] = _Shard(path, self.shards[k]["latent_shape"], list(self.index["text_shape"]),
                                         bool(self.shards[k].get("checksums")))
             except BadInput as e:
                 self._files[k] = f"shard {file}: {e}"
@@ -233,11 +182,12 @@ class LatentStore:
             raise BadInput(shard)  # a new exception each time: re-raising one would grow its traceback
         return shard
 
-    def load(self, i: int, position: int | None = None) -> dict:
+    def load(self, i: int, position: int | None = None, bucket: int | None = None) -> dict:
         """Item i as dict(video=latent, text, text_mask, caption); BadInput on a bad shard, a checksum mismatch
         or non-finite values.
 
-        `position` (the stream position, as ItemStream passes it) is unused: a latent has no window to choose.
+        `position` and `bucket` (as ItemStream and BucketStream pass them) are unused: a latent has no window to
+        choose, and its shape is its bucket's.
         """
         k, j = self._locate(i)
         shard = self._shard(k)
@@ -245,7 +195,7 @@ class LatentStore:
             raise BadInput(f"shard {self.shards[k]['file']} holds {shard.count} items, {INDEX} says "
                            f"{self.shards[k]['count']}")
         try:
-            stored = [shard.file.get_slice(t)[j: j + 1][0] for t in _TENSORS]
+            stored = [shard.file.get_slice(t)[j: j + 1][0] for t in TENSORS]
         except Exception as e:  # noqa: BLE001 -- an I/O error on one item leaves the others usable
             raise BadInput(f"shard {self.shards[k]['file']} unreadable ({type(e).__name__}: {e})") from None
         # per item, not per file: hashing costs what reading the item costs, not a whole shard at first touch
@@ -265,23 +215,49 @@ class LatentStore:
 # ---------------------------------------------------------------------------------------------- data source
 
 def spec(cfg):
-    """Channels and (T, H, W) of the latents, text width and length of the stored embeddings."""
+    """Channels and (T, H, W) of the latents (with buckets: each bucket's, the first the default), text width and
+    length of the stored embeddings; ValueError when data.buckets or data.bucket_weights contradict the index."""
     index = read_index(cfg.path)
-    C, T, H, W = index["latent_shape"]
+    shapes = [tuple(shape) for shape, _ in shard_groups(index)]
+    _check_bucket_settings(cfg, index)
     L, D = index["text_shape"]
-    return DataSpec(in_channels=C, text_dim=D, text_len=L, video_shape=(T, H, W))
+    buckets = tuple(shape[1:] for shape in shapes) if "buckets" in index else ()
+    return DataSpec(in_channels=shapes[0][0], text_dim=D, text_len=L, video_shape=shapes[0][1:], buckets=buckets)
+
+
+def _check_bucket_settings(cfg, index: dict) -> None:
+    """ValueError unless data.buckets is unset or names the index's buckets (the pixel shapes encoded, in order)
+    and data.bucket_weights, when set, has one weight per bucket of the index."""
+    encoded = tuple(tuple(bucket["shape"]) for bucket in index.get("buckets", ()))
+    given = bucket_shapes(cfg.get("buckets"))
+    if given is not None and given != encoded:
+        held = f"buckets {[list(s) for s in encoded]}" if encoded else "one shape, without buckets"
+        raise ValueError(f"data.buckets={[list(s) for s in given]} contradicts the {INDEX} of these latents, encoded "
+                         f"at {held}; data=latents trains on the index's: leave data.buckets unset")
+    weights = cfg.get("bucket_weights")
+    if weights is not None and len(weights) != len(encoded):
+        raise ValueError(f"data.bucket_weights has {len(weights)} weights for the {len(encoded)} buckets of {INDEX}")
 
 
 def build(cfg, *, batch_size: int, eval_samples: int, rank: int = 0, world_size: int = 1, start_batch: int = 0,
-          report=None):
-    """data=latents: train loader over the shards (the last `data.holdout` items held out) and the eval batch."""
+          report=None, grad_accum: int = 1):
+    """data=latents: train loader over the shards (the last `data.holdout` items held out) and the eval batch;
+    with buckets (`grad_accum` micro-batches a step, one bucket per step) one-bucket batches and an eval set per
+    bucket (buckets.build_buckets)."""
     store = LatentStore(cfg.path)
     train, held = holdout_split(cfg, len(store))
-    names = [store.name(i) for i in range(len(store))]
+    names, source = [store.name(i) for i in range(len(store))], str(cfg.path)
+    if store.bucketed:
+        order, buckets = store.clip_order(), store.buckets()
+        return build_buckets(cfg, [b["shape"] for b in store.index["buckets"]], dict(enumerate(buckets)),
+                             [order[p] for p in train], [order[p] for p in held], store.load, None,
+                             batch_size=batch_size, eval_samples=eval_samples, rank=rank, world_size=world_size,
+                             start_batch=start_batch, grad_accum=grad_accum, names=names, source=source,
+                             report=report)
     stream = ItemStream(len(train), store.load, None, batch_size, cfg.seed, rank, world_size, start_batch, names,
-                        str(cfg.path))
-    eval_set = eval_batch(held, store.load, None, eval_samples, names=names, source=str(cfg.path),
-                          report=report, bad=stream.bad)
+                        source)
+    eval_set = eval_batch(held, store.load, None, eval_samples, names=names, source=source, report=report,
+                          bad=stream.bad)
     return make_loader(stream, cfg.num_workers, cfg.seed), eval_set
 
 

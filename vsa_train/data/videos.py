@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..errors import MissingInput
 from .batching import BadInput, ItemStream, eval_batch, holdout_split, make_loader  # BadInput: re-exported
-from .buckets import BucketStream, ClipShape, assign, bucket_shapes, draw_weights, span
+from .buckets import ClipShape, assign, build_buckets, bucket_shapes, span
 from .encoders import pixel_text_encoder
 from .text import CaptionEncoder
 
@@ -581,26 +581,10 @@ def build_bucketed(cfg, clips: list[Clip], *, batch_size: int, eval_samples: int
     if unfit:
         log.warning("%s: %d of %d clips fit no bucket or are unusable; each is skipped, counted and named", source,
                     len(unfit), len(clips))
-    members = [[i for i in train if fits.get(i) == k] for k in range(len(shapes))]
-    try:
-        probs = draw_weights([len(m) for m in members], cfg.get("bucket_weights"))
-    except ValueError:
-        raise MissingInput(f"no clip of {source} fits a bucket of data.buckets, e.g. {unfit[0]}") from None
-    load, encoder = ClipLoader(cfg, clips, shapes), caption_encoder(cfg, clips)
-    stream = BucketStream(members, probs, load, encoder, batch_size, cfg.seed, rank, world_size, grad_accum,
-                          start_batch, names, source, unfit)
-    log.info("%s: clips per bucket %s, drawn with probabilities %s", source,
-             {shape: len(m) for shape, m in zip(shapes, members)}, [round(float(p), 4) for p in probs])
-    eval_set, groups = [], [(k, [i for i in held if fits.get(i) == k]) for k in range(len(shapes))]
-    groups = [(k, items) for k, items in groups if items]
-    for n, (k, items) in enumerate(groups):
-        progress = None if report is None else (lambda done, total, n=n: report(n * total + done, len(groups) * total))
-        batch = eval_batch(items, lambda i, p, k=k: load(i, p, k), encoder, eval_samples, names=names,
-                           source=f"{source}, bucket {list(shapes[k])}", report=progress, bad=stream.bad)
-        eval_set.append(dict(batch, bucket=k))
-    if not eval_set:
-        raise MissingInput(f"no eval clip of {source} fits a bucket of data.buckets")
-    return make_loader(stream, cfg.num_workers, cfg.seed), eval_set
+    return build_buckets(cfg, shapes, fits, train, held, ClipLoader(cfg, clips, shapes), caption_encoder(cfg, clips),
+                         batch_size=batch_size, eval_samples=eval_samples, rank=rank, world_size=world_size,
+                         start_batch=start_batch, grad_accum=grad_accum, names=names, source=source, report=report,
+                         unfit=unfit)
 
 
 def build(cfg, *, batch_size: int, eval_samples: int, rank: int = 0, world_size: int = 1, start_batch: int = 0,

@@ -86,13 +86,13 @@ def test_a_failing_run_is_reported_and_not_kept(tmp_path):
 
 
 def test_a_run_cut_at_the_deadline_is_discarded(tmp_path, monkeypatch):
-    args = _args(tmp_path, time=4.0, lanes=1, only=["dit_60m_dense_mid"])
+    args = _args(tmp_path, time=1.0, lanes=1, only=["dit_60m_dense_mid"])  # less than python and torch take to start
     points = ledger.grid_points(args.experiment, args.configs, args.extra)
     quick = Estimate(0.0, 0.0, 1.0)  # pretend it fits, so that the deadline must cut it
     lines = []
     monkeypatch.setattr(runner, "estimate", lambda point, speeds: quick)
     assert runner.run(points, args, lines.append) == 0  # a cut is not a failure of the code
-    assert any("cut at the deadline" in line for line in lines)
+    assert any("cut at the deadline" in line for line in lines), lines
     assert ledger.read_record(Path(args.results), "dit_60m_dense_mid") is None
 
 
@@ -161,11 +161,33 @@ def test_lanes_share_memory_and_the_gpu():
 
 def test_advance_tracks_what_is_left():
     work = [[5.0, 100.0], [0.0, 40.0], [0.0, 0.0]]
-    runner.advance(work, 10.0)  # the first is still in its overhead; the second has the GPU to itself
-    assert work == [[0.0, 100.0], [0.0, 30.0], [0.0, 0.0]]
-    runner.advance(work, 20.0)  # now both train: 10 s of solo progress each
-    assert work == [[0.0, 90.0], [0.0, 20.0], [0.0, 0.0]]
-    assert runner.end_times(work) == pytest.approx([110.0, 40.0, 0.0])
+    runner.advance(work, 10.0)  # 5 s: the first in its overhead, the second alone on the GPU; then 5 s shared
+    assert work == [[0.0, 97.5], [0.0, 32.5], [0.0, 0.0]]
+    runner.advance(work, 20.0)  # both train: 10 s of solo progress each
+    assert work == [[0.0, 87.5], [0.0, 22.5], [0.0, 0.0]]
+    assert runner.end_times(work) == pytest.approx([110.0, 45.0, 0.0])
+    runner.advance(work, 1000.0)  # past every end: nothing left, nothing negative
+    assert work == [[0.0, 0.0]] * 3
+
+
+def test_plan_plays_the_runners_choices_call_by_call():
+    from vsa_train.grid.plan import one_call, plan
+
+    points = [Point(name, (), name, 1.0) for name in ("long", "short", "mid", "huge")]
+    speeds = {"long": {"flops_s": 1 / 400, "overhead_s": 90.0, "peak_gib": 30.0},   # 490 s alone
+              "short": {"flops_s": 1 / 50, "overhead_s": 90.0, "peak_gib": 30.0},   # 140 s
+              "mid": {"flops_s": 1 / 150, "overhead_s": 90.0, "peak_gib": 50.0},    # 240 s, too big beside long
+              "huge": {"flops_s": 1 / 600, "overhead_s": 90.0, "peak_gib": 30.0}}   # 690 s: no call of 555 s
+    todo = list(points)
+    call = one_call(todo, speeds, 600.0, 2, 72.0)
+    # long first (the longest that fits); short beside it: overheads overlap, then 50 s of shared training; mid
+    # would end in time after short, but not beside long in 72 GiB
+    assert [(name, round(start), round(end)) for start, end, name in call.runs] == [("short", 0, 190),
+                                                                                   ("long", 0, 540)]
+    assert [p.name for p in todo] == ["mid", "huge"]
+    assert one_call(list(points), speeds, 555.0, 2, 72.0).runs == [(0.0, 490.0, "long")]  # 540 s x 1.1 > 555 s
+    text = plan(points, ROOT / "no_results", speeds, 600.0, 2, 72.0)
+    assert "2 calls of 600 s" in text and "no call fits: huge (~690 s alone)" in text
 
 
 def test_cli_status_and_bad_lanes(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
     python -m vsa_train.grid status EXPERIMENT RESULTS            # the ledger: finished runs and what remains
     python -m vsa_train.grid run EXPERIMENT RESULTS --time 540    # run the next unfinished runs that fit in 540 s
+    python -m vsa_train.grid plan EXPERIMENT RESULTS --time 540 --lanes 2   # the calls the rest would take
 
 The grid is the experiment's own sweep (`hydra.sweeper.params` of configs/experiment/EXPERIMENT.yaml, a product of
 comma-separated choices), so `python train.py experiment=EXPERIMENT` on a cluster runs the same points. Each point
@@ -12,5 +13,6 @@ metrics.jsonl, config.yaml and record.json (commit, card, versions, wall time, e
 that folder is the ledger, meant to be committed; it holds no checkpoints.
 
 `ledger.py` reads the ledger and estimates what is left; `runner.py` starts runs, in parallel lanes on one GPU
-where their memory and time allow, and keeps what finished.
+where their memory and time allow, and keeps what finished; `plan.py` plays the runner's choices on its estimates,
+call after call, without a GPU.
 """

@@ -1,10 +1,11 @@
-"""`python -m vsa_train.grid run|status EXPERIMENT RESULTS [options] [-- overrides for every run]`."""
+"""`python -m vsa_train.grid run|status|plan EXPERIMENT RESULTS [options] [-- overrides for every run]`."""
 import argparse
 import sys
 from pathlib import Path
 
 from . import __doc__ as doc
-from .ledger import grid_points, status
+from .ledger import grid_points, group_speeds, status
+from .plan import plan
 from .runner import SAFETY, run
 
 
@@ -21,7 +22,7 @@ def _say(log: str | None):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vsa_train.grid", description=doc.splitlines()[0],
                                      epilog="Overrides for every run go after `--`: ... -- train.compile=true")
-    parser.add_argument("command", choices=("run", "status"))
+    parser.add_argument("command", choices=("run", "status", "plan"))
     parser.add_argument("experiment", help="a config in configs/experiment/ whose hydra.sweeper.params is the grid")
     parser.add_argument("results", help="the ledger folder: finished runs go to RESULTS/runs/<name>/")
     parser.add_argument("--time", type=float, default=540.0, help="seconds this invocation may run (run)")
@@ -34,6 +35,8 @@ def main(argv=None) -> int:
     parser.add_argument("--archive", help="also write the runs finished here into this .tgz after each run (run)")
     parser.add_argument("--log", help="also append the runner's lines to this file (run)")
     parser.add_argument("--only", nargs="+", help="only points whose name matches one of these globs, e.g. '*_low'")
+    parser.add_argument("--card", help="plan with the records of this card where a group has any (e.g. 'NVIDIA "
+                                           "H200'; default: every record, the slowest rate)")
     parser.add_argument("--configs", type=Path, default=Path("configs"), help="the config folder (default ./configs)")
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)
@@ -46,6 +49,11 @@ def main(argv=None) -> int:
     points = grid_points(args.experiment, args.configs, args.extra)
     if args.command == "status":
         print(status(points, Path(args.results)))
+        return 0
+    if args.command == "plan":  # an 80 GB card's 90% unless told
+        speeds = group_speeds(points, Path(args.results), args.card)
+        print(plan(points, Path(args.results), speeds, args.time, args.lanes, args.memory_gib or 72.0, args.safety,
+                   args.only))
         return 0
     return run(points, args, _say(args.log))
 

@@ -34,34 +34,40 @@ class Active:
         self.work = self.work or [self.est.overhead_s, self.est.train_s]
 
 
+def _next_event(work: list[list[float]]) -> float:
+    """Seconds until the next overhead or run ends (inf when nothing is left)."""
+    training = sum(1 for o, t in work if o <= 0 < t)
+    return min([o for o, _ in work if o > 0] + [t * training for o, t in work if o <= 0 < t], default=float("inf"))
+
+
 def advance(work: list[list[float]], dt: float) -> None:
     """Advances runs' [overhead, training] seconds left by dt of wall time: overheads (start-up, compilation,
     saves: mostly host work) go on side by side unslowed, and the runs in training share the GPU evenly. This is
     what two lanes measured (docs/benchmarks.md, "Study runs"): 1.38x the throughput, all of it from overlapped
     overheads."""
-    training = sum(1 for o, t in work if o <= 0 < t)
-    for w in work:
-        if w[0] > 0:
-            w[0] = max(0.0, w[0] - dt)
-        elif w[1] > 0:
-            w[1] = max(0.0, w[1] - dt / training)
+    while dt > 0:
+        step = min(dt, _next_event(work))
+        if step == float("inf"):
+            return
+        training = sum(1 for o, t in work if o <= 0 < t)
+        for w in work:
+            if w[0] > 0:
+                w[0] = 0.0 if w[0] - step < 1e-9 else w[0] - step
+            elif w[1] > 0:
+                w[1] = 0.0 if w[1] - step / training < 1e-9 else w[1] - step / training
+        dt -= step
 
 
-def end_times(work: list[list[float]]) -> list:
+def end_times(work: list[list[float]]) -> list[float]:
     """Seconds from now until each run ends, by `advance` from one event (an overhead or a run ending) to the next."""
     work = [[max(0.0, o), max(0.0, t)] for o, t in work]
-    ends, now = [None] * len(work), 0.0
-    while True:
-        for i, w in enumerate(work):
-            w[:] = [0.0 if x < 1e-9 else x for x in w]
-            if not any(w) and ends[i] is None:
-                ends[i] = now
-        if not any(any(w) for w in work):
-            return ends
-        training = sum(1 for o, t in work if o <= 0 < t)
-        dt = min([o for o, _ in work if o > 0] + [t * training for o, t in work if o <= 0 < t])
-        advance(work, dt)
-        now += dt
+    ends, now = [0.0 if not any(w) else None for w in work], 0.0
+    while any(end is None for end in ends):
+        step = _next_event(work)
+        advance(work, step)
+        now += step
+        ends = [now if end is None and not any(w) else end for end, w in zip(ends, work)]
+    return ends
 
 
 def machine() -> dict:

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
-import vsa_train.rundir  # noqa: F401 (the run_hash resolver that configs/train.yaml's hydra.run.dir uses)
+import vsa_train.rundir  # noqa: F401 (the default_run_dir resolver that configs/train.yaml's hydra.run.dir uses)
 from vsa_train.data import data_spec
 
 ROOT = Path(__file__).resolve().parents[1]

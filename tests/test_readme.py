@@ -26,7 +26,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 import hub_cache
-import vsa_train.rundir  # noqa: F401 (the run_hash resolver of hydra.run.dir, before the first compose)
+import vsa_train.rundir  # noqa: F401 (the default_run_dir resolver of hydra.run.dir, before the first compose)
 from vsa_train.data import hub
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,8 +1,12 @@
 """The run directory: its name, paths, the launch record and checks, and the lock.
 
-Its default name is runs/<exp_name>_<attn>_<data>_s<seed>_<settings_hash> (configs/train.yaml, the ${run_hash:}
-resolver): the hash covers what a resume must match (FIXED) and the FLOPs budget (NAMED), so the same command
-resumes and other settings get their own directory. Under Hydra, `HydraRunDir` keeps Hydra's own files in it.
+Its default name is runs/<exp_name>_<attn>_<data>_s<seed>_<settings_hash> (configs/train.yaml, the
+${default_run_dir:...} resolver): the hash covers what a resume must match (FIXED) and the FLOPs budget (NAMED), so
+the same command resumes and other settings get their own directory. A key at its default (`default_value`: the
+schema's) is left out of the hash, and a key an older run's config.yaml lacks counts as its default in
+`config_diff`: a release that adds a key at its default neither renames runs nor refuses their resume. Where that
+rule renamed a run (the hash once covered defaults too), `default_run_dir` goes on in the run's older-named
+directory and says so in one line. Under Hydra, `HydraRunDir` keeps Hydra's own files in it.
 
     run_dir/
       config.yaml             the resolved config the run started with; kept (a forced resume replaces it)
@@ -18,9 +22,11 @@ and names the ones it skips. A launch it refuses leaves the directory byte-ident
 (no collectives): the trainer calls it on the ranks that must write and agrees across ranks around it.
 """
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -32,10 +38,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, read_write
+from omegaconf.errors import OmegaConfBaseException
 
 from .checkpoint.format import read_state
 from .checkpoint.store import Checkpoints
+from .config_schema import SECTIONS as SCHEMA
 from .errors import LaunchError
+from .fields import ConfigError
 from .files import atomic_write, disk_error
 
 CONFIG = "config.yaml"
@@ -64,6 +73,11 @@ HYDRA_RECORD = ".hydra"  # configs/train.yaml sets hydra.output_subdir to null: 
 # new budget). train.max_steps stays out: raising it continues the run in its directory.
 NAMED = (*FIXED, "train.flops_budget")
 HASH_DIGITS = 8
+# The keys that pick a section's schema class (config_schema.SECTIONS): always hashed, even at their "default" (a
+# data.source always equals its own class's), since every other key's default depends on them.
+SELECTORS = ("model.name", "attn.name", "data.source")
+_ABSENT = object()  # a key the config does not have (None is a value)
+_ANNOUNCED: set[str] = set()  # older-named run directories this process said it goes on in (said once)
 
 
 class RunDirError(LaunchError, RuntimeError):
@@ -91,31 +105,144 @@ def _flatten(tree, prefix="") -> dict:
 
 
 def _values(cfg: DictConfig, keys) -> dict:
-    """{key: resolved value} of `keys`, sections flattened, NOT_TRAJECTORY left out; a missing key is None. Only
-    these keys are resolved (Hydra's ${hydra:...} elsewhere may not resolve yet)."""
+    """{key: resolved value} of `keys`, sections flattened, NOT_TRAJECTORY and missing keys left out. Only these
+    keys are resolved (Hydra's ${hydra:...} elsewhere may not resolve yet)."""
     out = {}
     for key in keys:
-        node = OmegaConf.select(cfg, key, default=None)
+        node = OmegaConf.select(cfg, key, default=_ABSENT)
+        if node is _ABSENT:
+            continue
         value = OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
         out.update(_flatten(value, f"{key}.") if isinstance(value, dict) else {key: value})
     return {k: v for k, v in out.items() if not any(k == n or k.startswith(n + ".") for n in NOT_TRAJECTORY)}
 
 
+def default_value(key: str, cfg: DictConfig):
+    """What a config without `key` (section.field[.inner]) means: the field's default in the schema class `cfg`
+    selects for that section (config_schema.SECTIONS), as YAML holds it; None where there is none (a required or
+    unknown key, an unknown choice). The schema, not the config group's YAML: it is what the code does with a config
+    that lacks the key (an older release's config.yaml), where a group file's value is one preset's choice."""
+    section, _, rest = key.partition(".")
+    node = OmegaConf.select(cfg, section, default=None)
+    if section not in SCHEMA or not isinstance(node, DictConfig) or not rest:
+        return None
+    try:
+        cls = SCHEMA[section](node)
+    except ConfigError:  # an unknown model, attention or data source: no class, no defaults
+        return None
+    name, *inner = rest.split(".")
+    spec = next((f for f in dataclasses.fields(cls) if f.name == name and "rule" in f.metadata), None)
+    if spec is None or spec.default is dataclasses.MISSING:
+        return None
+    value = _as_yaml(spec.default)
+    for part in inner:
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _as_yaml(value):
+    """A schema default as the resolved YAML holds it (the sections hold lists as tuples)."""
+    return [_as_yaml(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
 def config_diff(old: DictConfig, new: DictConfig) -> list[tuple[str, object, object]]:
-    """(key, old value, new value) for every FIXED key that differs (missing keys count as None)."""
+    """(key, old value, new value) for every FIXED key that differs; a key one side lacks counts as its default
+    there (`default_value`, by the classes `new` selects): a key a later release added at its default is no change."""
     a, b = _values(old, FIXED), _values(new, FIXED)
-    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    diff = []
+    for key in sorted(a.keys() | b.keys()):
+        default = default_value(key, new) if key not in a or key not in b else None
+        before, now = a.get(key, default), b.get(key, default)
+        if before != now:
+            diff.append((key, before, now))
+    return diff
 
 
 def settings_hash(cfg: DictConfig) -> str:
-    """The hash in a default run directory's name: SHA-256 of the canonical JSON of the NAMED values, shortened."""
-    text = json.dumps(_values(cfg, NAMED), sort_keys=True, separators=(",", ":"), default=str)
+    """The hash in a default run directory's name: SHA-256 of the canonical JSON of the NAMED values, shortened.
+    A value equal to its default (`default_value`) is left out, the SELECTORS never: a key added at its default, or
+    missing from a config, leaves the name as it was, as `config_diff` sees no change in it."""
+    values = {k: v for k, v in _values(cfg, NAMED).items() if k in SELECTORS or v != default_value(k, cfg)}
+    text = json.dumps(values, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:HASH_DIGITS]
 
 
-# configs/train.yaml's hydra.run.dir ends in ${run_hash:}. Registered on import: train.py (through the trainer) and
-# the tests that compose configs import this module before Hydra resolves that key.
+def default_run_dir(stem: str, cfg: DictConfig) -> str:
+    """configs/train.yaml's hydra.run.dir: <stem><settings_hash>, stem = runs/<exp_name>_<attn>_<data>_s<seed>_.
+    Where that holds no run but a sibling named under an older hashing rule (one that hashed defaults too) holds
+    one with these settings (no `config_diff`, the same train.flops_budget), that sibling, said in one line: the
+    same command goes on with its run. Several such: the one launched last. Every rank decides alike."""
+    path = f"{stem}{settings_hash(cfg)}"
+    if (Path(path) / CONFIG).is_file():
+        return path
+    older = [p for p, c in _siblings(Path(path)) if _same_settings(c, cfg)]
+    if not older:
+        return path
+    found = str(max(older, key=_last_launch))
+    if found not in _ANNOUNCED and int(os.environ.get("RANK", "0")) == 0:
+        _ANNOUNCED.add(found)
+        more = f" (the last launched of {len(older)} that match)" if len(older) > 1 else ""
+        print(f"note: going on in {found}{more}, this run's directory under the older naming of run directories "
+              f"(these settings now name {path}; vsa_train/rundir.py, settings_hash)", flush=True)
+    return found
+
+
+def _same_settings(old: DictConfig, cfg: DictConfig, budget: bool = True) -> bool:
+    """Whether run config `old` has `cfg`'s settings: no `config_diff` and (`budget`) the same train.flops_budget.
+    False for one whose sections are not mappings: junk in a directory beside the run must not stop a launch."""
+    try:
+        budgets = [OmegaConf.select(c, "train.flops_budget", default=None) for c in (old, cfg)]
+        return (not budget or budgets[0] == budgets[1]) and not config_diff(old, cfg)
+    except (OmegaConfBaseException, TypeError, ValueError):
+        return False
+
+
+def _siblings(path: Path) -> list[tuple[Path, DictConfig]]:
+    """(directory, its config) of the runs beside default-named `path` with its stem (<...>_s<seed>_<hash>); one
+    whose config.yaml does not load (damaged, or a YAML tag, which is never run) is passed over with a warning."""
+    stem = path.name[:-HASH_DIGITS]
+    name = re.compile(re.escape(stem) + f"[0-9a-f]{{{HASH_DIGITS}}}")
+    if not path.parent.is_dir():
+        return []
+    found = []
+    for other in sorted(path.parent.iterdir()):
+        if other.name == path.name or not name.fullmatch(other.name) or not (other / CONFIG).is_file():
+            continue
+        try:
+            found.append((other, _load_config(other / CONFIG)))
+        except RunDirError as err:
+            warnings.warn(f"passing over {other}: {err}", stacklevel=2)
+    return found
+
+
+def _load_config(path: Path) -> DictConfig:
+    """A run's config.yaml, read as plain YAML (a tag such as !!python/object is refused, never run); RunDirError
+    naming it where it is no YAML mapping."""
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as err:  # noqa: BLE001 (yaml's errors, an unreadable file)
+        raise RunDirError(f"{path} does not load as a run's config: {str(err).splitlines()[0]}") from err
+    if not isinstance(cfg, DictConfig):
+        raise RunDirError(f"{path} does not load as a run's config: not a mapping")
+    # written resolved (record_launch): an interpolation there would run a resolver on what the file says
+    if "${" in json.dumps(OmegaConf.to_container(cfg, resolve=False), default=str):
+        raise RunDirError(f"{path} does not load as a run's config: it holds an interpolation (${{...}}), and the "
+                          f"trainer writes it resolved")
+    return cfg
+
+
+def _last_launch(run: Path) -> float:
+    """When the run in `run` was last launched: its history's (else its config's) modification time."""
+    history = run / HISTORY
+    return (history if history.is_file() else run / CONFIG).stat().st_mtime
+
+
+# configs/train.yaml's hydra.run.dir is ${default_run_dir:'runs/<stem>'} (run_hash: the hash alone, as before).
+# Registered on import: train.py (through the trainer) and the tests that compose configs import this module before
+# Hydra resolves that key. Not cached: what is on disk decides.
 OmegaConf.register_new_resolver("run_hash", lambda *, _root_: settings_hash(_root_), replace=True)
+OmegaConf.register_new_resolver("default_run_dir", lambda stem, *, _root_: default_run_dir(str(stem), _root_),
+                                replace=True)
 
 
 # --------------------------------------------------------------------------------------------- the directory
@@ -217,8 +344,7 @@ class RunDir:
     def _config_changes(self, launch: Launch) -> list[tuple[str, object, object]]:
         """The FIXED keys this launch changes against the run's config.yaml (none on a first launch); a resolved
         precision or dataset commit is compared by `_resolved_change` instead of its key."""
-        config = self.path / CONFIG
-        diff = config_diff(OmegaConf.load(config), launch.cfg) if config.is_file() else []
+        diff = self._diff(launch.cfg)
         resolved = {name: getattr(launch, attr) for attr, name in RESOLVED.values()}
         return [d for d in diff if resolved.get(d[0]) is None]
 
@@ -233,9 +359,12 @@ class RunDir:
             return []  # nothing resolved: the config key is compared with the config (`_config_changes`)
         if state.get(key) is not None:
             return [(key, state[key], now)] if state[key] != now else []
+        return [d for d in self._diff(launch.cfg) if d[0] == RESOLVED[key][1]]
+
+    def _diff(self, cfg: DictConfig) -> list[tuple[str, object, object]]:
+        """`config_diff` of the run's config.yaml against `cfg` (none without one)."""
         config = self.path / CONFIG
-        diff = config_diff(OmegaConf.load(config), launch.cfg) if config.is_file() else []
-        return [d for d in diff if d[0] == RESOLVED[key][1]]
+        return config_diff(_load_config(config), cfg) if config.is_file() else []
 
     def _record_hydra(self, cfg: DictConfig) -> None:
         """Under Hydra, its record of this launch (what Hydra writes at job start, before any launch check), in the
@@ -253,13 +382,9 @@ class RunDir:
     def budget_note(self, cfg: DictConfig) -> str | None:
         """For a new run in a default-named directory: a note naming the runs beside it that differ only in
         train.flops_budget (a new budget starts a new run; the user may have meant to continue one of those)."""
-        digest = settings_hash(cfg)
-        if (self.path / CONFIG).is_file() or not self.path.name.endswith(f"_{digest}"):
+        if (self.path / CONFIG).is_file() or not self.path.name.endswith(f"_{settings_hash(cfg)}"):
             return None
-        mine, stem = _values(cfg, FIXED), self.path.name[:-len(digest)]
-        siblings = [p for p in sorted(self.path.parent.glob(f"{stem}*")) if p != self.path
-                    and (p / CONFIG).is_file() and len(p.name) == len(self.path.name)]
-        others = [(p, c) for p, c in ((p, load_run_config(p)) for p in siblings) if _values(c, FIXED) == mine]
+        others = [(p, c) for p, c in _siblings(self.path) if _same_settings(c, cfg, budget=False)]
         if not others:
             return None
         budgets = ", ".join(f"{p} has train.flops_budget={_budget(c.train.get('flops_budget'))}" for p, c in others)
@@ -515,5 +640,5 @@ class _Heartbeat:
         self._thread.join()
 
 
-__all__ = ["CONFIG", "HydraRunDir", "Launch", "RunDir", "RunDirError", "config_diff", "load_run_config",
-           "settings_hash"]
+__all__ = ["CONFIG", "HydraRunDir", "Launch", "RunDir", "RunDirError", "config_diff", "default_run_dir",
+           "default_value", "load_run_config", "settings_hash"]

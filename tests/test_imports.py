@@ -11,7 +11,7 @@ LAYERS = [
     {"errors"},  # the expected failures: imported by every layer
     # nothing else of vsa_train
     {"ops", "fields", "files", "diffusion", "distributed", "preemption", "launcher", "provenance"},
-    {"models", "data", "sections", "metrics", "evaluation"},
+    {"models", "data", "sections", "metrics", "evaluation", "runlock"},
     {"config_schema", "flops", "parallel", "progress"},
     {"checkpoint", "schedules"},
     {"rundir", "training_run"},

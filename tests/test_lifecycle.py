@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from vsa_train import rundir, trainer
+from vsa_train import rundir, runlock, trainer
 from vsa_train.checkpoint import CheckpointError
 from vsa_train.checkpoint import format as checkpoint_format  # the module that calls safetensors (patched)
 from vsa_train.checkpoint import save as checkpoint  # the module that writes (patched below)
@@ -500,14 +500,14 @@ def _hold_lock(run_dir, stale_s, host, report, release):
 def _race_for_lock(run_dir, report, release):
     """`_hold_lock` by a launch that is slow between judging the lock stale and taking it over: every racer has
     judged before any acts, the interleaving in which a check-then-replace lets two launches win."""
-    judge = rundir._stale_reason
+    judge = runlock._stale_reason
 
     def slow(*args):
         reason = judge(*args)
         time.sleep(0.2)
         return reason
 
-    rundir._stale_reason = slow
+    runlock._stale_reason = slow
     _hold_lock(run_dir, 60, None, report, release)
 
 

@@ -21,3 +21,7 @@ class LaunchError(Exception):
 
 class MissingInput(LaunchError, FileNotFoundError):
     """An input the config names is missing, or none of what it holds is usable."""
+
+
+class RunDirError(LaunchError, RuntimeError):
+    """A launch that the run directory refuses (mismatching config, a live writer, no usable checkpoint)."""

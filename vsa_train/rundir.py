@@ -1,4 +1,4 @@
-"""The run directory: its name, paths, the launch record and checks, and the lock.
+"""The run directory: its name, paths, the launch record and checks (its lock, run.lock: vsa_train/runlock.py).
 
 Its default name is runs/<exp_name>_<attn>_<data>_s<seed>_<settings_hash> (configs/train.yaml, the
 ${default_run_dir:...} resolver): the hash covers what a resume must match (FIXED) and the FLOPs budget (NAMED), so
@@ -21,7 +21,6 @@ Nothing here is ever unpickled: everything is JSON or YAML. A launch resumes the
 and names the ones it skips. A launch it refuses leaves the directory byte-identical. This module does files only
 (no collectives): the trainer calls it on the ranks that must write and agrees across ranks around it.
 """
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -30,9 +29,7 @@ import re
 import shutil
 import socket
 import tempfile
-import threading
 import time
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,13 +40,13 @@ from omegaconf.errors import OmegaConfBaseException
 from .checkpoint.format import read_state
 from .checkpoint.store import Checkpoints
 from .config_schema import SECTIONS as SCHEMA
-from .errors import LaunchError
+from .errors import RunDirError
 from .fields import ConfigError
 from .files import atomic_write, disk_error
+from .runlock import LOCK, slurm_job, hold
 
 CONFIG = "config.yaml"
 HISTORY = "config_history.jsonl"
-LOCK = "run.lock"
 # Config sections that decide the training trajectory; a resume must match them (train.resume=force overrides).
 TRAJECTORY = ("model", "attn", "data", "optim", "train.seed", "train.ema", "train.mixed_precision")
 # Config keys a resume compares by what they resolve to at launch (RunDir._resolved_change): checkpoint field ->
@@ -57,8 +54,6 @@ TRAJECTORY = ("model", "attn", "data", "optim", "train.seed", "train.ema", "trai
 RESOLVED = {"mixed_precision": ("precision", "train.mixed_precision"), "data_commit": ("data_commit", "data.revision")}
 # Keys inside those sections that do not change what is trained (speed or memory only).
 NOT_TRAJECTORY = ("data.num_workers", "model.grad_checkpointing")  # parallel.* is outside TRAJECTORY too
-HEARTBEAT_S = 10.0  # the lock is refreshed this often (or 4 times per train.lock_stale_s, if that is shorter)
-CLAIM_WAIT_S = 30.0  # how long a launch waits for another one's takeover of a stale lock to finish
 # The eval set (vsa_train/evaluation.py; with the data section): one run's eval curve is measured on one set.
 EVAL_SET = ("train.eval_samples", "train.eval_timesteps")
 # What a resume must match besides the trajectory: the eval set, and the weights the run started from (a resumed
@@ -78,10 +73,6 @@ HASH_DIGITS = 8
 SELECTORS = ("model.name", "attn.name", "data.source")
 _ABSENT = object()  # a key the config does not have (None is a value)
 _ANNOUNCED: set[str] = set()  # older-named run directories this process said it goes on in (said once)
-
-
-class RunDirError(LaunchError, RuntimeError):
-    """A launch that the run directory refuses (mismatching config, a live writer, no usable checkpoint)."""
 
 
 # ------------------------------------------------------------------------------------------------ the config
@@ -330,7 +321,7 @@ class RunDir:
             atomic_write(self.path / CONFIG, OmegaConf.to_yaml(launch.cfg, resolve=True))
         self._record_hydra(launch.cfg)
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "pid": os.getpid(),
-                 "slurm_job": _slurm_job(), "processes": launch.processes, "global_batch": launch.global_batch,
+                 "slurm_job": slurm_job(), "processes": launch.processes, "global_batch": launch.global_batch,
                  "code_commit": launch.code_commit, "data_commit": launch.data_commit,
                  "resume": launch.resume, "resumed_from": resumed_from and resumed_from.name,
                  "changed": {k: [a, b] for k, a, b in changed}, "kept": {k: [a, b] for k, a, b in kept},
@@ -393,27 +384,9 @@ class RunDir:
 
     # -- the lock
 
-    @contextlib.contextmanager
     def lock(self, stale_after_s: float):
-        """Holds run.lock for the block: one writer per run directory.
-
-        A lock is stale (taken over with a warning) when its process is gone on this host (or its pid now names
-        another process), when it belongs to an earlier allocation of this SLURM job (a requeue), or when its
-        holder has not refreshed it for `stale_after_s` seconds (another host that died). Otherwise the launch is
-        refused, naming the holder. While held, a heartbeat thread refreshes it whatever the run is doing.
-        """
-        path = self.path / LOCK
-        self.path.mkdir(parents=True, exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start(os.getpid()),
-              "slurm_job": _slurm_job(), "started": time.time(), "token": uuid.uuid4().hex}
-        _acquire(path, json.dumps(me), stale_after_s)
-        heartbeat = _Heartbeat(path, me["token"], interval_s=min(HEARTBEAT_S, stale_after_s / 4))
-        try:
-            yield
-        finally:
-            heartbeat.stop()
-            if _parse_lock(_read_lock(path)).get("token") == me["token"]:
-                path.unlink(missing_ok=True)
+        """Holds run.lock for the block: one writer per run directory (vsa_train/runlock.py)."""
+        return hold(self.path / LOCK, stale_after_s)
 
 
 # ------------------------------------------------------------------------------------------------ under Hydra
@@ -493,152 +466,5 @@ def _check_position(ckpt: Path, state: dict, launch: Launch) -> None:
                       f"continue there: {way}")
 
 
-# ------------------------------------------------------------------------------------------------ lock helpers
-
-def _slurm_job() -> str | None:
-    return os.environ.get("SLURM_JOB_ID")
-
-
-def _acquire(path: Path, record: str, stale_after_s: float) -> None:
-    """Creates the lock, or takes over a stale one (`_take_over`), or raises RunDirError naming its holder."""
-    deadline = time.monotonic() + CLAIM_WAIT_S
-    while not _create_exclusive(path, record):
-        raw = _read_lock(path)
-        if raw is None:
-            continue  # released in between
-        holder = _parse_lock(raw)
-        reason = _stale_reason(holder, path, stale_after_s)
-        if reason is None:
-            job = f"SLURM job {holder['slurm_job']}; " if holder.get("slurm_job") is not None else ""
-            raise RunDirError(f"{path.parent} is in use by {holder.get('host')} pid {holder.get('pid')} ({job}{path}). "
-                              f"One writer per run directory: wait for it, or delete {path} if that process is gone.")
-        taken = _take_over(path, raw, record)
-        if taken:
-            warnings.warn(f"taking over the stale lock {path} of {holder.get('host')} pid {holder.get('pid')}: "
-                          f"{reason}", stacklevel=4)
-            return
-        if taken is None:  # another launch holds the claim on this lock: it is about to replace it
-            if time.monotonic() > deadline:
-                raise RunDirError(f"{path} is being taken over by another launch ({_claim(path, raw)} exists "
-                                  f"since {CLAIM_WAIT_S} s); delete that file if no other launch is running")
-            time.sleep(0.05)
-
-
-def _take_over(path: Path, stale: bytes, record: str) -> "bool | None":
-    """Replaces the stale lock whose bytes are `stale` by `record`: True if done, False if the lock changed
-    meanwhile, None if another launch claimed it. The claim (a file named after those bytes, created
-    exclusively) admits one launch per stale lock, and the claimant replaces the lock only if it still holds
-    those bytes: two launches that judged one lock stale never both take it over."""
-    claim = _claim(path, stale)
-    if not _create_exclusive(claim, record):
-        return None
-    try:
-        if _read_lock(path) != stale:
-            return False  # taken over (or released) between our read and our claim
-        atomic_write(path, record)  # a rename: the lock is never missing, so no O_EXCL create slips in
-        return True
-    finally:
-        claim.unlink(missing_ok=True)  # a later claim on these bytes finds them gone from the lock and gives up
-
-
-def _claim(path: Path, stale: bytes) -> Path:
-    return path.with_name(f"{path.name}.takeover-{hashlib.sha256(stale).hexdigest()[:16]}")
-
-
-def _create_exclusive(path: Path, text: str) -> bool:
-    """Creates `path` holding `text` unless it exists (False). Atomic on NFS too, and never seen empty: the text
-    is written to a file of our own, which a hard link then names `path`. A link that NFS made but whose reply
-    was lost comes back as "exists"; the link count of our file tells."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-        return os.stat(tmp).st_nlink > 1
-    except OSError as err:
-        raise disk_error(err, path) from err
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def _read_lock(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
-
-
-def _parse_lock(raw: bytes | None) -> dict:
-    try:
-        holder = json.loads(raw)
-        return holder if isinstance(holder, dict) else {}
-    except (TypeError, ValueError):
-        return {}  # gone, torn or junk: judged by its age alone
-
-
-def _process_start(pid: int) -> int | None:
-    """When process `pid` started (clock ticks after boot, /proc/<pid>/stat field 22): with the pid it names one
-    process, since pids are reused. None where /proc does not say (not Linux, no such process)."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _stale_reason(holder: dict, path: Path, stale_after_s: float) -> str | None:
-    """Why a lock's holder is gone (None: it may be alive)."""
-    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-        if holder["pid"] == os.getpid():
-            return "held by this very process (an earlier run in it ended without releasing)"
-        try:
-            os.kill(holder["pid"], 0)
-        except ProcessLookupError:
-            return "its process no longer exists"
-        except PermissionError:
-            pass
-        started = _process_start(holder["pid"])
-        if holder.get("pid_start") is not None and started is not None and started != holder["pid_start"]:
-            return "its pid now belongs to another process (the holder is gone)"
-        return None  # alive on this host (another user's process, or ours)
-    if holder.get("slurm_job") is not None and holder.get("slurm_job") == _slurm_job():
-        return "it belongs to an earlier allocation of this SLURM job (requeued)"
-    try:
-        age = time.time() - path.stat().st_mtime
-    except FileNotFoundError:
-        return "it was just released"
-    if age > stale_after_s:
-        return f"not refreshed for {age:.0f} s (train.lock_stale_s={stale_after_s:g})"
-    return None
-
-
-class _Heartbeat:
-    """A daemon thread that refreshes the lock's time stamp every `interval_s` while its holder lives, whatever
-    the run does (a long compile, evaluation or log_every): only a dead holder's lock goes stale."""
-
-    def __init__(self, path: Path, token: str, interval_s: float):
-        self.path, self.token, self.interval_s = path, token, interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"run.lock heartbeat {path}", daemon=True)
-        self._thread.start()
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            holder = _parse_lock(_read_lock(self.path))
-            if holder.get("token") != self.token:  # removed, or taken over (we were frozen past lock_stale_s)
-                who = f"now held by {holder.get('host')} pid {holder.get('pid')}" if holder else "removed"
-                warnings.warn(f"{self.path} is no longer this process's lock ({who}): another launch may write "
-                              f"this run directory too", stacklevel=1)
-                return
-            with contextlib.suppress(OSError):  # a failed refresh is retried at the next beat
-                os.utime(self.path)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-__all__ = ["CONFIG", "HydraRunDir", "Launch", "RunDir", "RunDirError", "config_diff", "default_run_dir",
+__all__ = ["CONFIG", "HydraRunDir", "LOCK", "Launch", "RunDir", "RunDirError", "config_diff", "default_run_dir",
            "default_value", "load_run_config", "settings_hash"]

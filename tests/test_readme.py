@@ -30,7 +30,8 @@ import vsa_train.rundir  # noqa: F401 (the default_run_dir resolver of hydra.run
 from vsa_train.data import hub
 
 ROOT = Path(__file__).resolve().parents[1]
-PREFIXES = ("python train.py", "python sample.py", "python scripts/export_diffusers.py", "python -m vsa_train.analysis")
+PREFIXES = ("python train.py", "python sample.py", "python scripts/export_diffusers.py", "python -m vsa_train.analysis",
+            "python -m vsa_train.grid")
 # Appended to every training command: two steps, a tiny eval, no wandb, no worker processes.
 SHORT = ["train.max_steps=2", "train.batch_size=2", "train.eval_samples=2", "train.eval_timesteps=1",
          "train.eval_batch_size=2", "train.log_every=1", "train.ckpt_every=2", "data.num_workers=0", "logger=none"]
@@ -72,6 +73,8 @@ def skip_reason(command: str) -> str | None:
         return "needs a SLURM cluster (tests/test_slurm.py covers the launcher)"
     if command.startswith("python -m vsa_train.analysis"):
         return "needs the runs of the GPU-scale scaling_law grid (tests/test_scaling_sweep.py runs the tiny one)"
+    if command.startswith("python -m vsa_train.grid run"):
+        return "runs the study on a GPU (tests/test_grid.py runs a tiny grid)"
     if "experiment=scaling_law" in args:
         return "the scaling_law grid: 12 GPU-scale runs"
     if "data=latents" in args:
@@ -205,6 +208,13 @@ def test_readme_command_runs(command, project, monkeypatch, capsys):
 def _run_command(command: str, project, monkeypatch, capsys) -> None:
     """Runs one README command in `project` as a user would (tiny sizes appended) and checks what it leaves."""
     words = shlex.split(command)
+    if words[2] == "vsa_train.grid":  # status, plan: read the committed ledger, from the repository
+        from vsa_train.grid.__main__ import main as grid_main
+
+        monkeypatch.chdir(ROOT)
+        assert grid_main(words[3:]) == 0
+        assert re.search(r"runs done|calls of \d+ s", capsys.readouterr().out)
+        return
     if words[1] == "train.py" and "-m" not in words and "train.dry_run=true" not in words \
             and _as_written(command) in _RUNS:
         return  # a later command needed its run and ran it already, here

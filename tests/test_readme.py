@@ -208,7 +208,7 @@ def test_readme_command_runs(command, project, monkeypatch, capsys):
 def _run_command(command: str, project, monkeypatch, capsys) -> None:
     """Runs one README command in `project` as a user would (tiny sizes appended) and checks what it leaves."""
     words = shlex.split(command)
-    if words[2] == "vsa_train.grid":  # status, plan: read the committed ledger, from the repository
+    if words[1:3] == ["-m", "vsa_train.grid"]:  # status, plan: read the committed ledger, from the repository
         from vsa_train.grid.__main__ import main as grid_main
 
         monkeypatch.chdir(ROOT)

@@ -178,14 +178,32 @@ def default_run_dir(stem: str, cfg: DictConfig) -> str:
     return found
 
 
+def _changes(old: DictConfig, cfg: DictConfig, budget: bool = True) -> list[tuple[str, object, object]]:
+    """`config_diff` and (`budget`) a changed train.flops_budget: what makes `old`'s run another run than `cfg`'s."""
+    diff = config_diff(old, cfg)
+    before, now = (OmegaConf.select(c, "train.flops_budget", default=None) for c in (old, cfg))
+    return diff + [("train.flops_budget", before, now)] if budget and before != now else diff
+
+
 def _same_settings(old: DictConfig, cfg: DictConfig, budget: bool = True) -> bool:
-    """Whether run config `old` has `cfg`'s settings: no `config_diff` and (`budget`) the same train.flops_budget.
-    False for one whose sections are not mappings: junk in a directory beside the run must not stop a launch."""
+    """Whether run config `old` has `cfg`'s settings (no `_changes`). False for one whose sections are not
+    mappings: junk in a directory beside the run must not stop a launch."""
     try:
-        budgets = [OmegaConf.select(c, "train.flops_budget", default=None) for c in (old, cfg)]
-        return (not budget or budgets[0] == budgets[1]) and not config_diff(old, cfg)
+        return not _changes(old, cfg, budget)
     except (OmegaConfBaseException, TypeError, ValueError):
         return False
+
+
+def settings_changes(run_dir, cfg: DictConfig) -> list[tuple[str, object, object]]:
+    """(key, recorded, now) for each setting of `cfg` that the run in `run_dir` was made with otherwise (`_changes`:
+    the FIXED keys, absent ones at their defaults, and the budget); RunDirError where its config.yaml does not load
+    as a run's plain YAML (`_load_config`: nothing in it is run)."""
+    path = Path(run_dir) / CONFIG
+    old = _load_config(path)
+    try:
+        return _changes(old, cfg)
+    except (OmegaConfBaseException, TypeError, ValueError) as err:
+        raise RunDirError(f"{path} does not load as a run's config: {str(err).splitlines()[0]}") from err
 
 
 def _siblings(path: Path) -> list[tuple[Path, DictConfig]]:

@@ -2,14 +2,19 @@
 import itertools
 import json
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from omegaconf import DictConfig
+
+from ..errors import RunDirError
 from ..metrics import read_metrics
+from ..rundir import settings_changes
 
 DEFAULT_TFLOPS = {"dense": 250.0, "vsa": 150.0}  # executed TFLOP/s before a group has a record (conservative)
 DEFAULT_OVERHEAD_S = 100.0  # start-up, compilation, evals and the final save, before a group has a solo record
 DEFAULT_PEAK_GIB = 60.0     # memory of a group without a record
+CLAIMS = ".claims"          # RESULTS/.claims/<point>.lock: held by the runner running it (git ignores the folder)
 
 
 @dataclass(frozen=True)
@@ -20,6 +25,7 @@ class Point:
     overrides: tuple[str, ...]
     group: str        # model and attention: the runs that share a speed and a memory peak
     budget: float
+    config: DictConfig | None = field(default=None, compare=False, repr=False)  # as composed with the overrides
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,7 @@ def grid_points(experiment: str, configs: Path, extra: list[str] = ()) -> list[P
             if cfg.train.flops_budget is None:
                 raise SystemExit(f"{experiment} {' '.join(overrides)}: no train.flops_budget; the runner needs one")
             group = f"{cfg.model.name}_{cfg.attn.name}"
-            points.append(Point("_".join(values), overrides, group, float(cfg.train.flops_budget)))
+            points.append(Point("_".join(values), overrides, group, float(cfg.train.flops_budget), cfg))
     return points
 
 
@@ -62,6 +68,23 @@ def read_record(results: Path, name: str) -> dict | None:
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) and record.get("finished") is True else None
+
+
+def other_settings(points: list[Point], results: Path) -> dict[str, str]:
+    """The finished runs made with other settings than their point has now (the experiment as it reads today, with
+    this invocation's overrides), each with how: a ledger holds one recipe, or its frontiers compare two."""
+    out = {}
+    for p in points:
+        if p.config is None or read_record(results, p.name) is None:
+            continue
+        try:
+            changes = settings_changes(results / "runs" / p.name, p.config)
+        except RunDirError as err:
+            out[p.name] = str(err)
+            continue
+        if changes:
+            out[p.name] = ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes)
+    return out
 
 
 def speed(rows: list[dict]) -> tuple[float, float, float]:
@@ -111,17 +134,37 @@ def status(points: list[Point], results: Path) -> str:
     speeds = group_speeds(points, results)
     lines = ["| run | budget | state | card | wall s | executed FLOPs | final eval loss |",
              "|---|---|---|---|---|---|---|"]
-    left_s, done = 0.0, 0
+    left_s, done, other = 0.0, 0, other_settings(points, results)
     for p in points:
         r = read_record(results, p.name)
         if r:
             done += 1
-            lines.append(f"| {p.name} | {p.budget:.0e} | done ({r['commit'][:9]}) | {r['card']} | {r['wall_s']:.0f} | "
+            state = f"done ({r['commit'][:9]})" + (", OTHER SETTINGS" if p.name in other else "")
+            lines.append(f"| {p.name} | {p.budget:.0e} | {state} | {r['card']} | {r['wall_s']:.0f} | "
                          f"{r['executed_flops']:.4g} | {r['final_eval_loss']:.5f} |")
         else:
             est = estimate(p, speeds).solo_s
             left_s += est
-            lines.append(f"| {p.name} | {p.budget:.0e} | to run (~{est:.0f} s alone) | | | | |")
+            holder = claim_holder(results, p.name)
+            lines.append(f"| {p.name} | {p.budget:.0e} | to run (~{est:.0f} s alone"
+                         f"{f'; claimed by {holder}' if holder else ''}) | | | | |")
     lines.append(f"\n{done} of {len(points)} runs done; ~{left_s / 60:.0f} min of GPU time left at the records' rates, "
                  "one run at a time")
+    lines += [f"{name}: made with other settings than the experiment gives it now: {how}" for name, how in other.items()]
     return "\n".join(lines)
+
+
+def claim_path(results: Path, name: str) -> Path:
+    """The lock a runner holds on a point while it runs it (vsa_train/runlock.py), beside the ledger's runs."""
+    return results / CLAIMS / f"{name}.lock"
+
+
+def claim_holder(results: Path, name: str) -> str | None:
+    """'host pid N' of the runner that claims a point (alive, or dead and not yet taken over), else None."""
+    try:
+        holder = json.loads(claim_path(results, name).read_text())
+        return f"{holder['host']} pid {holder['pid']}" if isinstance(holder, dict) else "another runner"
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError):
+        return "another runner"

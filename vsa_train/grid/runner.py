@@ -1,4 +1,5 @@
 """Running a grid's unfinished points inside a time limit, in lanes on one GPU, and keeping the finished ones."""
+import contextlib
 import fnmatch
 import json
 import os
@@ -12,11 +13,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import RunDirError
 from ..metrics import BUDGET_OVERSHOOT, read_metrics
 from ..provenance import code_commit
-from .ledger import Estimate, Point, estimate, group_speeds, read_record, speed, status
+from ..runlock import hold
+from .ledger import Estimate, Point, claim_path, estimate, group_speeds, other_settings, read_record, speed, status
 
 SAFETY = 1.1             # estimates are multiplied by this before asking whether a run fits (default of --safety)
+CLAIM_STALE_S = 120.0    # a claim its runner stopped refreshing (heartbeat every 10 s) is taken over after this
 
 
 @dataclass
@@ -29,6 +33,7 @@ class Active:
     t0: float = field(default_factory=time.monotonic)
     lanes: int = 1
     work: list[float] = field(default_factory=list)  # [overhead, training] seconds left at its solo rate
+    claim: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # closed: the point is let go
 
     def __post_init__(self):
         self.work = self.work or [self.est.overhead_s, self.est.train_s]
@@ -99,8 +104,21 @@ def _copy_timestamped(stream, path: Path, t0: float) -> None:
             log.flush()
 
 
-def start(point: Point, experiment: str, extra: list[str], work: Path, est: Estimate) -> Active:
-    """Starts one point from its first step in work/<name> (a leftover directory is deleted: never resume)."""
+def claim(results: Path, name: str) -> contextlib.ExitStack | None:
+    """Holds the point's claim (`claim_path`, a run.lock: stale once its runner is gone) until closed, so that runners
+    sharing a ledger (two GPUs, two jobs) never run one point twice; None where another runner holds it."""
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(hold(claim_path(results, name), CLAIM_STALE_S))
+    except RunDirError:
+        return None
+    return stack
+
+
+def start(point: Point, experiment: str, extra: list[str], work: Path, est: Estimate,
+          held: contextlib.ExitStack | None = None) -> Active:
+    """Starts one point from its first step in work/<name> (a leftover directory is deleted: never resume), under
+    its claim `held`."""
     run_dir = work / point.name
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-u", "train.py", f"experiment={experiment}", *point.overrides, *extra,
@@ -109,7 +127,7 @@ def start(point: Point, experiment: str, extra: list[str], work: Path, est: Esti
     log.write_text(" ".join(cmd) + "\n")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
                             start_new_session=True)
-    active = Active(point, proc, est)
+    active = Active(point, proc, est, claim=held or contextlib.ExitStack())
     threading.Thread(target=_copy_timestamped, args=(proc.stdout, log, active.t0), daemon=True).start()
     return active
 
@@ -201,10 +219,45 @@ def finish(a: Active, args, base: dict, say) -> bool:
     return True
 
 
+def _start_next(todo: list[Point], points: list[Point], active: list[Active], args, base: dict, memory_gib: float,
+                left: float, say) -> bool:
+    """Starts the longest point that fits and that no other runner holds or finished; False if none fits."""
+    results = Path(args.results)
+    while len(active) < args.lanes:
+        pick = next_point(todo, group_speeds(points, results, base["card"]), active, left, memory_gib, args.safety)
+        if pick is None:
+            return False
+        point, est = pick
+        todo.remove(point)
+        held = claim(results, point.name)
+        if held is None or read_record(results, point.name):
+            say(f"{point.name}: {'finished' if held else 'being run'} by another runner; skipped")
+            if held:
+                held.close()
+            continue
+        active.append(start(point, args.experiment, args.extra, Path(args.work), est, held))
+        say(f"{point.name}: started ({' '.join(point.overrides)}; ~{est.solo_s:.0f} s alone), "
+            f"{left:.0f} s left, {len(active)} running")
+        return True
+    return False
+
+
+def _sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds run(): its runs are stopped and their claims let go
+
+
 def run(points: list[Point], args, say) -> int:
-    """Runs unfinished points until args.time runs out, up to args.lanes at once; 1 if a run failed, else 0."""
+    """Runs unfinished points until args.time runs out, up to args.lanes at once; 1 if a run failed, 2 if the
+    ledger holds runs made with other settings (nothing runs), else 0."""
     deadline = time.monotonic() + args.time
     results, work = Path(args.results), Path(args.work)
+    other = other_settings(points, results)
+    for name, how in other.items():
+        say(f"{name}: made with other settings than this invocation gives it: {how}")
+    if other:
+        say(f"refused: {results} holds one recipe; run with the settings its runs were made with (the experiment as "
+            "it was, the same overrides after `--`), or into another results folder")
+        return 2
     work.mkdir(parents=True, exist_ok=True)
     base = {**machine(), "commit": code_commit(Path.cwd()), "extra_overrides": list(args.extra)}
     memory_gib = args.memory_gib or 0.9 * base["card_gib"] or float("inf")
@@ -214,33 +267,36 @@ def run(points: list[Point], args, say) -> int:
     active: list[Active] = []
     kept, failed = [], 0
     tick = time.monotonic()
-    while todo or active:
-        advance([a.work for a in active], time.monotonic() - tick)  # what the estimates say is left
-        tick = time.monotonic()
-        for a in [a for a in active if a.proc.poll() is not None or time.monotonic() > deadline]:
-            if a.proc.poll() is None:
-                stop(a)
-            active.remove(a)
-            if finish(a, args, base, say):
-                kept.append(a.point.name)
-                if args.archive:
-                    archive(results, kept, Path(args.archive))
-            elif a.proc.returncode != -9:
-                failed += 1
-        left = deadline - time.monotonic()
-        pick = next_point(todo, group_speeds(points, results, base["card"]), active, left, memory_gib, args.safety) \
-            if len(active) < args.lanes else None
-        if pick:
-            todo.remove(pick[0])
-            active.append(start(pick[0], args.experiment, args.extra, work, pick[1]))
-            say(f"{pick[0].name}: started ({' '.join(pick[0].overrides)}; ~{pick[1].solo_s:.0f} s alone), "
-                f"{left:.0f} s left, {len(active)} running")
-            continue
-        if not active:
-            break
-        for a in active:
-            a.lanes = max(a.lanes, len(active))
-        time.sleep(1.0)
+    previous = signal.signal(signal.SIGTERM, _sigterm) if threading.current_thread() is threading.main_thread() else None
+    try:
+        while todo or active:
+            advance([a.work for a in active], time.monotonic() - tick)  # what the estimates say is left
+            tick = time.monotonic()
+            for a in [a for a in active if a.proc.poll() is not None or time.monotonic() > deadline]:
+                if a.proc.poll() is None:
+                    stop(a)
+                active.remove(a)
+                if finish(a, args, base, say):
+                    kept.append(a.point.name)
+                    if args.archive:
+                        archive(results, kept, Path(args.archive))
+                elif a.proc.returncode != -9:
+                    failed += 1
+                a.claim.close()  # after the record is in place: another runner then sees the point done
+            if _start_next(todo, points, active, args, base, memory_gib, deadline - time.monotonic(), say):
+                continue
+            if not active:
+                break
+            for a in active:
+                a.lanes = max(a.lanes, len(active))
+            time.sleep(1.0)
+    finally:
+        for a in active:  # an exception or SIGTERM: the runs are discarded, the points let go
+            stop(a)
+            a.claim.close()
+            say(f"{a.point.name}: NOT kept (the runner was stopped after {time.monotonic() - a.t0:.0f} s)")
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     say(f"{len(kept)} runs finished here, {failed} failed; not started: {', '.join(p.name for p in todo) or 'none'}")
     say(status(points, results))
     return 1 if failed else 0

@@ -187,7 +187,9 @@ def test_plan_plays_the_runners_choices_call_by_call():
     assert [p.name for p in todo] == ["mid", "huge"]
     assert one_call(list(points), speeds, 555.0, 2, 72.0).runs == [(0.0, 490.0, "long")]  # 540 s x 1.1 > 555 s
     text = plan(points, ROOT / "no_results", speeds, 600.0, 2, 72.0)
-    assert "2 calls of 600 s" in text and "no call fits: huge (~690 s alone)" in text
+    assert "2 calls of 600 s" in text and "no call fits: huge (~690 s alone): longer than a call of 600 s" in text
+    tight = plan([Point("long", (), "long", 1.0)], ROOT / "no_results", speeds, 500.0, 1, 72.0)
+    assert "long (~490 s alone): alone in a call at --safety 1.020 or less" in tight  # 500 / 490 = 1.0204
 
 
 def test_cli_status_and_bad_lanes(tmp_path, capsys):

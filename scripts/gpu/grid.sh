@@ -9,7 +9,7 @@
 #
 #   GRID_COMMIT=$(git rev-parse HEAD) OUT=/tmp/g bash scripts/gpu/grid.sh                  # on the GPU, repo root
 #   EXP=study_16k TIME=540 LANES=2 ONLY="*_low *_mid" OUT=/tmp/g bash scripts/gpu/grid.sh     # two at once, a subset
-#   SAFETY=1.02 TIME=575 ONLY=dit_60m_vsa_high ...          # a run no call fits at the default margin (1.1)
+#   SAFETY=1.02 TIME=580 ONLY=dit_60m_vsa_high ...          # a run no call fits at the default margin (1.1)
 #   EXTRA="model.depth=1 ..." ...                       # overrides for every run (tests/test_grid.py: a CPU smoke run)
 #   tar xzf /tmp/g/runs.tgz -C docs/study/study_16k                                          # then, here
 set -euo pipefail

@@ -54,6 +54,13 @@ def plan(points: list[Point], results, speeds: dict, time_s: float, lanes: int, 
         lines += [f"  {start:5.0f}-{end:5.0f} s  {name}" for start, end, name in sorted(call.runs)]
     lines.append(f"{calls} calls of {time_s:.0f} s at {lanes} lane(s), margin x{safety}")
     if todo:
-        lines.append("no call fits: " + ", ".join(f"{p.name} (~{estimate(p, speeds).solo_s:.0f} s alone)"
-                                                  for p in todo))
+        lines.append("no call fits: " + ", ".join(_why_not(p, speeds, time_s) for p in todo))
     return "\n".join(lines)
+
+
+def _why_not(point: Point, speeds: dict, time_s: float) -> str:
+    """A point no call fits: its estimate, and the --safety at which a call of its own would take it."""
+    solo = estimate(point, speeds).solo_s
+    if solo >= time_s:
+        return f"{point.name} (~{solo:.0f} s alone): longer than a call of {time_s:.0f} s"
+    return f"{point.name} (~{solo:.0f} s alone): alone in a call at --safety {int(time_s / solo * 1000) / 1000:.3f} or less"

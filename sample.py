@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from vsa_train.data.videos import write_video
+from vsa_train.data.video_io import write_video
 from vsa_train.sampling import generate, load_model, slug
 
 DEFAULTS = {"checkpoint": None, "prompt": None, "steps": 30, "cfg_scale": 5.0, "out": None, "num": 1,

@@ -48,7 +48,7 @@ from accelerate.utils import gather_object
 from hydra import compose, initialize_config_dir
 from tqdm.auto import tqdm
 
-from vsa_train.data import hf, videos
+from vsa_train.data import hf, listing, videos
 from vsa_train.data.buckets import bucket_shapes
 from vsa_train.data.encoders import ModelSpec, encoder_max_len, get_text_encoder, given_path
 from vsa_train.data.latent_format import INDEX, shard_info, write_shard
@@ -96,7 +96,7 @@ def main(argv=None) -> Path:
     data_cfg = load_config(args.overrides)
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: torchrun on CPUs gives MULTI_CPU (gloo)
     out = Path(args.out)
-    clips = hf.load_clips(data_cfg) if data_cfg.source == "hf" else videos.list_clips(data_cfg)
+    clips = hf.load_clips(data_cfg) if data_cfg.source == "hf" else listing.list_clips(data_cfg)
 
     vae_spec, text_spec = model_specs(args, data_cfg)
     vae = load_vae(vae_spec, state.device)

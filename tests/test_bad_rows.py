@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from vsa_train.data import build_data, videos
+from vsa_train.data import build_data, listing
 from vsa_train.data.config import VideosConfig
 from vsa_train.errors import MissingInput
 from vsa_train.fields import read_or_raise
@@ -111,10 +111,10 @@ def test_captions_over_the_limit_are_skipped(tmp_path):
     assert captions == set(GOOD)
     rows = [{"path": "a.mp4", "caption": GOOD[0]}, {"path": "b.mp4", "caption": "twenty one bytes long"}]
     jsonl = _write(tmp_path / "m.jsonl", [json.dumps(r) for r in rows])
-    clips = videos.read_manifest(jsonl, videos.RowRules(max_caption_bytes=20))
+    clips = listing.read_manifest(jsonl, listing.RowRules(max_caption_bytes=20))
     assert [c.error for c in clips] == [None, "caption longer than 20 bytes (data.max_caption_bytes)"]
     (tmp_path / "a.txt").write_text("twenty one bytes long")  # a sidecar caption
-    clips = videos.find_clips(tmp_path, videos.RowRules(max_caption_bytes=20))
+    clips = listing.find_clips(tmp_path, listing.RowRules(max_caption_bytes=20))
     assert [c.error for c in clips] == ["caption longer than 20 bytes (data.max_caption_bytes) (in a.txt)", None]
     with pytest.raises(ValueError, match=r"data.max_caption_bytes must be an integer in \[1, 16 MiB\], got 0"):
         read_or_raise(VideosConfig, _cfg(manifest=str(jsonl), max_caption_bytes=0), "data")  # data/config.py

@@ -14,7 +14,7 @@ from vsa_train.data import build_data, data_spec
 from vsa_train.data.batching import BadInput
 from vsa_train.data.buckets import BucketStream, ClipShape, assign, bucket_shapes, draw_weights
 from vsa_train.data.config import VideosConfig
-from vsa_train.data.videos import write_video
+from vsa_train.data.video_io import write_video
 from vsa_train.fields import read
 
 ROOT = Path(__file__).resolve().parents[1]

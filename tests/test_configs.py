@@ -132,7 +132,7 @@ def test_unknown_data_source_lists_the_sources():
 
 from vsa_train import config_schema  # noqa: E402
 from vsa_train.config_schema import ConfigError  # noqa: E402
-from vsa_train.data import videos  # noqa: E402
+from vsa_train.data import listing  # noqa: E402
 
 
 def _problems(*overrides) -> list[str]:
@@ -259,15 +259,15 @@ def test_videos_folder_wins_and_default_manifest_is_the_projects(tmp_path, monke
     (tmp_path / "clips" / "a_man_in_a_car.mp4").write_bytes(b"")  # listing only: not decoded here
     cfg = _compose("data=videos", f"data.folder={tmp_path / 'clips'}")
     assert config_schema.problems(cfg) == []
-    clips = videos.list_clips(cfg.data)
+    clips = listing.list_clips(cfg.data)
     assert [c.caption for c in clips] == ["a man in a car"]
     # neither manifest nor folder: the project's data/sample_clips.csv, wherever the command runs from
     monkeypatch.chdir(tmp_path)
     cfg = _compose("data=videos")
     assert cfg.data.manifest is None and config_schema.problems(cfg) == []
-    assert videos.SAMPLE_MANIFEST == ROOT / "data" / "sample_clips.csv" and videos.SAMPLE_MANIFEST.is_file()
-    assert videos.source_name(cfg.data) == str(ROOT / "data" / "sample_clips.csv")
-    assert len(videos.list_clips(cfg.data)) == len((ROOT / "data" / "sample_clips.csv").read_text().splitlines()) - 1
+    assert listing.SAMPLE_MANIFEST == ROOT / "data" / "sample_clips.csv" and listing.SAMPLE_MANIFEST.is_file()
+    assert listing.source_name(cfg.data) == str(ROOT / "data" / "sample_clips.csv")
+    assert len(listing.list_clips(cfg.data)) == len((ROOT / "data" / "sample_clips.csv").read_text().splitlines()) - 1
 
 
 def test_run_log_holds_the_runs_lines_and_the_console_no_library_info(tmp_path):

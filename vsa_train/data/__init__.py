@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from torch.utils.data import DataLoader
 
-from . import hf, latents, synthetic, videos
+from . import hf, latents, listing, synthetic, videos
 from .buckets import bucket_shapes
 from .config import DataSection, data_section
 from .encoders import pixel_text_encoder
@@ -48,7 +48,7 @@ def data_spec(cfg) -> DataSpec:
         return source.spec(cfg)
     shapes = dict(video_shape=(cfg.frames, cfg.height, cfg.width), buckets=bucket_shapes(cfg.get("buckets")) or ())
     if cfg.get("text_encoder"):  # pixel data through a pretrained encoder: its width and length (encoders.py)
-        enc = pixel_text_encoder(cfg, videos.text_cache_root(cfg))
+        enc = pixel_text_encoder(cfg, listing.text_cache_root(cfg))
         return DataSpec(in_channels=3, text_dim=enc.dim, text_len=enc.max_len, **shapes)
     return DataSpec(in_channels=3, text_dim=cfg.text_dim, text_len=cfg.text_len, **shapes)
 
@@ -76,7 +76,7 @@ def build_text_encoder(cfg):
     """The text encoder the source trains with (`encode(captions) -> (emb, mask)`), for sampling from prompts."""
     source = _source(cfg)
     if cfg.get("text_encoder") and not hasattr(source, "spec"):  # pixel data: one cached instance per process
-        return pixel_text_encoder(cfg, videos.text_cache_root(cfg))
+        return pixel_text_encoder(cfg, listing.text_cache_root(cfg))
     if hasattr(source, "text_encoder"):
         return source.text_encoder(cfg)
     return CaptionEncoder(source.VOCAB, dim=cfg.text_dim, max_len=cfg.text_len, seed=cfg.seed)

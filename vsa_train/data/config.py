@@ -12,7 +12,7 @@ from ..fields import ConfigError, Section, choice, flag, integer, is_int, is_num
 from .buckets import ALLOWED as BUCKETS_ALLOWED, bucket_problems, bucket_shapes
 
 
-VIDEO_BACKENDS = ("auto", "decord", "pyav")  # vsa_train/data/videos.py, open_video
+VIDEO_BACKENDS = ("auto", "decord", "pyav")  # vsa_train/data/video_io.py, open_video
 MAX_CAPTION_BYTES = 16 * 2**20  # the largest data.max_caption_bytes allowed
 
 
@@ -64,7 +64,7 @@ class SyntheticConfig(DataSection):
 
 @dataclass(frozen=True)
 class VideosConfig(DataSection):
-    """data=videos: video files listed in a manifest or found under a folder (vsa_train/data/videos.py)."""
+    """data=videos: video files listed in a manifest or found under a folder (vsa_train/data/listing.py, videos.py)."""
 
     name: str = text()
     source: str = text("videos")

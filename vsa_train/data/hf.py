@@ -10,7 +10,7 @@ its repo, downloaded at the resolved commit when a clip is first loaded.
 Rows are checked as data=videos checks manifest rows: a path that is not a string or lies outside that folder (the
 repo, or the caches holding it, for a Hub dataset; unless data.allow_outside_root=true), a caption that is not a
 string or is over data.max_caption_bytes, make the row a bad clip "<path>[<row index>]" that is skipped and counted
-when met (see videos.py).
+when met (see listing.py).
 data.streaming=true reads the rows as a stream (streaming.py) instead of holding them all in memory.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pathlib import Path
 from ..errors import MissingInput
 from .batching import BadInput
 from .hub import HubDataset, RepoFile, is_hub_id, repo_path, resolve
-from .videos import (Clip, RowRules, build_from_clips, caption_encoder, check_caption, check_path, checked,
-                     path_text, resolve_inside)
+from .listing import Clip, RowRules, check_caption, check_path, checked, path_text, resolve_inside
+from .videos import build_from_clips, caption_encoder
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 

@@ -33,7 +33,8 @@ from ..errors import MissingInput
 from .batching import BadInput, BadInputs, collate, eval_batch, make_loader
 from .encoders import pixel_text_encoder
 from .text import HashedCaptionEncoder
-from .videos import load_item, text_cache_root
+from .listing import text_cache_root
+from .videos import load_item
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
 from vsa_train.grid import ledger, runner
@@ -133,3 +134,33 @@ def test_the_committed_study_is_one_recipe():
     """The committed ledger's runs, made on several commits, have the settings the experiment gives them today."""
     points = ledger.grid_points("study_16k", ROOT / "configs", ["train.compile=true"])
     assert ledger.other_settings(points, ROOT / "docs" / "study" / "study_16k") == {}
+
+
+@pytest.mark.parametrize("text, seconds", [("1-02:03:04", 93784), ("02:03:04", 7384), ("05:30", 330), ("45", 2700),
+                                           ("0:00", 0), ("UNLIMITED", None), ("NOT_SET", None), ("", None),
+                                           ("1-x", None), ("1:2:3:4", None)])
+def test_slurm_durations_read_as_squeue_prints_them(text, seconds):
+    assert runner.slurm_seconds(text) == seconds
+
+
+def test_time_auto_is_the_jobs_time_left_less_the_runners_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with pytest.raises(SystemExit, match="SLURM_JOB_ID is not set"):
+        runner.job_time_left()
+    squeue = tmp_path / "squeue"  # what squeue -h -j JOB -o %L prints
+    squeue.write_text("#!/bin/sh\necho \"$SQUEUE_SAYS\"\n")
+    squeue.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SQUEUE_SAYS", "1:10:00")
+    assert runner.job_time_left() == 4200 - runner.JOB_END_S
+    for says, why in (("UNLIMITED", "no time limit"), ("00:50", "50 s left")):
+        monkeypatch.setenv("SQUEUE_SAYS", says)
+        with pytest.raises(SystemExit, match=why):
+            runner.job_time_left()
+    monkeypatch.setenv("SQUEUE_SAYS", "1:10:00")
+    assert grid_main(["plan", "study_16k", str(tmp_path), "--time", "auto", "--lanes", "2"]) == 0
+    assert "calls of 4140 s" in capsys.readouterr().out
+    for bad in ("banana", "0", "-5", "nan"):
+        with pytest.raises(SystemExit):
+            grid_main(["plan", "study_16k", str(tmp_path), "--time", bad])

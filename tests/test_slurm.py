@@ -453,3 +453,18 @@ def test_two_ups_at_once_start_one_cluster_with_every_cpu():
     finally:
         subprocess.run(["bash", str(CLUSTER), "down"], env=env, capture_output=True, text=True, timeout=120)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_a_grid_runner_takes_its_jobs_time_left(slurm, tmp_path):
+    """`python -m vsa_train.grid run ... --time auto` inside a job: the time squeue says the job has left, less the
+    runner's own minute (vsa_train/grid/runner.py, job_time_left), here in a job of 3 minutes."""
+    log = tmp_path / "job.log"
+    command = shlex.join(["exec", sys.executable, "-c",
+                          "from vsa_train.grid.runner import job_time_left; print('left', job_time_left())"])
+    slurm.run("sbatch", "--parsable", f"--partition={slurm.partition}", f"--job-name={PREFIX}time_left", "--time=3",
+              "--cpus-per-task=1", f"--output={log}", f"--chdir={ROOT}", f"--wrap={command}")
+    _wait(lambda: not slurm.jobs(f"{PREFIX}time_left"), 120, "the job to end", log=log)
+    text = _tail(log)
+    assert "left " in text, text
+    left = float(text.split("left ")[1].split()[0])
+    assert 60 < left <= 120  # 180 s, less the start-up so far, less the runner's 60 s

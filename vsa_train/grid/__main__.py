@@ -6,7 +6,7 @@ from pathlib import Path
 from . import __doc__ as doc
 from .ledger import grid_points, group_speeds, status
 from .plan import plan
-from .runner import SAFETY, run
+from .runner import SAFETY, job_time_left, run
 
 
 def _say(log: str | None):
@@ -25,7 +25,8 @@ def main(argv=None) -> int:
     parser.add_argument("command", choices=("run", "status", "plan"))
     parser.add_argument("experiment", help="a config in configs/experiment/ whose hydra.sweeper.params is the grid")
     parser.add_argument("results", help="the ledger folder: finished runs go to RESULTS/runs/<name>/")
-    parser.add_argument("--time", type=float, default=540.0, help="seconds this invocation may run (run)")
+    parser.add_argument("--time", default="540", help="seconds this invocation may run, or 'auto': the time this "
+                                                      "SLURM job has left, less a minute (run, plan; default 540)")
     parser.add_argument("--safety", type=float, default=SAFETY,
                         help="start a run only if its estimate times this ends in time (default %(default)s; a run "
                              "cut at the deadline is lost, so go below 1.1 only for a run no call would fit)")
@@ -42,6 +43,12 @@ def main(argv=None) -> int:
     cut = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:cut])
     args.extra = argv[cut + 1:]
+    try:
+        args.time = job_time_left() if args.time == "auto" else float(args.time)
+    except ValueError:
+        parser.error(f"--time takes seconds or 'auto', got {args.time!r}")
+    if not args.time > 0:
+        parser.error(f"--time must be positive, got {args.time}")
     if args.lanes < 1:
         parser.error(f"--lanes must be at least 1, got {args.lanes}")
     if args.safety < 1:

@@ -21,6 +21,7 @@ from .ledger import Estimate, Point, claim_path, estimate, group_speeds, other_s
 
 SAFETY = 1.1             # estimates are multiplied by this before asking whether a run fits (default of --safety)
 CLAIM_STALE_S = 120.0    # a claim its runner stopped refreshing (heartbeat every 10 s) is taken over after this
+JOB_END_S = 60.0         # --time auto keeps this much of a SLURM job's time for the runner's own end
 
 
 @dataclass
@@ -91,6 +92,38 @@ def machine() -> dict:
     except ImportError:  # a CPU install needs none (pyproject.toml)
         return {"card": card, "card_gib": round(memory_gib, 1), "torch": torch.__version__, "triton": "none"}
     return {"card": card, "card_gib": round(memory_gib, 1), "torch": torch.__version__, "triton": triton.__version__}
+
+
+def slurm_seconds(text: str) -> float | None:
+    """Seconds of a SLURM duration as squeue prints it ("[D-]HH:MM:SS", "MM:SS", "MM"); None for UNLIMITED,
+    NOT_SET, INVALID or anything else."""
+    days, _, clock = text.strip().rpartition("-")
+    parts = clock.split(":")
+    if not (days == "" or days.isdigit()) or not 1 <= len(parts) <= 3 or not all(x.isdigit() for x in parts):
+        return None
+    if len(parts) == 1:
+        parts = [parts[0], "0"]  # "MM": minutes
+    seconds = sum(int(x) * 60 ** i for i, x in enumerate(reversed(parts)))
+    return seconds + int(days or 0) * 86400
+
+
+def job_time_left(end_s: float = JOB_END_S) -> float:
+    """`--time auto`: the seconds this SLURM job has left (squeue's %L) less `end_s` for the runner's own end (its
+    kills, archive and status); SystemExit outside a job, or where the job has no time limit."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        raise SystemExit("--time auto reads the SLURM job's time left, but SLURM_JOB_ID is not set: give seconds")
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%L"], capture_output=True, text=True, timeout=60,
+                             check=True).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        raise SystemExit(f"--time auto: squeue did not say job {job}'s time left ({err}): give seconds") from None
+    left = slurm_seconds(out.splitlines()[0] if out.strip() else "")
+    if left is None:
+        raise SystemExit(f"--time auto: job {job} has no time limit (squeue: {out.strip()!r}): give seconds")
+    if left <= end_s:
+        raise SystemExit(f"--time auto: job {job} has {left:.0f} s left, no more than the runner's own end ({end_s:.0f} s)")
+    return left - end_s
 
 
 def _copy_timestamped(stream, path: Path, t0: float) -> None:

@@ -10,7 +10,7 @@
 #   bash scripts/gpu/op_tests.sh -k bfloat16           # extra arguments go to pytest
 #
 # The lent GPU's image has no pytest: once per checkout, `pip download --no-deps -d .whl_test pytest pytest-xdist
-# execnet pluggy iniconfig packaging` (pure-Python wheels; git ignores .whl_test via .git/info/exclude), carry
+# execnet pluggy iniconfig packaging` (pure-Python wheels; .gitignore names .whl_test), carry
 # .whl_test, and install it in the call as .whl is (../shared/device/README.md).
 set -uo pipefail  # no -e: a failing pytest still prints the summary line
 source "$(dirname "$0")/header.sh"

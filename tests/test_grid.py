@@ -2,9 +2,11 @@
 land in the ledger with their record, unfinished, failed, cut or hostile ones never do, and estimates come from the
 records."""
 import json
+import re
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -214,6 +216,12 @@ def test_the_gpu_script_returns_the_runs_and_their_logs(tmp_path):
     with tarfile.open(tmp_path / "out" / "logs.tgz") as tar:
         assert tar.getnames() == ["./dit_60m_dense_low.out"]
     assert "1 runs finished here" in (tmp_path / "out" / "grid.log").read_text()
+    # CALL_END: the runner gets what is left of the call, less 15 s for the tarballs (a finished ledger: nothing runs)
+    env = {**env, "OUT": str(tmp_path / "out2"), "CALL_END": str(int(time.time()) + 200)}
+    del env["TIME"]
+    subprocess.run(["bash", "scripts/gpu/grid.sh"], cwd=ROOT, env=env, check=True, capture_output=True)
+    seconds = int(re.search(r"at once in \S+ GiB, (\d+) s", (tmp_path / "out2" / "grid.log").read_text()).group(1))
+    assert 170 <= seconds <= 185
 
 
 def test_a_shared_run_does_not_slow_its_groups_estimate(tmp_path):

@@ -10,12 +10,18 @@
 #   GRID_COMMIT=$(git rev-parse HEAD) OUT=/tmp/g bash scripts/gpu/grid.sh                  # on the GPU, repo root
 #   EXP=study_16k TIME=540 LANES=2 ONLY="*_low *_mid" OUT=/tmp/g bash scripts/gpu/grid.sh     # two at once, a subset
 #   SAFETY=1.02 TIME=580 ONLY=dit_60m_vsa_high ...          # a run no call fits at the default margin (1.1)
+#   export CALL_END=$(( $(date +%s) + 590 )); <install the wheels>; OUT=/tmp/g bash scripts/gpu/grid.sh   # the rest of the call
 #   EXTRA="model.depth=1 ..." ...                       # overrides for every run (tests/test_grid.py: a CPU smoke run)
 #   tar xzf /tmp/g/runs.tgz -C docs/study/study_16k                                          # then, here
 set -euo pipefail
 source "$(dirname "$0")/header.sh"
 start_log grid
 EXP=${EXP:-study_16k}
+# CALL_END (epoch seconds, exported first thing in the device command: $(( $(date +%s) + 590 ))) gives the runner
+# what is left of the call after the wheels' install, less END_S for the tarballs below; else TIME, else 540.
+if [ -n "${CALL_END:-}" ] && [ -z "${TIME:-}" ]; then
+  TIME=$(( CALL_END - $(date +%s) - ${END_S:-15} ))
+fi
 TIME=${TIME:-540}
 EXTRA=${EXTRA:-}
 WORK=${WORK:-/tmp/vsa_grid}

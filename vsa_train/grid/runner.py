@@ -294,7 +294,7 @@ def run(points: list[Point], args, say) -> int:
     work.mkdir(parents=True, exist_ok=True)
     base = {**machine(), "commit": code_commit(Path.cwd()), "extra_overrides": list(args.extra)}
     memory_gib = args.memory_gib or 0.9 * base["card_gib"] or float("inf")
-    say(f"grid {args.experiment}: {base}; up to {args.lanes} runs at once in {memory_gib:.0f} GiB")
+    say(f"grid {args.experiment}: {base}; up to {args.lanes} runs at once in {memory_gib:.0f} GiB, {args.time:.0f} s")
     todo = [p for p in points if not read_record(results, p.name)
             and (not args.only or any(fnmatch.fnmatch(p.name, pattern) for pattern in args.only))]
     active: list[Active] = []

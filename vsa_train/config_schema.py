@@ -86,6 +86,11 @@ class Config:
         return math.prod(n // p for n, p in zip(shape, self.model.patch_size))
 
     @property
+    def peak_tokens(self) -> int:
+        """Video tokens per sample of the largest shape: where a bucketed run's memory peaks."""
+        return max(map(self.tokens_of, self.shapes))
+
+    @property
     def is_wan(self) -> bool:
         return isinstance(self.model, WanConfig)
 

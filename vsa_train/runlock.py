@@ -114,6 +114,12 @@ def _create_exclusive(path: Path, text: str) -> bool:
         Path(tmp).unlink(missing_ok=True)
 
 
+def holder(path: Path) -> dict | None:
+    """The record of the lock at `path` ({} where torn or junk), None where there is none."""
+    raw = _read_lock(path)
+    return None if raw is None else _parse_lock(raw)
+
+
 def _read_lock(path: Path) -> bytes | None:
     try:
         return path.read_bytes()

@@ -266,8 +266,7 @@ def _announce_build(config: Config, accelerator: Accelerator, layout: Layout) ->
     if not accelerator.is_main_process:
         return
     n_params = _count_params(config)
-    tokens = max(map(config.tokens_of, config.shapes))  # a bucketed run's peak is at its largest bucket
-    est = progress.memory_estimate(n_params, config.model, config.train, tokens, dp_size=layout.dp_size,
+    est = progress.memory_estimate(n_params, config.model, config.train, config.peak_tokens, dp_size=layout.dp_size,
                                    sp_size=layout.sp_size, strategy=layout.strategy,
                                    precision=accelerator.mixed_precision)
     print(f"building the model: {config.model.name}, {n_params:,} parameters, {accelerator.device.type} ...\n"
@@ -408,7 +407,7 @@ def dry_run(cfg: Config | DictConfig) -> dict:
     if len(config.shapes) > 1:  # at the target topk, as the lines above
         print(f"{len(config.shapes)} buckets (the lines above: the first; memory: the largest):")
         print("\n".join(progress.bucket_lines(schedule, config.shapes, config.tokens_of, schedule.steady_from())))
-    estimate = progress.memory_estimate(n_params, config.model, config.train, max(map(config.tokens_of, config.shapes)),
+    estimate = progress.memory_estimate(n_params, config.model, config.train, config.peak_tokens,
                                         precision=precision.value)
     print(progress.describe_memory(estimate, "one process, unsharded"))
     result = {"params": n_params, "flops_per_sample": flops.executed, "flops_per_sample_dense": flops.dense}

@@ -1,4 +1,5 @@
 """The ledger: a grid's points, the records of the finished ones, and estimates of what is left."""
+import fnmatch
 import itertools
 import json
 import statistics
@@ -10,6 +11,7 @@ from omegaconf import DictConfig
 from ..errors import RunDirError
 from ..metrics import read_metrics
 from ..rundir import settings_changes
+from ..runlock import holder
 
 DEFAULT_TFLOPS = {"dense": 250.0, "vsa": 150.0}  # executed TFLOP/s before a group has a record (conservative)
 DEFAULT_OVERHEAD_S = 100.0  # start-up, compilation, evals and the final save, before a group has a solo record
@@ -68,6 +70,12 @@ def read_record(results: Path, name: str) -> dict | None:
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) and record.get("finished") is True else None
+
+
+def unfinished(points: list[Point], results: Path, only=None) -> list[Point]:
+    """The points without a finished record, of those whose name matches one of the globs `only` (all: None)."""
+    return [p for p in points if not read_record(results, p.name)
+            and (not only or any(fnmatch.fnmatch(p.name, pattern) for pattern in only))]
 
 
 def other_settings(points: list[Point], results: Path) -> dict[str, str]:
@@ -162,9 +170,9 @@ def claim_path(results: Path, name: str) -> Path:
 def claim_holder(results: Path, name: str) -> str | None:
     """'host pid N' of the runner that claims a point (alive, or dead and not yet taken over), else None."""
     try:
-        holder = json.loads(claim_path(results, name).read_text())
-        return f"{holder['host']} pid {holder['pid']}" if isinstance(holder, dict) else "another runner"
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError):
+        record = holder(claim_path(results, name))
+    except OSError:  # not a readable file (a folder of that name): still a claim
         return "another runner"
+    if record is None:
+        return None
+    return f"{record['host']} pid {record['pid']}" if "host" in record and "pid" in record else "another runner"

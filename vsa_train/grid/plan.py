@@ -1,10 +1,9 @@
 """What the runner would do with the calls it is given: its own choices (`next_point`) played on its own estimates
 (`advance`), one call after another, with no GPU. It answers "how many device calls does the rest take" and "which
 runs will the next call start" before a lease is spent on it."""
-import fnmatch
 from dataclasses import dataclass
 
-from .ledger import Point, estimate, read_record
+from .ledger import Point, estimate, unfinished
 from .runner import SAFETY, Active, advance, end_times, next_point
 
 
@@ -42,8 +41,7 @@ def one_call(todo: list[Point], speeds: dict, time_s: float, lanes: int, memory_
 def plan(points: list[Point], results, speeds: dict, time_s: float, lanes: int, memory_gib: float,
          safety: float = SAFETY, only=None) -> str:
     """The calls the unfinished points take, each with its runs, and the runs that no call of `time_s` fits."""
-    todo = [p for p in points if not read_record(results, p.name)
-            and (not only or any(fnmatch.fnmatch(p.name, pattern) for pattern in only))]
+    todo = unfinished(points, results, only)
     lines, calls = [], 0
     while todo:
         call = one_call(todo, speeds, time_s, lanes, memory_gib, safety)

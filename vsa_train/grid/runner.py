@@ -1,6 +1,5 @@
 """Running a grid's unfinished points inside a time limit, in lanes on one GPU, and keeping the finished ones."""
 import contextlib
-import fnmatch
 import json
 import os
 import shutil
@@ -17,7 +16,8 @@ from ..errors import RunDirError
 from ..metrics import BUDGET_OVERSHOOT, read_metrics
 from ..provenance import code_commit
 from ..runlock import hold
-from .ledger import Estimate, Point, claim_path, estimate, group_speeds, other_settings, read_record, speed, status
+from .ledger import (Estimate, Point, claim_path, estimate, group_speeds, other_settings, read_record, speed, status,
+                     unfinished)
 
 SAFETY = 1.1             # estimates are multiplied by this before asking whether a run fits (default of --safety)
 CLAIM_STALE_S = 120.0    # a claim its runner stopped refreshing (heartbeat every 10 s) is taken over after this
@@ -256,8 +256,9 @@ def _start_next(todo: list[Point], points: list[Point], active: list[Active], ar
                 left: float, say) -> bool:
     """Starts the longest point that fits and that no other runner holds or finished; False if none fits."""
     results = Path(args.results)
+    speeds = group_speeds(points, results, base["card"])
     while len(active) < args.lanes:
-        pick = next_point(todo, group_speeds(points, results, base["card"]), active, left, memory_gib, args.safety)
+        pick = next_point(todo, speeds, active, left, memory_gib, args.safety)
         if pick is None:
             return False
         point, est = pick
@@ -295,8 +296,7 @@ def run(points: list[Point], args, say) -> int:
     base = {**machine(), "commit": code_commit(Path.cwd()), "extra_overrides": list(args.extra)}
     memory_gib = args.memory_gib or 0.9 * base["card_gib"] or float("inf")
     say(f"grid {args.experiment}: {base}; up to {args.lanes} runs at once in {memory_gib:.0f} GiB, {args.time:.0f} s")
-    todo = [p for p in points if not read_record(results, p.name)
-            and (not args.only or any(fnmatch.fnmatch(p.name, pattern) for pattern in args.only))]
+    todo = unfinished(points, results, args.only)
     active: list[Active] = []
     kept, failed = [], 0
     tick = time.monotonic()
